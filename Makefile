@@ -1,0 +1,24 @@
+# One virtualenv holds jaxtts and the PyTorch reference stack the tests compare against.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# moshi pins torch<2.10 and torchtune pulls in GPU extras: the parts we use run on torch 2.13.
+	$(PY) -m pip install -q --no-deps moshi==0.2.13 torchtune==0.6.1 torchao==0.13.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache
