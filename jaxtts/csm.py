@@ -1,0 +1,154 @@
+"""CSM: a Llama-3 backbone over 33-wide rows of Mimi codes + text, and a depth decoder that
+fills codebooks 1..31 of each 80 ms frame."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtts.config import CSMConfig
+from jaxtts.errors import JaxttsError
+from jaxtts.llama import KVCache, Llama, _init
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise JaxttsError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+class CSM(nnx.Module):
+    def __init__(self, cfg: CSMConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        cfg.validate()
+        self.cfg = cfg
+        nb, vocab = cfg.audio_num_codebooks, cfg.audio_vocab_size
+        d_bb, d_dec = cfg.backbone.embed_dim, cfg.decoder.embed_dim
+        self.backbone = Llama(cfg.backbone, dtype=dtype, rngs=rngs)
+        self.decoder = Llama(cfg.decoder, dtype=dtype, rngs=rngs)
+        self.text_embeddings = _init(rngs, (cfg.text_vocab_size, d_bb), dtype, 1.0)
+        self.audio_embeddings = _init(rngs, (nb * vocab, d_bb), dtype, 1.0)
+        self.projection = _init(rngs, (d_bb, d_dec), dtype)
+        self.codebook0_head = _init(rngs, (d_bb, vocab), dtype)
+        self.audio_head = _init(rngs, (nb - 1, d_dec, vocab), dtype)
+
+    @property
+    def dtype(self):
+        return self.text_embeddings[...].dtype
+
+    # --- embeddings -------------------------------------------------------------------------
+    def embed_rows(self, tokens, mask):
+        """Masked sum of the 33 embeddings of each row: tokens/mask [B,T,33] → [B,T,D]."""
+        nb, vocab = self.cfg.audio_num_codebooks, self.cfg.audio_vocab_size
+        audio_ids = tokens[..., :nb] + vocab * jnp.arange(nb, dtype=tokens.dtype)
+        audio = self.audio_embeddings[...][audio_ids]  # [B,T,32,D]
+        text = self.text_embeddings[...][tokens[..., nb]]  # [B,T,D]
+        m = mask.astype(audio.dtype)
+        return jnp.sum(audio * m[..., :nb, None], axis=-2) + text * m[..., nb, None]
+
+    def embed_audio(self, codebook: int | jax.Array, codes):
+        """Embedding of codes [B] of one codebook: [B, D_backbone]."""
+        return self.audio_embeddings[...][codes + codebook * self.cfg.audio_vocab_size]
+
+    # --- the two transformers ------------------------------------------------------------------
+    def run_backbone(self, tokens, mask, start, cache: KVCache, *, lengths=None, impl="xla"):
+        """Backbone over rows [B,T,33] at positions start[b]+t. Returns (hidden [B,T,D], cache)."""
+        return self.backbone(self.embed_rows(tokens, mask), start, cache, lengths=lengths, impl=impl)
+
+    def codebook0_logits(self, hidden):
+        return jnp.dot(hidden, self.codebook0_head[...], preferred_element_type=jnp.float32)
+
+    def run_decoder(self, inputs, start, cache: KVCache, *, impl="xla"):
+        """Depth decoder over backbone-width inputs [B,T,D_bb] (projected here)."""
+        return self.decoder(inputs @ self.projection[...], start, cache, impl=impl)
+
+    def codebook_logits(self, decoder_hidden, codebook: int | jax.Array):
+        """Logits of codebook i ≥ 1 from the depth decoder's hidden state."""
+        return jnp.dot(decoder_hidden, self.audio_head[...][codebook - 1], preferred_element_type=jnp.float32)
+
+    def backbone_cache(self, batch: int, length: int | None = None) -> KVCache:
+        return KVCache.zeros(self.cfg.backbone, batch, length or self.cfg.backbone.max_seq_len, self.dtype)
+
+    def decoder_cache(self, batch: int) -> KVCache:
+        return KVCache.zeros(self.cfg.decoder, batch, self.cfg.audio_num_codebooks, self.dtype)
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def random(cls, cfg: CSMConfig, *, dtype="float32", seed: int = 0) -> "CSM":
+        """Random weights (for tests, benchmarks and checking an install without weights)."""
+        return cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed))
+
+    @classmethod
+    def abstract(cls, cfg: CSMConfig, dtype="float32") -> "CSM":
+        """The model with ShapeDtypeStructs instead of arrays (no memory allocated)."""
+        return nnx.eval_shape(lambda: cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(0)))
+
+    @classmethod
+    def from_params(cls, cfg: CSMConfig, params: dict, dtype="float32") -> "CSM":
+        """Build from a nested dict of arrays shaped like `param_dict(model)`; shapes are checked."""
+        target = resolve_dtype(dtype)
+        model = cls.abstract(cfg, target)
+        expected = dict(_flat(param_dict(model)))
+        given = dict(_flat(params))
+        for name, spec in expected.items():
+            if name not in given:
+                raise JaxttsError(f"parameter {name} is missing")
+            if tuple(given[name].shape) != tuple(spec.shape):
+                raise JaxttsError(f"parameter {name} has shape {tuple(given[name].shape)}, expected {tuple(spec.shape)}")
+        state = nnx.state(model, nnx.Param)
+        state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, dtype=target), params))
+        nnx.update(model, state)
+        _fill_constants(model)
+        return model
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dtype="bfloat16") -> "CSM":
+        """Load a directory written by jaxtts-convert, or an original / transformers checkpoint."""
+        from jaxtts.checkpoint import is_converted_dir, read_meta, read_params
+
+        path = Path(path)
+        if not path.exists():
+            raise JaxttsError(f"{path}: no such file or directory")
+        if is_converted_dir(path):
+            meta = read_meta(path)
+            if meta["model"] != "csm":
+                raise JaxttsError(f"{path}: holds a {meta['model']} checkpoint, not CSM")
+            cfg = CSMConfig.from_dict(meta["config"])
+            abstract = param_dict(cls.abstract(cfg, dtype))
+            return cls.from_params(cfg, read_params(path, abstract), dtype)
+        from convert.csm import read_csm_checkpoint
+
+        cfg, params = read_csm_checkpoint(path)
+        return cls.from_params(cfg, params, dtype)
+
+
+def _fill_constants(model: CSM) -> None:
+    """Set the RoPE tables of an abstract model to their concrete values."""
+    from jaxtts.llama import rope_table
+
+    for stack, cfg in ((model.backbone, model.cfg.backbone), (model.decoder, model.cfg.decoder)):
+        cos, sin = rope_table(cfg)
+        stack.rope_cos.value = jnp.asarray(cos)
+        stack.rope_sin.value = jnp.asarray(sin)
+
+
+def param_dict(model: CSM) -> dict:
+    """The parameters as a nested dict of arrays (what converters produce and Orbax stores)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def _flat(tree, prefix=""):
+    for k, v in tree.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            yield from _flat(v, name)
+        else:
+            yield name, v

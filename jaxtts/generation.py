@@ -1,0 +1,173 @@
+"""The decode loop: prompt prefill, then fixed-size chunks of frames per XLA call.
+
+Each call to `decode_chunk` runs `num_frames` frames in an outer `lax.scan`; per frame the depth
+decoder runs its 31 steps (one two-position step, then an inner `lax.scan` of 30), and the new
+frame is fed back through the backbone. The backbone cache is donated. End of speech (an all-zero
+frame) is checked on the host between chunks: a data-dependent stop inside the program would make
+the GPU sync with the host every frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtts.attention import default_impl
+from jaxtts.csm import CSM
+from jaxtts.errors import JaxttsError
+from jaxtts.llama import KVCache
+from jaxtts.sampling import Sampler
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class DecodeState:
+    cache: KVCache  # backbone KV cache, [B, S, Hkv, D] per layer
+    hidden: jax.Array  # [B, D] backbone output for each row's latest position
+    position: jax.Array  # [B] int32: where each row's next row is written
+    key: jax.Array  # PRNG key
+    done: jax.Array  # [B] bool: the row has produced its end-of-speech frame
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Round up to a power of two, so that new prompt lengths reuse compiled programs."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
+def _prefill(graphdef, weights, tokens, mask, start, lengths, cache, impl):
+    model = nnx.merge(graphdef, weights)
+    hidden, cache = model.run_backbone(tokens, mask, start, cache, impl=impl)
+    last = hidden[jnp.arange(hidden.shape[0]), lengths - 1]
+    return last, cache
+
+
+def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key, impl=None) -> DecodeState:
+    """Run the backbone over right-padded prompts tokens/mask [B,T,33] with true lengths [B].
+
+    Rows are written at positions start[b] + t (start defaults to 0; a cached voice prompt puts
+    the new rows after it). Padding rows land in slots that decoding overwrites before any
+    valid query can see them.
+    """
+    impl = impl or default_impl()
+    graphdef, weights = nnx.split(model)
+    b = tokens.shape[0]
+    start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    hidden, cache = _prefill(graphdef, weights, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                             start, lengths, cache, impl)
+    return DecodeState(cache=cache, hidden=hidden, position=start + lengths, key=key,
+                       done=jnp.zeros((b,), bool))
+
+
+def _sample_frame(model: CSM, sampler: Sampler, hidden, key, impl):
+    """One frame of codes [B, 32] from the backbone's last hidden state [B, D]."""
+    b = hidden.shape[0]
+    n = model.cfg.audio_num_codebooks
+    keys = jax.random.split(key, n)
+    c0 = sampler(keys[0], model.codebook0_logits(hidden))
+    # The depth decoder starts afresh each frame: [last hidden, emb(c0)] at positions 0 and 1.
+    x = jnp.stack([hidden, model.embed_audio(0, c0)], axis=1)
+    h, cache = model.run_decoder(x, jnp.zeros((b,), jnp.int32), model.decoder_cache(b), impl=impl)
+    c1 = sampler(keys[1], model.codebook_logits(h[:, -1], 1))
+
+    def depth_step(carry, inputs):
+        prev, cache = carry
+        i, k = inputs
+        h, cache = model.run_decoder(model.embed_audio(i - 1, prev)[:, None], jnp.full((b,), i, jnp.int32),
+                                     cache, impl=impl)
+        c = sampler(k, model.codebook_logits(h[:, 0], i))
+        return (c, cache), c
+
+    _, rest = jax.lax.scan(depth_step, (c1, cache), (jnp.arange(2, n, dtype=jnp.int32), keys[2:]))
+    return jnp.concatenate([c0[:, None], c1[:, None], rest.T], axis=1)
+
+
+def frame_rows(frames):
+    """Backbone input rows for generated frames [B, 32]: codes in the audio columns, no text."""
+    b, n = frames.shape
+    tokens = jnp.concatenate([frames, jnp.zeros((b, 1), frames.dtype)], axis=1)[:, None]
+    mask = jnp.concatenate([jnp.ones((b, n), bool), jnp.zeros((b, 1), bool)], axis=1)[:, None]
+    return tokens, mask
+
+
+@partial(jax.jit, static_argnames=("graphdef", "num_frames", "impl"), donate_argnames=("state",))
+def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, impl: str):
+    model = nnx.merge(graphdef, weights)
+
+    def frame_step(state: DecodeState, _):
+        key, sub = jax.random.split(state.key)
+        frame = _sample_frame(model, sampler, state.hidden, sub, impl)
+        frame = jnp.where(state.done[:, None], 0, frame)
+        eos = jnp.all(frame == 0, axis=1)
+        emitted = ~state.done & ~eos
+        tokens, mask = frame_rows(frame)
+        hidden, cache = model.run_backbone(tokens, mask, state.position, state.cache, impl=impl)
+        new = DecodeState(cache=cache, hidden=hidden[:, 0], position=state.position + emitted.astype(jnp.int32),
+                          key=key, done=state.done | eos)
+        return new, (frame, emitted)
+
+    state, (frames, emitted) = jax.lax.scan(frame_step, state, None, length=num_frames)
+    return state, frames, emitted
+
+
+def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, impl=None):
+    """Generate `num_frames` frames for every row. Returns (state, frames [N,B,32], emitted [N,B]).
+
+    `emitted[n, b]` is False from the row's end-of-speech frame on (that frame included).
+    """
+    graphdef, weights = nnx.split(model)
+    return _decode_chunk(graphdef, weights, state, sampler, num_frames, impl or default_impl())
+
+
+def check_length(model: CSM, prompt_len: int, max_frames: int) -> None:
+    limit = model.cfg.backbone.max_seq_len
+    if prompt_len + max_frames > limit:
+        raise JaxttsError(
+            f"prompt of {prompt_len} rows + {max_frames} frames exceeds the model's {limit} positions; "
+            f"shorten the text or context, or lower the audio length to at most {max(0, limit - prompt_len)} frames"
+        )
+
+
+def cache_length(model: CSM, needed: int) -> int:
+    return min(model.cfg.backbone.max_seq_len, _bucket(needed, 256))
+
+
+def generate_frames(model: CSM, tokens, mask, *, max_frames: int, temperature: float = 0.9, top_k: int = 50,
+                    seed: int = 0, chunk_frames: int = 16, impl: str | None = None) -> np.ndarray:
+    """Generate Mimi frames for one prompt: int tokens [T,33], bool mask [T,33] → int32 [F, 32].
+
+    Stops before the first all-zero frame or after `max_frames`. `top_k=1` is exactly greedy.
+    """
+    tokens = np.asarray(tokens)
+    mask = np.asarray(mask, bool)
+    width = model.cfg.frame_width
+    if tokens.ndim != 2 or tokens.shape[1] != width or mask.shape != tokens.shape:
+        raise JaxttsError(f"tokens and mask must both be [T, {width}], got {tokens.shape} and {mask.shape}")
+    if tokens.shape[0] == 0:
+        raise JaxttsError("the prompt is empty")
+    if max_frames < 1:
+        raise JaxttsError(f"max_frames must be ≥ 1, got {max_frames}")
+    sampler = Sampler.create(temperature, top_k)
+    t = tokens.shape[0]
+    check_length(model, t, max_frames)
+    padded = min(_bucket(t), model.cfg.backbone.max_seq_len)
+    tok = np.zeros((1, padded, width), np.int32)
+    msk = np.zeros((1, padded, width), bool)
+    tok[0, :t], msk[0, :t] = tokens, mask
+    cache = model.backbone_cache(1, max(padded, cache_length(model, t + max_frames)))
+    state = prefill(model, tok, msk, [t], cache=cache, key=jax.random.key(seed), impl=impl)
+    out = []
+    while len(out) < max_frames:
+        state, frames, emitted = decode_chunk(model, state, sampler, chunk_frames, impl=impl)
+        frames, emitted = np.asarray(frames[:, 0]), np.asarray(emitted[:, 0])
+        n = int(np.argmin(emitted)) if not emitted.all() else len(emitted)
+        out.extend(frames[:n])
+        if n < len(emitted):
+            break
+    return np.asarray(out[:max_frames], np.int32).reshape(-1, model.cfg.audio_num_codebooks)

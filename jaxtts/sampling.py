@@ -1,0 +1,71 @@
+"""Token sampling, as the original CSM does it: logits / temperature, keep the top-k, softmax, draw.
+
+`Sampler` is a small pytree: temperature / top_p / min_p are traced values (changing them does
+not recompile); top_k and which filters are on are static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxtts.errors import JaxttsError
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Sampler:
+    temperature: float = 0.9
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_k: int = dataclasses.field(default=50, metadata=dict(static=True))
+    use_top_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    use_min_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @classmethod
+    def create(cls, temperature=0.9, top_k=50, top_p=None, min_p=None) -> "Sampler":
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise JaxttsError(f"temperature must be a number > 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise JaxttsError(f"top-k must be an integer ≥ 1, got {top_k!r}")
+        if top_p is not None and not (0.0 < top_p <= 1.0):
+            raise JaxttsError(f"top-p must be in (0, 1], got {top_p!r}")
+        if min_p is not None and not (0.0 <= min_p < 1.0):
+            raise JaxttsError(f"min-p must be in [0, 1), got {min_p!r}")
+        return cls(temperature=float(temperature), top_p=float(top_p or 1.0), min_p=float(min_p or 0.0),
+                   top_k=int(top_k or 0), use_top_p=top_p is not None, use_min_p=min_p is not None)
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1
+
+    def __call__(self, key, logits):
+        """Draw one id per row from float logits [B, V] → int32 [B]."""
+        logits = logits.astype(jnp.float32)
+        if self.greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if self.use_top_p:
+            logits = _top_p(logits, self.top_p)
+        if self.use_min_p:
+            probs = jax.nn.softmax(logits, axis=-1)
+            keep = probs >= self.min_p * jnp.max(probs, axis=-1, keepdims=True)
+            logits = jnp.where(keep, logits, -jnp.inf)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _top_p(logits, p):
+    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_keep = mass_before < p  # the most likely token always stays
+    keep = jnp.zeros_like(sorted_keep).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_keep)
+    return jnp.where(keep, logits, -jnp.inf)
