@@ -1,0 +1,1 @@
+"""Checkpoint converters: PyTorch safetensors (original CSM, transformers, moshi) → jaxtts."""
