@@ -30,7 +30,7 @@ class DecodeState:
     cache: KVCache  # backbone KV cache, [B, S, Hkv, D] per layer
     hidden: jax.Array  # [B, D] backbone output for each row's latest position
     position: jax.Array  # [B] int32: where each row's next row is written
-    key: jax.Array  # PRNG key
+    key: jax.Array  # [B] PRNG keys, one per row
     done: jax.Array  # [B] bool: the row has produced its end-of-speech frame
 
 
@@ -45,6 +45,11 @@ def _prefill(graphdef, weights, tokens, mask, start, lengths, cache, impl):
     hidden, cache = model.run_backbone(tokens, mask, start, cache, impl=impl)
     last = hidden[jnp.arange(hidden.shape[0]), lengths - 1]
     return last, cache
+
+
+def row_keys(seeds) -> jax.Array:
+    """One PRNG key per row from integer seeds."""
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 
 def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key, impl=None) -> DecodeState:
@@ -65,23 +70,23 @@ def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, ke
                        done=jnp.zeros((b,), bool))
 
 
-def _sample_frame(model: CSM, sampler: Sampler, hidden, key, impl):
+def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl):
     """One frame of codes [B, 32] from the backbone's last hidden state [B, D]."""
     b = hidden.shape[0]
     n = model.cfg.audio_num_codebooks
-    keys = jax.random.split(key, n)
-    c0 = sampler(keys[0], model.codebook0_logits(hidden))
+    keys = jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(row_keys)  # [n, B]
+    c0 = sampler.per_row(keys[0], model.codebook0_logits(hidden))
     # The depth decoder starts afresh each frame: [last hidden, emb(c0)] at positions 0 and 1.
     x = jnp.stack([hidden, model.embed_audio(0, c0)], axis=1)
     h, cache = model.run_decoder(x, jnp.zeros((b,), jnp.int32), model.decoder_cache(b), impl=impl)
-    c1 = sampler(keys[1], model.codebook_logits(h[:, -1], 1))
+    c1 = sampler.per_row(keys[1], model.codebook_logits(h[:, -1], 1))
 
     def depth_step(carry, inputs):
         prev, cache = carry
         i, k = inputs
         h, cache = model.run_decoder(model.embed_audio(i - 1, prev)[:, None], jnp.full((b,), i, jnp.int32),
                                      cache, impl=impl)
-        c = sampler(k, model.codebook_logits(h[:, 0], i))
+        c = sampler.per_row(k, model.codebook_logits(h[:, 0], i))
         return (c, cache), c
 
     _, rest = jax.lax.scan(depth_step, (c1, cache), (jnp.arange(2, n, dtype=jnp.int32), keys[2:]))
@@ -101,7 +106,8 @@ def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_f
     model = nnx.merge(graphdef, weights)
 
     def frame_step(state: DecodeState, _):
-        key, sub = jax.random.split(state.key)
+        split = jax.vmap(jax.random.split)(state.key)  # [B, 2]
+        key, sub = split[:, 0], split[:, 1]
         frame = _sample_frame(model, sampler, state.hidden, sub, impl)
         frame = jnp.where(state.done[:, None], 0, frame)
         eos = jnp.all(frame == 0, axis=1)
@@ -161,7 +167,7 @@ def generate_frames(model: CSM, tokens, mask, *, max_frames: int, temperature: f
     msk = np.zeros((1, padded, width), bool)
     tok[0, :t], msk[0, :t] = tokens, mask
     cache = model.backbone_cache(1, max(padded, cache_length(model, t + max_frames)))
-    state = prefill(model, tok, msk, [t], cache=cache, key=jax.random.key(seed), impl=impl)
+    state = prefill(model, tok, msk, [t], cache=cache, key=row_keys([seed]), impl=impl)
     out = []
     while len(out) < max_frames:
         state, frames, emitted = decode_chunk(model, state, sampler, chunk_frames, impl=impl)

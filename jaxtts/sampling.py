@@ -42,6 +42,13 @@ class Sampler:
     def greedy(self) -> bool:
         return self.top_k == 1
 
+    def per_row(self, keys, logits):
+        """Draw row b of logits [B, V] with its own key keys[b]: a row's draws never depend on the
+        other rows of a batch, so batching gives each prompt exactly what it gets alone."""
+        if self.greedy:
+            return self(None, logits)
+        return jax.vmap(lambda k, row: self(k, row[None])[0])(keys, logits)
+
     def __call__(self, key, logits):
         """Draw one id per row from float logits [B, V] → int32 [B]."""
         logits = logits.astype(jnp.float32)

@@ -1,0 +1,115 @@
+"""Audio in and out: read any soundfile-readable file as 24 kHz mono, write WAVs atomically."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from jaxtts.errors import JaxttsError
+
+SAMPLE_RATE = 24_000
+
+
+def to_mono_24k(audio: np.ndarray, sample_rate: int, *, name: str = "audio") -> np.ndarray:
+    """float32 mono at 24 kHz from [L] or [L, C] samples at any rate (multi-channel mixed down)."""
+    audio = np.asarray(audio)
+    if audio.ndim == 2:
+        if audio.shape[1] > 1:
+            warnings.warn(f"{name}: {audio.shape[1]} channels mixed down to mono", stacklevel=3)
+        audio = audio.mean(axis=1)
+    if audio.ndim != 1:
+        raise JaxttsError(f"{name}: expected mono [samples] or [samples, channels] audio, got shape {audio.shape}")
+    if audio.size == 0:
+        raise JaxttsError(f"{name}: the audio is empty")
+    audio = audio.astype(np.float32)
+    if not np.all(np.isfinite(audio)):
+        raise JaxttsError(f"{name}: the audio holds NaN or infinite samples")
+    if sample_rate != SAMPLE_RATE:
+        import soxr
+
+        audio = soxr.resample(audio, sample_rate, SAMPLE_RATE).astype(np.float32)
+    return audio
+
+
+def read_audio(path: str | os.PathLike) -> np.ndarray:
+    """Read an audio file as float32 mono 24 kHz."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise JaxttsError(f"{path}: no such audio file")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise JaxttsError(f"{path}: cannot read audio ({str(e).splitlines()[0]})") from None
+    return to_mono_24k(data, sr, name=str(path))
+
+
+def load_audio(audio, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """An array (at `sample_rate`) or a path → float32 mono 24 kHz."""
+    if isinstance(audio, (str, os.PathLike)):
+        return read_audio(audio)
+    return to_mono_24k(np.asarray(audio), sample_rate)
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise JaxttsError(f"{path.parent}: no such directory for the output file")
+    if path.is_dir():
+        raise JaxttsError(f"{path} is a directory; give a file name such as out.wav")
+    return path
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Write 16-bit PCM WAV through a temporary file, renamed when complete."""
+    import soundfile as sf
+
+    path = check_output_path(path)
+    tmp = _temp_path(path)
+    try:
+        sf.write(str(tmp), np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class StreamingWavWriter:
+    """Appends PCM chunks to a WAV as they arrive; the file appears under its name only on close()."""
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int = SAMPLE_RATE):
+        import soundfile as sf
+
+        self.path = check_output_path(path)
+        self._tmp = _temp_path(self.path)
+        self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate, channels=1, subtype="PCM_16", format="WAV")
+
+    def write(self, chunk: np.ndarray) -> None:
+        self._file.write(np.clip(np.asarray(chunk, np.float32), -1.0, 1.0))
+        self._file.flush()
+
+    def close(self) -> Path:
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
