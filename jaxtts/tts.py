@@ -1,0 +1,326 @@
+"""Text → speech: the engine users touch.
+
+    tts = jaxtts.load()                                   # weights from the caches
+    audio = tts.generate("Hello there.", speaker=0)       # float32 mono PCM at 24 kHz
+    tts.save("hello.wav", audio)
+
+A request's prompt is its context segments (text rows + Mimi-code rows each) followed by its own
+text rows. Contexts are prefilled one request at a time (so a prepared context is bit-for-bit
+the same computation as passing its segments), then the new text rows of all requests are
+prefilled together at per-row offsets, and frames are decoded for the whole batch in chunks.
+Every row has its own PRNG key: a request gives the same audio alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtts.audio import SAMPLE_RATE, load_audio, write_wav
+from jaxtts.csm import CSM
+from jaxtts.errors import JaxttsError
+from jaxtts.generation import DecodeState, _bucket, decode_chunk, prefill, row_keys
+from jaxtts.llama import KVCache
+from jaxtts.prompt import Segment, audio_rows, concat_rows, text_rows, validate_speaker, validate_text
+from jaxtts.sampling import Sampler
+
+FRAME_MS = 80
+FRAME_SIZE = 1920
+
+
+@dataclass
+class Context:
+    """A voice prompt prepared once (`TTS.prepare_context`): its rows and the backbone cache after them."""
+
+    tokens: np.ndarray  # [n, 33]
+    mask: np.ndarray  # [n, 33]
+    cache: KVCache | None  # batch-1 backbone cache holding the n rows (None when n == 0)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Request:
+    text: str
+    speaker: int = 0
+    context: Context | Sequence[Segment] | None = None
+    seed: int | None = None
+    max_audio_ms: float = 90_000
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
+    """JAX's persistent compilation cache, on by default in ~/.cache/jaxtts/xla (JAXTTS_COMPILE_CACHE=0: off)."""
+    setting = os.environ.get("JAXTTS_COMPILE_CACHE", "1")
+    if setting == "0":
+        return
+    if path is None:
+        from jaxtts.hub import jaxtts_cache
+
+        path = setting if setting not in ("1", "") else jaxtts_cache() / "xla"
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split long text after sentence-ending punctuation (keeping it), dropping empty pieces."""
+    parts = re.split(r"(?<=[.!?…。！？])\s+", text.strip())
+    return [p for p in (s.strip() for s in parts) if p]
+
+
+def trailing_silence_frames(pcm: np.ndarray, threshold: float = 1e-3) -> int:
+    """How many whole 80 ms frames at the end of `pcm` have an RMS below `threshold` (≈ -60 dBFS)."""
+    n = len(pcm) // FRAME_SIZE
+    if n == 0:
+        return 0
+    rms = np.sqrt(np.mean(pcm[: n * FRAME_SIZE].reshape(n, FRAME_SIZE).astype(np.float64) ** 2, axis=1))
+    loud = np.nonzero(rms >= threshold)[0]
+    return n if len(loud) == 0 else n - 1 - int(loud[-1])
+
+
+class TTS:
+    sample_rate = SAMPLE_RATE
+    frame_size = FRAME_SIZE
+
+    def __init__(self, model: CSM, codec, *, tokenizer=None, impl: str | None = None,
+                 chunk_frames: int = 8, first_chunk_frames: int = 2, max_silence_ms: float | None = 3000,
+                 progress: bool = False):
+        from jaxtts.tokenizer import default_tokenizer
+
+        self.model = model
+        self.codec = codec
+        self.tokenizer = tokenizer or default_tokenizer()
+        self.impl = impl
+        self.chunk_frames = chunk_frames
+        self.first_chunk_frames = first_chunk_frames
+        self.max_silence_ms = max_silence_ms
+        self.progress = progress
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | os.PathLike | None = None, codec: str | os.PathLike | None = None, *,
+             dtype: str = "bfloat16", random_weights: bool = False, progress: bool = True, **kwargs) -> "TTS":
+        """Load CSM and Mimi. With no paths, look in the jaxtts cache, then the Hugging Face cache.
+
+        `random_weights=True` builds full-size CSM-1B and Mimi with random weights: the whole
+        pipeline runs, but the output is noise (for checking an install or benchmarking).
+        """
+        from jaxtts.hub import resolve
+        from jaxtts.mimi import Mimi
+
+        enable_compilation_cache()
+        if random_weights:
+            from jaxtts.config import CSM_1B
+
+            return cls(CSM.random(CSM_1B, dtype=dtype), Mimi.random(), progress=progress, **kwargs)
+        csm = CSM.load(resolve("csm", model, progress=progress), dtype=dtype)
+        mimi = Mimi.load(resolve("mimi", codec, progress=progress))
+        return cls(csm, mimi, progress=progress, **kwargs)
+
+    # --- prompts -------------------------------------------------------------------------------
+    def _segment_rows(self, seg: Segment):
+        parts = [text_rows(self.tokenizer.encode_segment(seg.text, seg.speaker))]
+        if seg.codes is not None:
+            parts.append(audio_rows(seg.codes))
+        elif seg.audio is not None:
+            wav = load_audio(seg.audio)
+            codes = np.asarray(self.codec.encode(jnp.asarray(wav)[None, None]))[0]
+            parts.append(audio_rows(codes))
+        return concat_rows(parts)
+
+    def prepare_context(self, segments: Sequence[Segment] | None) -> Context:
+        """Encode the context's audio with Mimi and prefill the backbone over it, once."""
+        if isinstance(segments, Context):
+            return segments
+        segments = list(segments or [])
+        for s in segments:
+            if not isinstance(s, Segment):
+                raise JaxttsError(f"context items must be jaxtts.Segment, got {type(s).__name__}")
+        tokens, mask = concat_rows([self._segment_rows(s) for s in segments])
+        n = len(tokens)
+        self._check_fits(n, 0, 1)
+        if n == 0:
+            return Context(tokens, mask, None)
+        padded = min(_bucket(n), self.model.cfg.backbone.max_seq_len)
+        tok = np.zeros((1, padded, tokens.shape[1]), np.int32)
+        msk = np.zeros((1, padded, tokens.shape[1]), bool)
+        tok[0, :n], msk[0, :n] = tokens, mask
+        state = prefill(self.model, tok, msk, [n], cache=self.model.backbone_cache(1, padded),
+                        key=row_keys([0]), impl=self.impl)
+        return Context(tokens, mask, state.cache)
+
+    def _check_fits(self, context_len: int, text_len: int, frames: int) -> None:
+        limit = self.model.cfg.backbone.max_seq_len
+        if context_len + text_len + frames > limit:
+            raise JaxttsError(
+                f"context ({context_len} rows) + text ({text_len} tokens) + audio ({frames} frames of 80 ms) "
+                f"exceeds the model's {limit} positions; shorten the text or context, lower max_audio_ms, "
+                f"or use long_form=True")
+
+    # --- the batch decode loop -------------------------------------------------------------------
+    def _run(self, requests: list[Request], sampler: Sampler) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        """Yield, after each chunk, (new PCM, new frames [n, 32]) of every request (empty once finished)."""
+        model = self.model
+        width = model.cfg.frame_width
+        contexts = [self.prepare_context(r.context) for r in requests]
+        texts = [text_rows(self.tokenizer.encode_segment(r.text, r.speaker)) for r in requests]
+        max_frames = [max(1, int(r.max_audio_ms // FRAME_MS)) for r in requests]
+        for c, t, f in zip(contexts, texts, max_frames):
+            self._check_fits(c.length, len(t[0]), f)
+        b = len(requests)
+        limit = model.cfg.backbone.max_seq_len
+        ctx_max = max(c.length for c in contexts)
+        t_pad = min(_bucket(max(len(t[0]) for t in texts)), limit - ctx_max)
+        cache_len = min(limit, _bucket(max(c.length + t_pad + f for c, f in zip(contexts, max_frames)), 256))
+
+        cache = self._stack_caches(contexts, cache_len)
+        tok = np.zeros((b, t_pad, width), np.int32)
+        msk = np.zeros((b, t_pad, width), bool)
+        for i, (t, m) in enumerate(texts):
+            tok[i, : len(t)], msk[i, : len(t)] = t, m
+        seeds = [r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little") for r in requests]
+        state = prefill(model, tok, msk, [len(t[0]) for t in texts], cache=cache,
+                        start=[c.length for c in contexts], key=row_keys(seeds), impl=self.impl)
+
+        stream = self.codec.decode_stream_init(b)
+        produced = [0] * b
+        finished = [False] * b
+        pcm_so_far = [[] for _ in range(b)]
+        silence_limit = None if self.max_silence_ms is None else int(self.max_silence_ms // FRAME_MS)
+        chunk = self.first_chunk_frames
+        while not all(finished):
+            state, frames, emitted = decode_chunk(model, state, sampler, chunk, impl=self.impl)
+            stream, pcm = self.codec.decode_stream_step(stream, jnp.transpose(frames, (1, 2, 0)))
+            frames_np, emitted_np, pcm_np = np.asarray(frames), np.asarray(emitted), np.asarray(pcm)[:, 0]
+            out = []
+            for i in range(b):
+                if finished[i]:
+                    out.append((np.zeros(0, np.float32), np.zeros((0, frames_np.shape[2]), np.int32)))
+                    continue
+                valid = emitted_np[:, i]
+                n = int(np.argmin(valid)) if not valid.all() else len(valid)
+                n = min(n, max_frames[i] - produced[i])
+                piece = pcm_np[i, : n * FRAME_SIZE]
+                produced[i] += n
+                finished[i] = n < len(valid) or produced[i] >= max_frames[i]
+                if silence_limit is not None:
+                    pcm_so_far[i].append(piece)
+                    whole = np.concatenate(pcm_so_far[i])
+                    silent = trailing_silence_frames(whole)
+                    if silent >= silence_limit and silent < len(whole) // FRAME_SIZE:
+                        # Runaway silence after speech: stop, keeping a short natural pause.
+                        keep = len(whole) - (silent - min(silent, 5)) * FRAME_SIZE
+                        already = len(whole) - len(piece)
+                        piece = piece[: max(0, keep - already)]
+                        finished[i] = True
+                out.append((piece, frames_np[: len(piece) // FRAME_SIZE, i]))
+            chunk = self.chunk_frames
+            yield out
+        del state
+
+    def _stack_caches(self, contexts: list[Context], cache_len: int) -> KVCache:
+        cfg = self.model.cfg.backbone
+        rows = []
+        for c in contexts:
+            if c.cache is None:
+                rows.append(self.model.backbone_cache(1, cache_len))
+            else:
+                pad = cache_len - c.cache.k[0].shape[1]
+                grow = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad > 0 else a[:, :cache_len]
+                rows.append(jax.tree.map(grow, c.cache))
+        if len(rows) == 1:
+            return jax.tree.map(jnp.copy, rows[0])  # never donate a prepared context's buffers
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows)
+
+    # --- public API ------------------------------------------------------------------------------
+    def _sampler(self, temperature, top_k, top_p, min_p) -> Sampler:
+        return Sampler.create(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+    def _request(self, text, speaker, context, seed, max_audio_ms) -> Request:
+        validate_text(text)
+        validate_speaker(speaker)
+        if not isinstance(max_audio_ms, (int, float)) or max_audio_ms < FRAME_MS:
+            raise JaxttsError(f"max_audio_ms must be at least {FRAME_MS} (one frame), got {max_audio_ms!r}")
+        return Request(text=text, speaker=int(speaker), context=context, seed=seed, max_audio_ms=max_audio_ms)
+
+    def stream(self, text: str, speaker: int = 0, context=None, *, max_audio_ms: float = 90_000,
+               temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
+               seed: int | None = None, long_form: bool = False) -> Iterator[np.ndarray]:
+        """Yield float32 PCM chunks as frames are generated (the first after `first_chunk_frames`)."""
+        sampler = self._sampler(temperature, top_k, top_p, min_p)
+        if long_form:
+            yield from self._long_form(text, speaker, context, max_audio_ms, sampler, seed)
+            return
+        req = self._request(text, speaker, context, seed, max_audio_ms)
+        for pieces in self._run([req], sampler):
+            if len(pieces[0][0]):
+                yield pieces[0][0]
+
+    def generate(self, text: str, speaker: int = 0, context=None, *, max_audio_ms: float = 90_000,
+                 temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
+                 seed: int | None = None, long_form: bool = False) -> np.ndarray:
+        """Speak `text` as `speaker`, continuing `context`: float32 mono PCM at 24 kHz."""
+        chunks = list(self.stream(text, speaker, context, max_audio_ms=max_audio_ms, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, long_form=long_form))
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+    def generate_batch(self, requests: Sequence[Request | dict | str], *, temperature: float = 0.9,
+                       top_k: int = 50, top_p: float | None = None, min_p: float | None = None) -> list[np.ndarray]:
+        """Many requests at once (different lengths and contexts); each row as it would be alone."""
+        sampler = self._sampler(temperature, top_k, top_p, min_p)
+        reqs = []
+        for r in requests:
+            if isinstance(r, str):
+                r = Request(text=r)
+            elif isinstance(r, dict):
+                r = Request(**r)
+            reqs.append(self._request(r.text, r.speaker, r.context, r.seed, r.max_audio_ms))
+        if not reqs:
+            return []
+        pieces = [[] for _ in reqs]
+        for out in self._run(reqs, sampler):
+            for i, (pcm, _) in enumerate(out):
+                pieces[i].append(pcm)
+        return [np.concatenate(p) if p else np.zeros(0, np.float32) for p in pieces]
+
+    def _long_form(self, text, speaker, context, max_audio_ms, sampler, seed):
+        """Sentence by sentence, each continuing from the previous sentence's text and audio."""
+        sentences = split_sentences(text)
+        if not sentences:
+            validate_text(text)
+        base = list(context) if isinstance(context, (list, tuple)) else []
+        if isinstance(context, Context):
+            raise JaxttsError("long_form needs the context as a list of Segments, not a prepared Context")
+        previous: list[Segment] = []
+        for n, sentence in enumerate(sentences):
+            req = self._request(sentence, speaker, base + previous,
+                                None if seed is None else seed + n, max_audio_ms)
+            frames = []
+            for pieces in self._run([req], sampler):
+                pcm, new_frames = pieces[0]
+                frames.append(new_frames)
+                if len(pcm):
+                    yield pcm
+            codes = np.concatenate(frames).T
+            # The next sentence hears this one: its own frames, no re-encoding needed.
+            previous = [Segment(speaker, sentence, codes=codes)] if codes.shape[1] else []
+
+    @staticmethod
+    def save(path: str | os.PathLike, audio: np.ndarray) -> Path:
+        """Write 16-bit 24 kHz mono WAV (atomically)."""
+        return write_wav(path, audio, SAMPLE_RATE)
+
+
+def load(model=None, codec=None, *, dtype: str = "bfloat16", random_weights: bool = False, **kwargs) -> TTS:
+    """`jaxtts.load(...)`: see `TTS.load`."""
+    return TTS.load(model, codec, dtype=dtype, random_weights=random_weights, **kwargs)
