@@ -83,13 +83,17 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAM
 
 
 class StreamingWavWriter:
-    """Appends PCM chunks to a WAV as they arrive; the file appears under its name only on close()."""
+    """Appends PCM chunks to a WAV as they arrive.
 
-    def __init__(self, path: str | os.PathLike, sample_rate: int = SAMPLE_RATE):
+    By default the file appears under its name only on close(). With `progressive=True` it is
+    written in place so that it can be played while it grows; on failure it is removed.
+    """
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, *, progressive: bool = False):
         import soundfile as sf
 
         self.path = check_output_path(path)
-        self._tmp = _temp_path(self.path)
+        self._tmp = self.path if progressive else _temp_path(self.path)
         self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate, channels=1, subtype="PCM_16", format="WAV")
 
     def write(self, chunk: np.ndarray) -> None:
@@ -98,7 +102,8 @@ class StreamingWavWriter:
 
     def close(self) -> Path:
         self._file.close()
-        os.replace(self._tmp, self.path)
+        if self._tmp != self.path:
+            os.replace(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -200,7 +200,10 @@ class TTS:
         chunk = self.first_chunk_frames
         while not all(finished):
             state, frames, emitted = decode_chunk(model, state, sampler, chunk, impl=self.impl)
-            stream, pcm = self.codec.decode_stream_step(stream, jnp.transpose(frames, (1, 2, 0)))
+            # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048): the original code
+            # would crash on such a code; we feed it back to the backbone as sampled, but decode it as 0.
+            codes = jnp.transpose(frames, (1, 2, 0))
+            stream, pcm = self.codec.decode_stream_step(stream, jnp.where(codes < self.codec.cardinality, codes, 0))
             frames_np, emitted_np, pcm_np = np.asarray(frames), np.asarray(emitted), np.asarray(pcm)[:, 0]
             out = []
             for i in range(b):
@@ -275,8 +278,12 @@ class TTS:
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
     def generate_batch(self, requests: Sequence[Request | dict | str], *, temperature: float = 0.9,
-                       top_k: int = 50, top_p: float | None = None, min_p: float | None = None) -> list[np.ndarray]:
-        """Many requests at once (different lengths and contexts); each row as it would be alone."""
+                       top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
+                       return_frames: bool = False) -> list:
+        """Many requests at once (different lengths and contexts); each row as it would be alone.
+
+        Returns one PCM array per request, or (PCM, Mimi frames [F, 32]) pairs with return_frames.
+        """
         sampler = self._sampler(temperature, top_k, top_p, min_p)
         reqs = []
         for r in requests:
@@ -287,11 +294,16 @@ class TTS:
             reqs.append(self._request(r.text, r.speaker, r.context, r.seed, r.max_audio_ms))
         if not reqs:
             return []
-        pieces = [[] for _ in reqs]
+        pcm = [[] for _ in reqs]
+        frames = [[] for _ in reqs]
         for out in self._run(reqs, sampler):
-            for i, (pcm, _) in enumerate(out):
-                pieces[i].append(pcm)
-        return [np.concatenate(p) if p else np.zeros(0, np.float32) for p in pieces]
+            for i, (p, f) in enumerate(out):
+                pcm[i].append(p)
+                frames[i].append(f)
+        audio = [np.concatenate(p) for p in pcm]
+        if return_frames:
+            return [(a, np.concatenate(f).astype(np.int32)) for a, f in zip(audio, frames)]
+        return audio
 
     def _long_form(self, text, speaker, context, max_audio_ms, sampler, seed):
         """Sentence by sentence, each continuing from the previous sentence's text and audio."""
