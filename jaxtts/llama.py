@@ -86,8 +86,11 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def _init(rngs, shape, dtype, scale=0.02):
-    return nnx.Param((scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+def _init(rngs, shape, dtype, scale=None):
+    """Random weights; matrices [.., in, out] default to std 1/sqrt(in) so activations and logits
+    keep unit scale (random models then make peaked, input-dependent predictions, as trained ones do)."""
+    std = scale if scale is not None else shape[-2] ** -0.5
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
 
 class Attention(nnx.Module):

@@ -1,0 +1,137 @@
+"""The engine: batching, streaming, context caching, greedy equivalence, length and silence guards.
+
+A small random CSM with the real 128 256-token text vocabulary and the full-size random Mimi.
+"""
+
+import numpy as np
+import pytest
+
+import jaxtts
+from jaxtts.config import CSM_TINY
+from jaxtts.csm import CSM
+from jaxtts.errors import JaxttsError
+from jaxtts.generation import generate_frames
+from jaxtts.prompt import Segment, text_rows
+from jaxtts.tts import FRAME_SIZE, TTS, split_sentences, trailing_silence_frames
+
+
+@pytest.fixture(scope="module")
+def tts():
+    from jaxtts.mimi import Mimi
+
+    return TTS(CSM.random(CSM_TINY, seed=1), Mimi.random(seed=0), max_silence_ms=None)
+
+
+@pytest.fixture(scope="module")
+def voice():
+    rng = np.random.default_rng(0)
+    return Segment(speaker=1, text="This is my voice.", audio=(0.1 * rng.standard_normal(3 * 1920 + 500)).astype(np.float32))
+
+
+def test_batch_rows_equal_alone(tts):
+    reqs = [dict(text="Hello there.", seed=1, max_audio_ms=640),
+            dict(text="A much longer sentence, to give this row a longer prompt.", speaker=2, seed=2, max_audio_ms=480)]
+    together = tts.generate_batch(reqs, return_frames=True)
+    for req, (audio, frames) in zip(reqs, together):
+        alone_audio, alone_frames = tts.generate_batch([req], return_frames=True)[0]
+        np.testing.assert_array_equal(frames, alone_frames)
+        assert len(audio) == FRAME_SIZE * len(frames) == len(alone_audio)
+        np.testing.assert_allclose(audio, alone_audio, atol=1e-4 * np.abs(alone_audio).max())
+    assert len(together[0][1]) == 8 and len(together[1][1]) == 6  # max_audio_ms respected per row
+
+
+def test_stream_concatenation_equals_generate(tts):
+    kw = dict(seed=3, max_audio_ms=640)
+    chunks = list(tts.stream("Streaming test.", **kw))
+    assert len(chunks) > 1 and len(chunks[0]) == tts.first_chunk_frames * FRAME_SIZE
+    np.testing.assert_array_equal(np.concatenate(chunks), tts.generate("Streaming test.", **kw))
+
+
+def test_prepared_context_equals_segments(tts, voice):
+    ctx = tts.prepare_context([voice])
+    assert ctx.length > 4 + 1  # text rows + 4 audio frames + EOS frame
+    direct = tts.generate("And now me.", context=[voice], seed=4, max_audio_ms=480)
+    cached = tts.generate("And now me.", context=ctx, seed=4, max_audio_ms=480)
+    again = tts.generate("And now me.", context=ctx, seed=4, max_audio_ms=480)  # the context survives reuse
+    np.testing.assert_array_equal(direct, cached)
+    np.testing.assert_array_equal(cached, again)
+    plain = tts.generate("And now me.", seed=4, max_audio_ms=480)
+    assert not np.array_equal(plain, direct)
+
+
+def test_greedy_equals_generate_frames(tts):
+    ids = tts.tokenizer.encode_segment("Greedy check.", 0)
+    tokens, mask = text_rows(ids)
+    expected = generate_frames(tts.model, tokens, mask, max_frames=7, top_k=1, seed=0)
+    _, frames = tts.generate_batch([dict(text="Greedy check.", seed=9, max_audio_ms=7 * 80)], top_k=1,
+                                   return_frames=True)[0]
+    np.testing.assert_array_equal(frames, expected)
+
+
+def test_too_long_is_a_clear_error(tts):
+    with pytest.raises(JaxttsError, match=r"exceeds the model's 256 positions"):
+        tts.generate("word " * 300, max_audio_ms=800)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(text="   "), "text is empty"),
+    (dict(text="hi", speaker=-1), "speaker must be"),
+    (dict(text="hi", speaker=1.5), "speaker must be"),
+    (dict(text="hi", temperature=0), "temperature"),
+    (dict(text="hi", top_k=0), "top-k"),
+])
+def test_bad_arguments(tts, kwargs, message):
+    text = kwargs.pop("text")
+    with pytest.raises(JaxttsError, match=message):
+        tts.generate(text, **kwargs)
+
+
+class _SilentAfter:
+    """A stand-in codec: loud PCM for the first `loud` frames of each row, then digital silence."""
+
+    cardinality = 2048
+
+    def __init__(self, loud):
+        self.loud = loud
+
+    def decode_stream_init(self, batch):
+        return np.zeros(batch, np.int64)
+
+    def decode_stream_step(self, state, codes):
+        b, _, n = codes.shape
+        pos = state[:, None] + np.arange(n)[None]
+        amp = np.where(pos < self.loud, 0.5, 0.0).astype(np.float32)
+        return state + n, np.repeat(amp, FRAME_SIZE, axis=1)[:, None]
+
+
+def test_silence_guard_stops_runaway_silence(tts):
+    guarded = TTS(tts.model, _SilentAfter(loud=5), tokenizer=tts.tokenizer, max_silence_ms=800)
+    audio = guarded.generate("Hello.", seed=0, max_audio_ms=4000)
+    frames = len(audio) // FRAME_SIZE
+    # 5 loud frames + at most a short pause, well before the 50-frame limit.
+    assert 5 <= frames <= 5 + 10 and len(audio) % FRAME_SIZE == 0
+    assert trailing_silence_frames(audio) <= 5
+    unguarded = TTS(tts.model, _SilentAfter(loud=5), tokenizer=tts.tokenizer, max_silence_ms=None)
+    assert len(unguarded.generate("Hello.", seed=0, max_audio_ms=4000)) == 50 * FRAME_SIZE
+
+
+def test_trailing_silence_frames():
+    pcm = np.concatenate([np.full(3 * FRAME_SIZE, 0.3), np.zeros(4 * FRAME_SIZE), np.zeros(100)]).astype(np.float32)
+    assert trailing_silence_frames(pcm) == 4
+    assert trailing_silence_frames(np.zeros(2 * FRAME_SIZE, np.float32)) == 2
+
+
+def test_split_sentences():
+    assert split_sentences("Hi there. How are you?  Fine!\nGood") == ["Hi there.", "How are you?", "Fine!", "Good"]
+
+
+def test_long_form_continues_each_sentence(tts):
+    audio = tts.generate("First one. Second one.", long_form=True, seed=5, max_audio_ms=240)
+    first = tts.generate("First one.", seed=5, max_audio_ms=240)
+    assert len(audio) == 2 * 3 * FRAME_SIZE
+    np.testing.assert_array_equal(audio[: len(first)], first)
+
+
+def test_public_api_exports():
+    for name in ("load", "TTS", "Segment", "CSM", "Mimi", "generate_frames", "Context"):
+        assert hasattr(jaxtts, name)
