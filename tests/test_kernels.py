@@ -1,0 +1,139 @@
+"""Pallas attention kernels vs their jnp references and the XLA path (CPU, interpret mode).
+
+In interpret mode Pallas fills output buffers with NaN before the kernel runs, so "all finite"
+also checks that every output element was written. Cache slots past each row's length hold NaN,
+standing for stale memory: a kernel that read them with any weight would return NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtts.attention import attention, xla_attention
+from pallas_kernels import (
+    decode_attention,
+    decode_attention_reference,
+    prefill_attention,
+    prefill_attention_reference,
+)
+
+BACKBONE = dict(h=32, hkv=8, d=64)
+DEPTH = dict(h=8, hkv=2, d=128)
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _cache(rng, b, s, hkv, d, lengths, dtype):
+    """K/V caches whose slots at or past lengths[b] are NaN."""
+    k = rng.standard_normal((b, s, hkv, d), dtype=np.float32)
+    v = rng.standard_normal((b, s, hkv, d), dtype=np.float32)
+    stale = np.arange(s)[None, :] >= np.asarray(lengths)[:, None]
+    k[stale] = np.nan
+    v[stale] = np.nan
+    return jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+
+
+def _zero_stale(x, lengths):
+    """The cache as the XLA path must see it: it would carry the NaN through 0 * NaN."""
+    filled = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(filled[:, :, None, None], x, 0)
+
+
+def _close(out, want, dtype):
+    assert out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, np.asarray(want.astype(jnp.float32)), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, s, lengths, block_k, num_splits",
+    [
+        (BACKBONE, jnp.float32, 80, [1, 37, 80], 16, 1),
+        (BACKBONE, jnp.float32, 80, [1, 37, 80], 16, 3),
+        (DEPTH, jnp.bfloat16, 33, [5, 33], 16, 2),
+        (DEPTH, jnp.float32, 33, [7, 30], None, None),  # default block size and splits
+    ],
+)
+def test_decode_matches_references(shape, dtype, s, lengths, block_k, num_splits):
+    rng = np.random.default_rng(0)
+    b = len(lengths)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    q = jnp.asarray(rng.standard_normal((b, shape["h"], shape["d"]), dtype=np.float32), dtype)
+    k, v = _cache(rng, b, s, shape["hkv"], shape["d"], lengths, dtype)
+
+    out = decode_attention(q, k, v, lengths, block_k=block_k, num_splits=num_splits, interpret=True)
+    _close(out, decode_attention_reference(q, k, v, lengths), dtype)
+    want = xla_attention(q[:, None], _zero_stale(k, lengths), _zero_stale(v, lengths), lengths - 1, lengths)
+    _close(out, want[:, 0], dtype)
+
+
+def test_decode_empty_row_and_earlier_query():
+    # Row 0 has no keys (must give zeros); row 1's query sits before the end of its filled slots.
+    rng = np.random.default_rng(1)
+    lengths = jnp.asarray([0, 20], jnp.int32)
+    q_start = jnp.asarray([0, 9], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((2, 8, 128), dtype=np.float32))
+    k, v = _cache(rng, 2, 40, 2, 128, lengths, jnp.float32)
+
+    out = decode_attention(q, k, v, lengths, q_start, block_k=16, num_splits=2, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+    _close(out, decode_attention_reference(q, k, v, lengths, q_start), jnp.float32)
+    want = xla_attention(q[:, None], _zero_stale(k, lengths), _zero_stale(v, lengths), q_start, lengths)
+    _close(out, want[:, 0], jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, t, s, q_start, lengths, blocks",
+    [
+        # Prompt, prompt after cached context, and padded query rows (q_start + t > lengths).
+        (BACKBONE, jnp.float32, 37, 80, [0, 20, 43], [37, 57, 70], (16, 16)),
+        (DEPTH, jnp.bfloat16, 2, 32, [0, 0], [2, 1], (None, None)),  # depth decoder's first step
+        (DEPTH, jnp.float32, 19, 50, [0, 30], [0, 49], (16, 32)),  # an empty row
+    ],
+)
+def test_prefill_matches_references(shape, dtype, t, s, q_start, lengths, blocks):
+    rng = np.random.default_rng(2)
+    b = len(lengths)
+    q_start = jnp.asarray(q_start, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    q = jnp.asarray(rng.standard_normal((b, t, shape["h"], shape["d"]), dtype=np.float32), dtype)
+    k, v = _cache(rng, b, s, shape["hkv"], shape["d"], lengths, dtype)
+
+    out = prefill_attention(q, k, v, q_start, lengths, block_q=blocks[0], block_k=blocks[1], interpret=True)
+    _close(out, prefill_attention_reference(q, k, v, q_start, lengths), dtype)
+    _close(out, xla_attention(q, _zero_stale(k, lengths), _zero_stale(v, lengths), q_start, lengths), dtype)
+    for row in np.flatnonzero(np.asarray(lengths) == 0):
+        np.testing.assert_array_equal(np.asarray(out[row].astype(jnp.float32)), 0.0)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_attention_entry_point_dispatch(t):
+    rng = np.random.default_rng(3)
+    q_start = jnp.asarray([3, 11], jnp.int32)
+    lengths = q_start + t
+    q = jnp.asarray(rng.standard_normal((2, t, 8, 128), dtype=np.float32))
+    k = jnp.asarray(rng.standard_normal((2, 24, 2, 128), dtype=np.float32))
+    v = jnp.asarray(rng.standard_normal((2, 24, 2, 128), dtype=np.float32))
+    out = attention(q, k, v, q_start, lengths, impl="pallas_interpret")
+    _close(out, attention(q, k, v, q_start, lengths, impl="xla"), jnp.float32)
+
+
+@pytest.mark.parametrize("shape, s", [(BACKBONE, 2048), (DEPTH, 32)])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_lowers_to_triton_at_csm_shapes(shape, s, batch):
+    """The Triton lowering runs at trace time, so CPU catches its shape and op restrictions."""
+    sds = jax.ShapeDtypeStruct
+    h, hkv, d = shape["h"], shape["hkv"], shape["d"]
+    kv = sds((batch, s, hkv, d), jnp.bfloat16)
+    rows = sds((batch,), jnp.int32)
+    cases = [
+        (lambda q, k, v, n: decode_attention(q, k, v, n), (sds((batch, h, d), jnp.bfloat16), kv, kv, rows)),
+        (lambda q, k, v, qs, n: prefill_attention(q, k, v, qs, n),
+         (sds((batch, min(s, 100), h, d), jnp.bfloat16), kv, kv, rows, rows)),
+    ]
+    for fn, args in cases:
+        hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in hlo
