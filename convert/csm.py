@@ -119,9 +119,14 @@ def interleaved_to_halves(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 class _Reader:
-    """Reads named tensors, checks their shapes, reports progress."""
+    """Reads named tensors, checks their shapes, reports progress.
 
-    def __init__(self, tf: TensorFile, bar):
+    With `bar=None` it only checks names and shapes against the file header and hands back
+    zero-strided stand-ins: a first, data-free pass, so that a bad checkpoint fails before
+    any progress is shown or gigabytes are read.
+    """
+
+    def __init__(self, tf: TensorFile, bar=None):
         self.tf, self.bar = tf, bar
 
     def __call__(self, name: str, shape: tuple) -> np.ndarray:
@@ -130,6 +135,8 @@ class _Reader:
         got = self.tf.shape(name)
         if tuple(got) != tuple(shape):
             raise JaxttsError(f"tensor {name!r} has shape {tuple(got)}, expected {tuple(shape)} for this config")
+        if self.bar is None:
+            return np.broadcast_to(np.zeros((), np.float32), shape)
         a = np.asarray(self.tf[name], dtype=np.float32)
         self.bar.update(1)
         return a
@@ -175,9 +182,9 @@ def read_csm_checkpoint(src: str | os.PathLike, config: CSMConfig | None = None,
     nb, vocab = cfg.audio_num_codebooks, cfg.audio_vocab_size
     d_bb, d_dec = cfg.backbone.embed_dim, cfg.decoder.embed_dim
     top = {k: _first(tf, v) for k, v in _TOP[fmt].items()}
-    with tqdm(total=num_tensors(cfg), desc="reading CSM", unit="tensor", disable=not progress) as bar:
-        read = _Reader(tf, bar)
-        params = {
+
+    def build(read: _Reader) -> dict:
+        return {
             "backbone": _stack_params(read, fmt, "backbone", cfg.backbone),
             "decoder": _stack_params(read, fmt, "decoder", cfg.decoder),
             "text_embeddings": read(top["text_embeddings"], (cfg.text_vocab_size, d_bb)),
@@ -186,6 +193,10 @@ def read_csm_checkpoint(src: str | os.PathLike, config: CSMConfig | None = None,
             "codebook0_head": read(top["codebook0_head"], (vocab, d_bb)).T,
             "audio_head": read(top["audio_head"], (nb - 1, d_dec, vocab)),
         }
+
+    build(_Reader(tf))  # names and shapes only
+    with tqdm(total=num_tensors(cfg), desc="reading CSM", unit="tensor", disable=not progress) as bar:
+        params = build(_Reader(tf, bar))
     return cfg, params
 
 

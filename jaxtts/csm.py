@@ -109,6 +109,9 @@ class CSM(nnx.Module):
         _fill_constants(model)
         return model
 
+    def save(self, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        return save_csm(self, out, overwrite=overwrite)
+
     @classmethod
     def load(cls, path: str | os.PathLike, dtype="bfloat16") -> "CSM":
         """Load a directory written by jaxtts-convert, or an original / transformers checkpoint."""
@@ -128,6 +131,19 @@ class CSM(nnx.Module):
 
         cfg, params = read_csm_checkpoint(path)
         return cls.from_params(cfg, params, dtype)
+
+
+def save_csm(model: CSM, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write `model` as a jaxtts directory (what `CSM.load`, `jaxtts.load` and `--model` accept)."""
+    import numpy as np
+
+    from jaxtts.checkpoint import atomic_directory, write_checkpoint
+
+    dtype = "bfloat16" if model.dtype == jnp.bfloat16 else "float32"
+    params = jax.tree.map(np.asarray, param_dict(model))
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_checkpoint(tmp, model="csm", config=model.cfg.to_dict(), dtype=dtype, params=params)
+    return Path(out)
 
 
 def _fill_constants(model: CSM) -> None:

@@ -1,0 +1,121 @@
+"""`jaxtts speak` end to end in subprocesses, and its handling of bad input."""
+
+import os
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from jaxtts.config import CSM_TINY
+from jaxtts.csm import CSM
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    from jaxtts.mimi import Mimi
+
+    root = tmp_path_factory.mktemp("weights")
+    CSM.random(CSM_TINY, seed=1).save(root / "csm")
+    Mimi.random(seed=0).save(root / "mimi")
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xla-cache")
+    return dict(os.environ, JAXTTS_COMPILE_CACHE=str(cache), JAXTTS_CACHE=str(cache / "empty"),
+                HF_HUB_CACHE=str(cache / "no-hub"))
+
+
+def jaxtts(*args, env, stdin=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "jaxtts.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=timeout)
+
+
+def speak_args(weights, out, *extra):
+    return ["speak", "--model", weights / "csm", "--codec", weights / "mimi", "--dtype", "float32", "--quiet",
+            "-o", out, *extra]
+
+
+def test_speak_writes_reproducible_wav(weights, env, tmp_path):
+    a, b, s = tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "s.wav"
+    for out in (a, b):
+        r = jaxtts(*speak_args(weights, out, "Hello from jaxtts.", "--seed", 7, "--max-audio-ms", 480), env=env)
+        assert r.returncode == 0, r.stderr[-4000:]
+    with wave.open(str(a)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        frames = w.getnframes()
+    assert frames > 0 and frames % 1920 == 0 and frames <= 6 * 1920
+    assert a.read_bytes() == b.read_bytes()
+    r = jaxtts(*speak_args(weights, s, "Hello from jaxtts.", "--seed", 7, "--max-audio-ms", 480, "--stream"), env=env)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(sf.read(str(s))[0], sf.read(str(a))[0])
+
+
+def test_interactive_speaks_each_line(weights, env, tmp_path):
+    out = tmp_path / "line.wav"
+    r = jaxtts(*speak_args(weights, out, "--interactive", "--seed", 1, "--max-audio-ms", 240), env=env,
+               stdin="First line.\nSecond line.\n\n")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["line-001.wav", "line-002.wav"]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" + os.urandom(200))
+    sf.write(str(d / "empty.wav"), np.zeros(0, np.float32), 24000)
+    (d / "notes.txt").write_text("not audio at all\n")
+    return d
+
+
+BAD_CASES = {
+    "empty text": (["   "], "text is empty"),
+    "negative speaker": (["Hi.", "--speaker", "-1"], "speaker must be"),
+    "non-integer speaker": (["Hi.", "--speaker", "1.5"], "invalid int value"),
+    "temperature zero": (["Hi.", "--temperature", "0"], "temperature"),
+    "top-k zero": (["Hi.", "--top-k", "0"], "top-k"),
+    "missing context wav": (["Hi.", "--context", "{bad}/missing.wav", "hello", "0"], "no such audio file"),
+    "corrupt context wav": (["Hi.", "--context", "{bad}/corrupt.wav", "hello", "0"], "cannot read audio"),
+    "empty context wav": (["Hi.", "--context", "{bad}/empty.wav", "hello", "0"], "empty"),
+    "context not audio": (["Hi.", "--context", "{bad}/notes.txt", "hello", "0"], "cannot read audio"),
+    "too long for the context": (["word " * 300], "exceeds the model's 256 positions"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_one_line_no_output(case, weights, env, tmp_path, bad_files):
+    args, message = BAD_CASES[case]
+    args = [a.replace("{bad}", str(bad_files)) for a in args]
+    out = tmp_path / "out.wav"
+    r = jaxtts(*speak_args(weights, out, *args), env=env)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["missing model", "wrong model", "missing output dir"])
+def test_bad_paths(which, weights, env, tmp_path):
+    out = tmp_path / "out.wav"
+    args = speak_args(weights, out, "Hi.")
+    if which == "missing model":
+        args[2], message = tmp_path / "nope", "no such file or directory"
+    elif which == "wrong model":
+        args[2], message = weights / "mimi", "not CSM"
+    else:
+        args[args.index(out)], message = tmp_path / "missing" / "out.wav", "no such directory"
+    r = jaxtts(*args, env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_weights_advises_download(env, tmp_path):
+    r = jaxtts("speak", "Hi.", "-o", tmp_path / "x.wav", env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "jaxtts download" in lines[0], r.stderr
