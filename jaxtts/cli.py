@@ -29,7 +29,8 @@ def _add_speak(sub):
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--max-audio-ms", type=float, default=90_000)
     p.add_argument("--seed", type=int, default=None, help="fix for reproducible output")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--long-form", action="store_true", help="split long text into sentences, each continuing the last")
     p.add_argument("--stream", action="store_true", help="write the WAV progressively as audio is generated")
     p.add_argument("--interactive", action="store_true", help="speak each line typed (model loaded once)")

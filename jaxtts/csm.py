@@ -104,7 +104,7 @@ class CSM(nnx.Module):
             if tuple(given[name].shape) != tuple(spec.shape):
                 raise JaxttsError(f"parameter {name} has shape {tuple(given[name].shape)}, expected {tuple(spec.shape)}")
         state = nnx.state(model, nnx.Param)
-        state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, dtype=target), params))
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype=target), params))
         nnx.update(model, state)
         _fill_constants(model)
         return model
@@ -152,13 +152,13 @@ def _fill_constants(model: CSM) -> None:
 
     for stack, cfg in ((model.backbone, model.cfg.backbone), (model.decoder, model.cfg.decoder)):
         cos, sin = rope_table(cfg)
-        stack.rope_cos.value = jnp.asarray(cos)
-        stack.rope_sin.value = jnp.asarray(sin)
+        stack.rope_cos.set_value(jnp.asarray(cos))
+        stack.rope_sin.set_value(jnp.asarray(sin))
 
 
 def param_dict(model: CSM) -> dict:
     """The parameters as a nested dict of arrays (what converters produce and Orbax stores)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _flat(tree, prefix=""):

@@ -109,7 +109,7 @@ class TTS:
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, codec: str | os.PathLike | None = None, *,
-             dtype: str = "bfloat16", random_weights: bool = False, progress: bool = True, **kwargs) -> "TTS":
+             dtype: str | None = None, random_weights: bool = False, progress: bool = True, **kwargs) -> "TTS":
         """Load CSM and Mimi. With no paths, look in the jaxtts cache, then the Hugging Face cache.
 
         `random_weights=True` builds full-size CSM-1B and Mimi with random weights: the whole
@@ -119,6 +119,8 @@ class TTS:
         from jaxtts.mimi import Mimi
 
         enable_compilation_cache()
+        if dtype is None:  # bfloat16 where it is fast; CPUs emulate it slowly
+            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         if random_weights:
             from jaxtts.config import CSM_1B
 
@@ -333,6 +335,6 @@ class TTS:
         return write_wav(path, audio, SAMPLE_RATE)
 
 
-def load(model=None, codec=None, *, dtype: str = "bfloat16", random_weights: bool = False, **kwargs) -> TTS:
+def load(model=None, codec=None, *, dtype: str | None = None, random_weights: bool = False, **kwargs) -> TTS:
     """`jaxtts.load(...)`: see `TTS.load`."""
     return TTS.load(model, codec, dtype=dtype, random_weights=random_weights, **kwargs)
