@@ -22,3 +22,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+demo: $(STAMP)
+	$(VENV)/bin/jaxtts speak --random-weights "Hello from jaxtts." -o demo.wav --max-audio-ms 1600 --seed 0
