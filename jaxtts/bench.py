@@ -33,6 +33,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--skip", default="", help="comma list of parts to skip: compile,latency,sweep")
     p.add_argument("--compare", default=None, choices=["transformers"], help="also time a PyTorch implementation")
     p.add_argument("--json", default=None, help="write the results as JSON to this path ('-' for stdout)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the parts of a frame: backbone step, depth decoder, sampling, unroll variants")
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -66,18 +68,66 @@ def _prompt_state(model, batch: int, prompt_tokens: int, cache_len: int, impl, s
                    key=row_keys(range(seed, seed + batch)), impl=impl)
 
 
-def time_decode(model, sampler, *, batch, chunk, reps, prompt_tokens, impl):
+def _median_time(fn, *args, reps=50):
+    out = _sync(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = _sync(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def breakdown(model, impl, prompt_tokens, chunk) -> dict:
+    """Milliseconds of each part of a batch-1 frame, each jitted alone."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxtts.generation import _sample_frame, frame_rows
+    from jaxtts.sampling import Sampler
+
+    graphdef, weights = nnx.split(model)
+    state = _prompt_state(model, 1, prompt_tokens, 512, impl)
+    frame = jnp.ones((1, 32), jnp.int32)
+
+    @jax.jit
+    def backbone_step(weights, cache, position):
+        m = nnx.merge(graphdef, weights)
+        tokens, mask = frame_rows(frame)
+        return m.run_backbone(tokens, mask, position, cache, impl=impl)[0]
+
+    def depth(sampler, unroll):
+        @jax.jit
+        def f(weights, hidden, keys):
+            return _sample_frame(nnx.merge(graphdef, weights), sampler, hidden, keys, impl, unroll)
+        return f
+
+    out = {"backbone_step_ms": 1000 * _median_time(backbone_step, weights, state.cache, state.position)}
+    topk, greedy = Sampler.create(0.9, 50), Sampler.create(0.9, 1)
+    for name, sampler, unroll in [("depth_frame_ms", topk, 1), ("depth_frame_greedy_ms", greedy, 1),
+                                  ("depth_frame_unroll30_ms", topk, 30)]:
+        out[name] = 1000 * _median_time(depth(sampler, unroll), weights, state.hidden, state.key)
+    logits = jax.random.normal(jax.random.key(0), (1, 2051))
+    out["one_topk_draw_ms"] = 1000 * _median_time(jax.jit(lambda k, l: topk.per_row(k, l)), state.key, logits)
+    for unroll in (2, 6, 30):
+        out[f"frame_unroll{unroll}_ms"] = 1000 * time_decode(
+            model, topk, batch=1, chunk=chunk, reps=4, prompt_tokens=prompt_tokens, impl=impl, depth_unroll=unroll)
+    return out
+
+
+def time_decode(model, sampler, *, batch, chunk, reps, prompt_tokens, impl, depth_unroll=None):
     """Median seconds per frame step over `reps` chunks, after one warm-up chunk."""
     from jaxtts.generation import decode_chunk
 
     cache_len = min(model.cfg.backbone.max_seq_len, prompt_tokens + chunk * (reps + 1) + 1)
     state = _prompt_state(model, batch, prompt_tokens, cache_len, impl)
-    state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl)
+    state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl, depth_unroll=depth_unroll)
     _sync(frames)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl)
+        state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl, depth_unroll=depth_unroll)
         _sync(frames)
         times.append((time.perf_counter() - t) / chunk)
     assert int(np.asarray(frames).max()) > 0, "timed frames are all zeros"
@@ -218,6 +268,8 @@ def run_bench(args) -> int:
                             prompt_tokens=args.prompt_tokens, impl=impl)
     res.update(ms_per_frame=ms, rtf=ms / 80.0, frames_timed=reps * args.chunk)
     res["peak_memory_gb_batch1"] = peak_memory_gb()
+    if args.breakdown:
+        res.update(breakdown(model, impl, args.prompt_tokens, args.chunk))
     if "latency" not in skip:
         res["first_audio_ms"] = 1000 * time_first_audio(args, model, impl)
     if "sweep" not in skip:

@@ -70,7 +70,7 @@ def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, ke
                        done=jnp.zeros((b,), bool))
 
 
-def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl):
+def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl, depth_unroll: int = 1):
     """One frame of codes [B, 32] from the backbone's last hidden state [B, D]."""
     b = hidden.shape[0]
     n = model.cfg.audio_num_codebooks
@@ -89,7 +89,8 @@ def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl):
         c = sampler.per_row(k, model.codebook_logits(h[:, 0], i))
         return (c, cache), c
 
-    _, rest = jax.lax.scan(depth_step, (c1, cache), (jnp.arange(2, n, dtype=jnp.int32), keys[2:]))
+    _, rest = jax.lax.scan(depth_step, (c1, cache), (jnp.arange(2, n, dtype=jnp.int32), keys[2:]),
+                           unroll=depth_unroll)
     return jnp.concatenate([c0[:, None], c1[:, None], rest.T], axis=1)
 
 
@@ -101,14 +102,15 @@ def frame_rows(frames):
     return tokens, mask
 
 
-@partial(jax.jit, static_argnames=("graphdef", "num_frames", "impl"), donate_argnames=("state",))
-def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, impl: str):
+@partial(jax.jit, static_argnames=("graphdef", "num_frames", "impl", "depth_unroll"), donate_argnames=("state",))
+def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, impl: str,
+                  depth_unroll: int):
     model = nnx.merge(graphdef, weights)
 
     def frame_step(state: DecodeState, _):
         split = jax.vmap(jax.random.split)(state.key)  # [B, 2]
         key, sub = split[:, 0], split[:, 1]
-        frame = _sample_frame(model, sampler, state.hidden, sub, impl)
+        frame = _sample_frame(model, sampler, state.hidden, sub, impl, depth_unroll)
         frame = jnp.where(state.done[:, None], 0, frame)
         eos = jnp.all(frame == 0, axis=1)
         emitted = ~state.done & ~eos
@@ -122,13 +124,19 @@ def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_f
     return state, frames, emitted
 
 
-def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, impl=None):
+# Depth-decoder steps unrolled per loop iteration (a speed knob; results are identical).
+DEPTH_UNROLL = 1
+
+
+def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, impl=None,
+                 depth_unroll: int | None = None):
     """Generate `num_frames` frames for every row. Returns (state, frames [N,B,32], emitted [N,B]).
 
     `emitted[n, b]` is False from the row's end-of-speech frame on (that frame included).
     """
     graphdef, weights = nnx.split(model)
-    return _decode_chunk(graphdef, weights, state, sampler, num_frames, impl or default_impl())
+    return _decode_chunk(graphdef, weights, state, sampler, num_frames, impl or default_impl(),
+                         depth_unroll or DEPTH_UNROLL)
 
 
 def check_length(model: CSM, prompt_len: int, max_frames: int) -> None:
