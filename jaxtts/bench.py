@@ -108,8 +108,15 @@ def breakdown(model, impl, prompt_tokens, chunk) -> dict:
     for name, sampler, unroll in [("depth_frame_ms", topk, 1), ("depth_frame_greedy_ms", greedy, 1),
                                   ("depth_frame_unroll30_ms", topk, 30)]:
         out[name] = 1000 * _median_time(depth(sampler, unroll), weights, state.hidden, state.key)
+    from jaxtts import sampling
+
     logits = jax.random.normal(jax.random.key(0), (1, 2051))
-    out["one_topk_draw_ms"] = 1000 * _median_time(jax.jit(lambda k, l: topk.per_row(k, l)), state.key, logits)
+    for method in ("sort", "rank"):
+        sampling.TOP_K_METHOD = method
+        out[f"one_topk_draw_{method}_ms"] = 1000 * _median_time(jax.jit(lambda k, l: topk.per_row(k, l)),
+                                                                state.key, logits)
+        out[f"depth_frame_{method}_ms"] = 1000 * _median_time(depth(topk, 1), weights, state.hidden, state.key)
+    sampling.TOP_K_METHOD = None
     for unroll in (2, 6, 30):
         out[f"frame_unroll{unroll}_ms"] = 1000 * time_decode(
             model, topk, batch=1, chunk=chunk, reps=4, prompt_tokens=prompt_tokens, impl=impl, depth_unroll=unroll)

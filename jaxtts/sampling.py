@@ -56,8 +56,7 @@ class Sampler:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logits = logits / self.temperature
         if 0 < self.top_k < logits.shape[-1]:
-            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
+            logits = jnp.where(top_k_mask(logits, self.top_k), logits, -jnp.inf)
         if self.use_top_p:
             logits = _top_p(logits, self.top_p)
         if self.use_min_p:
@@ -65,6 +64,22 @@ class Sampler:
             keep = probs >= self.min_p * jnp.max(probs, axis=-1, keepdims=True)
             logits = jnp.where(keep, logits, -jnp.inf)
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# How the top-k set is found: "sort" (lax.top_k) or "rank" (count the larger logits of each entry,
+# one fused compare-and-reduce: fewer, cheaper GPU kernels than a sort). Both give the same set.
+TOP_K_METHOD = None  # None: "rank" on GPU, "sort" elsewhere
+
+
+def top_k_mask(logits, k: int, method: str | None = None):
+    """True for the entries at least as large as the k-th largest of their row (ties kept)."""
+    method = method or TOP_K_METHOD or ("rank" if jax.default_backend() == "gpu" else "sort")
+    if method == "sort":
+        kth = jax.lax.top_k(logits, k)[0][..., -1:]
+        return logits >= kth
+    # An entry is in the top k iff fewer than k entries are strictly larger.
+    larger = jnp.sum(logits[..., None, :] > logits[..., :, None], axis=-1, dtype=jnp.int32)
+    return larger < k
 
 
 def _top_p(logits, p):
