@@ -217,8 +217,7 @@ def time_transformers(args, frames: int = 20) -> dict:
         return {"transformers_error": "comparison only at csm-1b size"}
     with torch.device(device):
         model = CsmForConditionalGeneration(cfg).to(dtype).eval()
-    ids = torch.randint(0, 2051, (1, args.prompt_tokens, 33), device=device)
-    ids[..., 32] = torch.randint(0, 128000, (1, args.prompt_tokens), device=device)
+    ids = torch.randint(0, 128000, (1, args.prompt_tokens), device=device)  # a text prompt
     out = {}
 
     def run(n):
