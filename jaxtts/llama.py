@@ -90,7 +90,8 @@ def _init(rngs, shape, dtype, scale=None):
     """Random weights; matrices [.., in, out] default to std 1/sqrt(in) so activations and logits
     keep unit scale (random models then make peaked, input-dependent predictions, as trained ones do)."""
     std = scale if scale is not None else shape[-2] ** -0.5
-    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+    # Drawn in the target dtype: a float32 draw of the 128k×2048 text table alone would be 1 GB.
+    return nnx.Param(jnp.asarray(std, dtype) * jax.random.normal(rngs.params(), shape, dtype))
 
 
 class Attention(nnx.Module):
