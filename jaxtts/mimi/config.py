@@ -62,7 +62,8 @@ class MimiConfig:
     def validate(self) -> None:
         if self.channels != 1:
             raise JaxttsError("mimi config: only mono (channels=1) is supported")
-        if self.sample_rate % self.hop_length or self.sample_rate / self.hop_length / self.frame_rate != self.resample_stride:
+        steps_per_frame = self.sample_rate / self.hop_length / self.frame_rate
+        if self.sample_rate % self.hop_length or steps_per_frame != self.resample_stride:
             raise JaxttsError("mimi config: sample_rate / prod(ratios) / frame_rate must be a whole number")
         if self.dimension % self.num_heads or self.head_dim % 2:
             raise JaxttsError("mimi config: dimension must split into heads of even size")

@@ -2,7 +2,7 @@
 
 Activations are channels-last: audio [B, L, 1], latents [B, T, C]. Parameter layout:
 
-  conv      {"w": [K, Cin/groups, Cout], "b": [Cout]}   causal: sees (K-1)·dilation + 1 - stride past steps
+  conv      {"w": [K, Cin, Cout], "b": [Cout]}          causal: sees (K-1)·dilation + 1 - stride past steps
   convtr    {"w": [Cin, K, Cout/groups], "b": [Cout]}   causal transposed conv, K a multiple of the stride;
                                                         dense (groups 1) or depthwise (groups = Cin = Cout)
   layer     {"norm1": {"scale", "bias"}, "qkv": [D, 3D], "out": [D, D], "norm2": {...},
@@ -144,7 +144,7 @@ def init_params(cfg: MimiConfig, seed: int = 0, dtype=jnp.float32) -> dict:
 # Convolutions
 
 
-def conv1d(p, x, history, *, stride=1, dilation=1, groups=1, replicate=False):
+def conv1d(p, x, history, *, stride=1, dilation=1, replicate=False):
     """Causal conv over x [B, T, Cin] (T a multiple of stride) → ([B, T/stride, Cout], new history).
 
     `history` holds the input steps just before x that the first outputs still see; at the start of a
@@ -157,7 +157,7 @@ def conv1d(p, x, history, *, stride=1, dilation=1, groups=1, replicate=False):
         history = jnp.broadcast_to(first, (x.shape[0], context, x.shape[2]))
     xx = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     y = lax.conv_general_dilated(xx, p["w"], (stride,), "VALID", rhs_dilation=(dilation,),
-                                 dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
+                                 dimension_numbers=("NWC", "WIO", "NWC"))
     if "b" in p:
         y = y + p["b"]
     return y, xx[:, xx.shape[1] - context:]
@@ -194,7 +194,7 @@ def conv_transpose1d(p, x, overlap, *, stride, groups=1):
 
 
 def resblock(p, x, state, *, dilation):
-    """SEANet residual block: x + conv1(ELU(conv0(ELU(x)))), identity skip."""
+    """SEANet residual block: x + conv2(ELU(conv1(ELU(x)))), identity skip."""
     h, s1 = conv1d(p["conv1"], jax.nn.elu(x), _get(state, "conv1"), dilation=dilation)
     h, s2 = conv1d(p["conv2"], jax.nn.elu(h), _get(state, "conv2"))
     return x + h, {"conv1": s1, "conv2": s2}
@@ -251,6 +251,17 @@ def rope(x, positions, max_period):
     return out.reshape(x.shape).astype(x.dtype)
 
 
+def _windowed_softmax_attention(q, k, v, q_pos, k_pos, window):
+    """q [..., T, H, Dh] over k, v [..., S, H, Dh]; key s is visible to query t iff its position is
+    not negative (before the stream) and 0 <= q_pos[t] - k_pos[s] < window."""
+    delta = q_pos[..., :, None] - k_pos[..., None, :]
+    visible = (k_pos >= 0)[..., None, :] & (delta >= 0) & (delta < window)
+    scale = 1 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("...thd,...shd->...hts", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(visible[..., None, :, :], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("...hts,...shd->...thd", probs.astype(v.dtype), v)
+
+
 def self_attention(p, cfg: MimiConfig, x, cache, offset):
     """Causal attention over the last `cfg.context` steps (the current one included).
 
@@ -267,12 +278,27 @@ def self_attention(p, cfg: MimiConfig, x, cache, offset):
     keys = jnp.concatenate([cache["k"].astype(x.dtype), k], axis=1)
     values = jnp.concatenate([cache["v"].astype(x.dtype), v], axis=1)
     key_pos = offset - window + jnp.arange(window + t)
-    delta = positions[:, None] - key_pos[None, :]
-    visible = (key_pos >= 0)[None, :] & (delta >= 0) & (delta < window)
-    scores = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-    out = jnp.einsum("bhts,bshd->bthd", probs.astype(x.dtype), values).reshape(b, t, d)
-    return out @ p["out"], {"k": keys[:, t:], "v": values[:, t:]}
+    if t <= window:
+        out = _windowed_softmax_attention(q, keys, values, positions, key_pos, window)
+    else:
+        # Long sequences: query block j (window steps) only sees key blocks j and j+1, so memory grows
+        # linearly with t instead of quadratically. Padding queries and keys at the end changes nothing
+        # before them (causality); the padded outputs are dropped.
+        n = -(-t // window)
+
+        def blocks(a, count):
+            a = jnp.pad(a, [(0, 0), (0, count * window - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+            return a.reshape(a.shape[0], count, window, *a.shape[2:])
+
+        def pairs(a):  # blocks j and j+1 side by side
+            return jnp.concatenate([a[:, :-1], a[:, 1:]], axis=2)
+
+        kpos = (offset - window + jnp.arange((n + 1) * window)).reshape(1, n + 1, window)
+        out = _windowed_softmax_attention(
+            blocks(q, n), pairs(blocks(keys, n + 1)), pairs(blocks(values, n + 1)),
+            (offset + jnp.arange(n * window)).reshape(n, window), pairs(kpos)[0], window)
+        out = out.reshape(b, n * window, h, hd)[:, :t]
+    return out.reshape(b, t, d) @ p["out"], {"k": keys[:, t:], "v": values[:, t:]}
 
 
 def transformer(p, cfg: MimiConfig, x, state):
