@@ -192,7 +192,7 @@ def time_first_audio(args, model, impl) -> float:
     from jaxtts.tts import TTS
 
     codec = Mimi.load(args.codec) if args.codec else Mimi.random()
-    tts = TTS(model, codec, impl=impl, first_chunk_frames=1)
+    tts = TTS(model, codec, attention=impl, first_chunk_frames=1)
     words = " ".join(["speech"] * (args.prompt_tokens - 6))
     times = []
     for i in range(6):  # the first two calls compile

@@ -31,6 +31,8 @@ def _add_speak(sub):
     p.add_argument("--seed", type=int, default=None, help="fix for reproducible output")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--attention", default=None, choices=["xla", "pallas"],
+                   help="attention implementation (default: pallas on GPU, xla elsewhere)")
     p.add_argument("--long-form", action="store_true", help="split long text into sentences, each continuing the last")
     p.add_argument("--stream", action="store_true", help="write the WAV progressively as audio is generated")
     p.add_argument("--interactive", action="store_true", help="speak each line typed (model loaded once)")
@@ -73,7 +75,7 @@ def _speak(args) -> int:
     if args.random_weights:
         print("note: --random-weights: full-size random weights, the output is noise", file=sys.stderr)
     tts = TTS.load(args.model, args.codec, dtype=args.dtype, random_weights=args.random_weights,
-                   progress=not args.quiet)
+                   progress=not args.quiet, attention=args.attention)
     ctx = tts.prepare_context(context) if context else None
     kwargs = dict(speaker=args.speaker, context=ctx, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)

@@ -153,11 +153,13 @@ def cache_length(model: CSM, needed: int) -> int:
 
 
 def generate_frames(model: CSM, tokens, mask, *, max_frames: int, temperature: float = 0.9, top_k: int = 50,
-                    seed: int = 0, chunk_frames: int = 16, impl: str | None = None) -> np.ndarray:
+                    seed: int = 0, chunk_frames: int = 16, attention: str | None = None) -> np.ndarray:
     """Generate Mimi frames for one prompt: int tokens [T,33], bool mask [T,33] → int32 [F, 32].
 
     Stops before the first all-zero frame or after `max_frames`. `top_k=1` is exactly greedy.
+    `attention` picks the attention implementation ("xla", "pallas", "pallas_interpret").
     """
+    impl = attention
     tokens = np.asarray(tokens)
     mask = np.asarray(mask, bool)
     width = model.cfg.frame_width

@@ -92,7 +92,7 @@ class TTS:
     sample_rate = SAMPLE_RATE
     frame_size = FRAME_SIZE
 
-    def __init__(self, model: CSM, codec, *, tokenizer=None, impl: str | None = None,
+    def __init__(self, model: CSM, codec, *, tokenizer=None, attention: str | None = None,
                  chunk_frames: int = 8, first_chunk_frames: int = 2, max_silence_ms: float | None = 3000,
                  progress: bool = False):
         from jaxtts.tokenizer import default_tokenizer
@@ -100,7 +100,7 @@ class TTS:
         self.model = model
         self.codec = codec
         self.tokenizer = tokenizer or default_tokenizer()
-        self.impl = impl
+        self.impl = attention  # "xla" | "pallas" | "pallas_interpret"; None: per platform
         self.chunk_frames = chunk_frames
         self.first_chunk_frames = first_chunk_frames
         self.max_silence_ms = max_silence_ms

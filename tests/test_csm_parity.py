@@ -349,5 +349,5 @@ def test_pallas_interpret_parity(model_hf, prompt, reference):
         pytest.skip(why)
     tokens, mask = prompt
     assert rel_err(jax_logits(model_hf, tokens, mask, impl="pallas_interpret"), reference["logits"]) < LOGITS_RTOL
-    frames = generate_frames(model_hf, tokens, mask, max_frames=MAX_FRAMES, top_k=1, impl="pallas_interpret")
+    frames = generate_frames(model_hf, tokens, mask, max_frames=MAX_FRAMES, top_k=1, attention="pallas_interpret")
     assert_frames_equal(frames, reference["frames"])

@@ -1,0 +1,439 @@
+"""The fine-tuning loop: jitted train step, AdamW + warm-up/cosine, checkpoints, resume, export.
+
+Run directory (`out`):
+
+    out/run.json          the settings; a restart checks it before resuming
+    out/checkpoints/N/    Orbax CheckpointManager steps: trainable params (float32), optimizer
+                          state, PRNG key, and JSON metadata (step, data position, losses)
+    out/metrics.jsonl     one line per optimizer step (and eval results)
+    out/model/            the exported model: what `CSM.load` and `jaxtts speak --model` read
+
+Restarting the same command resumes from the newest complete checkpoint. Orbax writes each step
+into a temporary directory and renames it when complete, so a run killed mid-save leaves only a
+temporary directory, which is ignored (and cleaned up); a step that fails to restore is deleted and
+the one before it used.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxtts.csm import CSM, resolve_dtype
+from jaxtts.errors import JaxttsError
+from jaxtts.finetune import lora as lora_lib
+from jaxtts.finetune.data import Example, Stream, bucket_length, collate, dataset_fingerprint, load_examples, split_eval
+from jaxtts.finetune.loss import LossConfig, combine, csm_loss, loss_terms
+
+RUN_FORMAT = "jaxtts-finetune"
+# Settings a resumed run must share with the run that wrote the checkpoints (they decide the shapes
+# of the saved state or which examples come next); the rest (steps, lr, saving) may change.
+FIXED_SETTINGS = ("batch_size", "grad_accum", "lora_rank", "lora_alpha", "seed", "eval_fraction")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 4
+    grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
+    lr: float | None = None  # peak learning rate; default 2e-5 (full) or 2e-4 (LoRA)
+    warmup_steps: int | None = None  # default: 5 % of steps, at most 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr × this
+    weight_decay: float = 0.01  # AdamW, on matrices and embeddings only
+    clip_norm: float = 1.0  # global gradient-norm clipping
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float | None = None  # default 2 × rank
+    depth_fraction: float = 1 / 16  # share of frames the depth decoder trains on
+    depth_weight: float = 1.0
+    compute_dtype: str | None = None  # default bfloat16 on GPUs/TPUs, float32 on CPUs
+    remat: bool = False  # recompute activations in the backward pass (long sequences)
+    eval_fraction: float = 0.05
+    eval_every: int | None = None  # default: save_every
+    save_every: int = 100
+    keep: int = 3  # checkpoints kept
+    seed: int = 0
+    export_dtype: str = "float32"
+
+    def resolved(self) -> "FinetuneConfig":
+        """Defaults filled in and everything checked."""
+        c = self
+        if c.compute_dtype is None:
+            c = replace(c, compute_dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
+        if c.lr is None:
+            c = replace(c, lr=2e-4 if c.lora_rank else 2e-5)
+        if c.warmup_steps is None:
+            c = replace(c, warmup_steps=min(100, c.steps // 20))
+        if c.lora_rank and c.lora_alpha is None:
+            c = replace(c, lora_alpha=2.0 * c.lora_rank)
+        if c.eval_every is None:
+            c = replace(c, eval_every=c.save_every)
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "keep", "eval_every"):
+            if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
+                raise JaxttsError(f"{name} must be a positive integer, got {getattr(c, name)!r}")
+        if c.lora_rank < 0:
+            raise JaxttsError(f"lora rank must be ≥ 0, got {c.lora_rank}")
+        if not 0 < c.depth_fraction <= 1:
+            raise JaxttsError(f"depth fraction must be in (0, 1], got {c.depth_fraction}")
+        if not c.lr > 0:
+            raise JaxttsError(f"learning rate must be positive, got {c.lr}")
+        if not 0 <= c.warmup_steps < max(c.steps, 1) + 1:
+            raise JaxttsError(f"warm-up steps must be in [0, steps], got {c.warmup_steps}")
+        for name in ("compute_dtype", "export_dtype"):
+            resolve_dtype(getattr(c, name))
+        return c
+
+    @property
+    def lora(self) -> lora_lib.LoraConfig | None:
+        return lora_lib.LoraConfig(self.lora_rank, float(self.lora_alpha)) if self.lora_rank else None
+
+
+@dataclass
+class FinetuneResult:
+    model: CSM  # the fine-tuned model (LoRA merged), in export_dtype
+    step: int
+    history: list[dict]  # one record per optimizer step run in this call
+    eval_loss: float | None
+    export_dir: Path | None
+    adapters: dict | None = None  # LoRA A/B matrices by name (numpy), for LoRA runs
+
+
+# --- the model as a flat dict of parameters ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """How a flat {name: array} parameter dict maps onto the CSM module (hashable: a jit static)."""
+
+    graphdef: Any
+    treedef: Any
+    names: tuple[str, ...]
+
+    @classmethod
+    def split(cls, model: CSM) -> tuple["Layout", dict, Any]:
+        """(layout, flat params, constants such as RoPE tables)."""
+        graphdef, params, consts = nnx.split(model, nnx.Param, ...)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        names = tuple(".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)) for path, _ in leaves)
+        return cls(graphdef, treedef, names), dict(zip(names, (leaf for _, leaf in leaves))), consts
+
+    def module(self, flat: dict, consts) -> CSM:
+        params = jax.tree.unflatten(self.treedef, [flat[n] for n in self.names])
+        return nnx.merge(self.graphdef, params, consts)
+
+
+def nested(flat: dict) -> dict:
+    """{"a.0.b": x} → {"a": {0: {"b": x}}}: the layout `CSM.from_params` takes."""
+    out: dict = {}
+    for name, value in flat.items():
+        node = out
+        *parents, last = [int(p) if p.isdigit() else p for p in name.split(".")]
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+# --- the jitted steps ---------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclass
+class TrainState:
+    params: dict  # trainable parameters, float32: the whole model, or the LoRA adapters
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (Orbax stores plain arrays)
+    step: jax.Array  # micro-steps taken
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Everything that shapes the compiled step (hashable, so equal runs share compilations)."""
+
+    compute_dtype: str
+    lora: lora_lib.LoraConfig | None
+    loss: LossConfig
+    remat: bool
+    lr: float
+    warmup_steps: int
+    steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    clip_norm: float
+    grad_accum: int
+
+    @classmethod
+    def of(cls, c: FinetuneConfig) -> "StepSpec":
+        return cls(c.compute_dtype, c.lora, LossConfig(c.depth_fraction, c.depth_weight), c.remat, c.lr,
+                   c.warmup_steps, c.steps, c.min_lr_ratio, c.weight_decay, c.clip_norm, c.grad_accum)
+
+    def schedule(self) -> optax.Schedule:
+        return optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup_steps, max(self.steps, self.warmup_steps + 1),
+                                                  end_value=self.lr * self.min_lr_ratio)
+
+    def optimizer(self) -> optax.GradientTransformation:
+        decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # not norms' scales
+        tx = optax.chain(optax.clip_by_global_norm(self.clip_norm),
+                         optax.adamw(self.schedule(), weight_decay=self.weight_decay, mask=decay))
+        return optax.MultiSteps(tx, every_k_schedule=self.grad_accum) if self.grad_accum > 1 else tx
+
+
+def _forward(spec: StepSpec, layout: Layout, loss_cfg: LossConfig):
+    """params → model in the compute dtype → loss. Float32 masters stay outside, in the optimizer."""
+    compute = resolve_dtype(spec.compute_dtype)
+
+    def forward(trainable, frozen, consts, batch, key):
+        params = trainable if spec.lora is None else lora_lib.merge(frozen, trainable, spec.lora)
+        model = layout.module({n: p.astype(compute) for n, p in params.items()}, consts)
+        return csm_loss(model, batch, key, loss_cfg)
+
+    if spec.remat:  # keep only weight matmul outputs; recompute attention and elementwise work
+        forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return forward
+
+
+@functools.lru_cache(maxsize=16)
+def train_step_fn(spec: StepSpec, layout: Layout) -> Callable:
+    """jit(state, frozen, consts, batch) → (state, metrics); `state` is donated."""
+    forward = _forward(spec, layout, spec.loss)
+    optimizer = spec.optimizer()
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state: TrainState, frozen, consts, batch):
+        key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
+        (_, metrics), grads = jax.value_and_grad(forward, has_aux=True)(state.params, frozen, consts, batch, sub)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return TrainState(params, opt_state, jax.random.key_data(key), state.step + 1), metrics
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def eval_step_fn(spec: StepSpec, layout: Layout) -> Callable:
+    """jit(params, frozen, consts, batch) → summed loss terms, depth decoder on every frame."""
+    loss_cfg = replace(spec.loss, depth_fraction=1.0)
+    compute = resolve_dtype(spec.compute_dtype)
+
+    @jax.jit
+    def step(trainable, frozen, consts, batch):
+        params = trainable if spec.lora is None else lora_lib.merge(frozen, trainable, spec.lora)
+        model = layout.module({n: p.astype(compute) for n, p in params.items()}, consts)
+        return loss_terms(model, batch, jax.random.key(0), loss_cfg)
+
+    return step
+
+
+def evaluate(spec: StepSpec, layout: Layout, state: TrainState, frozen, consts, examples: list[Example],
+             batch_size: int, limit: int) -> float:
+    """Mean loss over held-out examples (batches padded with unscored copies to keep one shape)."""
+    fn = eval_step_fn(spec, layout)
+    totals = None
+    for i in range(0, len(examples), batch_size):
+        group = examples[i : i + batch_size]
+        blank = Example(group[0].name, group[0].tokens, group[0].mask, np.zeros_like(group[0].target))
+        group = group + [blank] * (batch_size - len(group))
+        batch = collate(group, bucket_length(max(len(e) for e in group), limit))
+        terms = jax.device_get(fn(state.params, frozen, consts, batch))
+        totals = terms if totals is None else {k: totals[k] + terms[k] for k in terms}
+    return float(combine(totals, spec.loss)["loss"])
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+class Checkpoints:
+    """Orbax CheckpointManager over TrainState + JSON metadata; restores the newest good step."""
+
+    def __init__(self, directory: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True))
+
+    def save(self, step: int, state: TrainState, meta: dict) -> None:
+        # Returns once the arrays are copied off the device; the files are written in the background.
+        self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
+                                                             meta=self.ocp.args.JsonSave(meta)), force=True)
+
+    def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
+        abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, template)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                got = self.manager.restore(step, args=self.ocp.args.Composite(
+                    state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()))
+                return got["state"], got["meta"]
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                print(f"warning: checkpoint step {step} cannot be restored ({str(e).splitlines()[0][:200]}); "
+                      f"deleting it and trying the one before", file=sys.stderr)
+                self.manager.delete(step)
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+def _load_model(model) -> tuple[CSM, str]:
+    if isinstance(model, CSM):
+        return model, "given in Python"
+    from jaxtts.hub import resolve
+
+    path = resolve("csm", model)
+    return CSM.load(path, dtype="float32"), str(path)
+
+
+def _load_codec(codec):
+    from jaxtts.mimi import Mimi
+
+    if codec is None or isinstance(codec, (str, os.PathLike)):
+        from jaxtts.hub import resolve
+
+        return Mimi.load(resolve("mimi", codec))
+    return codec
+
+
+def _check_run(out: Path, run: dict) -> None:
+    """Refuse to resume a run with different data, model or state-shaping settings."""
+    path = out / "run.json"
+    if not path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise JaxttsError(f"{out} exists and is not a fine-tuning run directory; choose another --out")
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise JaxttsError(f"{path}: not valid JSON; remove it to start afresh in {out}") from None
+    if old.get("format") != RUN_FORMAT:
+        raise JaxttsError(f"{path}: not written by jaxtts finetune")
+    diffs = [k for k in ("model_config", "data_fingerprint") if old.get(k) != run[k]]
+    diffs += [k for k in FIXED_SETTINGS if old["settings"].get(k) != run["settings"][k]]
+    if diffs:
+        raise JaxttsError(f"{out} holds a run with different {', '.join(diffs)}; resume with the same "
+                          f"data/model/settings or choose another --out")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model=None, codec=None,
+             config: FinetuneConfig | None = None, cache_dir: str | os.PathLike | None = None, export: bool = True,
+             progress: bool = True, callback: Callable[[int, dict], None] | None = None,
+             **settings) -> FinetuneResult:
+    """Fine-tune CSM on a manifest or folder of utterances (see jaxtts/finetune/data.py).
+
+    `model`: a CSM, a converted directory / checkpoint path, or None for the cached CSM-1B.
+    `codec`: a Mimi, a path, or None for the cached Mimi. `settings` override fields of
+    FinetuneConfig. Resumes from `out/checkpoints` if a previous run left any. `callback(step,
+    record)` is called after every optimizer step (and after its checkpoint is saved).
+    """
+    cfg = replace(config or FinetuneConfig(), **settings).resolved()
+    out = Path(out)
+    base, source = _load_model(model)
+    limit = base.cfg.backbone.max_seq_len
+    examples = load_examples(data, _load_codec(codec), max_positions=limit, cache_dir=cache_dir, progress=progress)
+    train, held = split_eval(examples, cfg.eval_fraction, cfg.seed)
+    run = {"format": RUN_FORMAT, "model": source, "model_config": base.cfg.to_dict(), "data": str(data),
+           "data_fingerprint": dataset_fingerprint(examples), "train_examples": len(train),
+           "eval_examples": len(held), "settings": asdict(cfg)}
+    _check_run(out, run)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "run.json", run)
+
+    model_cfg = base.cfg
+    layout, flat, consts = Layout.split(base)
+    spec = StepSpec.of(cfg)
+    key = jax.random.key(cfg.seed)
+    if cfg.lora:
+        frozen = {n: p.astype(resolve_dtype(cfg.compute_dtype)) for n, p in flat.items()}
+        trainable = lora_lib.init_adapters(flat, base.cfg, cfg.lora, jax.random.fold_in(key, 1))
+    else:
+        frozen = {}
+        trainable = {n: p.astype(jnp.float32) for n, p in flat.items()}
+    del flat, base
+    state = TrainState(trainable, spec.optimizer().init(trainable), jax.random.key_data(jax.random.fold_in(key, 2)),
+                       jnp.zeros((), jnp.int32))
+
+    ckpt = Checkpoints(out / "checkpoints", cfg.keep)
+    start, position = 0, 0
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, meta = restored
+        start, position = int(meta["step"]), int(meta["position"])
+        if progress:
+            print(f"resuming {out} from step {start}", file=sys.stderr)
+    if start > cfg.steps:
+        raise JaxttsError(f"{out} is already at step {start}, past --steps {cfg.steps}")
+
+    history, eval_loss = [], None
+    try:
+        state, history, eval_loss = _train(cfg, spec, layout, state, frozen, consts, train, held, limit, start, position,
+                                          ckpt, out, progress, callback)
+    finally:
+        ckpt.close()
+
+    params = state.params
+    adapters = None
+    if cfg.lora:
+        adapters = {n: np.asarray(a) for n, a in params.items()}
+        params = lora_lib.merge({n: p.astype(jnp.float32) for n, p in frozen.items()}, params, cfg.lora)
+    result_model = CSM.from_params(model_cfg, nested(jax.device_get(params)), cfg.export_dtype)
+    export_dir = result_model.save(out / "model", overwrite=True) if export else None
+    return FinetuneResult(result_model, cfg.steps, history, eval_loss, export_dir, adapters)
+
+
+def _train(cfg: FinetuneConfig, spec: StepSpec, layout: Layout, state: TrainState, frozen, consts, train, held,
+           limit: int, start: int, position: int, ckpt: Checkpoints, out: Path, progress: bool, callback):
+    from tqdm.auto import tqdm
+
+    step_fn = train_step_fn(spec, layout)
+    schedule = spec.schedule()
+    stream = Stream(train, cfg.batch_size, cfg.seed, limit)
+    history, eval_loss = [], None
+    bar = tqdm(total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    with bar, open(out / "metrics.jsonl", "a") as log:
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            micro = []
+            for _ in range(cfg.grad_accum):
+                batch, position = stream.batch(position)
+                state, metrics = step_fn(state, frozen, consts, batch)
+                micro.append(metrics)
+            micro = jax.device_get(micro)  # waits for the step: timings below are real
+            seconds = time.perf_counter() - t0
+            frames = int(sum(m["frames"] for m in micro))
+            record = {"step": step, **{k: float(np.mean([m[k] for m in micro]))
+                                       for k in ("loss", "loss_c0", "loss_depth", "grad_norm")},
+                      "lr": float(schedule(step - 1)), "frames": frames, "frames_per_s": frames / seconds,
+                      "seconds": seconds}
+            if held and (step % cfg.eval_every == 0 or step == cfg.steps):
+                eval_loss = evaluate(spec, layout, state, frozen, consts, held, cfg.batch_size, limit)
+                record["eval_loss"] = eval_loss
+            if not math.isfinite(record["loss"]):
+                raise JaxttsError(f"the loss became {record['loss']} at step {step}; lower --lr "
+                                  f"(checkpoints up to the last save are kept)")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                ckpt.save(step, state, {"step": step, "position": position, "epoch": position // len(train),
+                                        "loss": record["loss"], "eval_loss": eval_loss})
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", fps=f"{record['frames_per_s']:.0f}",
+                            **({"eval": f"{eval_loss:.3f}"} if eval_loss is not None else {}))
+            bar.update(1)
+            if callback is not None:
+                callback(step, record)
+    return state, history, eval_loss
