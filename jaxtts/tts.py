@@ -93,7 +93,7 @@ class TTS:
     frame_size = FRAME_SIZE
 
     def __init__(self, model: CSM, codec, *, tokenizer=None, attention: str | None = None,
-                 chunk_frames: int = 8, first_chunk_frames: int = 2, max_silence_ms: float | None = 3000,
+                 chunk_frames: int = 8, first_chunk_frames: int = 1, max_silence_ms: float | None = 3000,
                  progress: bool = False):
         from jaxtts.tokenizer import default_tokenizer
 

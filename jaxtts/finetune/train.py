@@ -156,34 +156,37 @@ class TrainState:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """Everything that shapes the compiled step (hashable, so equal runs share compilations)."""
+    """Everything that shapes the compiled step (hashable, so equal runs share compilations).
+
+    The learning rate is an argument of the step, computed on the host from the schedule, so that
+    runs differing only in steps, lr or warm-up (or a resumed run with more steps) share one program.
+    """
 
     compute_dtype: str
     lora: lora_lib.LoraConfig | None
     loss: LossConfig
     remat: bool
-    lr: float
-    warmup_steps: int
-    steps: int
-    min_lr_ratio: float
     weight_decay: float
     clip_norm: float
     grad_accum: int
 
     @classmethod
     def of(cls, c: FinetuneConfig) -> "StepSpec":
-        return cls(c.compute_dtype, c.lora, LossConfig(c.depth_fraction, c.depth_weight), c.remat, c.lr,
-                   c.warmup_steps, c.steps, c.min_lr_ratio, c.weight_decay, c.clip_norm, c.grad_accum)
-
-    def schedule(self) -> optax.Schedule:
-        return optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup_steps, max(self.steps, self.warmup_steps + 1),
-                                                  end_value=self.lr * self.min_lr_ratio)
+        return cls(c.compute_dtype, c.lora, LossConfig(c.depth_fraction, c.depth_weight), c.remat, c.weight_decay,
+                   c.clip_norm, c.grad_accum)
 
     def optimizer(self) -> optax.GradientTransformation:
-        decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # not norms' scales
+        """Clipping + AdamW at unit learning rate (the step scales the update by the scheduled lr)."""
+        decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # not the norms' scales
         tx = optax.chain(optax.clip_by_global_norm(self.clip_norm),
-                         optax.adamw(self.schedule(), weight_decay=self.weight_decay, mask=decay))
+                         optax.adamw(1.0, weight_decay=self.weight_decay, mask=decay))
         return optax.MultiSteps(tx, every_k_schedule=self.grad_accum) if self.grad_accum > 1 else tx
+
+
+def lr_schedule(c: FinetuneConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to lr × min_lr_ratio at the last step."""
+    return optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps, max(c.steps, c.warmup_steps + 1),
+                                              end_value=c.lr * c.min_lr_ratio)
 
 
 def _forward(spec: StepSpec, layout: Layout, loss_cfg: LossConfig):
@@ -202,16 +205,16 @@ def _forward(spec: StepSpec, layout: Layout, loss_cfg: LossConfig):
 
 @functools.lru_cache(maxsize=16)
 def train_step_fn(spec: StepSpec, layout: Layout) -> Callable:
-    """jit(state, frozen, consts, batch) → (state, metrics); `state` is donated."""
+    """jit(state, frozen, consts, batch, lr) → (state, metrics); `state` is donated."""
     forward = _forward(spec, layout, spec.loss)
     optimizer = spec.optimizer()
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state: TrainState, frozen, consts, batch):
+    def step(state: TrainState, frozen, consts, batch, lr):
         key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
         (_, metrics), grads = jax.value_and_grad(forward, has_aux=True)(state.params, frozen, consts, batch, sub)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
         metrics["grad_norm"] = optax.global_norm(grads)
         return TrainState(params, opt_state, jax.random.key_data(key), state.step + 1), metrics
 
@@ -399,7 +402,7 @@ def _train(cfg: FinetuneConfig, spec: StepSpec, layout: Layout, state: TrainStat
     from tqdm.auto import tqdm
 
     step_fn = train_step_fn(spec, layout)
-    schedule = spec.schedule()
+    schedule = lr_schedule(cfg)
     stream = Stream(train, cfg.batch_size, cfg.seed, limit)
     history, eval_loss = [], None
     bar = tqdm(total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not progress,
@@ -408,16 +411,17 @@ def _train(cfg: FinetuneConfig, spec: StepSpec, layout: Layout, state: TrainStat
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             micro = []
+            lr = np.float32(schedule(step - 1))
             for _ in range(cfg.grad_accum):
                 batch, position = stream.batch(position)
-                state, metrics = step_fn(state, frozen, consts, batch)
+                state, metrics = step_fn(state, frozen, consts, batch, lr)
                 micro.append(metrics)
             micro = jax.device_get(micro)  # waits for the step: timings below are real
             seconds = time.perf_counter() - t0
             frames = int(sum(m["frames"] for m in micro))
             record = {"step": step, **{k: float(np.mean([m[k] for m in micro]))
                                        for k in ("loss", "loss_c0", "loss_depth", "grad_norm")},
-                      "lr": float(schedule(step - 1)), "frames": frames, "frames_per_s": frames / seconds,
+                      "lr": float(lr), "frames": frames, "frames_per_s": frames / seconds,
                       "seconds": seconds}
             if held and (step % cfg.eval_every == 0 or step == cfg.steps):
                 eval_loss = evaluate(spec, layout, state, frozen, consts, held, cfg.batch_size, limit)
