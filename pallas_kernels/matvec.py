@@ -1,0 +1,186 @@
+"""Skinny matmul (GEMV): `x [M, K] @ w [K, N]` for a few rows, M <= 64.
+
+At batch 1 every projection of the decoders is a matrix-vector product: the cost is reading W
+once, and XLA reads these weights at a fraction of the GPU's bandwidth. This kernel splits the
+work over enough programs to keep every SM streaming W.
+
+Grid: (N blocks, K splits). Program (j, s) owns output columns [j * block_n, (j + 1) * block_n)
+and the s-th run of `per_split` consecutive K blocks; it walks its run block by block, loading an
+x tile [rows, block_k] (tiny, stays in L1/L2) and a W tile [block_k, block_n], and accumulates
+in float32 one of two ways (`method`):
+
+- "dot": the matrix units. x's M rows are padded to a power of two >= 16 (Triton's dot wants
+  every dimension >= 16); the padding rows are masked off, so they cost no memory traffic, only
+  idle tensor-core work, which is nowhere near the bottleneck.
+- "reduce": `sum(x[:, :, None] * w[None], axis=1)` on the CUDA cores, M padded to a power of two
+  >= 1. The classic GEMV for M == 1; its register tile grows with M, so it suits only tiny M.
+
+With one split the kernel writes the output (x's dtype) itself. With several it writes float32
+partials [splits, M, N] and a jnp sum reduces them; under jit XLA fuses that sum with whatever
+consumes the result.
+
+Shapes need not be multiples of the blocks: ragged N and K tails use masked loads and stores (no
+memory past the arrays is touched), and the masks are left out when the shape divides evenly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _backend as be
+
+MAX_ROWS = 64  # larger M is a real matmul: use jnp.dot (the padded tile would not fit)
+TARGET_PROGRAMS = 256  # about two per SM on an H100 / H200 (132 SMs)
+METHODS = ("dot", "reduce")
+
+
+class MatvecConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    k_splits: int
+    num_warps: int
+    num_stages: int
+    method: str
+
+
+def matvec_reference(x, w):
+    """Plain `x @ w` with float32 accumulation, in x's dtype. x [..., K], w [K, N]."""
+    out = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
+
+
+def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int,
+                     target: int = TARGET_PROGRAMS) -> int:
+    """The fewest splits (a power of two) giving >= `target` programs.
+
+    Capped at one K block per split, and so that the float32 partials (written once, read once:
+    8 * splits * m * n bytes, mostly through L2) stay within half of W's bytes (2 * k * n in bf16).
+    """
+    n_blocks = pl.cdiv(n, block_n)
+    most = max(1, min(pl.cdiv(k, block_k), k // (8 * m)))
+    splits = 1
+    while n_blocks * splits < target and splits * 2 <= most:
+        splits *= 2
+    return splits
+
+
+def default_config(m: int, k: int, n: int) -> MatvecConfig:
+    """Block sizes, splits and pipelining for x [m, k] @ w [k, n] (chosen on an H200, bf16)."""
+    method = "dot"
+    block_n = min(64, be.pow2_at_least(n))
+    block_k = min(128, be.pow2_at_least(k))
+    splits = default_k_splits(m, k, n, block_n, block_k)
+    return MatvecConfig(block_n, block_k, splits, num_warps=4, num_stages=3, method=method)
+
+
+def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_split, method,
+                   compute_dtype):
+    k_blocks = pl.cdiv(k, block_k)
+    lo = pl.program_id(1) * per_split
+    # Every split gets `per_split` blocks when they divide evenly (a static trip count, which
+    # Triton pipelines best); otherwise the last split stops early at the end of K.
+    if k_blocks % per_split == 0:
+        lo, hi = 0, per_split
+        first = pl.program_id(1) * per_split
+    else:
+        hi = jnp.minimum(lo + per_split, k_blocks)
+        first = 0
+    n0 = pl.multiple_of(pl.program_id(0) * block_n, block_n)
+
+    # Static flags: a mask is only built where the shape does not divide evenly.
+    row_ok = (jnp.arange(rows) < m)[:, None] if rows != m else None
+    col_ok = (n0 + jnp.arange(block_n) < n)[None, :] if n % block_n else None
+
+    def both(a, b):
+        if a is None:
+            return b
+        return a if b is None else a & b
+
+    def body(i, acc):
+        start = pl.multiple_of((first + i) * block_k, block_k)
+        k_ok = start + jnp.arange(block_k) < k if k % block_k else None
+        x_mask = both(row_ok, None if k_ok is None else k_ok[None, :])
+        w_mask = both(None if k_ok is None else k_ok[:, None], col_ok)
+        xt = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=x_mask,
+                     other=None if x_mask is None else 0)
+        wt = be.load(w_ref.at[pl.ds(start, block_k), pl.ds(n0, block_n)], mask=w_mask,
+                     other=None if w_mask is None else 0)
+        if method == "dot":
+            return acc + be.dot(xt.astype(compute_dtype), wt.astype(compute_dtype))
+        prod = xt.astype(jnp.float32)[:, :, None] * wt.astype(jnp.float32)[None, :, :]
+        return acc + jnp.sum(prod, axis=1)
+
+    acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((rows, block_n), jnp.float32))
+    be.store(o_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], acc.astype(o_ref.dtype),
+             mask=both(row_ok, col_ok))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("block_n", "block_k", "k_splits", "num_warps", "num_stages", "method", "interpret"),
+)
+def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_splits: int | None = None,
+           num_warps: int | None = None, num_stages: int | None = None, method: str | None = None,
+           interpret: bool = False):
+    """`x @ w` for x [..., K] with at most 64 rows in all, w [K, N]; returns [..., N] in x's dtype.
+
+    Accumulates in float32 (float32 inputs stay true float32: no TF32). Mixed dtypes are computed
+    in their promoted dtype. Any argument left None comes from `default_config(M, K, N)`; an
+    explicit one overrides it (block sizes must be powers of two, >= 16 for method="dot").
+    Raises ValueError for more than 64 rows: call jnp.dot there.
+    """
+    *lead, k = x.shape
+    if w.ndim != 2 or w.shape[0] != k:
+        raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
+    n = w.shape[1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"matvec takes 1..{MAX_ROWS} rows, got {m}: use jnp.dot")
+
+    cfg = default_config(m, k, n)
+    method = method or cfg.method
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if block_n is None and block_k is None and k_splits is None:
+        block_n, block_k, k_splits = cfg.block_n, cfg.block_k, cfg.k_splits
+    block_n = block_n or cfg.block_n
+    block_k = block_k or cfg.block_k
+    floor = be.MIN_DOT_DIM if method == "dot" else 1
+    for name, b in (("block_n", block_n), ("block_k", block_k)):
+        if b != pl.next_power_of_2(b) or b < floor:
+            raise ValueError(f"{name}={b} must be a power of two >= {floor} for method={method!r}")
+    k_blocks = pl.cdiv(k, block_k)
+    k_splits = min(k_splits or default_k_splits(m, k, n, block_n, block_k), k_blocks)
+    per_split = pl.cdiv(k_blocks, k_splits)
+    k_splits = pl.cdiv(k_blocks, per_split)  # drop splits that would get no block
+    num_warps = num_warps or cfg.num_warps
+    num_stages = num_stages or cfg.num_stages
+
+    rows = be.pow2_at_least(m, floor)
+    n_blocks = pl.cdiv(n, block_n)
+    compute_dtype = jnp.promote_types(x2.dtype, w.dtype)
+    kernel = functools.partial(
+        _matvec_kernel, m=m, k=k, n=n, rows=rows, block_n=block_n, block_k=block_k,
+        per_split=per_split, method=method, compute_dtype=compute_dtype,
+    )
+    in_specs = [pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec((k, n), lambda j, s: (0, 0))]
+    if k_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
+        out_specs = pl.BlockSpec((m, n), lambda j, s: (0, 0))
+    else:
+        out_shape = jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32)
+        out_specs = pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0))
+    out = be.pallas_call(
+        kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+        name="matvec",
+    )(x2, w)
+    if k_splits > 1:
+        out = jnp.sum(out, axis=0).astype(x.dtype)
+    return out.reshape(*lead, n)

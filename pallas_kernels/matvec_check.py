@@ -1,0 +1,307 @@
+"""GPU check for the matvec kernel at CSM's projection shapes: correctness, timings vs XLA, sweeps.
+
+    python -m pallas_kernels.matvec_check [--sweep none|small|wide] [--budget-s 210] [--out FILE]
+
+1. Correctness: `matvec` (default config, plus a few others) against `matvec_reference` at every
+   CSM shape, M = 1 and 8, bf16 (and float32 for some), plus ragged shapes and method="reduce".
+2. Timings (bf16) of `matvec` vs XLA's `jnp.dot(x, w, preferred_element_type=f32).astype(bf16)`
+   at every shape, M = 1 and 8. Each timed program makes the call once for each of several
+   separate copies of W (>= 192 MB in all, 4..48 copies, each with its own x), so W streams from
+   HBM as in the model rather than sitting in the 50 MB L2. The figure is the median (±half the
+   IQR) over 50 samples of the time per call; variants are interleaved sample by sample.
+   TB/s = W's bytes / time (x and the output are negligible).
+3. Sweeps of block_n / block_k / k_splits / num_warps / num_stages / method at the big shapes.
+
+Stops starting new work after --budget-s seconds so the tables still get printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.matvec import default_config, default_k_splits, matvec, matvec_reference
+
+# name -> (K, N)
+SHAPES = {
+    "depth qkv": (1024, 1536),
+    "depth out": (1024, 1024),
+    "depth gate_up": (1024, 16384),
+    "depth down": (8192, 1024),
+    "projection": (2048, 1024),
+    "backbone qkv": (2048, 3072),
+    "backbone out": (2048, 2048),
+    "backbone gate_up": (2048, 16384),
+    "backbone down": (8192, 2048),
+}
+_T0 = time.perf_counter()
+_LINES: list[str] = []
+
+
+def log(line: str = "") -> None:
+    print(line, flush=True)
+    _LINES.append(line)
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def left(self) -> bool:
+        return time.perf_counter() - _T0 < self.seconds
+
+
+def _rand(key, shape, dtype, scale=1.0):
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+def _err(out, want):
+    out = np.asarray(out.astype(jnp.float32))
+    want = np.asarray(want.astype(jnp.float32))
+    if not np.isfinite(out).all():
+        return float("nan"), float("nan")
+    return float(np.max(np.abs(out - want))), float(np.linalg.norm(out - want) / np.linalg.norm(want))
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def check_correctness(budget: Budget) -> bool:
+    log("## Correctness (matvec vs matvec_reference)")
+    log("| shape | M | K×N | dtype | config | max abs err | rel L2 err | ok |")
+    log("|---|---|---|---|---|---|---|---|")
+    cases = []
+    for name, (k, n) in SHAPES.items():
+        for m in (1, 8):
+            cases.append((name, m, k, n, jnp.bfloat16, {}))
+    cases += [
+        ("depth down", 1, 8192, 1024, jnp.float32, {}),
+        ("backbone qkv", 8, 2048, 3072, jnp.float32, {}),
+        ("ragged", 3, 1000, 1500, jnp.bfloat16, dict(block_n=128, block_k=64, k_splits=5)),
+        ("ragged", 17, 1000, 1500, jnp.float32, {}),
+        ("depth gate_up", 1, 1024, 16384, jnp.bfloat16, dict(method="reduce")),
+        ("depth down", 1, 8192, 1024, jnp.bfloat16, dict(method="reduce", block_n=64, block_k=64)),
+        ("ragged", 1, 1000, 1500, jnp.bfloat16, dict(method="reduce", block_n=64, block_k=64)),
+        ("backbone down", 64, 8192, 2048, jnp.bfloat16, {}),
+    ]
+    key = jax.random.key(0)
+    all_ok = True
+    for name, m, k, n, dtype, kw in cases:
+        cfg = ", ".join(f"{a}={b}" for a, b in kw.items()) or "default"
+        if not budget.left():
+            log(f"| {name} | {m} | {k}×{n} | {dtype.__name__} | {cfg} | skipped (time budget) | | |")
+            continue
+        key, k1, k2 = jax.random.split(key, 3)
+        x = _rand(k1, (m, k), dtype)
+        w = _rand(k2, (k, n), dtype, scale=k**-0.5)
+        try:
+            err, rel = _err(matvec(x, w, **kw), matvec_reference(x, w))
+            ok = bool(rel <= (1e-5 if dtype == jnp.float32 else 1e-2))
+        except Exception as e:  # keep going: one broken case must not hide the others
+            ok, err, rel = False, float("nan"), float("nan")
+            log(f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            traceback.print_exc(limit=4)
+        all_ok &= ok
+        log(f"| {name} | {m} | {k}×{n} | {dtype.__name__} | {cfg} | {err:.2e} | {rel:.2e} | "
+            f"{'yes' if ok else 'NO'} |")
+    return all_ok
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _copies(k, n, min_bytes=192e6, lo=4, hi=48):
+    return int(min(hi, max(lo, -(-min_bytes // (2 * k * n)))))
+
+
+def _operands(key, m, k, n, copies, dtype=jnp.bfloat16):
+    xs, ws = [], []
+    for kk in jax.random.split(key, copies):
+        k1, k2 = jax.random.split(kk)
+        xs.append(_rand(k1, (m, k), dtype))
+        ws.append(_rand(k2, (k, n), dtype, scale=k**-0.5))
+    return xs, ws
+
+
+def _time(fns, xs, ws, reps=50, inner=2):
+    """name -> (median, IQR/2) seconds per call; one program calls fn once per (x, w) pair."""
+
+    def program(fn):
+        return jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
+
+    runs = {name: program(fn) for name, fn in fns.items()}
+    for run in runs.values():  # compile, warm up
+        jax.block_until_ready(run(xs, ws))
+        jax.block_until_ready(run(xs, ws))
+    samples = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            for _ in range(inner):
+                out = run(xs, ws)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - t) / inner / len(ws))
+    stats = {}
+    for name, v in samples.items():
+        q1, q2, q3 = np.percentile(v, [25, 50, 75])
+        stats[name] = (float(q2), float(q3 - q1) / 2)
+    return stats
+
+
+def _xla(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _us(st):
+    return f"{st[0] * 1e6:.1f} ±{st[1] * 1e6:.1f}"
+
+
+def time_table(budget: Budget):
+    log("## bf16 timings: µs per call (median ±IQR/2) and W read rate")
+    log("| shape | K×N | M | W MB | xla µs | xla TB/s | pallas µs | pallas TB/s | speed-up | pallas config |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    key = jax.random.key(1)
+    for name, (k, n) in SHAPES.items():
+        for m in (1, 8):
+            cfg = default_config(m, k, n)
+            cfg_s = f"{cfg.method} bn={cfg.block_n} bk={cfg.block_k} s={cfg.k_splits} w={cfg.num_warps} st={cfg.num_stages}"
+            if not budget.left():
+                log(f"| {name} | {k}×{n} | {m} | | skipped (time budget) | | | | | |")
+                continue
+            key, sub = jax.random.split(key)
+            xs, ws = _operands(sub, m, k, n, _copies(k, n))
+            try:
+                st = _time({"xla": _xla, "pallas": matvec}, xs, ws)
+                wb = 2 * k * n
+                tx, tp = st["xla"][0], st["pallas"][0]
+                log(f"| {name} | {k}×{n} | {m} | {wb / 1e6:.1f} | {_us(st['xla'])} | {wb / tx / 1e12:.2f} | "
+                    f"{_us(st['pallas'])} | {wb / tp / 1e12:.2f} | {tx / tp:.2f}x | {cfg_s} |")
+            except Exception as e:
+                log(f"| {name} | {k}×{n} | {m} | ERROR {type(e).__name__}: {str(e)[:200]} | | | | | | |")
+                traceback.print_exc(limit=4)
+            del xs, ws
+
+
+# --------------------------------------------------------------------------- sweeps
+
+# (method, block_n, block_k, k_splits, num_warps, num_stages); k_splits None = default for the blocks
+_WIDE_1 = [
+    ("dot", 128, 128, None, 4, 3), ("dot", 128, 128, None, 4, 2), ("dot", 128, 128, None, 4, 4),
+    ("dot", 128, 128, None, 8, 3), ("dot", 64, 128, None, 4, 3), ("dot", 256, 128, None, 8, 3),
+    ("dot", 128, 64, None, 4, 3), ("dot", 128, 256, None, 4, 3), ("dot", 64, 256, None, 4, 3),
+    ("dot", 256, 64, None, 4, 3), ("dot", 64, 64, None, 4, 3), ("dot", 256, 256, None, 8, 3),
+    ("reduce", 128, 64, None, 4, 2), ("reduce", 64, 128, None, 4, 2), ("reduce", 128, 128, None, 8, 2),
+    ("reduce", 256, 64, None, 8, 2), ("reduce", 64, 64, None, 4, 2), ("reduce", 128, 64, None, 4, 3),
+    ("reduce", 256, 32, None, 4, 2), ("reduce", 128, 32, None, 4, 2),
+]
+_WIDE_8 = [
+    ("dot", 128, 128, None, 4, 3), ("dot", 128, 128, None, 4, 2), ("dot", 128, 128, None, 4, 4),
+    ("dot", 128, 128, None, 8, 3), ("dot", 64, 128, None, 4, 3), ("dot", 256, 128, None, 8, 3),
+    ("dot", 128, 64, None, 4, 3), ("dot", 128, 256, None, 4, 3), ("dot", 64, 256, None, 4, 3),
+    ("dot", 64, 64, None, 4, 3),
+]
+
+
+def _split_variants(m, k, n, configs):
+    """Each config at its default splits, and the first few also at half and double of them."""
+    out = []
+    for i, (meth, bn, bk, s, w, st) in enumerate(configs):
+        s0 = s or default_k_splits(m, k, n, bn, bk)
+        out.append((meth, bn, bk, s0, w, st))
+        if i in (0, 4) and meth == "dot":
+            for s1 in (s0 // 2, s0 * 2, s0 * 4):
+                if 1 <= s1 <= -(-k // bk):
+                    out.append((meth, bn, bk, s1, w, st))
+    return list(dict.fromkeys(out))
+
+
+def sweep(budget: Budget, mode: str):
+    if mode == "none":
+        return
+    log("## Sweeps, bf16, µs per call (median ±IQR/2; TB/s), fastest first; "
+        "config = (method, block_n, block_k, k_splits, num_warps, num_stages)")
+    plan = [("depth gate_up", 1), ("depth down", 1), ("backbone gate_up", 1), ("backbone down", 1),
+            ("depth gate_up", 8), ("depth down", 8), ("depth qkv", 1), ("depth out", 1),
+            ("backbone qkv", 1), ("backbone down", 8), ("backbone gate_up", 8), ("projection", 1)]
+    if mode == "small":
+        plan = plan[:4]
+    key = jax.random.key(2)
+    for name, m in plan:
+        k, n = SHAPES[name]
+        title = f"{name} {k}×{n} M={m}"
+        if not budget.left():
+            log(f"- {title}: skipped (time budget)")
+            continue
+        base = _WIDE_1 if m == 1 else _WIDE_8
+        if mode == "small" or name in ("depth qkv", "depth out", "backbone qkv", "projection"):
+            base = base[:6] + [c for c in base if c[0] == "reduce"][:2]
+        configs = _split_variants(m, k, n, base)
+        if n * k <= 2048 * 3072:  # small: launch-bound, so also try fewer splits (no reduction)
+            configs += [("dot", bn, 128, s, 4, 3) for bn in (64, 128) for s in (1, 2)]
+            configs = list(dict.fromkeys(configs))
+        key, sub = jax.random.split(key)
+        xs, ws = _operands(sub, m, k, n, _copies(k, n, min_bytes=160e6, hi=32))
+
+        def make(cfg):
+            meth, bn, bk, s, w, st = cfg
+            return lambda x, wt: matvec(x, wt, method=meth, block_n=bn, block_k=bk, k_splits=s,
+                                        num_warps=w, num_stages=st)
+
+        fns = {"xla": _xla}
+        for cfg in configs:
+            fns[cfg] = make(cfg)
+        try:
+            stats = _time(fns, xs, ws, reps=30)
+        except Exception as e:  # one bad config: time them one by one
+            log(f"  ({title}: joint timing failed with {type(e).__name__}: {str(e)[:200]}; one by one)")
+            stats = {}
+            for cfg, fn in fns.items():
+                if not budget.left():
+                    break
+                try:
+                    stats[cfg] = _time({cfg: fn}, xs, ws, reps=30)[cfg]
+                except Exception as e2:
+                    log(f"  {cfg}: ERROR {type(e2).__name__}: {str(e2).splitlines()[0][:200]}")
+        wb = 2 * k * n
+        order = sorted(stats, key=lambda c: stats[c][0])
+        log(f"- {title} [t={time.perf_counter() - _T0:.0f} s] (default {tuple(default_config(m, k, n))}): " + ", ".join(
+            f"{c} {_us(stats[c])} ({wb / stats[c][0] / 1e12:.2f})" for c in order))
+        del xs, ws
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", choices=("none", "small", "wide"), default="small")
+    p.add_argument("--budget-s", type=float, default=210.0, help="start no new case after this")
+    p.add_argument("--out", help="also write the tables (markdown) here")
+    args = p.parse_args(argv)
+
+    dev = jax.devices()[0]
+    log(f"# Pallas matvec on {dev.device_kind} ({dev.platform})")
+    log(f"date {datetime.date.today()}, jax {jax.__version__}, python {sys.version.split()[0]}, "
+        f"command: python -m pallas_kernels.matvec_check {' '.join(argv or sys.argv[1:])}")
+    if dev.platform != "gpu":
+        log("not a GPU: nothing to check here (tests/test_matvec.py runs the kernel in interpret mode)")
+        return 1
+    budget = Budget(args.budget_s)
+    ok = check_correctness(budget)
+    log(f"(correctness done at {time.perf_counter() - _T0:.0f} s)")
+    time_table(budget)
+    log(f"(table done at {time.perf_counter() - _T0:.0f} s)")
+    sweep(budget, args.sweep)
+    log(f"\ncorrectness {'PASSED' if ok else 'FAILED'}; total {time.perf_counter() - _T0:.0f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(_LINES) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
