@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxtts.config import CSMConfig
 from jaxtts.errors import JaxttsError
-from jaxtts.llama import KVCache, Llama, _init
+from jaxtts.llama import KVCache, Llama, _init, dense
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -68,7 +68,7 @@ class CSM(nnx.Module):
 
     def run_decoder(self, inputs, start, cache: KVCache, *, impl="xla"):
         """Depth decoder over backbone-width inputs [B,T,D_bb] (projected here)."""
-        return self.decoder(inputs @ self.projection[...], start, cache, impl=impl)
+        return self.decoder(dense(inputs, self.projection[...], impl), start, cache, impl=impl)
 
     def codebook_logits(self, decoder_hidden, codebook: int | jax.Array):
         """Logits of codebook i ≥ 1 from the depth decoder's hidden state."""

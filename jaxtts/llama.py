@@ -70,6 +70,22 @@ class KVCache:
                    v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
 
 
+# Skinny matmuls (≤ MATVEC_MAX_ROWS rows: decode steps) go to the Pallas GEMV kernel when the
+# Pallas kernels are on; XLA reads such weights well below the memory bandwidth.
+USE_MATVEC = True
+MATVEC_MAX_ROWS = 64
+
+
+def dense(x, w, impl: str = "xla"):
+    """x [..., K] @ w [K, N], float32 accumulation, result in x's dtype."""
+    rows = math.prod(x.shape[:-1])
+    if USE_MATVEC and impl in ("pallas", "pallas_interpret") and rows <= MATVEC_MAX_ROWS:
+        from pallas_kernels import matvec
+
+        return matvec(x, w, interpret=impl == "pallas_interpret")
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _write_rows(cache, new, start):
     """cache [B,S,H,D] ← new [B,T,H,D] at per-row offsets start [B]."""
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0)))(cache, new, start)
@@ -104,7 +120,7 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, impl):
         b, t, _ = x.shape
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = x @ self.qkv[...]
+        qkv = dense(x, self.qkv[...], impl)
         q = qkv[..., : h * hd].reshape(b, t, h, hd)
         k = qkv[..., h * hd : (h + hkv) * hd].reshape(b, t, hkv, hd)
         v = qkv[..., (h + hkv) * hd :].reshape(b, t, hkv, hd)
@@ -112,7 +128,7 @@ class Attention(nnx.Module):
         k_cache = _write_rows(k_cache, k, start)
         v_cache = _write_rows(v_cache, v, start)
         o = attention(q, k_cache, v_cache, start, lengths, impl=impl)
-        return o.reshape(b, t, h * hd) @ self.out[...], k_cache, v_cache
+        return dense(o.reshape(b, t, h * hd), self.out[...], impl), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -120,9 +136,9 @@ class MLP(nnx.Module):
         self.gate_up = _init(rngs, (cfg.embed_dim, 2 * cfg.intermediate_dim), dtype)
         self.down = _init(rngs, (cfg.intermediate_dim, cfg.embed_dim), dtype)
 
-    def __call__(self, x):
-        gate, up = jnp.split(x @ self.gate_up[...], 2, axis=-1)
-        return (jax.nn.silu(gate) * up) @ self.down[...]
+    def __call__(self, x, impl="xla"):
+        gate, up = jnp.split(dense(x, self.gate_up[...], impl), 2, axis=-1)
+        return dense(jax.nn.silu(gate) * up, self.down[...], impl)
 
 
 class Block(nnx.Module):
@@ -135,7 +151,7 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, impl):
         a, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, start, lengths, impl)
         x = x + a
-        return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+        return x + self.mlp(self.mlp_norm(x), impl), k_cache, v_cache
 
 
 class Llama(nnx.Module):
