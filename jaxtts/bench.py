@@ -117,9 +117,14 @@ def breakdown(model, impl, prompt_tokens, chunk) -> dict:
                                                                 state.key, logits)
         out[f"depth_frame_{method}_ms"] = 1000 * _median_time(depth(topk, 1), weights, state.hidden, state.key)
     sampling.TOP_K_METHOD = None
-    for unroll in (2, 6, 30):
-        out[f"frame_unroll{unroll}_ms"] = 1000 * time_decode(
-            model, topk, batch=1, chunk=chunk, reps=4, prompt_tokens=prompt_tokens, impl=impl, depth_unroll=unroll)
+    from jaxtts import llama
+
+    for use in (False, True):
+        llama.USE_MATVEC = use
+        for b in (1, 64):
+            out[f"frame_b{b}_matvec_{'on' if use else 'off'}_ms"] = 1000 * time_decode(
+                model, topk, batch=b, chunk=chunk, reps=4, prompt_tokens=prompt_tokens, impl=impl)
+    llama.USE_MATVEC = True
     return out
 
 
