@@ -1,8 +1,9 @@
 """Skinny matmul (GEMV): `x [M, K] @ w [K, N]` for a few rows, M <= 64.
 
 At batch 1 every projection of the decoders is a matrix-vector product: the cost is reading W
-once, and XLA reads these weights at a fraction of the GPU's bandwidth. This kernel splits the
-work over enough programs to keep every SM streaming W.
+once, and at M = 1 XLA reads these weights at well under the GPU's bandwidth (it lowers the
+small ones to a multiply fusion plus a reduce fusion). This kernel splits the work over enough
+programs to keep every SM streaming W. Measured on an H200: docs/KERNELS.md.
 
 Grid: (N blocks, K splits). Program (j, s) owns output columns [j * block_n, (j + 1) * block_n)
 and the s-th run of `per_split` consecutive K blocks; it walks its run block by block, loading an
@@ -37,6 +38,7 @@ from pallas_kernels import _backend as be
 MAX_ROWS = 64  # larger M is a real matmul: use jnp.dot (the padded tile would not fit)
 TARGET_PROGRAMS = 256  # about two per SM on an H100 / H200 (132 SMs)
 METHODS = ("dot", "reduce")
+SMALL_W = 8 * 1024 * 1024  # W with fewer elements than this gets K blocks of 64, not 128
 
 
 class MatvecConfig(NamedTuple):
@@ -70,12 +72,19 @@ def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int,
 
 
 def default_config(m: int, k: int, n: int) -> MatvecConfig:
-    """Block sizes, splits and pipelining for x [m, k] @ w [k, n] (chosen on an H200, bf16)."""
-    method = "dot"
+    """Block sizes, splits and pipelining for x [m, k] @ w [k, n].
+
+    Chosen from sweeps on an H200 (bf16, M = 1 and 8, docs/KERNELS.md): the matrix-unit dot,
+    64 output columns per program, 4 warps, 3 pipeline stages, and enough K splits for ~256
+    programs. K blocks of 128, or of 64 when W has fewer than 8M elements (the small projections:
+    more, shorter programs were 2-10% faster there, and 7-16% slower on the big ones). Within 3%
+    of the best swept config at every CSM shape; num_stages=2 was up to 30% slower, and
+    method="reduce" up to 35% slower on the big shapes (a tie on the small ones).
+    """
     block_n = min(64, be.pow2_at_least(n))
-    block_k = min(128, be.pow2_at_least(k))
+    block_k = min(64 if k * n < SMALL_W else 128, be.pow2_at_least(k))
     splits = default_k_splits(m, k, n, block_n, block_k)
-    return MatvecConfig(block_n, block_k, splits, num_warps=4, num_stages=3, method=method)
+    return MatvecConfig(block_n, block_k, splits, num_warps=4, num_stages=3, method="dot")
 
 
 def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_split, method,
@@ -130,9 +139,10 @@ def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_sp
     """`x @ w` for x [..., K] with at most 64 rows in all, w [K, N]; returns [..., N] in x's dtype.
 
     Accumulates in float32 (float32 inputs stay true float32: no TF32). Mixed dtypes are computed
-    in their promoted dtype. Any argument left None comes from `default_config(M, K, N)`; an
-    explicit one overrides it (block sizes must be powers of two, >= 16 for method="dot").
-    Raises ValueError for more than 64 rows: call jnp.dot there.
+    in their promoted dtype. K and N need not be multiples of the blocks (masked tails). Any
+    argument left None comes from `default_config(M, K, N)` (k_splits from `default_k_splits` for
+    the block sizes in use); an explicit one overrides it (block sizes must be powers of two,
+    >= 16 for method="dot"). Raises ValueError for more than 64 rows: call jnp.dot there.
     """
     *lead, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
@@ -147,8 +157,6 @@ def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_sp
     method = method or cfg.method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if block_n is None and block_k is None and k_splits is None:
-        block_n, block_k, k_splits = cfg.block_n, cfg.block_k, cfg.k_splits
     block_n = block_n or cfg.block_n
     block_k = block_k or cfg.block_k
     floor = be.MIN_DOT_DIM if method == "dot" else 1
