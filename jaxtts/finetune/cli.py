@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from jaxtts.errors import JaxttsError
-
 
 def add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune CSM on your own recordings (resumable; LoRA optional)")
@@ -15,8 +13,8 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--model", help="CSM to start from: converted directory or checkpoint (default: the cache)")
     p.add_argument("--codec", help="Mimi for encoding the audio: converted directory or checkpoint (default: the cache)")
     p.add_argument("--random-weights", action="store_true",
-                   help="start from random weights (and a random Mimi unless --codec): for trying the pipeline")
-    p.add_argument("--preset", default="csm-1b", help="model size with --random-weights (csm-1b, tiny)")
+                   help="random weights for whichever of --model / --codec is not given: for trying the pipeline")
+    p.add_argument("--preset", default="csm-1b", help="model size of a random CSM (csm-1b, tiny)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -44,20 +42,19 @@ def run_finetune(args) -> int:
     from jaxtts.finetune.train import finetune
     from jaxtts.tts import enable_compilation_cache
 
-    if args.random_weights and args.model:
-        raise JaxttsError("give either --model or --random-weights, not both")
     enable_compilation_cache()
     model, codec = args.model, args.codec
-    if args.random_weights:
+    if args.random_weights and model is None:
         from jaxtts.config import preset
         from jaxtts.csm import CSM
 
-        print("note: --random-weights: training starts from random weights", file=sys.stderr)
+        print("note: --random-weights: training starts from a random CSM", file=sys.stderr)
         model = CSM.random(preset(args.preset), seed=args.seed)
-        if codec is None:
-            from jaxtts.mimi import Mimi
+    if args.random_weights and codec is None:
+        from jaxtts.mimi import Mimi
 
-            codec = Mimi.random(seed=0)
+        print("note: --random-weights: audio is encoded with a random Mimi", file=sys.stderr)
+        codec = Mimi.random(seed=0)
     result = finetune(args.data, args.out, model=model, codec=codec, cache_dir=args.cache_dir, progress=not args.quiet,
                       steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_steps=args.warmup, weight_decay=args.weight_decay, clip_norm=args.clip,

@@ -93,6 +93,9 @@ class FinetuneConfig:
             raise JaxttsError(f"warm-up steps must be in [0, steps], got {c.warmup_steps}")
         for name in ("compute_dtype", "export_dtype"):
             resolve_dtype(getattr(c, name))
+        if c.compute_dtype == "bfloat16" and jax.default_backend() == "cpu":
+            raise JaxttsError("bfloat16 compute needs a GPU or TPU (XLA's CPU backend lacks bfloat16 matmuls with "
+                              "float32 accumulation); use float32 on CPU, the default there")
         return c
 
     @property
@@ -189,24 +192,22 @@ def lr_schedule(c: FinetuneConfig) -> optax.Schedule:
                                               end_value=c.lr * c.min_lr_ratio)
 
 
-def _forward(spec: StepSpec, layout: Layout, loss_cfg: LossConfig):
-    """params → model in the compute dtype → loss. Float32 masters stay outside, in the optimizer."""
+def compute_model(spec: StepSpec, layout: Layout, trainable: dict, frozen: dict, consts) -> CSM:
+    """The CSM a step runs: LoRA merged, weights cast to the compute dtype (float32 masters stay
+    in the train state, so their gradients and optimizer state are float32)."""
+    params = trainable if spec.lora is None else lora_lib.merge(frozen, trainable, spec.lora)
     compute = resolve_dtype(spec.compute_dtype)
-
-    def forward(trainable, frozen, consts, batch, key):
-        params = trainable if spec.lora is None else lora_lib.merge(frozen, trainable, spec.lora)
-        model = layout.module({n: p.astype(compute) for n, p in params.items()}, consts)
-        return csm_loss(model, batch, key, loss_cfg)
-
-    if spec.remat:  # keep only weight matmul outputs; recompute attention and elementwise work
-        forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return forward
+    return layout.module({n: p.astype(compute) for n, p in params.items()}, consts)
 
 
 @functools.lru_cache(maxsize=16)
 def train_step_fn(spec: StepSpec, layout: Layout) -> Callable:
     """jit(state, frozen, consts, batch, lr) → (state, metrics); `state` is donated."""
-    forward = _forward(spec, layout, spec.loss)
+    def forward(trainable, frozen, consts, batch, key):
+        return csm_loss(compute_model(spec, layout, trainable, frozen, consts), batch, key, spec.loss)
+
+    if spec.remat:  # keep only the weight matmuls' outputs; recompute attention and elementwise work
+        forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     optimizer = spec.optimizer()
 
     @functools.partial(jax.jit, donate_argnums=0)
@@ -215,7 +216,7 @@ def train_step_fn(spec: StepSpec, layout: Layout) -> Callable:
         (_, metrics), grads = jax.value_and_grad(forward, has_aux=True)(state.params, frozen, consts, batch, sub)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(params, opt_state, jax.random.key_data(key), state.step + 1), metrics
 
     return step
@@ -225,12 +226,10 @@ def train_step_fn(spec: StepSpec, layout: Layout) -> Callable:
 def eval_step_fn(spec: StepSpec, layout: Layout) -> Callable:
     """jit(params, frozen, consts, batch) → summed loss terms, depth decoder on every frame."""
     loss_cfg = replace(spec.loss, depth_fraction=1.0)
-    compute = resolve_dtype(spec.compute_dtype)
 
     @jax.jit
     def step(trainable, frozen, consts, batch):
-        params = trainable if spec.lora is None else lora_lib.merge(frozen, trainable, spec.lora)
-        model = layout.module({n: p.astype(compute) for n, p in params.items()}, consts)
+        model = compute_model(spec, layout, trainable, frozen, consts)
         return loss_terms(model, batch, jax.random.key(0), loss_cfg)
 
     return step
@@ -286,6 +285,25 @@ class Checkpoints:
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
+def init_training(model: CSM, cfg: FinetuneConfig, *, copy: bool = False):
+    """(layout, initial TrainState, frozen params, constants) for a resolved config.
+
+    Full fine-tuning trains float32 copies of every parameter. LoRA trains float32 adapters and
+    keeps the base frozen in the compute dtype (no master copy needed for weights that never change).
+    """
+    layout, flat, consts = Layout.split(model)
+    key = jax.random.key(cfg.seed)
+    if cfg.lora:
+        frozen = {n: p.astype(resolve_dtype(cfg.compute_dtype)) for n, p in flat.items()}
+        trainable = lora_lib.init_adapters(flat, model.cfg, cfg.lora, jax.random.fold_in(key, 1))
+    else:
+        frozen = {}
+        trainable = {n: jnp.array(p, jnp.float32, copy=copy) for n, p in flat.items()}
+    opt_state = StepSpec.of(cfg).optimizer().init(trainable)
+    state = TrainState(trainable, opt_state, jax.random.key_data(jax.random.fold_in(key, 2)), jnp.zeros((), jnp.int32))
+    return layout, state, frozen, consts
+
+
 def _load_model(model) -> tuple[CSM, str]:
     if isinstance(model, CSM):
         return model, "given in Python"
@@ -356,18 +374,10 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model=None, cod
     _write_json(out / "run.json", run)
 
     model_cfg = base.cfg
-    layout, flat, consts = Layout.split(base)
+    # The step donates its state: copy the weights of a model the caller still holds.
+    layout, state, frozen, consts = init_training(base, cfg, copy=isinstance(model, CSM))
     spec = StepSpec.of(cfg)
-    key = jax.random.key(cfg.seed)
-    if cfg.lora:
-        frozen = {n: p.astype(resolve_dtype(cfg.compute_dtype)) for n, p in flat.items()}
-        trainable = lora_lib.init_adapters(flat, base.cfg, cfg.lora, jax.random.fold_in(key, 1))
-    else:
-        frozen = {}
-        trainable = {n: p.astype(jnp.float32) for n, p in flat.items()}
-    del flat, base
-    state = TrainState(trainable, spec.optimizer().init(trainable), jax.random.key_data(jax.random.fold_in(key, 2)),
-                       jnp.zeros((), jnp.int32))
+    del base
 
     ckpt = Checkpoints(out / "checkpoints", cfg.keep)
     start, position = 0, 0
