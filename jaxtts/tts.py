@@ -200,6 +200,11 @@ class TTS:
         pcm_so_far = [[] for _ in range(b)]
         silence_limit = None if self.max_silence_ms is None else int(self.max_silence_ms // FRAME_MS)
         chunk = self.first_chunk_frames
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max(max_frames) * FRAME_MS / 1000, unit="s", desc="speaking", leave=False,
+                   bar_format="{desc}: {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]",
+                   disable=not self.progress)
         while not all(finished):
             state, frames, emitted = decode_chunk(model, state, sampler, chunk, impl=self.impl)
             # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048): the original code
@@ -230,7 +235,9 @@ class TTS:
                         finished[i] = True
                 out.append((piece, frames_np[: len(piece) // FRAME_SIZE, i]))
             chunk = self.chunk_frames
+            bar.update(max(len(p) for p, _ in out) / SAMPLE_RATE)
             yield out
+        bar.close()
         del state
 
     def _stack_caches(self, contexts: list[Context], cache_len: int) -> KVCache:
