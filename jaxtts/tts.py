@@ -78,14 +78,41 @@ def split_sentences(text: str) -> list[str]:
     return [p for p in (s.strip() for s in parts) if p]
 
 
-def trailing_silence_frames(pcm: np.ndarray, threshold: float = 1e-3) -> int:
-    """How many whole 80 ms frames at the end of `pcm` have an RMS below `threshold` (≈ -60 dBFS)."""
+SILENCE_RMS = 1e-3  # ≈ -60 dBFS
+
+
+def frame_rms(pcm: np.ndarray) -> np.ndarray:
+    """RMS of each whole 80 ms frame of `pcm`."""
     n = len(pcm) // FRAME_SIZE
-    if n == 0:
-        return 0
-    rms = np.sqrt(np.mean(pcm[: n * FRAME_SIZE].reshape(n, FRAME_SIZE).astype(np.float64) ** 2, axis=1))
+    return np.sqrt(np.mean(pcm[: n * FRAME_SIZE].reshape(n, FRAME_SIZE).astype(np.float64) ** 2, axis=1))
+
+
+def trailing_silence_frames(pcm: np.ndarray, threshold: float = SILENCE_RMS) -> int:
+    """How many whole frames at the end of `pcm` are silent."""
+    rms = frame_rms(pcm)
     loud = np.nonzero(rms >= threshold)[0]
-    return n if len(loud) == 0 else n - 1 - int(loud[-1])
+    return len(rms) if len(loud) == 0 else len(rms) - 1 - int(loud[-1])
+
+
+class SilenceGuard:
+    """Stops a row once speech has been followed by `limit` silent frames (CSM sometimes runs on
+    in silence instead of ending), keeping the first `pause` of them as a natural pause."""
+
+    def __init__(self, limit: int, pause: int = 5, threshold: float = SILENCE_RMS):
+        self.limit, self.pause, self.threshold = limit, pause, threshold
+        self.silent_run = 0
+        self.heard_speech = False
+
+    def frames_to_keep(self, piece: np.ndarray) -> int | None:
+        """How many frames of the new `piece` to keep if the row must stop now, else None."""
+        for f, rms in enumerate(frame_rms(piece)):
+            if rms >= self.threshold:
+                self.silent_run, self.heard_speech = 0, True
+            else:
+                self.silent_run += 1
+            if self.heard_speech and self.silent_run >= self.limit:
+                return max(0, f + 1 - (self.silent_run - self.pause))
+        return None
 
 
 class TTS:
@@ -197,8 +224,8 @@ class TTS:
         stream = self.codec.decode_stream_init(b)
         produced = [0] * b
         finished = [False] * b
-        pcm_so_far = [[] for _ in range(b)]
-        silence_limit = None if self.max_silence_ms is None else int(self.max_silence_ms // FRAME_MS)
+        guards = [None if self.max_silence_ms is None else SilenceGuard(int(self.max_silence_ms // FRAME_MS))
+                  for _ in range(b)]
         chunk = self.first_chunk_frames
         from tqdm.auto import tqdm
 
@@ -223,16 +250,9 @@ class TTS:
                 piece = pcm_np[i, : n * FRAME_SIZE]
                 produced[i] += n
                 finished[i] = n < len(valid) or produced[i] >= max_frames[i]
-                if silence_limit is not None:
-                    pcm_so_far[i].append(piece)
-                    whole = np.concatenate(pcm_so_far[i])
-                    silent = trailing_silence_frames(whole)
-                    if silent >= silence_limit and silent < len(whole) // FRAME_SIZE:
-                        # Runaway silence after speech: stop, keeping a short natural pause.
-                        keep = len(whole) - (silent - min(silent, 5)) * FRAME_SIZE
-                        already = len(whole) - len(piece)
-                        piece = piece[: max(0, keep - already)]
-                        finished[i] = True
+                keep = guards[i].frames_to_keep(piece) if guards[i] else None
+                if keep is not None:
+                    piece, finished[i] = piece[: keep * FRAME_SIZE], True
                 out.append((piece, frames_np[: len(piece) // FRAME_SIZE, i]))
             chunk = self.chunk_frames
             bar.update(max(len(p) for p, _ in out) / SAMPLE_RATE)
