@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxtts.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from jaxtts.finetune.cli import add_finetune_parser
+
+    add_finetune_parser(sub)
     return parser
 
 
@@ -148,6 +151,10 @@ def main(argv=None) -> int:
         return run(args)
     if args.command == "download":
         return _download(args)
+    if args.command == "finetune":
+        from jaxtts.finetune.cli import run_finetune
+
+        return run_finetune(args)
     if args.command == "bench":
         from jaxtts.bench import run_bench
 

@@ -11,7 +11,7 @@ def add_finetune_parser(sub) -> None:
                    help="JSONL manifest (audio, text, speaker, context) or a folder of audio + same-stem .txt files")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics, and the exported model/")
     p.add_argument("--model", help="CSM to start from: converted directory or checkpoint (default: the cache)")
-    p.add_argument("--codec", help="Mimi for encoding the audio: converted directory or checkpoint (default: the cache)")
+    p.add_argument("--codec", help="Mimi to encode the audio: converted directory or checkpoint (default: the cache)")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights for whichever of --model / --codec is not given: for trying the pipeline")
     p.add_argument("--preset", default="csm-1b", help="model size of a random CSM (csm-1b, tiny)")

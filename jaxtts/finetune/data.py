@@ -204,10 +204,14 @@ def cached_codes(utt: Utterance, codec, cache_dir: Path) -> np.ndarray:
     except JaxttsError as e:
         raise JaxttsError(f"{utt.where}: {e}") from None
     codes = encode_audio(codec, wav)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{key}.{os.getpid()}.npy"
-    np.save(tmp, codes)
-    os.replace(tmp, path)  # never a half-written cache entry
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, codes)
+        os.replace(tmp, path)  # never a half-written cache entry
+    except OSError as e:
+        raise JaxttsError(f"cannot write the code cache in {cache_dir} ({e.strerror}); choose another with "
+                          f"--cache-dir") from None
     return codes
 
 

@@ -343,6 +343,13 @@ def _check_run(out: Path, run: dict) -> None:
                           f"data/model/settings or choose another --out")
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Drop records of steps after `step` (run, then lost with the process, before a resume)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -387,13 +394,14 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model=None, cod
         start, position = int(meta["step"]), int(meta["position"])
         if progress:
             print(f"resuming {out} from step {start}", file=sys.stderr)
+    _trim_log(out / "metrics.jsonl", start)
     if start > cfg.steps:
         raise JaxttsError(f"{out} is already at step {start}, past --steps {cfg.steps}")
 
     history, eval_loss = [], None
     try:
-        state, history, eval_loss = _train(cfg, spec, layout, state, frozen, consts, train, held, limit, start, position,
-                                          ckpt, out, progress, callback)
+        state, history, eval_loss = _train(cfg, spec, layout, state, frozen, consts, train, held, limit, start,
+                                          position, ckpt, out, progress, callback)
     finally:
         ckpt.close()
 
