@@ -83,8 +83,11 @@ class CSM(nnx.Module):
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def random(cls, cfg: CSMConfig, *, dtype="float32", seed: int = 0) -> "CSM":
-        """Random weights (for tests, benchmarks and checking an install without weights)."""
-        return cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed))
+        """Random weights (for tests, benchmarks and checking an install without weights).
+
+        Built inside one jit: eagerly, each parameter's draw would be its own small compilation.
+        """
+        return nnx.jit(lambda: cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed)))()
 
     @classmethod
     def abstract(cls, cfg: CSMConfig, dtype="float32") -> "CSM":
