@@ -13,10 +13,9 @@ Every row has its own PRNG key: a request gives the same audio alone or in any b
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,7 +26,7 @@ import numpy as np
 from jaxtts.audio import SAMPLE_RATE, load_audio, write_wav
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
-from jaxtts.generation import DecodeState, _bucket, decode_chunk, prefill, row_keys
+from jaxtts.generation import _bucket, decode_chunk, prefill, row_keys
 from jaxtts.llama import KVCache
 from jaxtts.prompt import Segment, audio_rows, concat_rows, text_rows, validate_speaker, validate_text
 from jaxtts.sampling import Sampler
@@ -261,7 +260,6 @@ class TTS:
         del state
 
     def _stack_caches(self, contexts: list[Context], cache_len: int) -> KVCache:
-        cfg = self.model.cfg.backbone
         rows = []
         for c in contexts:
             if c.cache is None:

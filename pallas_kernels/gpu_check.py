@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtts.attention import attention
+from pallas_kernels._report import Budget, elapsed, log, write_log
 from pallas_kernels import (
     decode_attention,
     decode_attention_reference,
@@ -35,21 +36,6 @@ from pallas_kernels import (
 
 BACKBONE = (32, 8, 64, 2048)  # heads, kv heads, head dim, cache slots
 DEPTH = (8, 2, 128, 32)
-_T0 = time.perf_counter()
-_LINES: list[str] = []
-
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    _LINES.append(line)
-
-
-class Budget:
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def left(self) -> bool:
-        return time.perf_counter() - _T0 < self.seconds
 
 
 def _rand(key, shape, dtype):
@@ -366,10 +352,9 @@ def main(argv=None) -> int:
     time_prefill(budget)
     if args.sweep:
         sweep(budget)
-    log(f"\ncorrectness {'PASSED' if ok else 'FAILED'}; total {time.perf_counter() - _T0:.0f} s")
+    log(f"\ncorrectness {'PASSED' if ok else 'FAILED'}; total {elapsed():.0f} s")
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(_LINES) + "\n")
+        write_log(args.out)
     return 0 if ok else 1
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._report import Budget, elapsed, log, write_log
 from pallas_kernels.matvec import default_config, default_k_splits, matvec, matvec_reference
 
 # name -> (K, N)
@@ -46,21 +47,6 @@ SHAPES = {
     "backbone gate_up": (2048, 16384),
     "backbone down": (8192, 2048),
 }
-_T0 = time.perf_counter()
-_LINES: list[str] = []
-
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    _LINES.append(line)
-
-
-class Budget:
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def left(self) -> bool:
-        return time.perf_counter() - _T0 < self.seconds
 
 
 def _rand(key, shape, dtype, scale=1.0):
@@ -380,7 +366,7 @@ def sweep(budget: Budget, mode: str):
         st = {c: v["busy"] for c, v in dev.items()} if dev else wall
         wb = 2 * k * n
         order = sorted(st, key=lambda c: st[c][0])
-        log(f"- {title} [t={time.perf_counter() - _T0:.0f} s]{'' if dev else ' (WALL-CLOCK)'} "
+        log(f"- {title} [t={elapsed():.0f} s]{'' if dev else ' (WALL-CLOCK)'} "
             f"(default {tuple(default_config(m, k, n))}): "
             + ", ".join(f"{c} {_us(st[c])} ({wb / st[c][0] / 1e12:.2f})" for c in order))
         del xs, ws
@@ -402,14 +388,13 @@ def main(argv=None) -> int:
         return 1
     budget = Budget(args.budget_s)
     ok = check_correctness(budget)
-    log(f"(correctness done at {time.perf_counter() - _T0:.0f} s)")
+    log(f"(correctness done at {elapsed():.0f} s)")
     time_table(budget)
-    log(f"(table done at {time.perf_counter() - _T0:.0f} s)")
+    log(f"(table done at {elapsed():.0f} s)")
     sweep(budget, args.sweep)
-    log(f"\ncorrectness {'PASSED' if ok else 'FAILED'}; total {time.perf_counter() - _T0:.0f} s")
+    log(f"\ncorrectness {'PASSED' if ok else 'FAILED'}; total {elapsed():.0f} s")
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(_LINES) + "\n")
+        write_log(args.out)
     return 0 if ok else 1
 
 
