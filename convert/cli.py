@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jaxtts.errors import JaxttsError, cli_entry
+from jaxtts.errors import ArgumentParser, JaxttsError, cli_entry
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="jaxtts-convert", description=__doc__)
-    sub = parser.add_subparsers(dest="what", required=True)
+    parser = parser or ArgumentParser(prog="jaxtts-convert", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True, parser_class=ArgumentParser)
     csm = sub.add_parser("csm", help="convert a CSM checkpoint (original model.safetensors or transformers format)")
     csm.add_argument("src", help="model.safetensors, a transformers checkpoint file/directory, or a sharded index")
     csm.add_argument("out", help="output directory (must not exist unless --overwrite)")

@@ -6,12 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxtts.errors import JaxttsError, cli_entry
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        raise JaxttsError(f"{self.prog}: {message} (see --help)")
+from jaxtts.errors import ArgumentParser, JaxttsError, cli_entry
 
 
 def _add_speak(sub):
@@ -123,8 +118,8 @@ def _download(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from convert.cli import build_parser as build_convert_parser
 
-    parser = _Parser(prog="jaxtts", description="CSM-1B text-to-speech in JAX")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="jaxtts", description="CSM-1B text-to-speech in JAX")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     _add_speak(sub)
     conv = sub.add_parser("convert", help="convert PyTorch checkpoints (same as jaxtts-convert)")
     build_convert_parser(conv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -28,3 +29,10 @@ def cli_entry(main):
             return 130
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (via JaxttsError), like every other error."""
+
+    def error(self, message):
+        raise JaxttsError(f"{self.prog}: {message} (see --help)")
