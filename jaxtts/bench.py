@@ -35,6 +35,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--json", default=None, help="write the results as JSON to this path ('-' for stdout)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the parts of a frame: backbone step, depth decoder, sampling, unroll variants")
+    p.add_argument("--kernels", action="store_true",
+                   help="profile one batch-1 chunk on the GPU: kernels per frame, busy vs span, the costliest kernels")
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -144,6 +146,39 @@ def time_decode(model, sampler, *, batch, chunk, reps, prompt_tokens, impl, dept
         times.append((time.perf_counter() - t) / chunk)
     assert int(np.asarray(frames).max()) > 0, "timed frames are all zeros"
     return statistics.median(times)
+
+
+def kernel_profile(model, sampler, *, chunk, prompt_tokens, impl, top: int = 30) -> dict:
+    """GPU kernels of one warm batch-1 chunk (CUPTI): count, busy time (sum of durations) and span
+    (first start to last end) per frame, and the kernels that cost the most per frame."""
+    from jaxtts.generation import decode_chunk
+    from pallas_kernels._report import gpu_kernel_events
+
+    state = _prompt_state(model, 1, prompt_tokens, min(model.cfg.backbone.max_seq_len, prompt_tokens + 4 * chunk), impl)
+    for _ in range(2):
+        state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl)
+        _sync(frames)
+    box = {}
+
+    def run():
+        box["out"] = decode_chunk(model, box.get("state", state), sampler, chunk, impl=impl)
+        _sync(box["out"][1])
+
+    events = gpu_kernel_events(run)
+    if not events:
+        return {"kernels_error": "no GPU kernel events in the trace"}
+    busy = sum(d for _, d, _ in events)
+    span = max(t + d for t, d, _ in events) - events[0][0]
+    per_name: dict[str, list] = {}
+    for _, d, name in events:
+        c = per_name.setdefault(name, [0, 0])
+        c[0] += 1
+        c[1] += d
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernels_per_frame": len(events) / chunk, "kernel_busy_ms_per_frame": busy / chunk * 1e-6,
+            "kernel_span_ms_per_frame": span / chunk * 1e-6,
+            "kernel_top": {name: {"per_frame": c / chunk, "us_per_frame": d / chunk * 1e-3}
+                           for name, (c, d) in ranked}}
 
 
 def peak_memory_gb():
@@ -279,6 +314,11 @@ def run_bench(args) -> int:
                             prompt_tokens=args.prompt_tokens, impl=impl)
     res.update(ms_per_frame=ms, rtf=ms / 80.0, frames_timed=reps * args.chunk)
     res["peak_memory_gb_batch1"] = peak_memory_gb()
+    if args.kernels:
+        try:
+            res.update(kernel_profile(model, sampler, chunk=args.chunk, prompt_tokens=args.prompt_tokens, impl=impl))
+        except Exception as e:  # no CUPTI on this machine
+            res["kernels_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if args.breakdown:
         res.update(breakdown(model, impl, args.prompt_tokens, args.chunk))
     if "latency" not in skip:
@@ -315,7 +355,9 @@ def _print_table(res: dict) -> None:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    rows = [(k, fmt(v)) for k, v in res.items() if k != "batch_sweep"]
+    rows = [(k, fmt(v)) for k, v in res.items() if k not in ("batch_sweep", "kernel_top")]
+    for name, r in (res.get("kernel_top") or {}).items():
+        rows.append((f"kernel {name[:60]}", f"{r['per_frame']:.1f}/frame, {r['us_per_frame']:.1f} µs/frame"))
     for b, r in (res.get("batch_sweep") or {}).items():
         rows.append((f"batch {b}", ", ".join(f"{k}={fmt(v)}" for k, v in r.items())))
     width = max(len(k) for k, _ in rows)

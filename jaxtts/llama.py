@@ -76,6 +76,14 @@ USE_MATVEC = True
 MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows, no gain at 64
 
 
+# Decode steps (one new position, ≤ MATVEC_MAX_ROWS rows) with the Pallas kernels on run each
+# block as five fused kernels (pallas_kernels/fused_decode.py) instead of ~15 small ones.
+USE_FUSED_STEP = True
+# Split-K of the projections whose partial sums the next kernel adds up in its prologue: every
+# program of that kernel reads all of them, so fewer splits than a lone matvec would pick.
+PROLOGUE_SPLITS = 4
+
+
 def dense(x, w, impl: str = "xla"):
     """x [..., K] @ w [K, N], float32 accumulation, result in x's dtype."""
     rows = math.prod(x.shape[:-1])
@@ -171,7 +179,10 @@ class Llama(nnx.Module):
 
         `lengths` (valid cache slots per row after this call) defaults to start + T.
         """
-        t = x.shape[1]
+        b, t = x.shape[:2]
+        if (USE_FUSED_STEP and t == 1 and lengths is None and b <= MATVEC_MAX_ROWS
+                and impl in ("pallas", "pallas_interpret")):
+            return self.fused_step(x, start, cache, interpret=impl == "pallas_interpret")
         pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         pos = jnp.minimum(pos, self.cfg.max_seq_len - 1)
         cos, sin = self.rope_cos[...][pos], self.rope_sin[...][pos]
@@ -183,3 +194,28 @@ class Llama(nnx.Module):
             ks.append(kc)
             vs.append(vc)
         return self.norm(x), KVCache(k=ks, v=vs)
+
+    def fused_step(self, x, start, cache: KVCache, *, interpret: bool = False):
+        """`__call__` for one new position per row (x [B,1,D]) through the fused Pallas kernels:
+        the same computation, rounded at the same points, in five kernels per block."""
+        from pallas_kernels import matvec
+        from pallas_kernels.fused_decode import attention_step, norm_matvec, residual_reference
+
+        cfg = self.cfg
+        pos = jnp.minimum(start, cfg.max_seq_len - 1)
+        rope = (self.rope_cos[...][pos], self.rope_sin[...][pos])
+        h, parts = x[:, 0], None
+        ks, vs = [], []
+        for layer, kc, vc in zip(self.layers, cache.k, cache.v):
+            attn, mlp = layer.attn, layer.mlp
+            qkv, h = norm_matvec(h, parts, layer.attn_norm.scale[...], attn.qkv[...], eps=cfg.norm_eps, rope=rope,
+                                 head_dim=cfg.head_dim, rope_heads=cfg.num_heads + cfg.num_kv_heads,
+                                 interpret=interpret)
+            o, kc, vc = attention_step(qkv, kc, vc, start, num_heads=cfg.num_heads, interpret=interpret)
+            parts = matvec(o, attn.out[...], partials=True, k_splits=PROLOGUE_SPLITS, interpret=interpret)
+            act, h = norm_matvec(h, parts, layer.mlp_norm.scale[...], mlp.gate_up[...], eps=cfg.norm_eps,
+                                 swiglu=True, interpret=interpret)
+            parts = matvec(act, mlp.down[...], partials=True, k_splits=PROLOGUE_SPLITS, interpret=interpret)
+            ks.append(kc)
+            vs.append(vc)
+        return self.norm(residual_reference(h, parts))[:, None], KVCache(k=ks, v=vs)

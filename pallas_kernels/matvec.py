@@ -131,11 +131,12 @@ def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_n", "block_k", "k_splits", "num_warps", "num_stages", "method", "interpret"),
+    static_argnames=("block_n", "block_k", "k_splits", "num_warps", "num_stages", "method", "partials",
+                     "interpret"),
 )
 def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_splits: int | None = None,
            num_warps: int | None = None, num_stages: int | None = None, method: str | None = None,
-           interpret: bool = False):
+           partials: bool = False, interpret: bool = False):
     """`x @ w` for x [..., K] with at most 64 rows in all, w [K, N]; returns [..., N] in x's dtype.
 
     Accumulates in float32 (float32 inputs stay true float32: no TF32). Mixed dtypes are computed
@@ -143,6 +144,9 @@ def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_sp
     argument left None comes from `default_config(M, K, N)` (k_splits from `default_k_splits` for
     the block sizes in use); an explicit one overrides it (block sizes must be powers of two,
     >= 16 for method="dot"). Raises ValueError for more than 64 rows: call jnp.dot there.
+
+    partials=True returns the float32 split partial sums [splits, M, N] unsummed (x must be
+    2-D), for a consumer that adds them up itself (pallas_kernels.fused_decode).
     """
     *lead, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
@@ -178,7 +182,9 @@ def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_sp
         per_split=per_split, method=method, compute_dtype=compute_dtype,
     )
     in_specs = [pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec((k, n), lambda j, s: (0, 0))]
-    if k_splits == 1:
+    if partials and len(lead) != 1:
+        raise ValueError(f"partials=True takes x [M, K], got {x.shape}")
+    if k_splits == 1 and not partials:
         out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
         out_specs = pl.BlockSpec((m, n), lambda j, s: (0, 0))
     else:
@@ -189,6 +195,8 @@ def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_sp
         out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
         name="matvec",
     )(x2, w)
+    if partials:
+        return out
     if k_splits > 1:
         out = jnp.sum(out, axis=0).astype(x.dtype)
     return out.reshape(*lead, n)

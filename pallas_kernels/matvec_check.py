@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._report import Budget, elapsed, log, write_log
+from pallas_kernels._report import Budget, elapsed, gpu_kernel_events, log, write_log
 from pallas_kernels.matvec import default_config, default_k_splits, matvec, matvec_reference
 
 # name -> (K, N)
@@ -149,8 +149,6 @@ def _wall(runs, xs, ws, reps=50, inner=2):
     return {name: _stat(v) for name, v in samples.items()}
 
 
-_DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Launch Stats", "Source code",
-                  "TensorFlow Ops", "TensorFlow Name Scope", "Framework Ops", "Framework Name Scope")
 _PROFILE_NOTE: list[str] = []
 
 
@@ -164,35 +162,19 @@ def _device(runs, xs, ws, reps=20):
     median and IQR/2 over the reps, and the mean time per call of each kernel name. None when
     the trace has no GPU kernels or the clusters do not match up.
     """
-    from jax._src.lib import _profiler
-    from jax._src.profiler import ProfileData
-
-    opts = _profiler.ProfileOptions()
-    opts.python_tracer_level = 0
-    opts.host_tracer_level = 0
-    opts.raise_error_on_start_failure = True
-    session = _profiler.ProfilerSession(opts)
     order = []
-    for name, run in runs.items():
-        for _ in range(reps):
-            jax.block_until_ready(run(xs, ws))
-            order.append(name)
-            time.sleep(0.003)
-        time.sleep(0.01)
-    pd = ProfileData.from_serialized_xspace(session.stop())
 
-    events, lines = set(), set()
-    for plane in pd.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            lines.add(line.name)
-            if line.name in _DERIVED_LINES:
-                continue
-            for e in line.events:
-                events.add((int(e.start_ns), int(e.duration_ns), e.name))
+    def run_all():
+        for name, run in runs.items():
+            for _ in range(reps):
+                jax.block_until_ready(run(xs, ws))
+                order.append(name)
+                time.sleep(0.003)
+            time.sleep(0.01)
+
+    events = gpu_kernel_events(run_all)
     if not _PROFILE_NOTE:
-        _PROFILE_NOTE.append(f"(profile: GPU lines {sorted(lines)[:8]}, {len(events)} kernel events)")
+        _PROFILE_NOTE.append(f"(profile: {len(events)} kernel events)")
         log(_PROFILE_NOTE[0])
     events = sorted(events)
     clusters, last_end = [], None

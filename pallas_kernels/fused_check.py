@@ -1,0 +1,116 @@
+"""GPU check of the fused decode step (pallas_kernels/fused_decode.py) inside CSM-1B.
+
+    python -m pallas_kernels.fused_check [--variants] [--out FILE]
+
+Random full-size CSM-1B in bf16. 1. Correctness: one backbone step and one depth-decoder step
+through the fused kernels vs the unfused Pallas path (same weights, same cache): relative error
+of the hidden state and of the written cache slots. 2. Speed: ms per frame (batch 1, chunks of 16
+frames, median of 4 chunks) and GPU kernels per frame (CUPTI) with the fused step on and off;
+with --variants also over the split count of the projections feeding a prologue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._report import log, write_log
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def correctness(model, state) -> bool:
+    from jaxtts import llama
+
+    ok = True
+    frame = jnp.ones((1, 32), jnp.int32) * 7
+    from jaxtts.generation import frame_rows
+
+    tokens, mask = frame_rows(frame)
+    x_dec = jax.random.normal(jax.random.key(1), (1, 1, model.cfg.backbone.embed_dim), model.dtype)
+    pos_dec = jnp.array([5], jnp.int32)
+    dec_cache = model.decoder_cache(1)
+    dec_cache = llama.KVCache(k=[jax.random.normal(jax.random.key(i), c.shape, c.dtype) for i, c in enumerate(dec_cache.k)],
+                              v=[jax.random.normal(jax.random.key(9 + i), c.shape, c.dtype) for i, c in enumerate(dec_cache.v)])
+    outs = {}
+    for fused in (False, True):
+        llama.USE_FUSED_STEP = fused
+        jax.clear_caches()
+        bb = jax.jit(lambda m, c, p: m.run_backbone(tokens, mask, p, c, impl="pallas"))
+        cache = jax.tree.map(jnp.copy, state.cache)
+        h, c = bb(model, cache, state.position)
+        dc = jax.tree.map(jnp.copy, dec_cache)
+        hd, cd = jax.jit(lambda m, c: m.run_decoder(x_dec, pos_dec, c, impl="pallas"))(model, dc)
+        p = int(state.position[0])
+        outs[fused] = (h, [k[0, p] for k in c.k], hd, [k[0, 5] for k in cd.k] + [v[0, 5] for v in cd.v])
+    llama.USE_FUSED_STEP = True
+    for name, i in (("backbone hidden", 0), ("backbone new keys", 1), ("depth hidden", 2), ("depth new k/v", 3)):
+        a, b = outs[True][i], outs[False][i]
+        err = _rel(jnp.stack(a) if isinstance(a, list) else a, jnp.stack(b) if isinstance(b, list) else b)
+        good = err < 3e-2
+        ok &= good
+        log(f"| {name} | {err:.2e} | {'yes' if good else 'NO'} |")
+    return ok
+
+
+def timings(model, variants: bool) -> dict:
+    from jaxtts import bench, llama
+    from jaxtts.sampling import Sampler
+
+    sampler = Sampler.create(0.9, 50)
+    configs = [("unfused", False, None), ("fused, prologue splits 4", True, 4)]
+    if variants:
+        configs += [("fused, prologue splits 1", True, 1), ("fused, prologue splits 2", True, 2),
+                    ("fused, prologue splits 8", True, 8)]
+    res = {}
+    for name, fused, splits in configs:
+        llama.USE_FUSED_STEP = fused
+        if splits:
+            llama.PROLOGUE_SPLITS = splits
+        jax.clear_caches()
+        try:
+            ms = 1000 * bench.time_decode(model, sampler, batch=1, chunk=16, reps=4, prompt_tokens=100, impl="pallas")
+            prof = bench.kernel_profile(model, sampler, chunk=16, prompt_tokens=100, impl="pallas", top=12)
+            res[name] = dict(ms=ms, **prof)
+            log(f"| {name} | {ms:.3f} | {prof.get('kernels_per_frame', 0):.0f} | "
+                f"{prof.get('kernel_busy_ms_per_frame', 0):.3f} |")
+        except Exception as e:  # keep going: one failing variant must not hide the others
+            log(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | | |")
+    llama.USE_FUSED_STEP, llama.PROLOGUE_SPLITS = True, 4
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from jaxtts import bench
+    from jaxtts.config import preset
+    from jaxtts.csm import CSM
+
+    dev = jax.devices()[0]
+    log(f"device: {dev.device_kind}, jax {jax.__version__}")
+    model = CSM.random(preset("csm-1b"), dtype="bfloat16")
+    state = bench._prompt_state(model, 1, 100, 512, "pallas")
+    log("| check | rel. err vs unfused | ok |\n|---|---|---|")
+    ok = correctness(model, state)
+    log("\n| variant | ms/frame | kernels/frame | GPU busy ms/frame |\n|---|---|---|---|")
+    res = timings(model, args.variants)
+    for name, r in res.items():
+        top = sorted((r.get("kernel_top") or {}).items(), key=lambda kv: -kv[1]["us_per_frame"])[:12]
+        log(f"\n{name}: " + "; ".join(f"{k[:40]} {v['per_frame']:.0f}x {v['us_per_frame']:.0f}µs" for k, v in top))
+    if args.out:
+        write_log(args.out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

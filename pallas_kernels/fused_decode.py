@@ -1,0 +1,414 @@
+"""Fused kernels for one decode step (one new position, a few rows) of a Llama block.
+
+At batch 1 a block step is ~15 small GPU kernels, and each costs 2-5 µs of ramp-up and tail
+whatever its work (docs/PERF.md: a frame is ~2 600 kernels with the GPU never idle). These kernels
+fold the glue into the projections, so that a block step is five kernels:
+
+    qkv, x  = norm_matvec(x, down_parts, attn_norm, W_qkv, rope=(cos, sin))  # residual + norm + RoPE
+    o, kc, vc = attention_step(qkv, kc, vc, pos)         # sums qkv, attends, writes the new k/v
+    o_parts = matvec(o, W_out, partials=True)
+    h, x    = norm_matvec(x, o_parts, mlp_norm, W_gate_up, swiglu=True)  # residual + norm + SwiGLU
+    down_parts = matvec(h, W_down, partials=True)
+
+A projection split over K leaves float32 partial sums [splits, M, N]; the kernel that consumes
+them adds them up in its prologue instead of a separate reduction kernel. Values are rounded to
+the model dtype where the unfused path (jaxtts.llama) rounds them, so the two agree to rounding.
+
+`norm_matvec_reference` and `attention_step_reference` are the pure-jnp definitions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _backend as be
+from pallas_kernels.matvec import default_config
+
+NORM_BLOCK = 256  # columns per step of the prologue's pass over x (sum of squares)
+
+
+# --- references -----------------------------------------------------------------------------------
+
+def residual_reference(x, parts):
+    """x + (sum of parts, rounded to x's dtype), in x's dtype; x itself when parts is None."""
+    if parts is None:
+        return x
+    return (x.astype(jnp.float32) + jnp.sum(parts, axis=0).astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm_reference(h, scale, eps):
+    hf = h.astype(jnp.float32)
+    y = hf * jax.lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(h.dtype)
+
+
+def norm_matvec_reference(x, parts, scale, w, *, eps, rope=None, head_dim=None, rope_heads=0,
+                          swiglu=False, w_index=None):
+    """(y, h): h = residual(x, parts), y = rmsnorm(h) @ w, then RoPE on the first `rope_heads`
+    heads of y (cos/sin [M, head_dim/2], halves layout) or silu(gate) * up (w = [gate | up]).
+    y is float32 (before the final rounding) except for swiglu, which returns x's dtype."""
+    h = residual_reference(x, parts)
+    if w_index is not None:
+        w = w[w_index]
+    y = jnp.dot(rms_norm_reference(h, scale, eps), w, precision="highest", preferred_element_type=jnp.float32)
+    if rope is not None:
+        cos, sin = rope
+        m, n = y.shape
+        yh = y.reshape(m, n // head_dim, 2, head_dim // 2)
+        lo, hi = yh[:, :, 0], yh[:, :, 1]
+        c, s = cos[:, None], sin[:, None]
+        rot = jnp.stack([lo * c - hi * s, hi * c + lo * s], axis=2)
+        is_rope = (jnp.arange(n // head_dim) < rope_heads)[None, :, None, None]
+        y = jnp.where(is_rope, rot, yh).reshape(m, n)
+    if swiglu:
+        g, u = jnp.split(y.astype(x.dtype).astype(jnp.float32), 2, axis=-1)
+        return (g * jax.nn.sigmoid(g) * u).astype(x.dtype), h
+    return y, h
+
+
+def attention_step_reference(qkv, k_cache, v_cache, pos, *, num_heads):
+    """qkv [M, (H + 2 Hkv) * D] float32 (q and k already rotated) for the query at position
+    pos[b]; k/v caches [M, S, Hkv, D]. Writes the new key/value at pos and attends over slots
+    0..pos. Returns (o [M, H * D], k_cache, v_cache), o in the caches' dtype."""
+    m = qkv.shape[0]
+    _, s, hkv, d = k_cache.shape
+    dtype = k_cache.dtype
+    qkv = qkv.astype(dtype).reshape(m, num_heads + 2 * hkv, d)
+    q, k, v = qkv[:, :num_heads], qkv[:, num_heads:num_heads + hkv], qkv[:, num_heads + hkv:]
+    write = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n[None], (p, 0, 0)))
+    k_cache, v_cache = write(k_cache, k, pos), write(v_cache, v, pos)
+    qg = q.reshape(m, hkv, num_heads // hkv, d)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(d))
+    visible = jnp.arange(s)[None, :] <= pos[:, None]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bkgs,bskd->bkgd", p.astype(dtype), v_cache, preferred_element_type=jnp.float32)
+    return o.reshape(m, num_heads * d).astype(dtype), k_cache, v_cache
+
+
+def _select(flag, a, b):
+    """where(flag, a, b) for a scalar flag (Triton's lowering wants the condition full-shaped)."""
+    a = jnp.asarray(a, jnp.float32) + jnp.zeros(jnp.shape(b), jnp.float32)
+    return jnp.where(jnp.broadcast_to(flag, a.shape), a, b)
+
+
+# --- norm_matvec ------------------------------------------------------------------------------------
+
+def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, n_parts, eps, epilogue, half,
+                        rope_heads, up_offset, has_index, write_h):
+    it = iter(refs)
+    x_ref = next(it)
+    parts_ref = next(it) if n_parts else None
+    scale_ref = next(it)
+    idx_ref = next(it) if has_index else None
+    w_ref = next(it)
+    cos_ref, sin_ref = (next(it), next(it)) if epilogue == "rope" else (None, None)
+    out_ref = next(it)
+    h_ref = next(it) if write_h else None
+    w_lead = (idx_ref[0],) if has_index else ()  # one indexer per load: Triton takes no chains
+    dtype = x_ref.dtype
+    row_ok = jnp.arange(rows) < m
+
+    def residual(start, width):
+        """Rows of h = x + round(sum of parts) for columns [start, start + width), float32."""
+        mask = row_ok[:, None] & (start + jnp.arange(width) < k)[None, :]
+        h = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, width)], mask=mask, other=0).astype(jnp.float32)
+        if n_parts:
+            acc = jnp.zeros((rows, width), jnp.float32)
+            for p in range(n_parts):
+                acc += be.load(parts_ref.at[jnp.int32(p), pl.ds(0, rows), pl.ds(start, width)], mask=mask, other=0)
+            h = (h + acc.astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+        return h, mask
+
+    # Pass 1 over all of x: the RMS of each row (every program redoes it; x is a few KB in L2).
+    norm_block = min(NORM_BLOCK, be.pow2_at_least(k, 1))
+    first_program = (pl.program_id(0) == 0) & (pl.program_id(1) == 0)
+
+    def sumsq(i, ss):
+        start = pl.multiple_of(i * norm_block, norm_block)
+        h, mask = residual(start, norm_block)
+        if write_h:
+            @pl.when(first_program)
+            def _():
+                be.store(h_ref.at[pl.ds(0, rows), pl.ds(start, norm_block)], h.astype(dtype), mask=mask)
+        return ss + jnp.sum(h * h, axis=1)
+
+    ss = jax.lax.fori_loop(0, pl.cdiv(k, norm_block), sumsq, jnp.zeros((rows,), jnp.float32))
+    inv = jax.lax.rsqrt(ss / k + eps)
+
+    k_blocks = pl.cdiv(k, block_k)
+    lo = pl.program_id(1) * per_split
+    hi = jnp.minimum(lo + per_split, k_blocks)
+    n0 = pl.program_id(0) * block_n  # first output column of this program
+
+    # Column tiles of W this program reads, as (first column, width): one, or two halves.
+    if epilogue == "rope":
+        tiles = [(n0, half), (n0 + half, half)]
+    elif epilogue == "swiglu":
+        tiles = [(n0, block_n), (n0 + up_offset, block_n)]
+    else:
+        tiles = [(n0, block_n)]
+    col_limit = [n if epilogue != "swiglu" else up_offset, n if epilogue != "swiglu" else 2 * up_offset]
+
+    def body(i, accs):
+        start = pl.multiple_of(i * block_k, block_k)
+        h, _ = residual(start, block_k)
+        sc = be.load(scale_ref.at[pl.ds(start, block_k)], mask=start + jnp.arange(block_k) < k, other=0)
+        xn = (h * inv[:, None] * sc.astype(jnp.float32)[None, :]).astype(dtype)
+        k_ok = (start + jnp.arange(block_k) < k)[:, None]
+        out = []
+        for t, ((c0, width), acc) in enumerate(zip(tiles, accs)):
+            limit = col_limit[min(t, 1)]
+            mask = k_ok & (c0 + jnp.arange(width) < limit)[None, :]
+            wt = be.load(w_ref.at[(*w_lead, pl.ds(start, block_k), pl.ds(c0, width))], mask=mask, other=0)
+            out.append(acc + be.dot(xn, wt.astype(dtype)))
+        return tuple(out)
+
+    accs = jax.lax.fori_loop(lo, hi, body, tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
+
+    def store(c0, width, value, limit):
+        mask = row_ok[:, None] & (c0 + jnp.arange(width) < limit)[None, :]
+        be.store(out_ref.at[pl.ds(0, rows), pl.ds(c0, width)], value.astype(out_ref.dtype), mask=mask)
+
+    if epilogue == "rope":
+        lo_acc, hi_acc = accs
+        cmask = row_ok[:, None]
+        c = be.load(cos_ref.at[pl.ds(0, rows), :], mask=cmask, other=0)
+        s = be.load(sin_ref.at[pl.ds(0, rows), :], mask=cmask, other=0)
+        # RoPE is linear, so rotating each split's partial sum rotates their total.
+        rotate = pl.program_id(0) < rope_heads
+        lo_out = _select(rotate, lo_acc * c - hi_acc * s, lo_acc)
+        hi_out = _select(rotate, hi_acc * c + lo_acc * s, hi_acc)
+        store(n0, half, lo_out, n)
+        store(n0 + half, half, hi_out, n)
+    elif epilogue == "swiglu":
+        g = accs[0].astype(dtype).astype(jnp.float32)
+        u = accs[1].astype(dtype).astype(jnp.float32)
+        store(n0, block_n, g * (1.0 / (1.0 + jnp.exp(-g))) * u, up_offset)
+    else:
+        store(n0, block_n, accs[0], n)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "head_dim", "rope_heads", "swiglu", "k_splits", "block_n",
+                                             "block_k", "num_warps", "num_stages", "interpret"))
+def norm_matvec(x, parts, scale, w, *, eps: float, rope=None, head_dim: int | None = None, rope_heads: int = 0,
+                swiglu: bool = False, w_index=None, k_splits: int | None = None, block_n: int | None = None,
+                block_k: int | None = None, num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+    """h = x + round(sum(parts)) (or x when parts is None); y = rmsnorm(h) * scale @ w.
+
+    x [M, K] (M <= 64), parts None or float32 [P, M, K], scale [K], w [K, N] or [L, K, N] with
+    w_index an int32 [1] picking one. Epilogues:
+      rope=(cos, sin) ([M, head_dim/2] float32): rotate the halves of each of the first
+        `rope_heads` heads of y (heads of `head_dim` columns);
+      swiglu=True: w = [gate | up] ([K, 2F]); y = silu(gate) * up [M, F] in x's dtype.
+    Returns (y, h). y is float32 partial sums [splits, M, N] (sum them, or hand them to the next
+    consumer) except with swiglu, which needs the full sums and so uses one split.
+    """
+    m, k = x.shape
+    n = w.shape[-1]
+    if not 1 <= m <= 64:
+        raise ValueError(f"norm_matvec takes 1..64 rows, got {m}")
+    if w.shape[-2] != k or scale.shape != (k,):
+        raise ValueError(f"x {x.shape}, scale {scale.shape} and w {w.shape} do not match")
+    if (w.ndim == 3) != (w_index is not None):
+        raise ValueError("pass w_index exactly when w is a stack [L, K, N]")
+    cfg = default_config(m, k, n)
+    block_k = block_k or cfg.block_k
+    half, up_offset = 0, 0
+    if rope is not None:
+        if not head_dim or n % head_dim:
+            raise ValueError(f"rope needs head_dim dividing N={n}, got {head_dim}")
+        half = head_dim // 2
+        block_n = head_dim
+    elif swiglu:
+        if n % 2:
+            raise ValueError(f"swiglu needs w = [gate | up] with an even N, got {n}")
+        up_offset = n // 2
+        block_n = block_n or min(64, be.pow2_at_least(up_offset))
+        k_splits = 1
+    else:
+        block_n = block_n or cfg.block_n
+    out_cols = up_offset if swiglu else n
+    n_blocks = pl.cdiv(out_cols, block_n)
+    k_blocks = pl.cdiv(k, block_k)
+    if k_splits is None:
+        from pallas_kernels.matvec import default_k_splits
+
+        k_splits = default_k_splits(m, k, out_cols, block_n, block_k)
+    k_splits = min(k_splits, k_blocks)
+    per_split = pl.cdiv(k_blocks, k_splits)
+    k_splits = pl.cdiv(k_blocks, per_split)
+    rows = be.pow2_at_least(m)
+
+    full = lambda shape: pl.BlockSpec(shape, lambda j, s, nd=len(shape): (0,) * nd)  # noqa: E731
+    args, in_specs = [x], [full(x.shape)]
+    if parts is not None:
+        args.append(parts.astype(jnp.float32))
+        in_specs.append(full(parts.shape))
+    args.append(scale)
+    in_specs.append(full(scale.shape))
+    if w_index is not None:
+        args.append(jnp.asarray(w_index, jnp.int32).reshape(1))
+        in_specs.append(full((1,)))
+    args.append(w)
+    in_specs.append(full(w.shape))
+    if rope is not None:
+        cos, sin = (jnp.asarray(t, jnp.float32) for t in rope)
+        args += [cos, sin]
+        in_specs += [full(cos.shape), full(sin.shape)]
+
+    if swiglu:
+        out_shape = [jax.ShapeDtypeStruct((m, out_cols), x.dtype)]
+        out_specs = [full((m, out_cols))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0))]
+    write_h = parts is not None
+    if write_h:
+        out_shape.append(jax.ShapeDtypeStruct((m, k), x.dtype))
+        out_specs.append(full((m, k)))
+
+    kernel = functools.partial(
+        _norm_matvec_kernel, m=m, k=k, n=n, rows=rows, block_n=block_n, block_k=block_k, per_split=per_split,
+        n_parts=0 if parts is None else parts.shape[0], eps=float(eps),
+        epilogue="rope" if rope is not None else "swiglu" if swiglu else "none", half=half,
+        rope_heads=rope_heads, up_offset=up_offset, has_index=w_index is not None, write_h=write_h,
+    )
+    outs = be.pallas_call(kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                          name="norm_matvec")(*args)
+    y = outs[0]
+    h = outs[1] if write_h else x
+    return y, h
+
+
+# --- attention_step -------------------------------------------------------------------------------
+
+def _attention_step_kernel(pos_ref, qkv_ref, k_ref, v_ref, *out_refs, n_parts, num_heads, kv_heads, group, rows,
+                           block_k, num_splits, seq_len, scale):
+    if num_splits == 1:
+        o_ref, k_out, v_out = out_refs
+    else:
+        o_ref, m_ref, l_ref, k_out, v_out = out_refs
+    b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    dtype = k_ref.dtype
+    pos = jnp.clip(pos_ref[()], 0, seq_len - 1)
+    row_ok = jnp.arange(rows) < group
+
+    # Sum the projection's split partials: the group's queries and the new key and value.
+    q = jnp.zeros((rows, qkv_ref.shape[-1]), jnp.float32)
+    k_new = jnp.zeros((qkv_ref.shape[-1],), jnp.float32)
+    v_new = jnp.zeros_like(k_new)
+    for p in range(n_parts):
+        q += be.load(qkv_ref.at[jnp.int32(p), b, pl.ds(g * group, rows), :], mask=row_ok[:, None], other=0)
+        k_new += be.load(qkv_ref.at[jnp.int32(p), b, num_heads + g, :])
+        v_new += be.load(qkv_ref.at[jnp.int32(p), b, num_heads + kv_heads + g, :])
+    q = q.astype(dtype)
+    k_new, v_new = k_new.astype(dtype), v_new.astype(dtype)
+
+    # The cache's slots 0..pos-1 are cut into `num_splits` runs of key blocks; split 0 also takes
+    # the new key (held in registers, so the cache write below cannot race the reads).
+    n_blocks = pl.cdiv(pos, block_k)
+    per_split = pl.cdiv(n_blocks, num_splits)
+    lo = split * per_split
+    hi = jnp.minimum(lo + per_split, n_blocks)
+
+    s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1) * scale
+    first = split == 0
+    m0 = _select(first, s_new, jnp.full((rows,), be.NEG_INF, jnp.float32))
+    l0 = _select(first, 1.0, jnp.zeros((rows,), jnp.float32))
+    acc0 = _select(first, jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], q.shape),
+                   jnp.zeros(q.shape, jnp.float32))
+
+    def body(i, carry):
+        acc, m_run, l_run = carry
+        start = pl.multiple_of(i * block_k, block_k)
+        key_ok = start + jnp.arange(block_k) < pos
+        kt = be.load(k_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0)
+        vt = be.load(v_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0)
+        s = jnp.where(key_ok[None, :], be.dot(q, kt, trans_b=True) * scale, be.NEG_INF)
+        m_new = jnp.maximum(m_run, jnp.max(s, axis=1))
+        alpha = jnp.exp(m_run - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        return acc * alpha[:, None] + be.dot(p.astype(dtype), vt), m_new, l_run * alpha + jnp.sum(p, axis=1)
+
+    acc, m_run, l_run = jax.lax.fori_loop(lo, hi, body, (acc0, m0, l0))
+
+    @pl.when(first)
+    def _():
+        be.store(k_out.at[pl.ds(pos, 1), :], k_new[None, :])
+        be.store(v_out.at[pl.ds(pos, 1), :], v_new[None, :])
+
+    if num_splits == 1:
+        be.store(o_ref.at[pl.ds(0, rows), :], (acc / l_run[:, None]).astype(o_ref.dtype), mask=row_ok[:, None])
+    else:
+        be.store(o_ref.at[pl.ds(0, rows), :], acc, mask=row_ok[:, None])
+        be.store(m_ref.at[pl.ds(0, rows)], m_run, mask=row_ok)
+        be.store(l_ref.at[pl.ds(0, rows)], l_run, mask=row_ok)
+
+
+def default_step_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) -> int:
+    """Splits of the cache for ~128 programs, none for short caches (the depth decoder's)."""
+    if seq_len <= 4 * block_k:
+        return 1
+    want = pl.next_power_of_2(pl.cdiv(128, batch * kv_heads))
+    return max(1, min(want, pl.cdiv(seq_len, block_k)))
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "block_k", "num_splits", "num_warps", "num_stages",
+                                             "interpret"), donate_argnames=("k_cache", "v_cache"))
+def attention_step(qkv_parts, k_cache, v_cache, pos, *, num_heads: int, block_k: int | None = None,
+                   num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                   interpret: bool = False):
+    """One decode step of attention, fed straight from the qkv projection's partial sums.
+
+    qkv_parts float32 [P, M, (H + 2 Hkv) * D] (q and k already rotated), k/v caches
+    [M, S, Hkv, D] (updated in place: the new key/value go to slot pos[b]), pos [M] int32.
+    Row b attends over slots 0..pos[b]. Returns (o [M, H * D], k_cache, v_cache).
+    """
+    n_parts, m, width = qkv_parts.shape
+    _, s, hkv, d = k_cache.shape
+    if width != (num_heads + 2 * hkv) * d or num_heads % hkv:
+        raise ValueError(f"qkv width {width} does not match {num_heads} heads, {hkv} kv heads of {d}")
+    group = num_heads // hkv
+    rows = be.pow2_at_least(group)
+    block_k = min(block_k or (128 if d <= 64 else 64), be.pow2_at_least(s))
+    num_splits = num_splits or default_step_splits(m, hkv, s, block_k)
+    parts = qkv_parts.reshape(n_parts, m, num_heads + 2 * hkv, d)
+
+    kv_spec = pl.BlockSpec((None, s, None, d), lambda b, g, sp: (b, 0, g, 0))
+    in_specs = [pl.BlockSpec((None,), lambda b, g, sp: (b,)),
+                pl.BlockSpec(parts.shape, lambda b, g, sp: (0, 0, 0, 0)), kv_spec, kv_spec]
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((m, hkv, group, d), k_cache.dtype)]
+        out_specs = [pl.BlockSpec((None, None, group, d), lambda b, g, sp: (b, g, 0, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((m, hkv, num_splits, group, d), jnp.float32),
+                     jax.ShapeDtypeStruct((m, hkv, num_splits, group), jnp.float32),
+                     jax.ShapeDtypeStruct((m, hkv, num_splits, group), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, group, d), lambda b, g, sp: (b, g, sp, 0, 0)),
+                     pl.BlockSpec((None, None, None, group), lambda b, g, sp: (b, g, sp, 0)),
+                     pl.BlockSpec((None, None, None, group), lambda b, g, sp: (b, g, sp, 0))]
+    out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2
+    out_specs += [kv_spec, kv_spec]
+    n_out = len(out_shape)
+    kernel = functools.partial(
+        _attention_step_kernel, n_parts=n_parts, num_heads=num_heads, kv_heads=hkv, group=group, rows=rows,
+        block_k=block_k, num_splits=num_splits, seq_len=s, scale=1.0 / d**0.5)
+    outs = be.pallas_call(
+        kernel, grid=(m, hkv, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases={2: n_out - 2, 3: n_out - 1}, interpret=interpret, num_warps=num_warps,
+        num_stages=num_stages, name="attention_step",
+    )(pos.astype(jnp.int32), parts, k_cache, v_cache)
+    if num_splits == 1:
+        o = outs[0]
+    else:
+        acc, mx, l = outs[:3]
+        w = jnp.exp(mx - jnp.max(mx, axis=2, keepdims=True))
+        o = (jnp.sum(w[..., None] * acc, axis=2) / jnp.sum(w * l, axis=2)[..., None]).astype(k_cache.dtype)
+    return o.reshape(m, num_heads * d), outs[-2], outs[-1]

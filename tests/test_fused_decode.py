@@ -1,0 +1,129 @@
+"""The fused decode-step kernels (pallas_kernels/fused_decode.py) in interpret mode vs their
+references, at CSM's head layouts, with ragged shapes, splits, a weight stack and bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fused_decode import (
+    attention_step,
+    attention_step_reference,
+    norm_matvec,
+    norm_matvec_reference,
+)
+from pallas_kernels.matvec import matvec
+
+
+def _rand(key, shape, dtype=jnp.float32, scale=1.0):
+    return (scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)).astype(dtype)
+
+
+def _close(got, want, tol):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.all(np.isfinite(got)), "output has unwritten (NaN) elements"
+    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
+    assert err < tol, f"relative error {err:.2e} ≥ {tol}"
+
+
+@pytest.mark.parametrize("m,k,n,parts,splits", [(1, 256, 192, None, 4), (3, 200, 100, 3, 2), (8, 128, 64, 1, 1)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_norm_matvec_plain(m, k, n, parts, splits, dtype, tol):
+    x = _rand(0, (m, k), dtype)
+    p = None if parts is None else _rand(1, (parts, m, k), jnp.float32, 0.5)
+    scale = _rand(2, (k,), dtype)
+    w = _rand(3, (k, n), dtype, k**-0.5)
+    y, h = norm_matvec(x, p, scale, w, eps=1e-5, k_splits=splits, interpret=True)
+    y_ref, h_ref = norm_matvec_reference(x, p, scale, w, eps=1e-5)
+    assert y.shape[1:] == (m, n) and y.dtype == jnp.float32
+    _close(y.sum(0), y_ref, tol)
+    _close(h, h_ref, 1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("heads,kv,d", [(32, 8, 64), (8, 2, 128)])
+def test_norm_matvec_rope(heads, kv, d):
+    m, k = 2, 256
+    n = (heads + 2 * kv) * d
+    x, p = _rand(0, (m, k)), _rand(1, (4, m, k), jnp.float32, 0.3)
+    scale, w = _rand(2, (k,)), _rand(3, (k, n), jnp.float32, k**-0.5)
+    ang = _rand(4, (m, d // 2))
+    rope = (jnp.cos(ang), jnp.sin(ang))
+    y, h = norm_matvec(x, p, scale, w, eps=1e-5, rope=rope, head_dim=d, rope_heads=heads + kv, k_splits=2,
+                       interpret=True)
+    y_ref, _ = norm_matvec_reference(x, p, scale, w, eps=1e-5, rope=rope, head_dim=d, rope_heads=heads + kv)
+    _close(y.sum(0), y_ref, 1e-5)
+    # v heads are not rotated: compare them to the plain projection.
+    plain, _ = norm_matvec_reference(x, p, scale, w, eps=1e-5)
+    np.testing.assert_allclose(y.sum(0)[:, (heads + kv) * d:], plain[:, (heads + kv) * d:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_norm_matvec_swiglu_and_stack(dtype, tol):
+    m, k, f = 3, 192, 96
+    x, p = _rand(0, (m, k), dtype), _rand(1, (2, m, k), jnp.float32, 0.3)
+    scale, w = _rand(2, (k,), dtype), _rand(3, (k, 2 * f), dtype, k**-0.5)
+    y, h = norm_matvec(x, p, scale, w, eps=1e-6, swiglu=True, interpret=True)
+    y_ref, h_ref = norm_matvec_reference(x, p, scale, w, eps=1e-6, swiglu=True)
+    assert y.shape == (m, f) and y.dtype == dtype
+    _close(y, y_ref, tol)
+    stack = _rand(5, (3, k, 70), dtype, k**-0.5)
+    y, _ = norm_matvec(x, None, scale, stack, eps=1e-6, w_index=jnp.array([2]), k_splits=2, interpret=True)
+    y_ref, _ = norm_matvec_reference(x, None, scale, stack, eps=1e-6, w_index=2)
+    _close(y.sum(0), y_ref, tol)
+
+
+def test_matvec_partials_sum_to_product():
+    x, w = _rand(0, (2, 300)), _rand(1, (300, 130), jnp.float32, 0.1)
+    parts = matvec(x, w, k_splits=3, partials=True, interpret=True)
+    assert parts.shape[1:] == (2, 130) and parts.dtype == jnp.float32
+    np.testing.assert_allclose(parts.sum(0), x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv,d,s,pos,splits", [
+    (8, 2, 128, 32, [0, 5, 31], None),        # depth decoder: one split, first and last slot
+    (32, 8, 64, 300, [1, 150, 299], 4),       # backbone: ragged, several splits
+])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_attention_step(heads, kv, d, s, pos, splits, dtype, tol):
+    m = len(pos)
+    n = (heads + 2 * kv) * d
+    parts = _rand(0, (3, m, n), jnp.float32, 0.5)
+    kc, vc = _rand(1, (m, s, kv, d), dtype), _rand(2, (m, s, kv, d), dtype)
+    pos = jnp.array(pos, jnp.int32)
+    o_ref, k_ref, v_ref = attention_step_reference(parts.sum(0), kc, vc, pos, num_heads=heads)
+    o, k_new, v_new = attention_step(parts, kc.copy(), vc.copy(), pos, num_heads=heads, num_splits=splits,
+                                     interpret=True)
+    _close(o, o_ref, tol)
+    np.testing.assert_allclose(np.asarray(k_new, np.float32), np.asarray(k_ref, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(v_new, np.float32), np.asarray(v_ref, np.float32), rtol=tol, atol=tol)
+    # Only slot pos[b] of each row changed.
+    changed = np.any(np.asarray(k_new != kc), axis=(2, 3))
+    assert changed.sum() == m and all(changed[b, int(p)] for b, p in enumerate(pos))
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_lowers_to_triton_at_csm_shapes(m):
+    """The Triton lowering runs at trace time, so CPU catches its shape and op restrictions."""
+    sds = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    for d_model, heads, kv, hd, ffn, seq in [(2048, 32, 8, 64, 8192, 2048), (1024, 8, 2, 128, 8192, 32)]:
+        qkv_n = (heads + 2 * kv) * hd
+        x, parts, scale = sds((m, d_model), bf), sds((4, m, d_model), jnp.float32), sds((d_model,), bf)
+        rope = (sds((m, hd // 2), jnp.float32), sds((m, hd // 2), jnp.float32))
+        fn = jax.jit(lambda x, p, s, w, r: norm_matvec(x, p, s, w, eps=1e-5, rope=r, head_dim=hd,
+                                                       rope_heads=heads + kv))
+        assert "triton" in fn.trace(x, parts, scale, sds((d_model, qkv_n), bf), rope).lower(
+            lowering_platforms=("cuda",)).as_text()
+        fn = jax.jit(lambda x, p, s, w: norm_matvec(x, p, s, w, eps=1e-5, swiglu=True))
+        assert "triton" in fn.trace(x, parts, scale, sds((d_model, 2 * ffn), bf)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        fn = jax.jit(lambda x, s, w, i: norm_matvec(x, None, s, w, eps=1e-5, w_index=i))
+        assert "triton" in fn.trace(x, scale, sds((31, d_model, 2051), bf), sds((1,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        cache = sds((m, seq, kv, hd), bf)
+        fn = jax.jit(lambda q, k, v, p: attention_step(q, k, v, p, num_heads=heads))
+        assert "triton" in fn.trace(sds((8, m, qkv_n), jnp.float32), cache, cache, sds((m,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        fn = jax.jit(lambda o, w: matvec(o, w, partials=True, k_splits=4))
+        assert "triton" in fn.trace(sds((m, ffn), bf), sds((ffn, d_model), bf)).lower(
+            lowering_platforms=("cuda",)).as_text()
