@@ -79,9 +79,6 @@ MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows, no gain at 64
 # Decode steps (one new position, ≤ MATVEC_MAX_ROWS rows) with the Pallas kernels on run each
 # block as five fused kernels (pallas_kernels/fused_decode.py) instead of ~15 small ones.
 USE_FUSED_STEP = True
-# Split-K of the projections whose partial sums the next kernel adds up in its prologue: every
-# program of that kernel reads all of them, so fewer splits than a lone matvec would pick.
-PROLOGUE_SPLITS = 4
 
 
 def dense(x, w, impl: str = "xla"):
@@ -196,8 +193,8 @@ class Llama(nnx.Module):
         return self.norm(x), KVCache(k=ks, v=vs)
 
     def fused_step(self, x, start, cache: KVCache, *, interpret: bool = False):
-        """`__call__` for one new position per row (x [B,1,D]) through the fused Pallas kernels:
-        the same computation, rounded at the same points, in five kernels per block."""
+        """`__call__` for one new position per row (x [B,1,D]) through the fused Pallas kernels
+        (pallas_kernels/fused_decode.py): the same computation in six kernels per block."""
         from pallas_kernels import matvec
         from pallas_kernels.fused_decode import attention_step, norm_matvec, residual_reference
 
@@ -208,14 +205,16 @@ class Llama(nnx.Module):
         ks, vs = [], []
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             attn, mlp = layer.attn, layer.mlp
-            qkv, h = norm_matvec(h, parts, layer.attn_norm.scale[...], attn.qkv[...], eps=cfg.norm_eps, rope=rope,
-                                 head_dim=cfg.head_dim, rope_heads=cfg.num_heads + cfg.num_kv_heads,
-                                 interpret=interpret)
-            o, kc, vc = attention_step(qkv, kc, vc, start, num_heads=cfg.num_heads, interpret=interpret)
-            parts = matvec(o, attn.out[...], partials=True, k_splits=PROLOGUE_SPLITS, interpret=interpret)
-            act, h = norm_matvec(h, parts, layer.mlp_norm.scale[...], mlp.gate_up[...], eps=cfg.norm_eps,
-                                 swiglu=True, interpret=interpret)
-            parts = matvec(act, mlp.down[...], partials=True, k_splits=PROLOGUE_SPLITS, interpret=interpret)
+            # h picks up the previous block's MLP output (its split partials) on the way in.
+            qkv, ss, h = norm_matvec(h, parts, layer.attn_norm.scale[...], attn.qkv[...], eps=cfg.norm_eps,
+                                     rope=rope, head_dim=cfg.head_dim, rope_heads=cfg.num_heads + cfg.num_kv_heads,
+                                     interpret=interpret)
+            o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
+                                       eps=cfg.norm_eps, interpret=interpret)
+            h = residual_reference(h, matvec(o, attn.out[...], partials=True, interpret=interpret))
+            act, _, _ = norm_matvec(h, None, layer.mlp_norm.scale[...], mlp.gate_up[...], eps=cfg.norm_eps,
+                                    swiglu=True, interpret=interpret)
+            parts = matvec(act, mlp.down[...], partials=True, interpret=interpret)
             ks.append(kc)
             vs.append(vc)
         return self.norm(residual_reference(h, parts))[:, None], KVCache(k=ks, v=vs)

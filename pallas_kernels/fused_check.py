@@ -1,12 +1,11 @@
 """GPU check of the fused decode step (pallas_kernels/fused_decode.py) inside CSM-1B.
 
-    python -m pallas_kernels.fused_check [--variants] [--out FILE]
+    python -m pallas_kernels.fused_check [--out FILE]
 
 Random full-size CSM-1B in bf16. 1. Correctness: one backbone step and one depth-decoder step
 through the fused kernels vs the unfused Pallas path (same weights, same cache): relative error
 of the hidden state and of the written cache slots. 2. Speed: ms per frame (batch 1, chunks of 16
-frames, median of 4 chunks) and GPU kernels per frame (CUPTI) with the fused step on and off;
-with --variants also over the split count of the projections feeding a prologue.
+frames, median of 4 chunks) and GPU kernels per frame (CUPTI) with the fused step on and off.
 """
 
 from __future__ import annotations
@@ -60,20 +59,15 @@ def correctness(model, state) -> bool:
     return ok
 
 
-def timings(model, variants: bool) -> dict:
+def timings(model) -> dict:
     from jaxtts import bench, llama
     from jaxtts.sampling import Sampler
 
     sampler = Sampler.create(0.9, 50)
-    configs = [("unfused", False, None), ("fused, prologue splits 4", True, 4)]
-    if variants:
-        configs += [("fused, prologue splits 1", True, 1), ("fused, prologue splits 2", True, 2),
-                    ("fused, prologue splits 8", True, 8)]
+    configs = [("unfused", False, None), ("fused", True, None)]
     res = {}
     for name, fused, splits in configs:
         llama.USE_FUSED_STEP = fused
-        if splits:
-            llama.PROLOGUE_SPLITS = splits
         jax.clear_caches()
         try:
             ms = 1000 * bench.time_decode(model, sampler, batch=1, chunk=16, reps=4, prompt_tokens=100, impl="pallas")
@@ -83,13 +77,12 @@ def timings(model, variants: bool) -> dict:
                 f"{prof.get('kernel_busy_ms_per_frame', 0):.3f} |")
         except Exception as e:  # keep going: one failing variant must not hide the others
             log(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | | |")
-    llama.USE_FUSED_STEP, llama.PROLOGUE_SPLITS = True, 4
+    llama.USE_FUSED_STEP = True
     return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from jaxtts import bench
@@ -103,7 +96,7 @@ def main(argv=None) -> int:
     log("| check | rel. err vs unfused | ok |\n|---|---|---|")
     ok = correctness(model, state)
     log("\n| variant | ms/frame | kernels/frame | GPU busy ms/frame |\n|---|---|---|---|")
-    res = timings(model, args.variants)
+    res = timings(model)
     for name, r in res.items():
         top = sorted((r.get("kernel_top") or {}).items(), key=lambda kv: -kv[1]["us_per_frame"])[:12]
         log(f"\n{name}: " + "; ".join(f"{k[:40]} {v['per_frame']:.0f}x {v['us_per_frame']:.0f}µs" for k, v in top))

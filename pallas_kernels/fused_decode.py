@@ -2,17 +2,22 @@
 
 At batch 1 a block step is ~15 small GPU kernels, and each costs 2-5 µs of ramp-up and tail
 whatever its work (docs/PERF.md: a frame is ~2 600 kernels with the GPU never idle). These kernels
-fold the glue into the projections, so that a block step is five kernels:
+fold the glue into the projections, so that a block step is six kernels:
 
-    qkv, x  = norm_matvec(x, down_parts, attn_norm, W_qkv, rope=(cos, sin))  # residual + norm + RoPE
-    o, kc, vc = attention_step(qkv, kc, vc, pos)         # sums qkv, attends, writes the new k/v
-    o_parts = matvec(o, W_out, partials=True)
-    h, x    = norm_matvec(x, o_parts, mlp_norm, W_gate_up, swiglu=True)  # residual + norm + SwiGLU
-    down_parts = matvec(h, W_down, partials=True)
+    qkv, ss, h = norm_matvec(h, down_parts, attn_norm, W_qkv, rope=(cos, sin))  # residual, RoPE
+    o, kc, vc  = attention_step(qkv, ss, kc, vc, pos)   # sums qkv, norm factor, attends, writes k/v
+    o_parts    = matvec(o, W_out, partials=True)
+    h          = residual(h, o_parts)                    # one small XLA fusion
+    act, _, _  = norm_matvec(h, None, mlp_norm, W_gate_up, swiglu=True)
+    down_parts = matvec(act, W_down, partials=True)
 
-A projection split over K leaves float32 partial sums [splits, M, N]; the kernel that consumes
-them adds them up in its prologue instead of a separate reduction kernel. Values are rounded to
-the model dtype where the unfused path (jaxtts.llama) rounds them, so the two agree to rounding.
+The RMSNorm's row factor rsqrt(mean(h²) + eps) is a scalar per row, so it commutes with the
+matmul (and with RoPE): norm_matvec multiplies h * scale by W as it streams K, accumulates the
+sums of squares on the way, and applies the factor at the end, or, when split over K, leaves it
+(with the partial sums of squares) to the consumer. A program then needs only its own part of h,
+which it can also assemble from the previous projection's split partials (the residual add).
+Values are rounded to the model dtype where the unfused path (jaxtts.llama) rounds them, except
+that the norm's row factor is applied after the matmul, so the two agree to rounding.
 
 `norm_matvec_reference` and `attention_step_reference` are the pure-jnp definitions.
 """
@@ -27,9 +32,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend as be
 from pallas_kernels.matvec import default_config
-
-NORM_BLOCK = 256  # columns per step of the prologue's pass over x (sum of squares)
-
 
 # --- references -----------------------------------------------------------------------------------
 
@@ -48,6 +50,7 @@ def rms_norm_reference(h, scale, eps):
 
 def norm_matvec_reference(x, parts, scale, w, *, eps, rope=None, head_dim=None, rope_heads=0,
                           swiglu=False, w_index=None):
+    # Compare with finish(*norm_matvec(...)[:2], K, eps) (or norm_matvec's y for swiglu).
     """(y, h): h = residual(x, parts), y = rmsnorm(h) @ w, then RoPE on the first `rope_heads`
     heads of y (cos/sin [M, head_dim/2], halves layout) or silu(gate) * up (w = [gate | up]).
     y is float32 (before the final rounding) except for swiglu, which returns x's dtype."""
@@ -100,7 +103,7 @@ def _select(flag, a, b):
 # --- norm_matvec ------------------------------------------------------------------------------------
 
 def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, n_parts, eps, epilogue, half,
-                        rope_heads, up_offset, has_index, write_h):
+                        rope_heads, up_offset, has_index, write_h, final):
     it = iter(refs)
     x_ref = next(it)
     parts_ref = next(it) if n_parts else None
@@ -109,42 +112,17 @@ def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, n_par
     w_ref = next(it)
     cos_ref, sin_ref = (next(it), next(it)) if epilogue == "rope" else (None, None)
     out_ref = next(it)
+    ss_ref = None if final else next(it)
     h_ref = next(it) if write_h else None
     w_lead = (idx_ref[0],) if has_index else ()  # one indexer per load: Triton takes no chains
     dtype = x_ref.dtype
     row_ok = jnp.arange(rows) < m
 
-    def residual(start, width):
-        """Rows of h = x + round(sum of parts) for columns [start, start + width), float32."""
-        mask = row_ok[:, None] & (start + jnp.arange(width) < k)[None, :]
-        h = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, width)], mask=mask, other=0).astype(jnp.float32)
-        if n_parts:
-            acc = jnp.zeros((rows, width), jnp.float32)
-            for p in range(n_parts):
-                acc += be.load(parts_ref.at[jnp.int32(p), pl.ds(0, rows), pl.ds(start, width)], mask=mask, other=0)
-            h = (h + acc.astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
-        return h, mask
-
-    # Pass 1 over all of x: the RMS of each row (every program redoes it; x is a few KB in L2).
-    norm_block = min(NORM_BLOCK, be.pow2_at_least(k, 1))
-    first_program = (pl.program_id(0) == 0) & (pl.program_id(1) == 0)
-
-    def sumsq(i, ss):
-        start = pl.multiple_of(i * norm_block, norm_block)
-        h, mask = residual(start, norm_block)
-        if write_h:
-            @pl.when(first_program)
-            def _():
-                be.store(h_ref.at[pl.ds(0, rows), pl.ds(start, norm_block)], h.astype(dtype), mask=mask)
-        return ss + jnp.sum(h * h, axis=1)
-
-    ss = jax.lax.fori_loop(0, pl.cdiv(k, norm_block), sumsq, jnp.zeros((rows,), jnp.float32))
-    inv = jax.lax.rsqrt(ss / k + eps)
-
     k_blocks = pl.cdiv(k, block_k)
     lo = pl.program_id(1) * per_split
     hi = jnp.minimum(lo + per_split, k_blocks)
     n0 = pl.program_id(0) * block_n  # first output column of this program
+    column_zero = pl.program_id(0) == 0  # these programs also write h and the sums of squares
 
     # Column tiles of W this program reads, as (first column, width): one, or two halves.
     if epilogue == "rope":
@@ -155,21 +133,42 @@ def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, n_par
         tiles = [(n0, block_n)]
     col_limit = [n if epilogue != "swiglu" else up_offset, n if epilogue != "swiglu" else 2 * up_offset]
 
-    def body(i, accs):
+    def body(i, carry):
+        ss, accs = carry
         start = pl.multiple_of(i * block_k, block_k)
-        h, _ = residual(start, block_k)
-        sc = be.load(scale_ref.at[pl.ds(start, block_k)], mask=start + jnp.arange(block_k) < k, other=0)
-        xn = (h * inv[:, None] * sc.astype(jnp.float32)[None, :]).astype(dtype)
-        k_ok = (start + jnp.arange(block_k) < k)[:, None]
+        k_ok = start + jnp.arange(block_k) < k
+        mask = row_ok[:, None] & k_ok[None, :]
+        # h = x + round(sum of parts), only for this program's columns of K.
+        h = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=mask, other=0).astype(jnp.float32)
+        if n_parts:
+            acc = jnp.zeros((rows, block_k), jnp.float32)
+            for p in range(n_parts):
+                acc += be.load(parts_ref.at[jnp.int32(p), pl.ds(0, rows), pl.ds(start, block_k)], mask=mask, other=0)
+            h = (h + acc.astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+        if write_h:
+            @pl.when(column_zero)
+            def _():
+                be.store(h_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], h.astype(dtype), mask=mask)
+        sc = be.load(scale_ref.at[pl.ds(start, block_k)], mask=k_ok, other=0)
+        # rmsnorm(h) * scale @ W == rsqrt(mean(h²) + eps) * ((h * scale) @ W): the row factor is
+        # applied after the sum over K, so no program needs all of h before it starts.
+        xs = (h * sc.astype(jnp.float32)[None, :]).astype(dtype)
         out = []
         for t, ((c0, width), acc) in enumerate(zip(tiles, accs)):
-            limit = col_limit[min(t, 1)]
-            mask = k_ok & (c0 + jnp.arange(width) < limit)[None, :]
-            wt = be.load(w_ref.at[(*w_lead, pl.ds(start, block_k), pl.ds(c0, width))], mask=mask, other=0)
-            out.append(acc + be.dot(xn, wt.astype(dtype)))
-        return tuple(out)
+            wmask = k_ok[:, None] & (c0 + jnp.arange(width) < col_limit[min(t, 1)])[None, :]
+            wt = be.load(w_ref.at[(*w_lead, pl.ds(start, block_k), pl.ds(c0, width))], mask=wmask, other=0)
+            out.append(acc + be.dot(xs, wt.astype(dtype)))
+        return ss + jnp.sum(h * h, axis=1), tuple(out)
 
-    accs = jax.lax.fori_loop(lo, hi, body, tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
+    init = (jnp.zeros((rows,), jnp.float32), tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
+    ss, accs = jax.lax.fori_loop(lo, hi, body, init)
+    if final:  # one split covers all of K: normalise here
+        inv = jax.lax.rsqrt(ss / k + eps)
+        accs = tuple(a * inv[:, None] for a in accs)
+    else:  # the consumer normalises: it gets this split's sum of squares
+        @pl.when(column_zero)
+        def _():
+            be.store(ss_ref.at[pl.ds(0, rows)], ss, mask=row_ok)
 
     def store(c0, width, value, limit):
         mask = row_ok[:, None] & (c0 + jnp.arange(width) < limit)[None, :]
@@ -206,8 +205,10 @@ def norm_matvec(x, parts, scale, w, *, eps: float, rope=None, head_dim: int | No
       rope=(cos, sin) ([M, head_dim/2] float32): rotate the halves of each of the first
         `rope_heads` heads of y (heads of `head_dim` columns);
       swiglu=True: w = [gate | up] ([K, 2F]); y = silu(gate) * up [M, F] in x's dtype.
-    Returns (y, h). y is float32 partial sums [splits, M, N] (sum them, or hand them to the next
-    consumer) except with swiglu, which needs the full sums and so uses one split.
+    Returns (y, sumsq, h). Without swiglu, y is float32 partial sums [splits, M, N] of
+    (h * scale) @ w and sumsq [splits, M] the matching partial sums of h²: `finish(y, sumsq, K,
+    eps)` (or the next kernel) applies the norm's row factor. swiglu needs the full sums, so it
+    uses one split, normalises itself and returns (y, None, h).
     """
     m, k = x.shape
     n = w.shape[-1]
@@ -266,8 +267,10 @@ def norm_matvec(x, parts, scale, w, *, eps: float, rope=None, head_dim: int | No
         out_shape = [jax.ShapeDtypeStruct((m, out_cols), x.dtype)]
         out_specs = [full((m, out_cols))]
     else:
-        out_shape = [jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32),
+                     jax.ShapeDtypeStruct((k_splits, m), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0)),
+                     pl.BlockSpec((None, m), lambda j, s: (s, 0))]
     write_h = parts is not None
     if write_h:
         out_shape.append(jax.ShapeDtypeStruct((m, k), x.dtype))
@@ -278,19 +281,27 @@ def norm_matvec(x, parts, scale, w, *, eps: float, rope=None, head_dim: int | No
         n_parts=0 if parts is None else parts.shape[0], eps=float(eps),
         epilogue="rope" if rope is not None else "swiglu" if swiglu else "none", half=half,
         rope_heads=rope_heads, up_offset=up_offset, has_index=w_index is not None, write_h=write_h,
+        final=swiglu,
     )
     outs = be.pallas_call(kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                           name="norm_matvec")(*args)
-    y = outs[0]
-    h = outs[1] if write_h else x
-    return y, h
+    if swiglu:
+        return outs[0], None, outs[1] if write_h else x
+    return outs[0], outs[1], outs[2] if write_h else x
+
+
+def finish(parts, sumsq, k: int, eps: float):
+    """The float32 result [M, N] of a split norm_matvec: sum of the partials times each row's
+    rsqrt(mean(h²) + eps) (the norm's row factor, which the kernel leaves to its consumer)."""
+    inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=0) / k + eps)
+    return jnp.sum(parts, axis=0) * inv[:, None]
 
 
 # --- attention_step -------------------------------------------------------------------------------
 
-def _attention_step_kernel(pos_ref, qkv_ref, k_ref, v_ref, *out_refs, n_parts, num_heads, kv_heads, group, rows,
-                           block_k, num_splits, seq_len, scale):
+def _attention_step_kernel(pos_ref, qkv_ref, ss_ref, k_ref, v_ref, *out_refs, n_parts, num_heads, kv_heads, group,
+                           rows, block_k, num_splits, seq_len, scale, model_dim, eps):
     if num_splits == 1:
         o_ref, k_out, v_out = out_refs
     else:
@@ -300,16 +311,20 @@ def _attention_step_kernel(pos_ref, qkv_ref, k_ref, v_ref, *out_refs, n_parts, n
     pos = jnp.clip(pos_ref[()], 0, seq_len - 1)
     row_ok = jnp.arange(rows) < group
 
-    # Sum the projection's split partials: the group's queries and the new key and value.
+    # Sum the projection's split partials (the group's queries and the new key and value) and
+    # apply the norm's row factor, which norm_matvec leaves to its consumer.
     q = jnp.zeros((rows, qkv_ref.shape[-1]), jnp.float32)
     k_new = jnp.zeros((qkv_ref.shape[-1],), jnp.float32)
     v_new = jnp.zeros_like(k_new)
+    ss = jnp.zeros((1,), jnp.float32)
     for p in range(n_parts):
         q += be.load(qkv_ref.at[jnp.int32(p), b, pl.ds(g * group, rows), :], mask=row_ok[:, None], other=0)
         k_new += be.load(qkv_ref.at[jnp.int32(p), b, num_heads + g, :])
         v_new += be.load(qkv_ref.at[jnp.int32(p), b, num_heads + kv_heads + g, :])
-    q = q.astype(dtype)
-    k_new, v_new = k_new.astype(dtype), v_new.astype(dtype)
+        ss += be.load(ss_ref.at[jnp.int32(p), pl.ds(b, 1)])
+    inv = jax.lax.rsqrt(ss / model_dim + eps)  # [1]
+    q = (q * inv[:, None]).astype(dtype)
+    k_new, v_new = (k_new * inv).astype(dtype), (v_new * inv).astype(dtype)
 
     # The cache's slots 0..pos-1 are cut into `num_splits` runs of key blocks; split 0 also takes
     # the new key (held in registers, so the cache write below cannot race the reads).
@@ -360,14 +375,16 @@ def default_step_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) -
     return max(1, min(want, pl.cdiv(seq_len, block_k)))
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "block_k", "num_splits", "num_warps", "num_stages",
+@functools.partial(jax.jit, static_argnames=("num_heads", "model_dim", "eps", "block_k", "num_splits", "num_warps", "num_stages",
                                              "interpret"), donate_argnames=("k_cache", "v_cache"))
-def attention_step(qkv_parts, k_cache, v_cache, pos, *, num_heads: int, block_k: int | None = None,
+def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, model_dim: int, eps: float,
+                   block_k: int | None = None,
                    num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
                    interpret: bool = False):
     """One decode step of attention, fed straight from the qkv projection's partial sums.
 
-    qkv_parts float32 [P, M, (H + 2 Hkv) * D] (q and k already rotated), k/v caches
+    qkv_parts float32 [P, M, (H + 2 Hkv) * D] and sumsq [P, M] from norm_matvec (q and k
+    already rotated; the norm's row factor over `model_dim` inputs is applied here), k/v caches
     [M, S, Hkv, D] (updated in place: the new key/value go to slot pos[b]), pos [M] int32.
     Row b attends over slots 0..pos[b]. Returns (o [M, H * D], k_cache, v_cache).
     """
@@ -383,7 +400,8 @@ def attention_step(qkv_parts, k_cache, v_cache, pos, *, num_heads: int, block_k:
 
     kv_spec = pl.BlockSpec((None, s, None, d), lambda b, g, sp: (b, 0, g, 0))
     in_specs = [pl.BlockSpec((None,), lambda b, g, sp: (b,)),
-                pl.BlockSpec(parts.shape, lambda b, g, sp: (0, 0, 0, 0)), kv_spec, kv_spec]
+                pl.BlockSpec(parts.shape, lambda b, g, sp: (0, 0, 0, 0)),
+                pl.BlockSpec(sumsq.shape, lambda b, g, sp: (0, 0)), kv_spec, kv_spec]
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((m, hkv, group, d), k_cache.dtype)]
         out_specs = [pl.BlockSpec((None, None, group, d), lambda b, g, sp: (b, g, 0, 0))]
@@ -399,12 +417,12 @@ def attention_step(qkv_parts, k_cache, v_cache, pos, *, num_heads: int, block_k:
     n_out = len(out_shape)
     kernel = functools.partial(
         _attention_step_kernel, n_parts=n_parts, num_heads=num_heads, kv_heads=hkv, group=group, rows=rows,
-        block_k=block_k, num_splits=num_splits, seq_len=s, scale=1.0 / d**0.5)
+        block_k=block_k, num_splits=num_splits, seq_len=s, scale=1.0 / d**0.5, model_dim=model_dim, eps=float(eps))
     outs = be.pallas_call(
         kernel, grid=(m, hkv, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases={2: n_out - 2, 3: n_out - 1}, interpret=interpret, num_warps=num_warps,
+        input_output_aliases={3: n_out - 2, 4: n_out - 1}, interpret=interpret, num_warps=num_warps,
         num_stages=num_stages, name="attention_step",
-    )(pos.astype(jnp.int32), parts, k_cache, v_cache)
+    )(pos.astype(jnp.int32), parts, sumsq.astype(jnp.float32), k_cache, v_cache)
     if num_splits == 1:
         o = outs[0]
     else:

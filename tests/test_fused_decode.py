@@ -9,6 +9,7 @@ import pytest
 from pallas_kernels.fused_decode import (
     attention_step,
     attention_step_reference,
+    finish,
     norm_matvec,
     norm_matvec_reference,
 )
@@ -33,10 +34,10 @@ def test_norm_matvec_plain(m, k, n, parts, splits, dtype, tol):
     p = None if parts is None else _rand(1, (parts, m, k), jnp.float32, 0.5)
     scale = _rand(2, (k,), dtype)
     w = _rand(3, (k, n), dtype, k**-0.5)
-    y, h = norm_matvec(x, p, scale, w, eps=1e-5, k_splits=splits, interpret=True)
+    y, ss, h = norm_matvec(x, p, scale, w, eps=1e-5, k_splits=splits, interpret=True)
     y_ref, h_ref = norm_matvec_reference(x, p, scale, w, eps=1e-5)
-    assert y.shape[1:] == (m, n) and y.dtype == jnp.float32
-    _close(y.sum(0), y_ref, tol)
+    assert y.shape == (splits, m, n) and y.dtype == jnp.float32 and ss.shape == (splits, m)
+    _close(finish(y, ss, k, 1e-5), y_ref, tol)
     _close(h, h_ref, 1e-6 if dtype == jnp.float32 else 1e-2)
 
 
@@ -48,13 +49,14 @@ def test_norm_matvec_rope(heads, kv, d):
     scale, w = _rand(2, (k,)), _rand(3, (k, n), jnp.float32, k**-0.5)
     ang = _rand(4, (m, d // 2))
     rope = (jnp.cos(ang), jnp.sin(ang))
-    y, h = norm_matvec(x, p, scale, w, eps=1e-5, rope=rope, head_dim=d, rope_heads=heads + kv, k_splits=2,
-                       interpret=True)
+    y, ss, h = norm_matvec(x, p, scale, w, eps=1e-5, rope=rope, head_dim=d, rope_heads=heads + kv, k_splits=2,
+                           interpret=True)
     y_ref, _ = norm_matvec_reference(x, p, scale, w, eps=1e-5, rope=rope, head_dim=d, rope_heads=heads + kv)
-    _close(y.sum(0), y_ref, 1e-5)
+    y = finish(y, ss, k, 1e-5)
+    _close(y, y_ref, 1e-5)
     # v heads are not rotated: compare them to the plain projection.
     plain, _ = norm_matvec_reference(x, p, scale, w, eps=1e-5)
-    np.testing.assert_allclose(y.sum(0)[:, (heads + kv) * d:], plain[:, (heads + kv) * d:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[:, (heads + kv) * d:], plain[:, (heads + kv) * d:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -62,14 +64,15 @@ def test_norm_matvec_swiglu_and_stack(dtype, tol):
     m, k, f = 3, 192, 96
     x, p = _rand(0, (m, k), dtype), _rand(1, (2, m, k), jnp.float32, 0.3)
     scale, w = _rand(2, (k,), dtype), _rand(3, (k, 2 * f), dtype, k**-0.5)
-    y, h = norm_matvec(x, p, scale, w, eps=1e-6, swiglu=True, interpret=True)
+    y, ss, h = norm_matvec(x, p, scale, w, eps=1e-6, swiglu=True, interpret=True)
     y_ref, h_ref = norm_matvec_reference(x, p, scale, w, eps=1e-6, swiglu=True)
-    assert y.shape == (m, f) and y.dtype == dtype
+    assert y.shape == (m, f) and y.dtype == dtype and ss is None
     _close(y, y_ref, tol)
+    _close(h, h_ref, 1e-6 if dtype == jnp.float32 else 1e-2)
     stack = _rand(5, (3, k, 70), dtype, k**-0.5)
-    y, _ = norm_matvec(x, None, scale, stack, eps=1e-6, w_index=jnp.array([2]), k_splits=2, interpret=True)
+    y, ss, _ = norm_matvec(x, None, scale, stack, eps=1e-6, w_index=jnp.array([2]), k_splits=2, interpret=True)
     y_ref, _ = norm_matvec_reference(x, None, scale, stack, eps=1e-6, w_index=2)
-    _close(y.sum(0), y_ref, tol)
+    _close(finish(y, ss, k, 1e-6), y_ref, tol)
 
 
 def test_matvec_partials_sum_to_product():
@@ -88,11 +91,12 @@ def test_attention_step(heads, kv, d, s, pos, splits, dtype, tol):
     m = len(pos)
     n = (heads + 2 * kv) * d
     parts = _rand(0, (3, m, n), jnp.float32, 0.5)
+    ss = jnp.abs(_rand(3, (3, m), jnp.float32, 40.0))  # partial sums of squares of a 64-wide input
     kc, vc = _rand(1, (m, s, kv, d), dtype), _rand(2, (m, s, kv, d), dtype)
     pos = jnp.array(pos, jnp.int32)
-    o_ref, k_ref, v_ref = attention_step_reference(parts.sum(0), kc, vc, pos, num_heads=heads)
-    o, k_new, v_new = attention_step(parts, kc.copy(), vc.copy(), pos, num_heads=heads, num_splits=splits,
-                                     interpret=True)
+    o_ref, k_ref, v_ref = attention_step_reference(finish(parts, ss, 64, 1e-5), kc, vc, pos, num_heads=heads)
+    o, k_new, v_new = attention_step(parts, ss, kc.copy(), vc.copy(), pos, num_heads=heads, model_dim=64, eps=1e-5,
+                                     num_splits=splits, interpret=True)
     _close(o, o_ref, tol)
     np.testing.assert_allclose(np.asarray(k_new, np.float32), np.asarray(k_ref, np.float32), rtol=tol, atol=tol)
     np.testing.assert_allclose(np.asarray(v_new, np.float32), np.asarray(v_ref, np.float32), rtol=tol, atol=tol)
@@ -121,9 +125,10 @@ def test_lowers_to_triton_at_csm_shapes(m):
         assert "triton" in fn.trace(x, scale, sds((31, d_model, 2051), bf), sds((1,), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
         cache = sds((m, seq, kv, hd), bf)
-        fn = jax.jit(lambda q, k, v, p: attention_step(q, k, v, p, num_heads=heads))
-        assert "triton" in fn.trace(sds((8, m, qkv_n), jnp.float32), cache, cache, sds((m,), jnp.int32)).lower(
-            lowering_platforms=("cuda",)).as_text()
+        fn = jax.jit(lambda q, ss, k, v, p: attention_step(q, ss, k, v, p, num_heads=heads, model_dim=d_model,
+                                                           eps=1e-5))
+        assert "triton" in fn.trace(sds((8, m, qkv_n), jnp.float32), sds((8, m), jnp.float32), cache, cache,
+                                    sds((m,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
         fn = jax.jit(lambda o, w: matvec(o, w, partials=True, k_splits=4))
         assert "triton" in fn.trace(sds((m, ffn), bf), sds((ffn, d_model), bf)).lower(
             lowering_platforms=("cuda",)).as_text()
