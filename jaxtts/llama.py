@@ -194,7 +194,7 @@ class Llama(nnx.Module):
 
     def fused_step(self, x, start, cache: KVCache, *, interpret: bool = False):
         """`__call__` for one new position per row (x [B,1,D]) through the fused Pallas kernels
-        (pallas_kernels/fused_decode.py): the same computation in six kernels per block."""
+        (pallas_kernels/fused_decode.py): the same computation in seven kernels per block."""
         from pallas_kernels import matvec
         from pallas_kernels.fused_decode import attention_step, norm_matvec, residual_reference
 
@@ -205,15 +205,15 @@ class Llama(nnx.Module):
         ks, vs = [], []
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             attn, mlp = layer.attn, layer.mlp
-            # h picks up the previous block's MLP output (its split partials) on the way in.
-            qkv, ss, h = norm_matvec(h, parts, layer.attn_norm.scale[...], attn.qkv[...], eps=cfg.norm_eps,
-                                     rope=rope, head_dim=cfg.head_dim, rope_heads=cfg.num_heads + cfg.num_kv_heads,
-                                     interpret=interpret)
+            h = residual_reference(h, parts)  # the previous block's MLP output
+            qkv, ss = norm_matvec(h, layer.attn_norm.scale[...], attn.qkv[...], eps=cfg.norm_eps, rope=rope,
+                                  head_dim=cfg.head_dim, rope_heads=cfg.num_heads + cfg.num_kv_heads,
+                                  interpret=interpret)
             o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
                                        eps=cfg.norm_eps, interpret=interpret)
             h = residual_reference(h, matvec(o, attn.out[...], partials=True, interpret=interpret))
-            act, _, _ = norm_matvec(h, None, layer.mlp_norm.scale[...], mlp.gate_up[...], eps=cfg.norm_eps,
-                                    swiglu=True, interpret=interpret)
+            act, _ = norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], eps=cfg.norm_eps, swiglu=True,
+                                 interpret=interpret)
             parts = matvec(act, mlp.down[...], partials=True, interpret=interpret)
             ks.append(kc)
             vs.append(vc)

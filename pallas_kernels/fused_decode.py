@@ -1,23 +1,26 @@
 """Fused kernels for one decode step (one new position, a few rows) of a Llama block.
 
 At batch 1 a block step is ~15 small GPU kernels, and each costs 2-5 µs of ramp-up and tail
-whatever its work (docs/PERF.md: a frame is ~2 600 kernels with the GPU never idle). These kernels
-fold the glue into the projections, so that a block step is six kernels:
+whatever its work (docs/PERF.md). These kernels fold the glue into the projections, so that a
+block step is seven kernels, two of them tiny XLA additions:
 
-    qkv, ss, h = norm_matvec(h, down_parts, attn_norm, W_qkv, rope=(cos, sin))  # residual, RoPE
+    h          = residual(h, down_parts)                 # previous block's MLP output (XLA)
+    qkv, ss    = norm_matvec(h, attn_norm, W_qkv, rope=(cos, sin))
     o, kc, vc  = attention_step(qkv, ss, kc, vc, pos)   # sums qkv, norm factor, attends, writes k/v
     o_parts    = matvec(o, W_out, partials=True)
-    h          = residual(h, o_parts)                    # one small XLA fusion
-    act, _, _  = norm_matvec(h, None, mlp_norm, W_gate_up, swiglu=True)
+    h          = residual(h, o_parts)                    # (XLA)
+    act, _     = norm_matvec(h, mlp_norm, W_gate_up, swiglu=True)
     down_parts = matvec(act, W_down, partials=True)
 
 The RMSNorm's row factor rsqrt(mean(h²) + eps) is a scalar per row, so it commutes with the
 matmul (and with RoPE): norm_matvec multiplies h * scale by W as it streams K, accumulates the
 sums of squares on the way, and applies the factor at the end, or, when split over K, leaves it
-(with the partial sums of squares) to the consumer. A program then needs only its own part of h,
-which it can also assemble from the previous projection's split partials (the residual add).
+(with the partial sums of squares) to the consumer. No program needs all of h before it starts.
 Values are rounded to the model dtype where the unfused path (jaxtts.llama) rounds them, except
 that the norm's row factor is applied after the matmul, so the two agree to rounding.
+
+(Adding the residual's split partials in the consumer's prologue instead of the XLA fusion was
+measured slower: docs/PERF.md.)
 
 `norm_matvec_reference` and `attention_step_reference` are the pure-jnp definitions.
 """
@@ -48,16 +51,14 @@ def rms_norm_reference(h, scale, eps):
     return (y * scale.astype(jnp.float32)).astype(h.dtype)
 
 
-def norm_matvec_reference(x, parts, scale, w, *, eps, rope=None, head_dim=None, rope_heads=0,
-                          swiglu=False, w_index=None):
-    # Compare with finish(*norm_matvec(...)[:2], K, eps) (or norm_matvec's y for swiglu).
-    """(y, h): h = residual(x, parts), y = rmsnorm(h) @ w, then RoPE on the first `rope_heads`
+def norm_matvec_reference(x, scale, w, *, eps, rope=None, head_dim=None, rope_heads=0, swiglu=False,
+                          w_index=None):
+    """y = rmsnorm(x) @ w (compare with `finish` of norm_matvec's outputs), then RoPE on the first `rope_heads`
     heads of y (cos/sin [M, head_dim/2], halves layout) or silu(gate) * up (w = [gate | up]).
     y is float32 (before the final rounding) except for swiglu, which returns x's dtype."""
-    h = residual_reference(x, parts)
     if w_index is not None:
         w = w[w_index]
-    y = jnp.dot(rms_norm_reference(h, scale, eps), w, precision="highest", preferred_element_type=jnp.float32)
+    y = jnp.dot(rms_norm_reference(x, scale, eps), w, precision="highest", preferred_element_type=jnp.float32)
     if rope is not None:
         cos, sin = rope
         m, n = y.shape
@@ -69,8 +70,8 @@ def norm_matvec_reference(x, parts, scale, w, *, eps, rope=None, head_dim=None, 
         y = jnp.where(is_rope, rot, yh).reshape(m, n)
     if swiglu:
         g, u = jnp.split(y.astype(x.dtype).astype(jnp.float32), 2, axis=-1)
-        return (g * jax.nn.sigmoid(g) * u).astype(x.dtype), h
-    return y, h
+        return (g * jax.nn.sigmoid(g) * u).astype(x.dtype)
+    return y
 
 
 def attention_step_reference(qkv, k_cache, v_cache, pos, *, num_heads):
@@ -102,18 +103,16 @@ def _select(flag, a, b):
 
 # --- norm_matvec ------------------------------------------------------------------------------------
 
-def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, n_parts, eps, epilogue, half,
-                        rope_heads, up_offset, has_index, write_h, final):
+def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, eps, epilogue, half, rope_heads,
+                        up_offset, has_index, final):
     it = iter(refs)
     x_ref = next(it)
-    parts_ref = next(it) if n_parts else None
     scale_ref = next(it)
     idx_ref = next(it) if has_index else None
     w_ref = next(it)
     cos_ref, sin_ref = (next(it), next(it)) if epilogue == "rope" else (None, None)
     out_ref = next(it)
     ss_ref = None if final else next(it)
-    h_ref = next(it) if write_h else None
     w_lead = (idx_ref[0],) if has_index else ()  # one indexer per load: Triton takes no chains
     dtype = x_ref.dtype
     row_ok = jnp.arange(rows) < m
@@ -122,7 +121,7 @@ def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, n_par
     lo = pl.program_id(1) * per_split
     hi = jnp.minimum(lo + per_split, k_blocks)
     n0 = pl.program_id(0) * block_n  # first output column of this program
-    column_zero = pl.program_id(0) == 0  # these programs also write h and the sums of squares
+    column_zero = pl.program_id(0) == 0  # these programs also write the sums of squares
 
     # Column tiles of W this program reads, as (first column, width): one, or two halves.
     if epilogue == "rope":
@@ -138,17 +137,7 @@ def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, n_par
         start = pl.multiple_of(i * block_k, block_k)
         k_ok = start + jnp.arange(block_k) < k
         mask = row_ok[:, None] & k_ok[None, :]
-        # h = x + round(sum of parts), only for this program's columns of K.
         h = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=mask, other=0).astype(jnp.float32)
-        if n_parts:
-            acc = jnp.zeros((rows, block_k), jnp.float32)
-            for p in range(n_parts):
-                acc += be.load(parts_ref.at[jnp.int32(p), pl.ds(0, rows), pl.ds(start, block_k)], mask=mask, other=0)
-            h = (h + acc.astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
-        if write_h:
-            @pl.when(column_zero)
-            def _():
-                be.store(h_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], h.astype(dtype), mask=mask)
         sc = be.load(scale_ref.at[pl.ds(start, block_k)], mask=k_ok, other=0)
         # rmsnorm(h) * scale @ W == rsqrt(mean(h²) + eps) * ((h * scale) @ W): the row factor is
         # applied after the sum over K, so no program needs all of h before it starts.
@@ -195,20 +184,20 @@ def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, n_par
 
 @functools.partial(jax.jit, static_argnames=("eps", "head_dim", "rope_heads", "swiglu", "k_splits", "block_n",
                                              "block_k", "num_warps", "num_stages", "interpret"))
-def norm_matvec(x, parts, scale, w, *, eps: float, rope=None, head_dim: int | None = None, rope_heads: int = 0,
+def norm_matvec(x, scale, w, *, eps: float, rope=None, head_dim: int | None = None, rope_heads: int = 0,
                 swiglu: bool = False, w_index=None, k_splits: int | None = None, block_n: int | None = None,
                 block_k: int | None = None, num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
-    """h = x + round(sum(parts)) (or x when parts is None); y = rmsnorm(h) * scale @ w.
+    """y = rmsnorm(x) * scale @ w.
 
-    x [M, K] (M <= 64), parts None or float32 [P, M, K], scale [K], w [K, N] or [L, K, N] with
+    x [M, K] (M <= 64), scale [K], w [K, N] or [L, K, N] with
     w_index an int32 [1] picking one. Epilogues:
       rope=(cos, sin) ([M, head_dim/2] float32): rotate the halves of each of the first
         `rope_heads` heads of y (heads of `head_dim` columns);
       swiglu=True: w = [gate | up] ([K, 2F]); y = silu(gate) * up [M, F] in x's dtype.
-    Returns (y, sumsq, h). Without swiglu, y is float32 partial sums [splits, M, N] of
-    (h * scale) @ w and sumsq [splits, M] the matching partial sums of h²: `finish(y, sumsq, K,
+    Returns (y, sumsq). Without swiglu, y is float32 partial sums [splits, M, N] of
+    (x * scale) @ w and sumsq [splits, M] the matching partial sums of x²: `finish(y, sumsq, K,
     eps)` (or the next kernel) applies the norm's row factor. swiglu needs the full sums, so it
-    uses one split, normalises itself and returns (y, None, h).
+    uses one split, normalises itself and returns (y, None).
     """
     m, k = x.shape
     n = w.shape[-1]
@@ -230,7 +219,8 @@ def norm_matvec(x, parts, scale, w, *, eps: float, rope=None, head_dim: int | No
         if n % 2:
             raise ValueError(f"swiglu needs w = [gate | up] with an even N, got {n}")
         up_offset = n // 2
-        block_n = block_n or min(64, be.pow2_at_least(up_offset))
+        # Two tiles per program (gate and up): half-width ones keep ~256 programs.
+        block_n = block_n or min(32, be.pow2_at_least(up_offset))
         k_splits = 1
     else:
         block_n = block_n or cfg.block_n
@@ -248,9 +238,6 @@ def norm_matvec(x, parts, scale, w, *, eps: float, rope=None, head_dim: int | No
 
     full = lambda shape: pl.BlockSpec(shape, lambda j, s, nd=len(shape): (0,) * nd)  # noqa: E731
     args, in_specs = [x], [full(x.shape)]
-    if parts is not None:
-        args.append(parts.astype(jnp.float32))
-        in_specs.append(full(parts.shape))
     args.append(scale)
     in_specs.append(full(scale.shape))
     if w_index is not None:
@@ -271,24 +258,18 @@ def norm_matvec(x, parts, scale, w, *, eps: float, rope=None, head_dim: int | No
                      jax.ShapeDtypeStruct((k_splits, m), jnp.float32)]
         out_specs = [pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0)),
                      pl.BlockSpec((None, m), lambda j, s: (s, 0))]
-    write_h = parts is not None
-    if write_h:
-        out_shape.append(jax.ShapeDtypeStruct((m, k), x.dtype))
-        out_specs.append(full((m, k)))
 
     kernel = functools.partial(
-        _norm_matvec_kernel, m=m, k=k, n=n, rows=rows, block_n=block_n, block_k=block_k, per_split=per_split,
-        n_parts=0 if parts is None else parts.shape[0], eps=float(eps),
+        _norm_matvec_kernel, m=m, k=k, n=n, rows=rows, block_n=block_n, block_k=block_k, per_split=per_split, eps=float(eps),
         epilogue="rope" if rope is not None else "swiglu" if swiglu else "none", half=half,
-        rope_heads=rope_heads, up_offset=up_offset, has_index=w_index is not None, write_h=write_h,
-        final=swiglu,
+        rope_heads=rope_heads, up_offset=up_offset, has_index=w_index is not None, final=swiglu,
     )
     outs = be.pallas_call(kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                           name="norm_matvec")(*args)
     if swiglu:
-        return outs[0], None, outs[1] if write_h else x
-    return outs[0], outs[1], outs[2] if write_h else x
+        return outs[0], None
+    return outs[0], outs[1]
 
 
 def finish(parts, sumsq, k: int, eps: float):
