@@ -70,6 +70,25 @@ class CSM(nnx.Module):
         """Depth decoder over backbone-width inputs [B,T,D_bb] (projected here)."""
         return self.decoder(dense(inputs, self.projection[...], impl), start, cache, impl=impl)
 
+    def decoder_step_logits(self, inputs, start, cache: KVCache, codebook, *, impl="xla"):
+        """One depth-decoder step over inputs [B,1,D_bb] at positions start, then the logits of
+        `codebook` (≥ 1, may be traced): (float32 [B, V], cache). With the fused Pallas step the
+        final norm is folded into the head projection (one kernel instead of two)."""
+        from jaxtts import llama
+
+        x = dense(inputs, self.projection[...], impl)
+        if llama.fused_step_applies(x, None, impl):
+            from pallas_kernels.fused_decode import finish, norm_matvec
+
+            dec = self.decoder
+            h, cache = dec.fused_step(x, start, cache, interpret=impl == "pallas_interpret", final_norm=False)
+            parts, ss = norm_matvec(h, dec.norm.scale[...], self.audio_head[...],
+                                    w_index=jnp.reshape(codebook - 1, (1,)).astype(jnp.int32),
+                                    interpret=impl == "pallas_interpret")
+            return finish(parts, ss, dec.cfg.embed_dim, dec.cfg.norm_eps), cache
+        h, cache = self.decoder(x, start, cache, impl=impl)
+        return self.codebook_logits(h[:, -1], codebook), cache
+
     def codebook_logits(self, decoder_hidden, codebook: int | jax.Array):
         """Logits of codebook i ≥ 1 from the depth decoder's hidden state."""
         return jnp.dot(decoder_hidden, self.audio_head[...][codebook - 1], preferred_element_type=jnp.float32)

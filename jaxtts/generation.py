@@ -84,9 +84,9 @@ def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl, depth_un
     def depth_step(carry, inputs):
         prev, cache = carry
         i, k = inputs
-        h, cache = model.run_decoder(model.embed_audio(i - 1, prev)[:, None], jnp.full((b,), i, jnp.int32),
-                                     cache, impl=impl)
-        c = sampler.per_row(k, model.codebook_logits(h[:, 0], i))
+        logits, cache = model.decoder_step_logits(model.embed_audio(i - 1, prev)[:, None],
+                                                  jnp.full((b,), i, jnp.int32), cache, i, impl=impl)
+        c = sampler.per_row(k, logits)
         return (c, cache), c
 
     _, rest = jax.lax.scan(depth_step, (c1, cache), (jnp.arange(2, n, dtype=jnp.int32), keys[2:]),

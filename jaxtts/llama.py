@@ -81,6 +81,14 @@ MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows, no gain at 64
 USE_FUSED_STEP = True
 
 
+def fused_step_applies(x, lengths, impl: str) -> bool:
+    """Whether a call on x [B, T, D] takes `Llama.fused_step`: one new position per row, default
+    lengths, few rows, Pallas kernels on."""
+    b, t = x.shape[:2]
+    return (USE_FUSED_STEP and t == 1 and lengths is None and b <= MATVEC_MAX_ROWS
+            and impl in ("pallas", "pallas_interpret"))
+
+
 def dense(x, w, impl: str = "xla"):
     """x [..., K] @ w [K, N], float32 accumulation, result in x's dtype."""
     rows = math.prod(x.shape[:-1])
@@ -176,10 +184,9 @@ class Llama(nnx.Module):
 
         `lengths` (valid cache slots per row after this call) defaults to start + T.
         """
-        b, t = x.shape[:2]
-        if (USE_FUSED_STEP and t == 1 and lengths is None and b <= MATVEC_MAX_ROWS
-                and impl in ("pallas", "pallas_interpret")):
+        if fused_step_applies(x, lengths, impl):
             return self.fused_step(x, start, cache, interpret=impl == "pallas_interpret")
+        t = x.shape[1]
         pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         pos = jnp.minimum(pos, self.cfg.max_seq_len - 1)
         cos, sin = self.rope_cos[...][pos], self.rope_sin[...][pos]
@@ -192,11 +199,13 @@ class Llama(nnx.Module):
             vs.append(vc)
         return self.norm(x), KVCache(k=ks, v=vs)
 
-    def fused_step(self, x, start, cache: KVCache, *, interpret: bool = False):
+    def fused_step(self, x, start, cache: KVCache, *, interpret: bool = False, final_norm: bool = True):
         """`__call__` for one new position per row (x [B,1,D]) through the fused Pallas kernels
-        (pallas_kernels/fused_decode.py): the same computation in seven kernels per block."""
+        (pallas_kernels/fused_decode.py): the same computation in eight kernels per block.
+        With final_norm=False, returns the last residual stream [B, D] before the final norm
+        (for a caller that folds the norm into its output projection)."""
         from pallas_kernels import matvec
-        from pallas_kernels.fused_decode import attention_step, norm_matvec, residual_reference
+        from pallas_kernels.fused_decode import attention_step, finish, norm_matvec, residual_reference
 
         cfg = self.cfg
         pos = jnp.minimum(start, cfg.max_seq_len - 1)
@@ -206,15 +215,16 @@ class Llama(nnx.Module):
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             attn, mlp = layer.attn, layer.mlp
             h = residual_reference(h, parts)  # the previous block's MLP output
-            qkv, ss = norm_matvec(h, layer.attn_norm.scale[...], attn.qkv[...], eps=cfg.norm_eps, rope=rope,
-                                  head_dim=cfg.head_dim, rope_heads=cfg.num_heads + cfg.num_kv_heads,
-                                  interpret=interpret)
+            qkv, ss = norm_matvec(h, layer.attn_norm.scale[...], attn.qkv[...], rope=rope, head_dim=cfg.head_dim,
+                                  rope_heads=cfg.num_heads + cfg.num_kv_heads, interpret=interpret)
             o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
                                        eps=cfg.norm_eps, interpret=interpret)
             h = residual_reference(h, matvec(o, attn.out[...], partials=True, interpret=interpret))
-            act, _ = norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], eps=cfg.norm_eps, swiglu=True,
-                                 interpret=interpret)
-            parts = matvec(act, mlp.down[...], partials=True, interpret=interpret)
+            gate_up = finish(*norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], interpret=interpret),
+                             cfg.embed_dim, cfg.norm_eps).astype(h.dtype)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+            parts = matvec(jax.nn.silu(gate) * up, mlp.down[...], partials=True, interpret=interpret)
             ks.append(kc)
             vs.append(vc)
-        return self.norm(residual_reference(h, parts))[:, None], KVCache(k=ks, v=vs)
+        h = residual_reference(h, parts)
+        return (self.norm(h)[:, None] if final_norm else h), KVCache(k=ks, v=vs)

@@ -2,14 +2,14 @@
 
 At batch 1 a block step is ~15 small GPU kernels, and each costs 2-5 µs of ramp-up and tail
 whatever its work (docs/PERF.md). These kernels fold the glue into the projections, so that a
-block step is seven kernels, two of them tiny XLA additions:
+block step is eight kernels, three of them small XLA fusions:
 
     h          = residual(h, down_parts)                 # previous block's MLP output (XLA)
     qkv, ss    = norm_matvec(h, attn_norm, W_qkv, rope=(cos, sin))
     o, kc, vc  = attention_step(qkv, ss, kc, vc, pos)   # sums qkv, norm factor, attends, writes k/v
     o_parts    = matvec(o, W_out, partials=True)
     h          = residual(h, o_parts)                    # (XLA)
-    act, _     = norm_matvec(h, mlp_norm, W_gate_up, swiglu=True)
+    act        = swiglu(finish(*norm_matvec(h, mlp_norm, W_gate_up)))   # (XLA)
     down_parts = matvec(act, W_down, partials=True)
 
 The RMSNorm's row factor rsqrt(mean(h²) + eps) is a scalar per row, so it commutes with the
@@ -19,8 +19,9 @@ sums of squares on the way, and applies the factor at the end, or, when split ov
 Values are rounded to the model dtype where the unfused path (jaxtts.llama) rounds them, except
 that the norm's row factor is applied after the matmul, so the two agree to rounding.
 
-(Adding the residual's split partials in the consumer's prologue instead of the XLA fusion was
-measured slower: docs/PERF.md.)
+Measured slower and dropped (docs/PERF.md): adding the residual's split partials in the
+consumer's prologue instead of an XLA fusion, and a SwiGLU epilogue (gate and up tiles in one
+program) instead of an XLA fusion after a plain gate_up projection.
 
 `norm_matvec_reference` and `attention_step_reference` are the pure-jnp definitions.
 """
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend as be
-from pallas_kernels.matvec import default_config
+from pallas_kernels.matvec import default_config, default_k_splits
 
 # --- references -----------------------------------------------------------------------------------
 
@@ -51,11 +52,9 @@ def rms_norm_reference(h, scale, eps):
     return (y * scale.astype(jnp.float32)).astype(h.dtype)
 
 
-def norm_matvec_reference(x, scale, w, *, eps, rope=None, head_dim=None, rope_heads=0, swiglu=False,
-                          w_index=None):
-    """y = rmsnorm(x) @ w (compare with `finish` of norm_matvec's outputs), then RoPE on the first `rope_heads`
-    heads of y (cos/sin [M, head_dim/2], halves layout) or silu(gate) * up (w = [gate | up]).
-    y is float32 (before the final rounding) except for swiglu, which returns x's dtype."""
+def norm_matvec_reference(x, scale, w, *, eps, rope=None, head_dim=None, rope_heads=0, w_index=None):
+    """y = rmsnorm(x) @ w in float32 (compare with `finish` of norm_matvec's outputs), then RoPE
+    on the first `rope_heads` heads of y (cos/sin [M, head_dim/2], halves layout)."""
     if w_index is not None:
         w = w[w_index]
     y = jnp.dot(rms_norm_reference(x, scale, eps), w, precision="highest", preferred_element_type=jnp.float32)
@@ -68,9 +67,6 @@ def norm_matvec_reference(x, scale, w, *, eps, rope=None, head_dim=None, rope_he
         rot = jnp.stack([lo * c - hi * s, hi * c + lo * s], axis=2)
         is_rope = (jnp.arange(n // head_dim) < rope_heads)[None, :, None, None]
         y = jnp.where(is_rope, rot, yh).reshape(m, n)
-    if swiglu:
-        g, u = jnp.split(y.astype(x.dtype).astype(jnp.float32), 2, axis=-1)
-        return (g * jax.nn.sigmoid(g) * u).astype(x.dtype)
     return y
 
 
@@ -103,16 +99,15 @@ def _select(flag, a, b):
 
 # --- norm_matvec ------------------------------------------------------------------------------------
 
-def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, eps, epilogue, half, rope_heads,
-                        up_offset, has_index, final):
+def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, half, rope_heads, has_index):
     it = iter(refs)
     x_ref = next(it)
     scale_ref = next(it)
     idx_ref = next(it) if has_index else None
     w_ref = next(it)
-    cos_ref, sin_ref = (next(it), next(it)) if epilogue == "rope" else (None, None)
-    out_ref = next(it)
-    ss_ref = None if final else next(it)
+    cos_ref, sin_ref = (next(it), next(it)) if rope else (None, None)
+    out_ref, ss_ref = next(it), next(it)
+    n = out_ref.shape[-1]
     w_lead = (idx_ref[0],) if has_index else ()  # one indexer per load: Triton takes no chains
     dtype = x_ref.dtype
     row_ok = jnp.arange(rows) < m
@@ -123,14 +118,9 @@ def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, eps, 
     n0 = pl.program_id(0) * block_n  # first output column of this program
     column_zero = pl.program_id(0) == 0  # these programs also write the sums of squares
 
-    # Column tiles of W this program reads, as (first column, width): one, or two halves.
-    if epilogue == "rope":
-        tiles = [(n0, half), (n0 + half, half)]
-    elif epilogue == "swiglu":
-        tiles = [(n0, block_n), (n0 + up_offset, block_n)]
-    else:
-        tiles = [(n0, block_n)]
-    col_limit = [n if epilogue != "swiglu" else up_offset, n if epilogue != "swiglu" else 2 * up_offset]
+    # Column tiles of W this program reads, as (first column, width): the two halves of a head
+    # for RoPE, else one tile.
+    tiles = [(n0, half), (n0 + half, half)] if rope else [(n0, block_n)]
 
     def body(i, carry):
         ss, accs = carry
@@ -143,27 +133,24 @@ def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, eps, 
         # applied after the sum over K, so no program needs all of h before it starts.
         xs = (h * sc.astype(jnp.float32)[None, :]).astype(dtype)
         out = []
-        for t, ((c0, width), acc) in enumerate(zip(tiles, accs)):
-            wmask = k_ok[:, None] & (c0 + jnp.arange(width) < col_limit[min(t, 1)])[None, :]
+        for (c0, width), acc in zip(tiles, accs):
+            wmask = k_ok[:, None] & (c0 + jnp.arange(width) < n)[None, :]
             wt = be.load(w_ref.at[(*w_lead, pl.ds(start, block_k), pl.ds(c0, width))], mask=wmask, other=0)
             out.append(acc + be.dot(xs, wt.astype(dtype)))
         return ss + jnp.sum(h * h, axis=1), tuple(out)
 
     init = (jnp.zeros((rows,), jnp.float32), tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
     ss, accs = jax.lax.fori_loop(lo, hi, body, init)
-    if final:  # one split covers all of K: normalise here
-        inv = jax.lax.rsqrt(ss / k + eps)
-        accs = tuple(a * inv[:, None] for a in accs)
-    else:  # the consumer normalises: it gets this split's sum of squares
-        @pl.when(column_zero)
-        def _():
-            be.store(ss_ref.at[pl.ds(0, rows)], ss, mask=row_ok)
+
+    @pl.when(column_zero)  # the consumer normalises: it gets this split's sum of squares
+    def _():
+        be.store(ss_ref.at[pl.ds(0, rows)], ss, mask=row_ok)
 
     def store(c0, width, value, limit):
         mask = row_ok[:, None] & (c0 + jnp.arange(width) < limit)[None, :]
         be.store(out_ref.at[pl.ds(0, rows), pl.ds(c0, width)], value.astype(out_ref.dtype), mask=mask)
 
-    if epilogue == "rope":
+    if rope:
         lo_acc, hi_acc = accs
         cmask = row_ok[:, None]
         c = be.load(cos_ref.at[pl.ds(0, rows), :], mask=cmask, other=0)
@@ -174,30 +161,22 @@ def _norm_matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, eps, 
         hi_out = _select(rotate, hi_acc * c + lo_acc * s, hi_acc)
         store(n0, half, lo_out, n)
         store(n0 + half, half, hi_out, n)
-    elif epilogue == "swiglu":
-        g = accs[0].astype(dtype).astype(jnp.float32)
-        u = accs[1].astype(dtype).astype(jnp.float32)
-        store(n0, block_n, g * (1.0 / (1.0 + jnp.exp(-g))) * u, up_offset)
     else:
         store(n0, block_n, accs[0], n)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "head_dim", "rope_heads", "swiglu", "k_splits", "block_n",
-                                             "block_k", "num_warps", "num_stages", "interpret"))
-def norm_matvec(x, scale, w, *, eps: float, rope=None, head_dim: int | None = None, rope_heads: int = 0,
-                swiglu: bool = False, w_index=None, k_splits: int | None = None, block_n: int | None = None,
-                block_k: int | None = None, num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
-    """y = rmsnorm(x) * scale @ w.
+@functools.partial(jax.jit, static_argnames=("head_dim", "rope_heads", "k_splits", "block_n", "block_k",
+                                             "num_warps", "num_stages", "interpret"))
+def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_heads: int = 0, w_index=None,
+                k_splits: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+    """The matmul of rmsnorm(x) * scale @ w, leaving the norm's row factor to the consumer.
 
-    x [M, K] (M <= 64), scale [K], w [K, N] or [L, K, N] with
-    w_index an int32 [1] picking one. Epilogues:
-      rope=(cos, sin) ([M, head_dim/2] float32): rotate the halves of each of the first
-        `rope_heads` heads of y (heads of `head_dim` columns);
-      swiglu=True: w = [gate | up] ([K, 2F]); y = silu(gate) * up [M, F] in x's dtype.
-    Returns (y, sumsq). Without swiglu, y is float32 partial sums [splits, M, N] of
-    (x * scale) @ w and sumsq [splits, M] the matching partial sums of x²: `finish(y, sumsq, K,
-    eps)` (or the next kernel) applies the norm's row factor. swiglu needs the full sums, so it
-    uses one split, normalises itself and returns (y, None).
+    x [M, K] (M <= 64), scale [K], w [K, N] or [L, K, N] with w_index an int32 [1] picking one.
+    rope=(cos, sin) ([M, head_dim/2] float32) rotates the halves of each of the first
+    `rope_heads` heads of the result (heads of `head_dim` columns).
+    Returns (y, sumsq): float32 partial sums y [splits, M, N] of (x * scale) @ w and sumsq
+    [splits, M] of x². `finish(y, sumsq, K, eps)` (or the next kernel) gives the result.
     """
     m, k = x.shape
     n = w.shape[-1]
@@ -209,28 +188,18 @@ def norm_matvec(x, scale, w, *, eps: float, rope=None, head_dim: int | None = No
         raise ValueError("pass w_index exactly when w is a stack [L, K, N]")
     cfg = default_config(m, k, n)
     block_k = block_k or cfg.block_k
-    half, up_offset = 0, 0
+    half = 0
     if rope is not None:
         if not head_dim or n % head_dim:
             raise ValueError(f"rope needs head_dim dividing N={n}, got {head_dim}")
         half = head_dim // 2
         block_n = head_dim
-    elif swiglu:
-        if n % 2:
-            raise ValueError(f"swiglu needs w = [gate | up] with an even N, got {n}")
-        up_offset = n // 2
-        # Two tiles per program (gate and up): half-width ones keep ~256 programs.
-        block_n = block_n or min(32, be.pow2_at_least(up_offset))
-        k_splits = 1
     else:
         block_n = block_n or cfg.block_n
-    out_cols = up_offset if swiglu else n
-    n_blocks = pl.cdiv(out_cols, block_n)
+    n_blocks = pl.cdiv(n, block_n)
     k_blocks = pl.cdiv(k, block_k)
     if k_splits is None:
-        from pallas_kernels.matvec import default_k_splits
-
-        k_splits = default_k_splits(m, k, out_cols, block_n, block_k)
+        k_splits = default_k_splits(m, k, n, block_n, block_k)
     k_splits = min(k_splits, k_blocks)
     per_split = pl.cdiv(k_blocks, k_splits)
     k_splits = pl.cdiv(k_blocks, per_split)
@@ -250,26 +219,17 @@ def norm_matvec(x, scale, w, *, eps: float, rope=None, head_dim: int | None = No
         args += [cos, sin]
         in_specs += [full(cos.shape), full(sin.shape)]
 
-    if swiglu:
-        out_shape = [jax.ShapeDtypeStruct((m, out_cols), x.dtype)]
-        out_specs = [full((m, out_cols))]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32),
-                     jax.ShapeDtypeStruct((k_splits, m), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0)),
-                     pl.BlockSpec((None, m), lambda j, s: (s, 0))]
-
+    out_shape = [jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32),
+                 jax.ShapeDtypeStruct((k_splits, m), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0)), pl.BlockSpec((None, m), lambda j, s: (s, 0))]
     kernel = functools.partial(
-        _norm_matvec_kernel, m=m, k=k, n=n, rows=rows, block_n=block_n, block_k=block_k, per_split=per_split, eps=float(eps),
-        epilogue="rope" if rope is not None else "swiglu" if swiglu else "none", half=half,
-        rope_heads=rope_heads, up_offset=up_offset, has_index=w_index is not None, final=swiglu,
+        _norm_matvec_kernel, m=m, k=k, rows=rows, block_n=block_n, block_k=block_k, per_split=per_split,
+        rope=rope is not None, half=half, rope_heads=rope_heads, has_index=w_index is not None,
     )
-    outs = be.pallas_call(kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
-                          out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                          name="norm_matvec")(*args)
-    if swiglu:
-        return outs[0], None
-    return outs[0], outs[1]
+    y, sumsq = be.pallas_call(kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
+                              out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                              name="norm_matvec")(*args)
+    return y, sumsq
 
 
 def finish(parts, sumsq, k: int, eps: float):
