@@ -13,9 +13,9 @@ block step is eight kernels, three of them small XLA fusions:
     down_parts = matvec(act, W_down, partials=True)
 
 The RMSNorm's row factor rsqrt(mean(h²) + eps) is a scalar per row, so it commutes with the
-matmul (and with RoPE): norm_matvec multiplies h * scale by W as it streams K, accumulates the
-sums of squares on the way, and applies the factor at the end, or, when split over K, leaves it
-(with the partial sums of squares) to the consumer. No program needs all of h before it starts.
+matmul (and with RoPE): norm_matvec multiplies h * scale (an XLA multiply fused into h's
+producer) by W, sums the squares of its own part of h, and leaves the factor (with the partial
+sums of squares) to the consumer. No program needs all of h before it starts.
 Values are rounded to the model dtype where the unfused path (jaxtts.llama) rounds them, except
 that the norm's row factor is applied after the matmul, so the two agree to rounding.
 
@@ -91,6 +91,9 @@ def attention_step_reference(qkv, k_cache, v_cache, pos, *, num_heads):
     return o.reshape(m, num_heads * d).astype(dtype), k_cache, v_cache
 
 
+NORM_CHUNK = 1024  # columns per load of the sum-of-squares pass
+
+
 def _select(flag, a, b):
     """where(flag, a, b) for a scalar flag (Triton's lowering wants the condition full-shaped)."""
     a = jnp.asarray(a, jnp.float32) + jnp.zeros(jnp.shape(b), jnp.float32)
@@ -99,10 +102,11 @@ def _select(flag, a, b):
 
 # --- norm_matvec ------------------------------------------------------------------------------------
 
-def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, half, rope_heads, has_index):
+def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, half, rope_heads, has_index,
+                        norm_rows, norm_chunk):
     it = iter(refs)
     x_ref = next(it)
-    scale_ref = next(it)
+    xs_ref = next(it)
     idx_ref = next(it) if has_index else None
     w_ref = next(it)
     cos_ref, sin_ref = (next(it), next(it)) if rope else (None, None)
@@ -122,29 +126,38 @@ def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, ha
     # for RoPE, else one tile.
     tiles = [(n0, half), (n0 + half, half)] if rope else [(n0, block_n)]
 
-    def body(i, carry):
-        ss, accs = carry
+    # Sum of squares of this program's part of x, in a few wide loads before the main loop (in
+    # the loop, loads that do not feed the dot directly stall its pipelining: measured).
+    k_lo, k_hi = lo * block_k, jnp.minimum(hi * block_k, k)
+    nrow_ok = jnp.arange(norm_rows) < m
+
+    def sumsq(i, ss):
+        start = k_lo + i * norm_chunk
+        mask = nrow_ok[:, None] & (start + jnp.arange(norm_chunk) < k_hi)[None, :]
+        h = be.load(x_ref.at[pl.ds(0, norm_rows), pl.ds(start, norm_chunk)], mask=mask, other=0)
+        return ss + jnp.sum(h.astype(jnp.float32) ** 2, axis=1)
+
+    ss = jax.lax.fori_loop(0, pl.cdiv(per_split * block_k, norm_chunk), sumsq, jnp.zeros((norm_rows,), jnp.float32))
+
+    # rmsnorm(h) * scale @ W == rsqrt(mean(h²) + eps) * ((h * scale) @ W): the row factor is
+    # applied after the sum over K, so the loop is a plain matvec over xs = h * scale.
+    def body(i, accs):
         start = pl.multiple_of(i * block_k, block_k)
         k_ok = start + jnp.arange(block_k) < k
-        mask = row_ok[:, None] & k_ok[None, :]
-        h = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=mask, other=0).astype(jnp.float32)
-        sc = be.load(scale_ref.at[pl.ds(start, block_k)], mask=k_ok, other=0)
-        # rmsnorm(h) * scale @ W == rsqrt(mean(h²) + eps) * ((h * scale) @ W): the row factor is
-        # applied after the sum over K, so no program needs all of h before it starts.
-        xs = (h * sc.astype(jnp.float32)[None, :]).astype(dtype)
+        xs = be.load(xs_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=row_ok[:, None] & k_ok[None, :],
+                     other=0)
         out = []
         for (c0, width), acc in zip(tiles, accs):
             wmask = k_ok[:, None] & (c0 + jnp.arange(width) < n)[None, :]
             wt = be.load(w_ref.at[(*w_lead, pl.ds(start, block_k), pl.ds(c0, width))], mask=wmask, other=0)
             out.append(acc + be.dot(xs, wt.astype(dtype)))
-        return ss + jnp.sum(h * h, axis=1), tuple(out)
+        return tuple(out)
 
-    init = (jnp.zeros((rows,), jnp.float32), tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
-    ss, accs = jax.lax.fori_loop(lo, hi, body, init)
+    accs = jax.lax.fori_loop(lo, hi, body, tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
 
     @pl.when(column_zero)  # the consumer normalises: it gets this split's sum of squares
     def _():
-        be.store(ss_ref.at[pl.ds(0, rows)], ss, mask=row_ok)
+        be.store(ss_ref.at[pl.ds(0, norm_rows)], ss, mask=nrow_ok)
 
     def store(c0, width, value, limit):
         mask = row_ok[:, None] & (c0 + jnp.arange(width) < limit)[None, :]
@@ -206,9 +219,9 @@ def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_hea
     rows = be.pow2_at_least(m)
 
     full = lambda shape: pl.BlockSpec(shape, lambda j, s, nd=len(shape): (0,) * nd)  # noqa: E731
-    args, in_specs = [x], [full(x.shape)]
-    args.append(scale)
-    in_specs.append(full(scale.shape))
+    # x * scale, rounded as the norm's output is: under jit XLA fuses it into x's producer.
+    xs = (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
+    args, in_specs = [x, xs], [full(x.shape), full(x.shape)]
     if w_index is not None:
         args.append(jnp.asarray(w_index, jnp.int32).reshape(1))
         in_specs.append(full((1,)))
@@ -225,6 +238,7 @@ def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_hea
     kernel = functools.partial(
         _norm_matvec_kernel, m=m, k=k, rows=rows, block_n=block_n, block_k=block_k, per_split=per_split,
         rope=rope is not None, half=half, rope_heads=rope_heads, has_index=w_index is not None,
+        norm_rows=be.pow2_at_least(m, 1), norm_chunk=min(NORM_CHUNK, be.pow2_at_least(per_split * block_k, 1)),
     )
     y, sumsq = be.pallas_call(kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
                               out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
