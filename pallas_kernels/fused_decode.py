@@ -331,7 +331,7 @@ def default_step_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) -
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "model_dim", "eps", "block_k", "num_splits", "num_warps", "num_stages",
-                                             "interpret"), donate_argnames=("k_cache", "v_cache"))
+                                             "interpret"))
 def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, model_dim: int, eps: float,
                    block_k: int | None = None,
                    num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
@@ -340,7 +340,8 @@ def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, m
 
     qkv_parts float32 [P, M, (H + 2 Hkv) * D] and sumsq [P, M] from norm_matvec (q and k
     already rotated; the norm's row factor over `model_dim` inputs is applied here), k/v caches
-    [M, S, Hkv, D] (updated in place: the new key/value go to slot pos[b]), pos [M] int32.
+    [M, S, Hkv, D] (the new key/value go to slot pos[b]; in place under jit when the caller
+    donates or no longer needs the caches), pos [M] int32.
     Row b attends over slots 0..pos[b]. Returns (o [M, H * D], k_cache, v_cache).
     """
     n_parts, m, width = qkv_parts.shape
