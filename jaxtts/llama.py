@@ -77,7 +77,7 @@ MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows, no gain at 64
 
 
 # Decode steps (one new position, ≤ MATVEC_MAX_ROWS rows) with the Pallas kernels on run each
-# block as five fused kernels (pallas_kernels/fused_decode.py) instead of ~15 small ones.
+# block as eight kernels (pallas_kernels/fused_decode.py) instead of ~22.
 USE_FUSED_STEP = True
 
 
@@ -97,6 +97,12 @@ def dense(x, w, impl: str = "xla"):
 
         return matvec(x, w, interpret=impl == "pallas_interpret")
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def swiglu(gate_up):
+    """silu(gate) * up of a fused [..., 2F] gate/up projection."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
 
 
 def _write_rows(cache, new, start):
@@ -150,8 +156,7 @@ class MLP(nnx.Module):
         self.down = _init(rngs, (cfg.intermediate_dim, cfg.embed_dim), dtype)
 
     def __call__(self, x, impl="xla"):
-        gate, up = jnp.split(dense(x, self.gate_up[...], impl), 2, axis=-1)
-        return dense(jax.nn.silu(gate) * up, self.down[...], impl)
+        return dense(swiglu(dense(x, self.gate_up[...], impl)), self.down[...], impl)
 
 
 class Block(nnx.Module):
@@ -205,7 +210,7 @@ class Llama(nnx.Module):
         With final_norm=False, returns the last residual stream [B, D] before the final norm
         (for a caller that folds the norm into its output projection)."""
         from pallas_kernels import matvec
-        from pallas_kernels.fused_decode import attention_step, finish, norm_matvec, residual_reference
+        from pallas_kernels.fused_decode import attention_step, finish, norm_matvec, add_residual
 
         cfg = self.cfg
         pos = jnp.minimum(start, cfg.max_seq_len - 1)
@@ -214,17 +219,16 @@ class Llama(nnx.Module):
         ks, vs = [], []
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             attn, mlp = layer.attn, layer.mlp
-            h = residual_reference(h, parts)  # the previous block's MLP output
+            h = add_residual(h, parts)  # the previous block's MLP output
             qkv, ss = norm_matvec(h, layer.attn_norm.scale[...], attn.qkv[...], rope=rope, head_dim=cfg.head_dim,
                                   rope_heads=cfg.num_heads + cfg.num_kv_heads, interpret=interpret)
             o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
                                        eps=cfg.norm_eps, interpret=interpret)
-            h = residual_reference(h, matvec(o, attn.out[...], partials=True, interpret=interpret))
+            h = add_residual(h, matvec(o, attn.out[...], partials=True, interpret=interpret))
             gate_up = finish(*norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], interpret=interpret),
                              cfg.embed_dim, cfg.norm_eps).astype(h.dtype)
-            gate, up = jnp.split(gate_up, 2, axis=-1)
-            parts = matvec(jax.nn.silu(gate) * up, mlp.down[...], partials=True, interpret=interpret)
+            parts = matvec(swiglu(gate_up), mlp.down[...], partials=True, interpret=interpret)
             ks.append(kc)
             vs.append(vc)
-        h = residual_reference(h, parts)
+        h = add_residual(h, parts)
         return (self.norm(h)[:, None] if final_norm else h), KVCache(k=ks, v=vs)

@@ -52,6 +52,16 @@ def default_num_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) ->
     return max(1, min(want, pl.cdiv(seq_len, block_k)))
 
 
+def fold_key_block(q, k, v, key_ok, scale, acc, m, l):
+    """Online softmax: fold one block of keys k / values v [block, D] (key_ok marks the real ones)
+    into a query tile's running output acc [rows, D], max m and sum l [rows]."""
+    s = jnp.where(key_ok[None, :], be.dot(q, k, trans_b=True) * scale, be.NEG_INF)  # [rows, block]
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    return acc * alpha[:, None] + be.dot(p.astype(v.dtype), v), m_new, l * alpha + jnp.sum(p, axis=1)
+
+
 def _decode_kernel(*refs, scale, block_k, num_splits, group, rows, seq_len, has_q_start):
     if has_q_start:
         len_ref, qs_ref, q_ref, k_ref, v_ref, *out_refs = refs
@@ -75,15 +85,8 @@ def _decode_kernel(*refs, scale, block_k, num_splits, group, rows, seq_len, has_
         key_ok = start + jnp.arange(block_k) < limit
         k = be.load(k_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0)
         v = be.load(v_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0)
-        s = be.dot(q, k, trans_b=True) * scale  # [rows, block_k]
         # Every block in [lo, hi) holds at least one visible key, so each row's max is real.
-        s = jnp.where(key_ok[None, :], s, be.NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + be.dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return fold_key_block(q, k, v, key_ok, scale, acc, m, l)
 
     head_dim = q_ref.shape[-1]
     init = (

@@ -35,11 +35,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend as be
+from pallas_kernels.decode_attention import fold_key_block
 from pallas_kernels.matvec import default_config, default_k_splits
 
 # --- references -----------------------------------------------------------------------------------
 
-def residual_reference(x, parts):
+def add_residual(x, parts):
     """x + (sum of parts, rounded to x's dtype), in x's dtype; x itself when parts is None."""
     if parts is None:
         return x
@@ -301,11 +302,7 @@ def _attention_step_kernel(pos_ref, qkv_ref, ss_ref, k_ref, v_ref, *out_refs, n_
         key_ok = start + jnp.arange(block_k) < pos
         kt = be.load(k_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0)
         vt = be.load(v_ref.at[pl.ds(start, block_k), :], mask=key_ok[:, None], other=0)
-        s = jnp.where(key_ok[None, :], be.dot(q, kt, trans_b=True) * scale, be.NEG_INF)
-        m_new = jnp.maximum(m_run, jnp.max(s, axis=1))
-        alpha = jnp.exp(m_run - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        return acc * alpha[:, None] + be.dot(p.astype(dtype), vt), m_new, l_run * alpha + jnp.sum(p, axis=1)
+        return fold_key_block(q, kt, vt, key_ok, scale, acc, m_run, l_run)
 
     acc, m_run, l_run = jax.lax.fori_loop(lo, hi, body, (acc0, m0, l0))
 

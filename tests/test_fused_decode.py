@@ -12,7 +12,7 @@ from pallas_kernels.fused_decode import (
     finish,
     norm_matvec,
     norm_matvec_reference,
-    residual_reference,
+    add_residual,
 )
 from pallas_kernels.matvec import matvec
 
@@ -40,10 +40,10 @@ def test_norm_matvec_plain(m, k, n, splits, dtype, tol):
     _close(finish(y, ss, k, 1e-5), y_ref, tol)
 
 
-def test_residual_reference_rounds_like_the_model():
+def test_add_residual_rounds_like_the_model():
     x, parts = _rand(0, (2, 8), jnp.bfloat16), _rand(1, (3, 2, 8), jnp.float32)
     want = x + jnp.sum(parts, axis=0).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(residual_reference(x, parts), np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(add_residual(x, parts), np.float32), np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("heads,kv,d", [(32, 8, 64), (8, 2, 128)])
