@@ -148,13 +148,14 @@ def time_decode(model, sampler, *, batch, chunk, reps, prompt_tokens, impl, dept
     return statistics.median(times)
 
 
-def kernel_profile(model, sampler, *, chunk, prompt_tokens, impl, top: int = 30) -> dict:
-    """GPU kernels of one warm batch-1 chunk (CUPTI): count, busy time (sum of durations) and span
+def kernel_profile(model, sampler, *, chunk, prompt_tokens, impl, top: int = 30, batch: int = 1) -> dict:
+    """GPU kernels of one warm chunk (CUPTI): count, busy time (sum of durations) and span
     (first start to last end) per frame, and the kernels that cost the most per frame."""
     from jaxtts.generation import decode_chunk
     from pallas_kernels._report import gpu_kernel_events
 
-    state = _prompt_state(model, 1, prompt_tokens, min(model.cfg.backbone.max_seq_len, prompt_tokens + 4 * chunk), impl)
+    state = _prompt_state(model, batch, prompt_tokens, min(model.cfg.backbone.max_seq_len, prompt_tokens + 4 * chunk),
+                          impl)
     for _ in range(2):
         state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl)
         _sync(frames)

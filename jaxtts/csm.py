@@ -70,24 +70,33 @@ class CSM(nnx.Module):
         """Depth decoder over backbone-width inputs [B,T,D_bb] (projected here)."""
         return self.decoder(dense(inputs, self.projection[...], impl), start, cache, impl=impl)
 
-    def decoder_step_logits(self, inputs, start, cache: KVCache, codebook, *, impl="xla"):
-        """One depth-decoder step over inputs [B,1,D_bb] at positions start, then the logits of
-        `codebook` (≥ 1, may be traced): (float32 [B, V], cache). With the fused Pallas step the
-        final norm is folded into the head projection (one kernel instead of two)."""
+    def decoder_step_logits(self, inputs, start, cache: KVCache, codebook, *, impl="xla", projected=False):
+        """One depth-decoder step over inputs [B,1,D_bb] (or [B,1,D_dec] already `projected`) at
+        positions start, then the logits of `codebook` (≥ 1, may be traced): (logits, cache).
+
+        The logits are float32 [B, V], or with the fused Pallas step a `SplitLogits` (the head's
+        partial sums with the final norm folded in, one kernel instead of two) for the sampling
+        kernel to finish."""
         from jaxtts import llama
 
-        x = dense(inputs, self.projection[...], impl)
+        x = inputs if projected else dense(inputs, self.projection[...], impl)
         if llama.fused_step_applies(x, None, impl):
-            from pallas_kernels.fused_decode import finish, norm_matvec
+            from pallas_kernels.fused_decode import SplitLogits, norm_matvec
 
             dec = self.decoder
             h, cache = dec.fused_step(x, start, cache, interpret=impl == "pallas_interpret", final_norm=False)
             parts, ss = norm_matvec(h, dec.norm.scale[...], self.audio_head[...],
                                     w_index=jnp.reshape(codebook - 1, (1,)).astype(jnp.int32),
                                     interpret=impl == "pallas_interpret")
-            return finish(parts, ss, dec.cfg.embed_dim, dec.cfg.norm_eps), cache
+            return SplitLogits(parts, ss, dec.cfg.embed_dim, dec.cfg.norm_eps), cache
         h, cache = self.decoder(x, start, cache, impl=impl)
         return self.codebook_logits(h[:, -1], codebook), cache
+
+    def projected_audio_embeddings(self):
+        """The audio embeddings through the decoder's input projection, [32·V, D_dec] in the model
+        dtype: a table lookup then replaces one matvec per depth step."""
+        return jnp.dot(self.audio_embeddings[...], self.projection[...],
+                       preferred_element_type=jnp.float32).astype(self.dtype)
 
     def codebook_logits(self, decoder_hidden, codebook: int | jax.Array):
         """Logits of codebook i ≥ 1 from the depth decoder's hidden state."""

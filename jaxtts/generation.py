@@ -10,6 +10,7 @@ the GPU sync with the host every frame.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import weakref
 from functools import partial
 
 import jax
@@ -70,27 +71,34 @@ def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, ke
                        done=jnp.zeros((b,), bool))
 
 
-def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl, depth_unroll: int = 1):
-    """One frame of codes [B, 32] from the backbone's last hidden state [B, D]."""
+def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl, depth_unroll: int = 1, audio_table=None):
+    """One frame of codes [B, 32] from the backbone's last hidden state [B, D].
+
+    The frame's sampling noise is drawn up front from each row's keys (one kernel instead of a
+    PRNG per draw). `audio_table` (`CSM.projected_audio_embeddings`) replaces the depth decoder's
+    input projection of each new code by a row lookup."""
     b = hidden.shape[0]
-    n = model.cfg.audio_num_codebooks
+    n, vocab = model.cfg.audio_num_codebooks, model.cfg.audio_vocab_size
     keys = jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(row_keys)  # [n, B]
-    c0 = sampler.per_row(keys[0], model.codebook0_logits(hidden))
+    noise = sampler.noise(keys, vocab)  # [n, B, V]
+    c0 = sampler.draw(model.codebook0_logits(hidden), noise, 0, impl)
     # The depth decoder starts afresh each frame: [last hidden, emb(c0)] at positions 0 and 1.
     x = jnp.stack([hidden, model.embed_audio(0, c0)], axis=1)
     h, cache = model.run_decoder(x, jnp.zeros((b,), jnp.int32), model.decoder_cache(b), impl=impl)
-    c1 = sampler.per_row(keys[1], model.codebook_logits(h[:, -1], 1))
+    c1 = sampler.draw(model.codebook_logits(h[:, -1], 1), noise, 1, impl)
 
-    def depth_step(carry, inputs):
+    def depth_step(carry, i):
         prev, cache = carry
-        i, k = inputs
-        logits, cache = model.decoder_step_logits(model.embed_audio(i - 1, prev)[:, None],
-                                                  jnp.full((b,), i, jnp.int32), cache, i, impl=impl)
-        c = sampler.per_row(k, logits)
+        if audio_table is None:
+            inputs = model.embed_audio(i - 1, prev)
+        else:
+            inputs = audio_table[prev + (i - 1) * vocab]
+        logits, cache = model.decoder_step_logits(inputs[:, None], jnp.full((b,), i, jnp.int32), cache, i,
+                                                  impl=impl, projected=audio_table is not None)
+        c = sampler.draw(logits, noise, i, impl)
         return (c, cache), c
 
-    _, rest = jax.lax.scan(depth_step, (c1, cache), (jnp.arange(2, n, dtype=jnp.int32), keys[2:]),
-                           unroll=depth_unroll)
+    _, rest = jax.lax.scan(depth_step, (c1, cache), jnp.arange(2, n, dtype=jnp.int32), unroll=depth_unroll)
     return jnp.concatenate([c0[:, None], c1[:, None], rest.T], axis=1)
 
 
@@ -104,13 +112,13 @@ def frame_rows(frames):
 
 @partial(jax.jit, static_argnames=("graphdef", "num_frames", "impl", "depth_unroll"), donate_argnames=("state",))
 def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, impl: str,
-                  depth_unroll: int):
+                  depth_unroll: int, audio_table):
     model = nnx.merge(graphdef, weights)
 
     def frame_step(state: DecodeState, _):
         split = jax.vmap(jax.random.split)(state.key)  # [B, 2]
         key, sub = split[:, 0], split[:, 1]
-        frame = _sample_frame(model, sampler, state.hidden, sub, impl, depth_unroll)
+        frame = _sample_frame(model, sampler, state.hidden, sub, impl, depth_unroll, audio_table)
         frame = jnp.where(state.done[:, None], 0, frame)
         eos = jnp.all(frame == 0, axis=1)
         emitted = ~state.done & ~eos
@@ -127,6 +135,22 @@ def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_f
 # Depth-decoder steps unrolled per loop iteration (a speed knob; results are identical).
 DEPTH_UNROLL = 1
 
+# Look the depth decoder's projected code embeddings up in a precomputed table (134 MB for CSM-1B
+# in bf16) when the Pallas kernels are on; on CPU building the table costs more than it saves.
+USE_AUDIO_TABLE = True
+_AUDIO_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def audio_table(model: CSM):
+    """`model.projected_audio_embeddings()`, computed once per set of weights (new weights, e.g.
+    after fine-tuning, are new arrays and get a new table)."""
+    emb, proj = model.audio_embeddings.get_value(), model.projection.get_value()
+    hit = _AUDIO_TABLES.get(model)
+    if hit is None or hit[0] is not emb or hit[1] is not proj:
+        hit = (emb, proj, model.projected_audio_embeddings())
+        _AUDIO_TABLES[model] = hit
+    return hit[2]
+
 
 def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, impl=None,
                  depth_unroll: int | None = None):
@@ -134,9 +158,10 @@ def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: i
 
     `emitted[n, b]` is False from the row's end-of-speech frame on (that frame included).
     """
+    impl = impl or default_impl()
+    table = audio_table(model) if USE_AUDIO_TABLE and impl in ("pallas", "pallas_interpret") else None
     graphdef, weights = nnx.split(model)
-    return _decode_chunk(graphdef, weights, state, sampler, num_frames, impl or default_impl(),
-                         depth_unroll or DEPTH_UNROLL)
+    return _decode_chunk(graphdef, weights, state, sampler, num_frames, impl, depth_unroll or DEPTH_UNROLL, table)
 
 
 def check_length(model: CSM, prompt_len: int, max_frames: int) -> None:

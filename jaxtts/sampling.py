@@ -45,16 +45,41 @@ class Sampler:
     def per_row(self, keys, logits):
         """Draw row b of logits [B, V] with its own key keys[b]: a row's draws never depend on the
         other rows of a batch, so batching gives each prompt exactly what it gets alone."""
-        if self.greedy:
-            return self(None, logits)
-        return jax.vmap(lambda k, row: self(k, row[None])[0])(keys, logits)
+        return self.draw(logits, self.noise(keys, logits.shape[-1])[None] if not self.greedy else None, 0)
 
-    def __call__(self, key, logits):
-        """Draw one id per row from float logits [B, V] → int32 [B]."""
-        logits = logits.astype(jnp.float32)
+    def noise(self, keys, vocab: int):
+        """The Gumbel noise `draw` uses, one row per key: keys [...] → float32 [..., V] (None when
+        greedy). Row [..., :] is the noise `jax.random.categorical(key, ...)` would draw."""
         if self.greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logits = logits / self.temperature
+            return None
+        from pallas_kernels.sample_top_k import gumbel_noise
+
+        return gumbel_noise(keys, vocab)
+
+    def draw(self, logits, noise, step, impl: str = "xla"):
+        """Draw one id per row from logits [B, V] (float, or the head's `SplitLogits`) with the
+        precomputed noise[step] [B, V] (from `noise`): what `__call__` gives with that row's key.
+        With the Pallas kernels on, temperature + top-k + the draw are one kernel."""
+        from pallas_kernels.fused_decode import SplitLogits
+        from pallas_kernels.sample_top_k import sample_top_k
+
+        if SAMPLE_KERNEL and impl in ("pallas", "pallas_interpret") and not (self.greedy or self.use_top_p
+                                                                             or self.use_min_p):
+            if isinstance(logits, SplitLogits):
+                return sample_top_k(logits.parts, noise, step, self.temperature, top_k=self.top_k,
+                                    sumsq=logits.sumsq, norm_dim=logits.norm_dim, eps=logits.eps,
+                                    interpret=impl == "pallas_interpret")
+            return sample_top_k(logits.astype(jnp.float32), noise, step, self.temperature, top_k=self.top_k,
+                                interpret=impl == "pallas_interpret")
+        if isinstance(logits, SplitLogits):
+            logits = logits.finish()
+        if self.greedy:
+            return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+        return jnp.argmax(self.filtered(logits) + noise[step], axis=-1).astype(jnp.int32)
+
+    def filtered(self, logits):
+        """logits / temperature (float32 [B, V]), -inf outside the top-k / top-p / min-p sets."""
+        logits = logits.astype(jnp.float32) / self.temperature
         if 0 < self.top_k < logits.shape[-1]:
             logits = jnp.where(top_k_mask(logits, self.top_k), logits, -jnp.inf)
         if self.use_top_p:
@@ -63,8 +88,17 @@ class Sampler:
             probs = jax.nn.softmax(logits, axis=-1)
             keep = probs >= self.min_p * jnp.max(probs, axis=-1, keepdims=True)
             logits = jnp.where(keep, logits, -jnp.inf)
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return logits
 
+    def __call__(self, key, logits):
+        """Draw one id per row from float logits [B, V] → int32 [B]."""
+        if self.greedy:
+            return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, self.filtered(logits), axis=-1).astype(jnp.int32)
+
+
+# Draw with the Pallas sampling kernel when the Pallas kernels are on (False: the XLA ops).
+SAMPLE_KERNEL = True
 
 # How the top-k set is found: "sort" (lax.top_k) or "rank" (count the larger logits of each entry,
 # one fused compare-and-reduce: fewer, cheaper GPU kernels than a sort). Both give the same set.

@@ -28,6 +28,7 @@ program) instead of an XLA fusion after a plain gate_up projection.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -252,6 +253,21 @@ def finish(parts, sumsq, k: int, eps: float):
     rsqrt(mean(h²) + eps) (the norm's row factor, which the kernel leaves to its consumer)."""
     inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=0) / k + eps)
     return jnp.sum(parts, axis=0) * inv[:, None]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SplitLogits:
+    """Logits left as norm_matvec's outputs, for a consumer that finishes them itself (the
+    sampling kernel): `finish(parts, sumsq, norm_dim, eps)` is the float32 [M, V] they stand for."""
+
+    parts: jax.Array  # float32 [P, M, V]
+    sumsq: jax.Array  # float32 [P, M]
+    norm_dim: int = dataclasses.field(metadata=dict(static=True))
+    eps: float = dataclasses.field(metadata=dict(static=True))
+
+    def finish(self):
+        return finish(self.parts, self.sumsq, self.norm_dim, self.eps)
 
 
 # --- attention_step -------------------------------------------------------------------------------

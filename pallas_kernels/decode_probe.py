@@ -1,0 +1,108 @@
+"""GPU A/B of decode-loop variants at batch 1 and batch 64, with kernel profiles, in one process.
+
+    python -m pallas_kernels.decode_probe [--out DIR] [--variants a,b,...] [--batches 1,64]
+
+Random full-size CSM-1B in bf16, prompt of 100 text rows, chunks of 16 frames. For each variant
+and batch: ms per frame step (median of 4 warm chunks) and, with --profile, the GPU kernels of
+one chunk (CUPTI): count, busy time and the costliest kernels. Each variant is a set of module
+switches (see VARIANTS); the default state is restored after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+
+from pallas_kernels._report import Budget, log, write_log
+
+
+def _switch(settings: dict):
+    """Apply {"module.ATTR": value}; return the previous values."""
+    import importlib
+
+    old = {}
+    for name, value in settings.items():
+        mod, attr = name.rsplit(".", 1)
+        m = importlib.import_module(mod)
+        old[name] = getattr(m, attr)
+        setattr(m, attr, value)
+    return old
+
+
+# name → module switches. "default" is the code as shipped.
+VARIANTS = {
+    "default": {},
+    "topk_sort": {"jaxtts.sampling.TOP_K_METHOD": "sort"},
+    "topk_rank": {"jaxtts.sampling.TOP_K_METHOD": "rank"},
+    "fused64": {"jaxtts.llama.MATVEC_MAX_ROWS": 64},
+    "fused64_sort": {"jaxtts.llama.MATVEC_MAX_ROWS": 64, "jaxtts.sampling.TOP_K_METHOD": "sort"},
+    "no_fused": {"jaxtts.llama.USE_FUSED_STEP": False},
+    "xla_sampling": {"jaxtts.sampling.SAMPLE_KERNEL": False},
+    "xla_sampling_sort": {"jaxtts.sampling.SAMPLE_KERNEL": False, "jaxtts.sampling.TOP_K_METHOD": "sort"},
+    "no_table": {"jaxtts.generation.USE_AUDIO_TABLE": False},
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="directory for probe.json and probe.md")
+    ap.add_argument("--variants", default="default,topk_sort,fused64,fused64_sort")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--profile", default="default", help="variants to profile with CUPTI (comma list)")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
+    args = ap.parse_args(argv)
+    from jaxtts import bench
+    from jaxtts.config import preset
+    from jaxtts.csm import CSM
+    from jaxtts.sampling import Sampler
+
+    budget = Budget(args.budget)
+    dev = jax.devices()[0]
+    log(f"device: {dev.device_kind}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    model = CSM.random(preset("csm-1b"), dtype="bfloat16")
+    sampler = Sampler.create(0.9, 50)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    profiled = set(args.profile.split(","))
+    results = {}
+    log("\n| variant | batch | ms/step | x real time | kernels/frame | busy ms/frame |\n|---|---|---|---|---|---|")
+    for name in args.variants.split(","):
+        for b in batches:
+            if not budget.left():
+                log(f"| {name} | {b} | skipped (budget) | | | |")
+                continue
+            old = _switch(VARIANTS[name])
+            jax.clear_caches()
+            try:
+                ms = 1000 * bench.time_decode(model, sampler, batch=b, chunk=16, reps=4, prompt_tokens=100,
+                                              impl="pallas")
+                r = {"ms_per_step": ms, "x_realtime": b * 80.0 / ms}
+                if name in profiled:
+                    r.update(bench.kernel_profile(model, sampler, chunk=16, prompt_tokens=100, impl="pallas",
+                                                  top=40, batch=b))
+                results[f"{name}/b{b}"] = r
+                log(f"| {name} | {b} | {ms:.3f} | {r['x_realtime']:.0f} | {r.get('kernels_per_frame', 0):.0f} | "
+                    f"{r.get('kernel_busy_ms_per_frame', 0):.3f} |")
+            except Exception as e:  # one failing variant must not hide the others
+                log(f"| {name} | {b} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | | | |")
+            finally:
+                _switch(old)
+    for key, r in results.items():
+        top = sorted((r.get("kernel_top") or {}).items(), key=lambda kv: -kv[1]["us_per_frame"])
+        if top:
+            log(f"\n{key} costliest kernels (count/frame, µs/frame):")
+            for k, v in top:
+                log(f"  {v['per_frame']:7.1f} {v['us_per_frame']:8.1f}  {k[:70]}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "probe.json"), "w") as f:
+            json.dump({"device": dev.device_kind, "jax": jax.__version__, "results": results}, f, indent=1)
+        write_log(os.path.join(args.out, "probe.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""One kernel per draw: logits → temperature → top-k → Gumbel-max → token id, a program per row.
+
+Sampling from softmax(top_k(logits / T)) is the argmax of (logits / T + Gumbel noise) over the
+top-k set; that is how `jax.random.categorical` draws too, so with the same noise this kernel
+returns what `Sampler` returned before (the noise for a whole frame comes from the same per-row
+keys, drawn once per frame: `gumbel_noise`). In XLA the draw was ~9 small kernels, and at batch 64
+its top-k (rank counting, O(V²) per row) cost ~49 µs per draw (docs/PERF.md).
+
+The k-th largest value is found exactly, without sorting: floats map to unsigned integers in the
+same order, and the largest integer t with count(u >= t) >= k is built two bits at a time (16
+rounds of four counts over the row). Ties at the boundary are kept, as `top_k_mask` keeps them.
+
+The logits may come as the split partials of the head's `norm_matvec` (parts [P, M, V] with the
+sums of squares [P, M]): the kernel adds them and applies the norm's row factor, as `finish` does.
+`sample_top_k_reference` is the pure-jnp definition.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _backend as be
+
+RADIX_BITS = 2  # bits of the k-th largest value fixed per counting round
+
+
+def gumbel_noise(keys, vocab: int):
+    """Gumbel noise [*keys.shape, V] float32: entry [..., :] is `jax.random.gumbel(key, (1, V))`,
+    the noise `jax.random.categorical(key, logits[None])` adds before its argmax."""
+    draw = lambda k: jax.random.gumbel(k, (1, vocab), jnp.float32)[0]  # noqa: E731
+    for _ in range(keys.ndim):
+        draw = jax.vmap(draw)
+    return draw(keys)
+
+
+def _sum_parts(parts, sumsq, norm_dim, eps):
+    """parts [P, M, V] → logits [M, V]: added in order p = 0, 1, ..., times the norm's row factor."""
+    logits = parts[0]
+    for p in range(1, parts.shape[0]):
+        logits = logits + parts[p]
+    if sumsq is not None:
+        ss = sumsq[0]
+        for p in range(1, sumsq.shape[0]):
+            ss = ss + sumsq[p]
+        logits = logits * jax.lax.rsqrt(ss / norm_dim + eps)[:, None]
+    return logits
+
+
+def sample_top_k_reference(parts, noise, step, temperature, *, top_k: int, sumsq=None, norm_dim: int = 1,
+                           eps: float = 0.0):
+    """Token ids [M] int32: argmax over the top-k entries of logits / temperature of (that + noise).
+
+    parts float32 [P, M, V] (P = 1: plain logits), noise float32 [S, M, V] of which row `step` is
+    used, temperature a float32 scalar; sumsq [P, M] applies rsqrt(sum / norm_dim + eps) per row.
+    """
+    from jaxtts.sampling import top_k_mask
+
+    y = _sum_parts(parts.astype(jnp.float32), sumsq, norm_dim, eps) / temperature
+    if 0 < top_k < y.shape[-1]:
+        y = jnp.where(top_k_mask(y, top_k, "sort"), y, -jnp.inf)
+    return jnp.argmax(y + noise[step], axis=-1).astype(jnp.int32)
+
+
+def _ordered_bits(y):
+    """uint32 keys in the order of the floats y (-0.0 counted as +0.0, as float comparison does)."""
+    y = jnp.where(y == 0, 0.0, y)
+    u = jax.lax.bitcast_convert_type(y, jnp.uint32)
+    negative = (u >> 31) == 1
+    return jnp.where(negative, ~u, u | jnp.uint32(0x80000000))
+
+
+def _kernel(*refs, n_parts, has_norm, vocab, lanes, top_k, norm_dim, eps):
+    it = iter(refs)
+    step_ref, temp_ref, parts_ref = next(it), next(it), next(it)
+    ss_ref = next(it) if has_norm else None
+    noise_ref, out_ref = next(it), next(it)
+    b = pl.program_id(0)
+    lane = jnp.arange(lanes)
+    lane_ok = lane < vocab
+
+    y = jnp.zeros((lanes,), jnp.float32)
+    for p in range(n_parts):
+        y += be.load(parts_ref.at[jnp.int32(p), b, pl.ds(0, lanes)], mask=lane_ok, other=0)
+    if has_norm:
+        ss = jnp.zeros((1,), jnp.float32)
+        for p in range(n_parts):
+            ss += be.load(ss_ref.at[jnp.int32(p), pl.ds(b, 1)])
+        y = y * jax.lax.rsqrt(ss / norm_dim + eps)
+    y = y / temp_ref[0]
+
+    keep = lane_ok
+    if 0 < top_k < vocab:
+        u = jnp.where(lane_ok, _ordered_bits(y), jnp.uint32(0))  # padding lanes rank below everything
+        digits = jnp.arange(1 << RADIX_BITS, dtype=jnp.uint32)
+        kth = jnp.uint32(0)
+        for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+            cand = kth | (digits << shift)  # [D]; digit 0 always has count >= k
+            counts = jnp.sum((u[None, :] >= cand[:, None]).astype(jnp.int32), axis=1)
+            digit = jnp.sum((counts >= top_k).astype(jnp.int32)) - 1
+            kth = kth | (digit.astype(jnp.uint32) << shift)
+        keep = lane_ok & (u >= kth)
+
+    g = be.load(noise_ref.at[step_ref[0], b, pl.ds(0, lanes)], mask=lane_ok, other=0)
+    z = jnp.where(keep, y + g, -jnp.inf)
+    best = jnp.max(z)
+    first = jnp.min(jnp.where(z == best, lane, lanes))  # argmax's tie rule: the first index
+    out_ref[0] = first.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "norm_dim", "eps", "num_warps", "interpret"))
+def sample_top_k(parts, noise, step, temperature, *, top_k: int, sumsq=None, norm_dim: int = 1, eps: float = 0.0,
+                 num_warps: int = 4, interpret: bool = False):
+    """`sample_top_k_reference` as one Pallas kernel (grid: one program per row)."""
+    if parts.ndim == 2:
+        parts = parts[None]
+    n_parts, m, vocab = parts.shape
+    if noise.ndim != 3 or noise.shape[1:] != (m, vocab):
+        raise ValueError(f"noise {noise.shape} does not match logits [{m}, {vocab}]")
+    lanes = be.pow2_at_least(vocab)
+    full = lambda a: pl.BlockSpec(a.shape, lambda b, nd=a.ndim: (0,) * nd)  # noqa: E731
+    args = [jnp.asarray(step, jnp.int32).reshape(1), jnp.asarray(temperature, jnp.float32).reshape(1),
+            parts.astype(jnp.float32)]
+    if sumsq is not None:
+        args.append(sumsq.astype(jnp.float32))
+    args.append(noise.astype(jnp.float32))
+    kernel = functools.partial(_kernel, n_parts=n_parts, has_norm=sumsq is not None, vocab=vocab, lanes=lanes,
+                               top_k=top_k, norm_dim=norm_dim, eps=float(eps))
+    return be.pallas_call(kernel, grid=(m,), in_specs=[full(a) for a in args],
+                          out_specs=pl.BlockSpec((1,), lambda b: (b,)),
+                          out_shape=jax.ShapeDtypeStruct((m,), jnp.int32), interpret=interpret,
+                          num_warps=num_warps, num_stages=1, name="sample_top_k")(*args)
