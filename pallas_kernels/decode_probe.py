@@ -47,12 +47,44 @@ VARIANTS = {
 }
 
 
+def check_sampling() -> bool:
+    """The sampling kernel on the GPU vs its jnp reference at CSM's shapes: equal draws, and each
+    draw inside the reference's top-k set."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxtts.sampling import top_k_mask
+    from pallas_kernels.sample_top_k import gumbel_noise, sample_top_k, sample_top_k_reference
+
+    ok = True
+    log("\n| sampling check | rows | parts | top-k | equal draws | in top-k |\n|---|---|---|---|---|---|")
+    for m, parts, top_k in [(1, 1, 50), (64, 1, 50), (1, 8, 50), (64, 4, 50), (64, 4, 2050), (8, 4, 1)]:
+        agree = inside = total = 0
+        for seed in range(8):
+            logits = 3 * jax.random.normal(jax.random.key(seed), (parts, m, 2051))
+            sumsq = 100 * jnp.abs(jax.random.normal(jax.random.key(seed + 100), (parts, m))) if parts > 1 else None
+            noise = gumbel_noise(jax.random.split(jax.random.key(seed + 200), (3, m)), 2051)
+            kw = dict(top_k=top_k, sumsq=sumsq, norm_dim=1024, eps=1e-5)
+            got = np.asarray(sample_top_k(logits, noise, 2, 0.9, **kw))
+            want = np.asarray(sample_top_k_reference(logits, noise, 2, 0.9, **kw))
+            y = logits.sum(0) if sumsq is None else logits.sum(0) * jax.lax.rsqrt(sumsq.sum(0) / 1024 + 1e-5)[:, None]
+            mask = np.asarray(top_k_mask(y / 0.9, top_k, "sort"))
+            agree += int((got == want).sum())
+            inside += int(mask[np.arange(m), got].sum())
+            total += m
+        good = inside == total and agree >= total - 1
+        ok &= good
+        log(f"| {'ok' if good else 'FAIL'} | {m} | {parts} | {top_k} | {agree}/{total} | {inside}/{total} |")
+    return ok
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory for probe.json and probe.md")
     ap.add_argument("--variants", default="default,topk_sort,fused64,fused64_sort")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--profile", default="default", help="variants to profile with CUPTI (comma list)")
+    ap.add_argument("--check", action="store_true", help="first check the sampling kernel against its reference")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
     args = ap.parse_args(argv)
     from jaxtts import bench
@@ -61,6 +93,13 @@ def main(argv=None) -> int:
     from jaxtts.sampling import Sampler
 
     budget = Budget(args.budget)
+    checked = True
+    if args.check:
+        try:
+            checked = check_sampling()
+        except Exception as e:  # report and go on to the timings
+            log(f"sampling check failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            checked = False
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     model = CSM.random(preset("csm-1b"), dtype="bfloat16")
@@ -101,7 +140,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "probe.json"), "w") as f:
             json.dump({"device": dev.device_kind, "jax": jax.__version__, "results": results}, f, indent=1)
         write_log(os.path.join(args.out, "probe.md"))
-    return 0
+    return 0 if checked else 1
 
 
 if __name__ == "__main__":
