@@ -81,6 +81,12 @@ MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows, no gain at 64
 USE_FUSED_STEP = True
 
 
+# Decode steps outside the fused step (more than MATVEC_MAX_ROWS rows) still attend through one
+# kernel that also writes the new key/value (attention_step) instead of two cache scatters and
+# the decode-attention kernel.
+USE_STEP_ATTENTION = True
+
+
 def fused_step_applies(x, lengths, impl: str) -> bool:
     """Whether a call on x [B, T, D] takes `Llama.fused_step`: one new position per row, default
     lengths, few rows, Pallas kernels on."""
@@ -136,7 +142,9 @@ class Attention(nnx.Module):
         self.qkv = _init(rngs, (d, (h + 2 * hkv) * hd), dtype)
         self.out = _init(rngs, (h * hd, d), dtype)
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, impl):
+    def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, impl, step: bool = False):
+        """step: one new position per row (lengths = start + 1) through the attention_step kernel,
+        which writes the new key/value into the caches and attends in one launch."""
         b, t, _ = x.shape
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = dense(x, self.qkv[...], impl)
@@ -144,6 +152,14 @@ class Attention(nnx.Module):
         k = qkv[..., h * hd : (h + hkv) * hd].reshape(b, t, hkv, hd)
         v = qkv[..., (h + hkv) * hd :].reshape(b, t, hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if step:
+            from pallas_kernels.fused_decode import attention_step
+
+            rotated = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], axis=-1)
+            o, k_cache, v_cache = attention_step(rotated[None], None, k_cache, v_cache, start, num_heads=h,
+                                                 model_dim=x.shape[-1], eps=0.0,
+                                                 interpret=impl == "pallas_interpret")
+            return dense(o[:, None], self.out[...], impl), k_cache, v_cache
         k_cache = _write_rows(k_cache, k, start)
         v_cache = _write_rows(v_cache, v, start)
         o = attention(q, k_cache, v_cache, start, lengths, impl=impl)
@@ -166,8 +182,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, impl):
-        a, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, start, lengths, impl)
+    def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, impl, step: bool = False):
+        a, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, start, lengths, impl, step)
         x = x + a
         return x + self.mlp(self.mlp_norm(x), impl), k_cache, v_cache
 
@@ -195,11 +211,12 @@ class Llama(nnx.Module):
         pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         pos = jnp.minimum(pos, self.cfg.max_seq_len - 1)
         cos, sin = self.rope_cos[...][pos], self.rope_sin[...][pos]
+        step = USE_STEP_ATTENTION and t == 1 and lengths is None and impl in ("pallas", "pallas_interpret")
         if lengths is None:
             lengths = start + t
         ks, vs = [], []
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
-            x, kc, vc = layer(x, cos, sin, kc, vc, start, lengths, impl)
+            x, kc, vc = layer(x, cos, sin, kc, vc, start, lengths, impl, step)
             ks.append(kc)
             vs.append(vc)
         return self.norm(x), KVCache(k=ks, v=vs)

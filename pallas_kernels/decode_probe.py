@@ -44,6 +44,7 @@ VARIANTS = {
     "xla_sampling": {"jaxtts.sampling.SAMPLE_KERNEL": False},
     "xla_sampling_sort": {"jaxtts.sampling.SAMPLE_KERNEL": False, "jaxtts.sampling.TOP_K_METHOD": "sort"},
     "no_table": {"jaxtts.generation.USE_AUDIO_TABLE": False},
+    "no_step_attention": {"jaxtts.llama.USE_STEP_ATTENTION": False},
 }
 
 

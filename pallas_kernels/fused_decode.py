@@ -272,8 +272,12 @@ class SplitLogits:
 
 # --- attention_step -------------------------------------------------------------------------------
 
-def _attention_step_kernel(pos_ref, qkv_ref, ss_ref, k_ref, v_ref, *out_refs, n_parts, num_heads, kv_heads, group,
-                           rows, block_k, num_splits, seq_len, scale, model_dim, eps):
+def _attention_step_kernel(*refs, n_parts, has_norm, num_heads, kv_heads, group, rows, block_k, num_splits,
+                           seq_len, scale, model_dim, eps):
+    pos_ref, qkv_ref = refs[:2]
+    ss_ref = refs[2] if has_norm else None
+    k_ref, v_ref = refs[2 + has_norm:4 + has_norm]
+    out_refs = refs[4 + has_norm:]
     if num_splits == 1:
         o_ref, k_out, v_out = out_refs
     else:
@@ -288,15 +292,17 @@ def _attention_step_kernel(pos_ref, qkv_ref, ss_ref, k_ref, v_ref, *out_refs, n_
     q = jnp.zeros((rows, qkv_ref.shape[-1]), jnp.float32)
     k_new = jnp.zeros((qkv_ref.shape[-1],), jnp.float32)
     v_new = jnp.zeros_like(k_new)
-    ss = jnp.zeros((1,), jnp.float32)
     for p in range(n_parts):
         q += be.load(qkv_ref.at[jnp.int32(p), b, pl.ds(g * group, rows), :], mask=row_ok[:, None], other=0)
         k_new += be.load(qkv_ref.at[jnp.int32(p), b, num_heads + g, :])
         v_new += be.load(qkv_ref.at[jnp.int32(p), b, num_heads + kv_heads + g, :])
-        ss += be.load(ss_ref.at[jnp.int32(p), pl.ds(b, 1)])
-    inv = jax.lax.rsqrt(ss / model_dim + eps)  # [1]
-    q = (q * inv[:, None]).astype(dtype)
-    k_new, v_new = (k_new * inv).astype(dtype), (v_new * inv).astype(dtype)
+    if ss_ref is not None:
+        ss = jnp.zeros((1,), jnp.float32)
+        for p in range(n_parts):
+            ss += be.load(ss_ref.at[jnp.int32(p), pl.ds(b, 1)])
+        inv = jax.lax.rsqrt(ss / model_dim + eps)  # [1]
+        q, k_new, v_new = q * inv[:, None], k_new * inv, v_new * inv
+    q, k_new, v_new = q.astype(dtype), k_new.astype(dtype), v_new.astype(dtype)
 
     # The cache's slots 0..pos-1 are cut into `num_splits` runs of key blocks; split 0 also takes
     # the new key (held in registers, so the cache write below cannot race the reads).
@@ -352,7 +358,8 @@ def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, m
     """One decode step of attention, fed straight from the qkv projection's partial sums.
 
     qkv_parts float32 [P, M, (H + 2 Hkv) * D] and sumsq [P, M] from norm_matvec (q and k
-    already rotated; the norm's row factor over `model_dim` inputs is applied here), k/v caches
+    already rotated; the norm's row factor over `model_dim` inputs is applied here; sumsq=None:
+    the parts are already normalised, e.g. a plain projection [1, M, N]), k/v caches
     [M, S, Hkv, D] (the new key/value go to slot pos[b]; in place under jit when the caller
     donates or no longer needs the caches), pos [M] int32.
     Row b attends over slots 0..pos[b]. Returns (o [M, H * D], k_cache, v_cache).
@@ -368,9 +375,15 @@ def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, m
     parts = qkv_parts.reshape(n_parts, m, num_heads + 2 * hkv, d)
 
     kv_spec = pl.BlockSpec((None, s, None, d), lambda b, g, sp: (b, 0, g, 0))
+    has_norm = sumsq is not None
     in_specs = [pl.BlockSpec((None,), lambda b, g, sp: (b,)),
-                pl.BlockSpec(parts.shape, lambda b, g, sp: (0, 0, 0, 0)),
-                pl.BlockSpec(sumsq.shape, lambda b, g, sp: (0, 0)), kv_spec, kv_spec]
+                pl.BlockSpec(parts.shape, lambda b, g, sp: (0, 0, 0, 0))]
+    args = [pos.astype(jnp.int32), parts]
+    if has_norm:
+        in_specs.append(pl.BlockSpec(sumsq.shape, lambda b, g, sp: (0, 0)))
+        args.append(sumsq.astype(jnp.float32))
+    in_specs += [kv_spec, kv_spec]
+    args += [k_cache, v_cache]
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((m, hkv, group, d), k_cache.dtype)]
         out_specs = [pl.BlockSpec((None, None, group, d), lambda b, g, sp: (b, g, 0, 0))]
@@ -385,13 +398,13 @@ def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, m
     out_specs += [kv_spec, kv_spec]
     n_out = len(out_shape)
     kernel = functools.partial(
-        _attention_step_kernel, n_parts=n_parts, num_heads=num_heads, kv_heads=hkv, group=group, rows=rows,
+        _attention_step_kernel, n_parts=n_parts, has_norm=has_norm, num_heads=num_heads, kv_heads=hkv, group=group, rows=rows,
         block_k=block_k, num_splits=num_splits, seq_len=s, scale=1.0 / d**0.5, model_dim=model_dim, eps=float(eps))
     outs = be.pallas_call(
         kernel, grid=(m, hkv, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases={3: n_out - 2, 4: n_out - 1}, interpret=interpret, num_warps=num_warps,
-        num_stages=num_stages, name="attention_step",
-    )(pos.astype(jnp.int32), parts, sumsq.astype(jnp.float32), k_cache, v_cache)
+        input_output_aliases={len(args) - 2: n_out - 2, len(args) - 1: n_out - 1}, interpret=interpret,
+        num_warps=num_warps, num_stages=num_stages, name="attention_step",
+    )(*args)
     if num_splits == 1:
         o = outs[0]
     else:

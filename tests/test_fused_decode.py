@@ -103,7 +103,22 @@ def test_attention_step(heads, kv, d, s, pos, splits, dtype, tol):
     assert changed.sum() == m and all(changed[b, int(p)] for b, p in enumerate(pos))
 
 
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("heads,kv,d,s,pos", [(8, 2, 128, 32, [5, 0, 31]), (4, 2, 64, 300, [299, 17, 128])])
+def test_attention_step_without_norm(heads, kv, d, s, pos):
+    """sumsq=None: one plain bf16 projection (the decode path past the fused step's rows)."""
+    m = len(pos)
+    qkv = _rand(0, (m, (heads + 2 * kv) * d), jnp.bfloat16)
+    kc, vc = _rand(1, (m, s, kv, d), jnp.bfloat16), _rand(2, (m, s, kv, d), jnp.bfloat16)
+    pos = jnp.array(pos, jnp.int32)
+    want = attention_step_reference(qkv.astype(jnp.float32), kc, vc, pos, num_heads=heads)
+    got = attention_step(qkv[None], None, kc.copy(), vc.copy(), pos, num_heads=heads, model_dim=1, eps=0.0,
+                         interpret=True)
+    _close(got[0], want[0], 1e-2)
+    for g, w in zip(got[1:], want[1:]):  # the new slots hold exactly the projected values
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("m", [1, 8, 64])
 def test_lowers_to_triton_at_csm_shapes(m):
     """The Triton lowering runs at trace time, so CPU catches its shape and op restrictions."""
     sds = jax.ShapeDtypeStruct
@@ -126,6 +141,9 @@ def test_lowers_to_triton_at_csm_shapes(m):
                                                            eps=1e-5))
         assert "triton" in fn.trace(sds((8, m, qkv_n), jnp.float32), sds((8, m), jnp.float32), cache, cache,
                                     sds((m,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        fn = jax.jit(lambda q, k, v, p: attention_step(q, None, k, v, p, num_heads=heads, model_dim=d_model, eps=0.0))
+        assert "triton" in fn.trace(sds((1, m, qkv_n), bf), cache, cache, sds((m,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
         fn = jax.jit(lambda o, w: matvec(o, w, partials=True, k_splits=4))
         assert "triton" in fn.trace(sds((m, ffn), bf), sds((ffn, d_model), bf)).lower(
             lowering_platforms=("cuda",)).as_text()
