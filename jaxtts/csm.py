@@ -25,6 +25,12 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
+@jax.jit
+def _project(table, w):
+    # Jitted, so that the float32 product is never materialised (268 MB for CSM-1B).
+    return jnp.dot(table, w, preferred_element_type=jnp.float32).astype(table.dtype)
+
+
 class CSM(nnx.Module):
     def __init__(self, cfg: CSMConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
@@ -94,9 +100,8 @@ class CSM(nnx.Module):
 
     def projected_audio_embeddings(self):
         """The audio embeddings through the decoder's input projection, [32·V, D_dec] in the model
-        dtype: a table lookup then replaces one matvec per depth step."""
-        return jnp.dot(self.audio_embeddings[...], self.projection[...],
-                       preferred_element_type=jnp.float32).astype(self.dtype)
+        dtype: a table lookup then replaces one matvec per depth step (generation.audio_table)."""
+        return _project(self.audio_embeddings[...], self.projection[...])
 
     def codebook_logits(self, decoder_hidden, codebook: int | jax.Array):
         """Logits of codebook i ≥ 1 from the depth decoder's hidden state."""

@@ -63,8 +63,9 @@ class Sampler:
         from pallas_kernels.fused_decode import SplitLogits
         from pallas_kernels.sample_top_k import sample_top_k
 
-        if SAMPLE_KERNEL and impl in ("pallas", "pallas_interpret") and not (self.greedy or self.use_top_p
-                                                                             or self.use_min_p):
+        rows = logits.parts.shape[1] if isinstance(logits, SplitLogits) else logits.shape[0]
+        if (SAMPLE_KERNEL and impl in ("pallas", "pallas_interpret") and rows >= SAMPLE_KERNEL_MIN_ROWS
+                and not (self.greedy or self.use_top_p or self.use_min_p)):
             if isinstance(logits, SplitLogits):
                 return sample_top_k(logits.parts, noise, step, self.temperature, top_k=self.top_k,
                                     sumsq=logits.sumsq, norm_dim=logits.norm_dim, eps=logits.eps,
@@ -97,8 +98,11 @@ class Sampler:
         return jax.random.categorical(key, self.filtered(logits), axis=-1).astype(jnp.int32)
 
 
-# Draw with the Pallas sampling kernel when the Pallas kernels are on (False: the XLA ops).
+# Draw with the Pallas sampling kernel when the Pallas kernels are on and a batch has at least
+# SAMPLE_KERNEL_MIN_ROWS rows (one program per row: a lone row is latency-bound, and the XLA ops
+# spread it over the GPU; measured in docs/PERF.md). False: always the XLA ops.
 SAMPLE_KERNEL = True
+SAMPLE_KERNEL_MIN_ROWS = 1
 
 # How the top-k set is found: "sort" (lax.top_k) or "rank" (count the larger logits of each entry,
 # one fused compare-and-reduce: fewer, cheaper GPU kernels than a sort). Both give the same set.

@@ -45,6 +45,7 @@ VARIANTS = {
     "xla_sampling_sort": {"jaxtts.sampling.SAMPLE_KERNEL": False, "jaxtts.sampling.TOP_K_METHOD": "sort"},
     "no_table": {"jaxtts.generation.USE_AUDIO_TABLE": False},
     "no_step_attention": {"jaxtts.llama.USE_STEP_ATTENTION": False},
+    "before": {"jaxtts.sampling.SAMPLE_KERNEL": False, "jaxtts.generation.USE_AUDIO_TABLE": False},
 }
 
 
@@ -79,6 +80,65 @@ def check_sampling() -> bool:
     return ok
 
 
+def _kernel_us(run, match: str | None, calls: int) -> float:
+    """Median GPU duration (µs) of the kernels whose name contains `match` over `calls` calls of
+    run(); with match=None, the summed duration of all kernels per call."""
+    import statistics
+
+    from pallas_kernels._report import gpu_kernel_events
+
+    events = gpu_kernel_events(lambda: [run() for _ in range(calls)][-1].block_until_ready())
+    if match is None:
+        return sum(d for _, d, _ in events) / calls / 1e3
+    durations = [d for _, d, name in events if match in name]
+    return statistics.median(durations) / 1e3
+
+
+def tune_sampling() -> dict:
+    """Time the sampling kernel per configuration (warps, radix bits) against the XLA draw at the
+    depth head's shapes (rows 1 and 8: norm_matvec partials; 64: plain logits), then set the
+    fastest configuration and the smallest batch from which the kernel wins."""
+    import jax.numpy as jnp
+
+    from jaxtts import sampling
+    from jaxtts.sampling import Sampler
+    from pallas_kernels import sample_top_k as sk
+    from pallas_kernels.fused_decode import SplitLogits, norm_matvec
+
+    sampler = Sampler.create(0.9, 50)
+    heads = 0.03 * jax.random.normal(jax.random.key(0), (31, 1024, 2051), jnp.bfloat16)
+    cases = {}
+    for m in (1, 8, 64):
+        h = jax.random.normal(jax.random.key(m), (m, 1024), jnp.bfloat16)
+        noise = sk.gumbel_noise(jax.random.split(jax.random.key(9), (32, m)), 2051)
+        if m <= 8:
+            parts, ss = norm_matvec(h, jnp.ones((1024,), jnp.bfloat16), heads, w_index=jnp.array([3], jnp.int32))
+            logits = SplitLogits(parts, ss, 1024, 1e-5)
+        else:
+            logits = jnp.dot(h, heads[3], preferred_element_type=jnp.float32)
+        cases[m] = (logits, noise)
+    configs = [(w, r) for w in (4, 8, 16) for r in (1, 2, 4)]
+    table = {}
+    log("\n| rows | XLA draw µs | " + " | ".join(f"w{w} r{r}" for w, r in configs) + " |")
+    log("|---" * (len(configs) + 2) + "|")
+    for m, (logits, noise) in cases.items():
+        xla = jax.jit(lambda l, n: sampler.draw(l, n, 5, "xla"))
+        row = {"xla": _kernel_us(lambda: xla(logits, noise), None, 30)}
+        for w, r in configs:
+            sk.NUM_WARPS, sk.RADIX_BITS = w, r
+            fn = jax.jit(lambda l, n: sampler.draw(l, n, 5, "pallas"))
+            row[(w, r)] = _kernel_us(lambda: fn(logits, noise), "sample_top_k", 30)
+        table[m] = row
+        log(f"| {m} | {row['xla']:.1f} | " + " | ".join(f"{row[c]:.1f}" for c in configs) + " |")
+    best = min(configs, key=lambda c: sum(table[m][c] for m in table))
+    sk.NUM_WARPS, sk.RADIX_BITS = best
+    wins = [m for m in table if table[m][best] < table[m]["xla"]]
+    sampling.SAMPLE_KERNEL_MIN_ROWS = min(m for m in wins if all(n in wins for n in table if n > m)) if wins else 1 << 30
+    log(f"chosen: num_warps={best[0]}, radix_bits={best[1]}, kernel from {sampling.SAMPLE_KERNEL_MIN_ROWS} rows")
+    return {"table": {str(m): {str(k): v for k, v in r.items()} for m, r in table.items()},
+            "num_warps": best[0], "radix_bits": best[1], "min_rows": sampling.SAMPLE_KERNEL_MIN_ROWS}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory for probe.json and probe.md")
@@ -86,6 +146,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--profile", default="default", help="variants to profile with CUPTI (comma list)")
     ap.add_argument("--check", action="store_true", help="first check the sampling kernel against its reference")
+    ap.add_argument("--tune-sampling", action="store_true",
+                    help="time sampling-kernel configurations, keep the fastest for what follows")
+    ap.add_argument("--first-audio", default="", help="variants to time first audio for (comma list)")
+    ap.add_argument("--bench", action="store_true", help="finish with a full `jaxtts bench --kernels` in-process")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
     args = ap.parse_args(argv)
     from jaxtts import bench
@@ -103,13 +167,19 @@ def main(argv=None) -> int:
             checked = False
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind}, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    tuned = None
+    if args.tune_sampling:
+        try:
+            tuned = tune_sampling()
+        except Exception as e:
+            log(f"sampling tuning failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     model = CSM.random(preset("csm-1b"), dtype="bfloat16")
     sampler = Sampler.create(0.9, 50)
     batches = [int(b) for b in args.batches.split(",") if b]
     profiled = set(args.profile.split(","))
     results = {}
     log("\n| variant | batch | ms/step | x real time | kernels/frame | busy ms/frame |\n|---|---|---|---|---|---|")
-    for name in args.variants.split(","):
+    for name in filter(None, args.variants.split(",")):
         for b in batches:
             if not budget.left():
                 log(f"| {name} | {b} | skipped (budget) | | | |")
@@ -130,7 +200,21 @@ def main(argv=None) -> int:
                 log(f"| {name} | {b} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | | | |")
             finally:
                 _switch(old)
+    if args.first_audio:
+        from types import SimpleNamespace
+
+        log("\n| variant | first 80 ms of audio, warm (ms) |\n|---|---|")
+        for name in args.first_audio.split(","):
+            old = _switch(VARIANTS[name])
+            try:
+                ms = 1000 * bench.time_first_audio(SimpleNamespace(codec=None, prompt_tokens=100), model, "pallas")
+                results[f"{name}/first_audio_ms"] = ms
+                log(f"| {name} | {ms:.1f} |")
+            finally:
+                _switch(old)
     for key, r in results.items():
+        if not isinstance(r, dict):
+            continue
         top = sorted((r.get("kernel_top") or {}).items(), key=lambda kv: -kv[1]["us_per_frame"])
         if top:
             log(f"\n{key} costliest kernels (count/frame, µs/frame):")
@@ -139,8 +223,14 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "probe.json"), "w") as f:
-            json.dump({"device": dev.device_kind, "jax": jax.__version__, "results": results}, f, indent=1)
+            json.dump({"device": dev.device_kind, "jax": jax.__version__, "sampling_tuning": tuned,
+                       "results": results}, f, indent=1)
         write_log(os.path.join(args.out, "probe.md"))
+    if args.bench:
+        from jaxtts.cli import main as cli
+
+        del model
+        cli(["bench", "--kernels"] + (["--json", os.path.join(args.out, "bench.json")] if args.out else []))
     return 0 if checked else 1
 
 

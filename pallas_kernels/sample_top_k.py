@@ -25,7 +25,10 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend as be
 
-RADIX_BITS = 2  # bits of the k-th largest value fixed per counting round
+# Bits of the k-th largest value fixed per counting round, and warps per program (the [2^bits,
+# lanes] compare tile is spread over them). Chosen by `python -m pallas_kernels.decode_probe`.
+RADIX_BITS = 2
+NUM_WARPS = 4
 
 
 def gumbel_noise(keys, vocab: int):
@@ -73,7 +76,7 @@ def _ordered_bits(y):
     return jnp.where(negative, ~u, u | jnp.uint32(0x80000000))
 
 
-def _kernel(*refs, n_parts, has_norm, vocab, lanes, top_k, norm_dim, eps):
+def _kernel(*refs, n_parts, has_norm, vocab, lanes, top_k, norm_dim, eps, radix_bits):
     it = iter(refs)
     step_ref, temp_ref, parts_ref = next(it), next(it), next(it)
     ss_ref = next(it) if has_norm else None
@@ -95,9 +98,9 @@ def _kernel(*refs, n_parts, has_norm, vocab, lanes, top_k, norm_dim, eps):
     keep = lane_ok
     if 0 < top_k < vocab:
         u = jnp.where(lane_ok, _ordered_bits(y), jnp.uint32(0))  # padding lanes rank below everything
-        digits = jnp.arange(1 << RADIX_BITS, dtype=jnp.uint32)
+        digits = jnp.arange(1 << radix_bits, dtype=jnp.uint32)
         kth = jnp.uint32(0)
-        for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+        for shift in range(32 - radix_bits, -1, -radix_bits):
             cand = kth | (digits << shift)  # [D]; digit 0 always has count >= k
             counts = jnp.sum((u[None, :] >= cand[:, None]).astype(jnp.int32), axis=1)
             digit = jnp.sum((counts >= top_k).astype(jnp.int32)) - 1
@@ -111,10 +114,17 @@ def _kernel(*refs, n_parts, has_norm, vocab, lanes, top_k, norm_dim, eps):
     out_ref[0] = first.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "norm_dim", "eps", "num_warps", "interpret"))
 def sample_top_k(parts, noise, step, temperature, *, top_k: int, sumsq=None, norm_dim: int = 1, eps: float = 0.0,
-                 num_warps: int = 4, interpret: bool = False):
+                 num_warps: int | None = None, radix_bits: int | None = None, interpret: bool = False):
     """`sample_top_k_reference` as one Pallas kernel (grid: one program per row)."""
+    return _sample_top_k(parts, noise, step, temperature, top_k=top_k, sumsq=sumsq, norm_dim=norm_dim, eps=eps,
+                         num_warps=num_warps or NUM_WARPS, radix_bits=radix_bits or RADIX_BITS, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "norm_dim", "eps", "num_warps", "radix_bits", "interpret"))
+def _sample_top_k(parts, noise, step, temperature, *, top_k, sumsq, norm_dim, eps, num_warps, radix_bits, interpret):
+    if 32 % radix_bits:
+        raise ValueError(f"radix_bits must divide 32, got {radix_bits}")
     if parts.ndim == 2:
         parts = parts[None]
     n_parts, m, vocab = parts.shape
@@ -128,7 +138,7 @@ def sample_top_k(parts, noise, step, temperature, *, top_k: int, sumsq=None, nor
         args.append(sumsq.astype(jnp.float32))
     args.append(noise.astype(jnp.float32))
     kernel = functools.partial(_kernel, n_parts=n_parts, has_norm=sumsq is not None, vocab=vocab, lanes=lanes,
-                               top_k=top_k, norm_dim=norm_dim, eps=float(eps))
+                               top_k=top_k, norm_dim=norm_dim, eps=float(eps), radix_bits=radix_bits)
     return be.pallas_call(kernel, grid=(m,), in_specs=[full(a) for a in args],
                           out_specs=pl.BlockSpec((1,), lambda b: (b,)),
                           out_shape=jax.ShapeDtypeStruct((m,), jnp.int32), interpret=interpret,
