@@ -28,7 +28,7 @@ from pallas_kernels import _backend as be
 # Bits of the k-th largest value fixed per counting round, and warps per program (the [2^bits,
 # lanes] compare tile is spread over them). Chosen by `python -m pallas_kernels.decode_probe`.
 RADIX_BITS = 2
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 def gumbel_noise(keys, vocab: int):
