@@ -3,6 +3,7 @@ fills codebooks 1..31 of each 80 ms frame."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -25,10 +26,13 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-@jax.jit
-def _project(table, w):
-    # Jitted, so that the float32 product is never materialised (268 MB for CSM-1B).
-    return jnp.dot(table, w, preferred_element_type=jnp.float32).astype(table.dtype)
+@functools.partial(jax.jit, static_argnames="blocks")
+def _project(table, w, blocks: int):
+    # One block of rows at a time (a codebook's), so the temporaries (float32 products, the GEMM
+    # autotuner's scratch) stay small next to the 134 MB result.
+    rows = table.reshape(blocks, -1, table.shape[-1])
+    out = jax.lax.map(lambda t: jnp.dot(t, w, preferred_element_type=jnp.float32).astype(table.dtype), rows)
+    return out.reshape(-1, w.shape[-1])
 
 
 class CSM(nnx.Module):
@@ -101,7 +105,7 @@ class CSM(nnx.Module):
     def projected_audio_embeddings(self):
         """The audio embeddings through the decoder's input projection, [32·V, D_dec] in the model
         dtype: a table lookup then replaces one matvec per depth step (generation.audio_table)."""
-        return _project(self.audio_embeddings[...], self.projection[...])
+        return _project(self.audio_embeddings[...], self.projection[...], self.cfg.audio_num_codebooks)
 
     def codebook_logits(self, decoder_hidden, codebook: int | jax.Array):
         """Logits of codebook i ≥ 1 from the depth decoder's hidden state."""

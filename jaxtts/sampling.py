@@ -102,7 +102,7 @@ class Sampler:
 # SAMPLE_KERNEL_MIN_ROWS rows (one program per row: a lone row is latency-bound, and the XLA ops
 # spread it over the GPU; measured in docs/PERF.md). False: always the XLA ops.
 SAMPLE_KERNEL = True
-SAMPLE_KERNEL_MIN_ROWS = 1
+SAMPLE_KERNEL_MIN_ROWS = 2
 
 # How the top-k set is found: "sort" (lax.top_k) or "rank" (count the larger logits of each entry,
 # one fused compare-and-reduce: fewer, cheaper GPU kernels than a sort). Both give the same set.
