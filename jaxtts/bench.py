@@ -36,7 +36,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="also time the parts of a frame: backbone step, depth decoder, sampling, unroll variants")
     p.add_argument("--kernels", action="store_true",
-                   help="profile one batch-1 chunk on the GPU: kernels per frame, busy vs span, the costliest kernels")
+                   help="profile one chunk on the GPU: kernels per frame, busy vs span, the costliest kernels")
+    p.add_argument("--kernels-batch", type=int, default=1, help="batch size of the --kernels profile")
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -284,6 +285,11 @@ def time_transformers(args, frames: int = 20) -> dict:
 
 
 def run_bench(args) -> int:
+    from jaxtts.errors import JaxttsError
+
+    for name in ("frames", "chunk", "kernels_batch", "prompt_tokens"):
+        if getattr(args, name) < 1:
+            raise JaxttsError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     if args.compile_probe:
         from jaxtts.tts import enable_compilation_cache
 
@@ -312,7 +318,9 @@ def run_bench(args) -> int:
     res["peak_memory_gb_batch1"] = peak_memory_gb()
     if args.kernels:
         try:
-            res.update(kernel_profile(model, sampler, chunk=args.chunk, prompt_tokens=args.prompt_tokens, impl=impl))
+            res.update(kernel_profile(model, sampler, chunk=args.chunk, prompt_tokens=args.prompt_tokens, impl=impl,
+                                      batch=args.kernels_batch))
+            res["kernels_batch"] = args.kernels_batch
         except Exception as e:  # no CUPTI on this machine
             res["kernels_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if args.breakdown:

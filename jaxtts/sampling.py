@@ -1,7 +1,10 @@
 """Token sampling, as the original CSM does it: logits / temperature, keep the top-k, softmax, draw.
 
 `Sampler` is a small pytree: temperature / top_p / min_p are traced values (changing them does
-not recompile); top_k and which filters are on are static.
+not recompile); top_k and which filters are on are static. The decode loop draws a frame's
+Gumbel noise once (`Sampler.noise`) and each code with `Sampler.draw`: the argmax of the filtered
+logits plus that noise, which is how `jax.random.categorical` samples, so the draws are the ones
+its keys give. With the Pallas kernels on, a draw is one kernel (pallas_kernels/sample_top_k.py).
 """
 
 from __future__ import annotations
