@@ -50,7 +50,10 @@ def _prefill(graphdef, weights, tokens, mask, start, lengths, cache, impl):
 
 def row_keys(seeds) -> jax.Array:
     """One PRNG key per row from integer seeds."""
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return _row_keys(jnp.asarray(seeds, jnp.uint32))
+
+
+_row_keys = jax.jit(jax.vmap(jax.random.key))  # eagerly, vmap re-traces on every call (ms of host time)
 
 
 def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key, impl=None) -> DecodeState:

@@ -9,6 +9,7 @@ the converter permutes q/k rows of torchtune checkpoints, which rotate interleav
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,8 +66,14 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype) -> "KVCache":
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        return _zero_cache(cfg, int(batch), int(length), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _zero_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
+    # One program for all 2 x layers buffers (eagerly, each jnp.zeros is its own dispatch).
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
                    v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
 
 

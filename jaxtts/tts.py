@@ -236,7 +236,8 @@ class TTS:
             # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048): the original code
             # would crash on such a code; we feed it back to the backbone as sampled, but decode it as 0.
             codes = jnp.transpose(frames, (1, 2, 0))
-            stream, pcm = self.codec.decode_stream_step(stream, jnp.where(codes < self.codec.cardinality, codes, 0))
+            stream, pcm = self.codec.decode_stream_step(stream, jnp.where(codes < self.codec.cardinality, codes, 0),
+                                                        check=False)
             frames_np, emitted_np, pcm_np = np.asarray(frames), np.asarray(emitted), np.asarray(pcm)[:, 0]
             out = []
             for i in range(b):
@@ -269,6 +270,8 @@ class TTS:
                 grow = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad > 0 else a[:, :cache_len]
                 rows.append(jax.tree.map(grow, c.cache))
         if len(rows) == 1:
+            if contexts[0].cache is None:
+                return rows[0]  # fresh zeros: nothing else holds them
             return jax.tree.map(jnp.copy, rows[0])  # never donate a prepared context's buffers
         return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows)
 

@@ -97,7 +97,7 @@ class _SilentAfter:
     def decode_stream_init(self, batch):
         return np.zeros(batch, np.int64)
 
-    def decode_stream_step(self, state, codes):
+    def decode_stream_step(self, state, codes, check=True):
         b, _, n = codes.shape
         pos = state[:, None] + np.arange(n)[None]
         amp = np.where(pos < self.loud, 0.5, 0.0).astype(np.float32)

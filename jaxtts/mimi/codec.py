@@ -36,7 +36,7 @@ class Mimi:
         self.dtype = jnp.dtype(dtype)
         self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
         self.matmul_precision = matmul_precision
-        self._state_shapes: dict[int, dict] = {}  # batch → stream-state structure
+        self._state_init: dict = {}  # batch → jitted builder of a fresh stream state
 
     # -- construction -------------------------------------------------------------------------
 
@@ -121,17 +121,22 @@ class Mimi:
         if not isinstance(batch, (int, np.integer)) or batch < 1:
             raise JaxttsError(f"batch must be a positive integer; got {batch!r}")
         batch = int(batch)
-        if batch not in self._state_shapes:
-            self._state_shapes[batch] = streaming.state_shapes(self.params, batch, cfg=self.config)
-        return streaming.init_state(self.params, batch, cfg=self.config, shapes=self._state_shapes[batch])
+        if batch not in self._state_init:
+            shapes = streaming.state_shapes(self.params, batch, cfg=self.config)
+            # One program for the whole state (eagerly, each zeros buffer is its own dispatch).
+            self._state_init[batch] = jax.jit(lambda: streaming.init_state(self.params, batch, cfg=self.config,
+                                                                           shapes=shapes))
+        return self._state_init[batch]()
 
-    def decode_stream_step(self, state: dict, codes) -> tuple[dict, jax.Array]:
+    def decode_stream_step(self, state: dict, codes, *, check: bool = True) -> tuple[dict, jax.Array]:
         """Decode the next frames codes [B, K, T] → (new state, float32 audio [B, 1, 1920·T]).
 
         The state passed in is consumed (its buffers are donated on accelerators): keep only the one
         returned. Concatenating the audio of successive steps equals `decode` of all frames at once.
+        check=False skips the range check of the codes (a host round trip), for callers whose
+        codes are int32 device arrays already known to lie in [0, 2048).
         """
-        codes = self._check_codes(codes)
+        codes = self._check_codes(codes) if check else codes
         batch = state["upsample"].shape[0]
         if codes.shape[0] != batch:
             raise JaxttsError(f"codes have batch {codes.shape[0]} but the stream state was made for batch {batch}")
