@@ -9,8 +9,8 @@ the GPU sync with the host every frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import weakref
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -141,7 +141,7 @@ DEPTH_UNROLL = 1
 # Look the depth decoder's projected code embeddings up in a precomputed table (134 MB for CSM-1B
 # in bf16) when the Pallas kernels are on; on CPU building the table costs more than it saves.
 USE_AUDIO_TABLE = True
-_AUDIO_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_AUDIO_TABLES = weakref.WeakKeyDictionary()  # model → (embeddings, projection, table)
 
 
 def audio_table(model: CSM):
