@@ -17,6 +17,11 @@ import jax.numpy as jnp
 IMPLS = ("xla", "pallas", "pallas_interpret")
 
 
+def uses_pallas(impl: str) -> bool:
+    """Whether `impl` runs the Pallas kernels (compiled, or in the interpreter on CPU)."""
+    return impl in ("pallas", "pallas_interpret")
+
+
 def default_impl() -> str:
     """Pallas on GPUs, plain XLA elsewhere (Pallas on CPU only runs in the slow interpreter)."""
     return "pallas" if jax.default_backend() == "gpu" else "xla"
@@ -46,7 +51,7 @@ def xla_attention(q, k, v, q_start, lengths):
 def attention(q, k, v, q_start, lengths, *, impl: str = "xla"):
     if impl == "xla":
         return xla_attention(q, k, v, q_start, lengths)
-    if impl in ("pallas", "pallas_interpret"):
+    if uses_pallas(impl):
         from pallas_kernels import attention as pallas_attention
 
         return pallas_attention(q, k, v, q_start, lengths, interpret=impl == "pallas_interpret")

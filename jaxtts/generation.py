@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtts.attention import default_impl
+from jaxtts.attention import default_impl, uses_pallas
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
 from jaxtts.llama import KVCache
@@ -162,7 +162,7 @@ def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: i
     `emitted[n, b]` is False from the row's end-of-speech frame on (that frame included).
     """
     impl = impl or default_impl()
-    table = audio_table(model) if USE_AUDIO_TABLE and impl in ("pallas", "pallas_interpret") else None
+    table = audio_table(model) if USE_AUDIO_TABLE and uses_pallas(impl) else None
     graphdef, weights = nnx.split(model)
     return _decode_chunk(graphdef, weights, state, sampler, num_frames, impl, depth_unroll or DEPTH_UNROLL, table)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtts.attention import attention
+from jaxtts.attention import attention, uses_pallas
 from jaxtts.config import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_OLD_CONTEXT_LEN, LlamaConfig
 
 
@@ -99,13 +99,13 @@ def fused_step_applies(x, lengths, impl: str) -> bool:
     lengths, few rows, Pallas kernels on."""
     b, t = x.shape[:2]
     return (USE_FUSED_STEP and t == 1 and lengths is None and b <= MATVEC_MAX_ROWS
-            and impl in ("pallas", "pallas_interpret"))
+            and uses_pallas(impl))
 
 
 def dense(x, w, impl: str = "xla"):
     """x [..., K] @ w [K, N], float32 accumulation, result in x's dtype."""
     rows = math.prod(x.shape[:-1])
-    if USE_MATVEC and impl in ("pallas", "pallas_interpret") and rows <= MATVEC_MAX_ROWS:
+    if USE_MATVEC and uses_pallas(impl) and rows <= MATVEC_MAX_ROWS:
         from pallas_kernels import matvec
 
         return matvec(x, w, interpret=impl == "pallas_interpret")
@@ -218,7 +218,7 @@ class Llama(nnx.Module):
         pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         pos = jnp.minimum(pos, self.cfg.max_seq_len - 1)
         cos, sin = self.rope_cos[...][pos], self.rope_sin[...][pos]
-        step = USE_STEP_ATTENTION and t == 1 and lengths is None and impl in ("pallas", "pallas_interpret")
+        step = USE_STEP_ATTENTION and t == 1 and lengths is None and uses_pallas(impl)
         if lengths is None:
             lengths = start + t
         ks, vs = [], []

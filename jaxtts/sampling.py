@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxtts.attention import uses_pallas
 from jaxtts.errors import JaxttsError
 
 
@@ -67,7 +68,7 @@ class Sampler:
         from pallas_kernels.sample_top_k import sample_top_k
 
         rows = logits.parts.shape[1] if isinstance(logits, SplitLogits) else logits.shape[0]
-        if (SAMPLE_KERNEL and impl in ("pallas", "pallas_interpret") and rows >= SAMPLE_KERNEL_MIN_ROWS
+        if (SAMPLE_KERNEL and uses_pallas(impl) and rows >= SAMPLE_KERNEL_MIN_ROWS
                 and not (self.greedy or self.use_top_p or self.use_min_p)):
             if isinstance(logits, SplitLogits):
                 return sample_top_k(logits.parts, noise, step, self.temperature, top_k=self.top_k,
