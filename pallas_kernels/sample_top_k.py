@@ -60,11 +60,10 @@ def sample_top_k_reference(parts, noise, step, temperature, *, top_k: int, sumsq
     parts float32 [P, M, V] (P = 1: plain logits), noise float32 [S, M, V] of which row `step` is
     used, temperature a float32 scalar; sumsq [P, M] applies rsqrt(sum / norm_dim + eps) per row.
     """
-    from jaxtts.sampling import top_k_mask
-
     y = _sum_parts(parts.astype(jnp.float32), sumsq, norm_dim, eps) / temperature
     if 0 < top_k < y.shape[-1]:
-        y = jnp.where(top_k_mask(y, top_k, "sort"), y, -jnp.inf)
+        kth = jax.lax.top_k(y, top_k)[0][..., -1:]
+        y = jnp.where(y >= kth, y, -jnp.inf)  # ties with the k-th largest stay in
     return jnp.argmax(y + noise[step], axis=-1).astype(jnp.int32)
 
 
