@@ -274,10 +274,11 @@ class SplitLogits:
 
 def _attention_step_kernel(*refs, n_parts, has_norm, num_heads, kv_heads, group, rows, block_k, num_splits,
                            seq_len, scale, model_dim, eps):
-    pos_ref, qkv_ref = refs[:2]
-    ss_ref = refs[2] if has_norm else None
-    k_ref, v_ref = refs[2 + has_norm:4 + has_norm]
-    out_refs = refs[4 + has_norm:]
+    it = iter(refs)
+    pos_ref, qkv_ref = next(it), next(it)
+    ss_ref = next(it) if has_norm else None
+    k_ref, v_ref = next(it), next(it)
+    out_refs = list(it)
     if num_splits == 1:
         o_ref, k_out, v_out = out_refs
     else:
@@ -398,7 +399,8 @@ def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, m
     out_specs += [kv_spec, kv_spec]
     n_out = len(out_shape)
     kernel = functools.partial(
-        _attention_step_kernel, n_parts=n_parts, has_norm=has_norm, num_heads=num_heads, kv_heads=hkv, group=group, rows=rows,
+        _attention_step_kernel, n_parts=n_parts, has_norm=has_norm, num_heads=num_heads, kv_heads=hkv, group=group,
+        rows=rows,
         block_k=block_k, num_splits=num_splits, seq_len=s, scale=1.0 / d**0.5, model_dim=model_dim, eps=float(eps))
     outs = be.pallas_call(
         kernel, grid=(m, hkv, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
