@@ -400,8 +400,8 @@ def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, m
     n_out = len(out_shape)
     kernel = functools.partial(
         _attention_step_kernel, n_parts=n_parts, has_norm=has_norm, num_heads=num_heads, kv_heads=hkv, group=group,
-        rows=rows,
-        block_k=block_k, num_splits=num_splits, seq_len=s, scale=1.0 / d**0.5, model_dim=model_dim, eps=float(eps))
+        rows=rows, block_k=block_k, num_splits=num_splits, seq_len=s, scale=1.0 / d**0.5, model_dim=model_dim,
+        eps=float(eps))
     outs = be.pallas_call(
         kernel, grid=(m, hkv, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases={len(args) - 2: n_out - 2, len(args) - 1: n_out - 1}, interpret=interpret,
