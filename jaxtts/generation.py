@@ -56,6 +56,27 @@ def row_keys(seeds) -> jax.Array:
 _row_keys = jax.jit(jax.vmap(jax.random.key))  # eagerly, vmap re-traces on every call (ms of host time)
 
 
+SPLIT_CACHE = True  # reuse a model's nnx.split between calls (split_model)
+_SPLITS = weakref.WeakKeyDictionary()  # model → (graphdef, weights, [(variable, its array at the split)])
+
+
+def split_model(model: CSM):
+    """`nnx.split(model)`, reused while every variable still holds the array it held at the split.
+
+    A split walks the whole module graph (~5 ms for CSM-1B on a CPU host), and a generation call
+    needs one for the prefill and one per chunk. New weights (`nnx.update`, a fine-tuning step)
+    are new arrays, so they re-split; a submodule swapped in place (`model.decoder = ...`) is not
+    noticed: build a new model instead.
+    """
+    hit = _SPLITS.get(model) if SPLIT_CACHE else None
+    if hit is not None and all(var.get_raw_value() is value for var, value in hit[2]):
+        return hit[0], hit[1]
+    graphdef, weights = nnx.split(model)
+    variables = [(node, node.get_raw_value()) for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Variable)]
+    _SPLITS[model] = (graphdef, weights, variables)
+    return graphdef, weights
+
+
 def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key, impl=None) -> DecodeState:
     """Run the backbone over right-padded prompts tokens/mask [B,T,33] with true lengths [B].
 
@@ -64,7 +85,7 @@ def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, ke
     valid query can see them.
     """
     impl = impl or default_impl()
-    graphdef, weights = nnx.split(model)
+    graphdef, weights = split_model(model)
     b = tokens.shape[0]
     start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -163,7 +184,7 @@ def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: i
     """
     impl = impl or default_impl()
     table = audio_table(model) if USE_AUDIO_TABLE and uses_pallas(impl) else None
-    graphdef, weights = nnx.split(model)
+    graphdef, weights = split_model(model)
     return _decode_chunk(graphdef, weights, state, sampler, num_frames, impl, depth_unroll or DEPTH_UNROLL, table)
 
 

@@ -56,6 +56,18 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def rope_heads_flat(x, cos, sin, rope_heads: int, head_dim: int):
+    """`apply_rope` on the first `rope_heads` heads of x [B, heads * D] (cos/sin [B, D/2]), the
+    other heads passed through: one elementwise pass, where slicing q and k out, rotating them
+    and concatenating q, k, v back costs a copy kernel per decode step."""
+    b = x.shape[0]
+    xf = x.astype(jnp.float32).reshape(b, -1, 2, head_dim // 2)
+    sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]  # lo' = lo c - hi s, hi' = hi c + lo s
+    rot = xf * cos[:, None, None, :] + xf[:, :, ::-1] * (sign * sin[:, None, None, :])
+    is_rope = (jnp.arange(xf.shape[1]) < rope_heads)[None, :, None, None]
+    return jnp.where(is_rope, rot, xf).astype(x.dtype).reshape(b, -1)
+
+
 @jax.tree_util.register_dataclass
 @dataclass
 class KVCache:
@@ -78,37 +90,42 @@ def _zero_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
 
 
 # Skinny matmuls (≤ MATVEC_MAX_ROWS rows: decode steps) go to the Pallas GEMV kernel when the
-# Pallas kernels are on; XLA reads such weights well below the memory bandwidth.
+# Pallas kernels are on; XLA reads such weights well below the memory bandwidth. More rows take
+# the kernel only at the shapes a GPU sweep found it faster (pallas_kernels.matvec.TUNED).
 USE_MATVEC = True
-MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows, no gain at 64
+MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows
 
 
-# Decode steps (one new position, ≤ MATVEC_MAX_ROWS rows) with the Pallas kernels on run each
-# block as eight kernels (pallas_kernels/fused_decode.py) instead of ~22.
+# Decode steps (one new position, ≤ FUSED_STEP_MAX_ROWS rows) with the Pallas kernels on run
+# each block as eight kernels (pallas_kernels/fused_decode.py) instead of ~22.
 USE_FUSED_STEP = True
+FUSED_STEP_MAX_ROWS = 8  # measured: slower than XLA's dots at 64 rows (docs/PERF.md #14)
 
 
-# Decode steps outside the fused step (more than MATVEC_MAX_ROWS rows) still attend through one
+# Decode steps outside the fused step (more than FUSED_STEP_MAX_ROWS rows) still attend through one
 # kernel that also writes the new key/value (attention_step) instead of two cache scatters and
 # the decode-attention kernel.
 USE_STEP_ATTENTION = True
+STEP_ROPE_ONE_PASS = True  # its RoPE as one elementwise pass over q|k|v (rope_heads_flat)
 
 
 def fused_step_applies(x, lengths, impl: str) -> bool:
     """Whether a call on x [B, T, D] takes `Llama.fused_step`: one new position per row, default
     lengths, few rows, Pallas kernels on."""
     b, t = x.shape[:2]
-    return (USE_FUSED_STEP and t == 1 and lengths is None and b <= MATVEC_MAX_ROWS
+    return (USE_FUSED_STEP and t == 1 and lengths is None and b <= FUSED_STEP_MAX_ROWS
             and uses_pallas(impl))
 
 
 def dense(x, w, impl: str = "xla"):
     """x [..., K] @ w [K, N], float32 accumulation, result in x's dtype."""
     rows = math.prod(x.shape[:-1])
-    if USE_MATVEC and uses_pallas(impl) and rows <= MATVEC_MAX_ROWS:
+    if USE_MATVEC and uses_pallas(impl):
         from pallas_kernels import matvec
+        from pallas_kernels.matvec import tuned_config
 
-        return matvec(x, w, interpret=impl == "pallas_interpret")
+        if rows <= MATVEC_MAX_ROWS or (rows <= 64 and tuned_config(rows, *w.shape) is not None):
+            return matvec(x, w, interpret=impl == "pallas_interpret")
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -155,18 +172,23 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = dense(x, self.qkv[...], impl)
-        q = qkv[..., : h * hd].reshape(b, t, h, hd)
-        k = qkv[..., h * hd : (h + hkv) * hd].reshape(b, t, hkv, hd)
-        v = qkv[..., (h + hkv) * hd :].reshape(b, t, hkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if step:
             from pallas_kernels.fused_decode import attention_step
 
-            rotated = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], axis=-1)
+            if STEP_ROPE_ONE_PASS:
+                rotated = rope_heads_flat(qkv[:, 0], cos[:, 0], sin[:, 0], h + hkv, hd)
+            else:
+                q, k = (apply_rope(qkv[..., a * hd:(a + n) * hd].reshape(b, t, n, hd), cos, sin).reshape(b, -1)
+                        for a, n in ((0, h), (h, hkv)))
+                rotated = jnp.concatenate([q, k, qkv[:, 0, (h + hkv) * hd:]], axis=-1)
             o, k_cache, v_cache = attention_step(rotated[None], None, k_cache, v_cache, start, num_heads=h,
                                                  model_dim=x.shape[-1], eps=0.0,
                                                  interpret=impl == "pallas_interpret")
             return dense(o[:, None], self.out[...], impl), k_cache, v_cache
+        q = qkv[..., : h * hd].reshape(b, t, h, hd)
+        k = qkv[..., h * hd : (h + hkv) * hd].reshape(b, t, hkv, hd)
+        v = qkv[..., (h + hkv) * hd :].reshape(b, t, hkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache = _write_rows(k_cache, k, start)
         v_cache = _write_rows(v_cache, v, start)
         o = attention(q, k_cache, v_cache, start, lengths, impl=impl)

@@ -38,13 +38,17 @@ VARIANTS = {
     "default": {},
     "topk_sort": {"jaxtts.sampling.TOP_K_METHOD": "sort"},
     "topk_rank": {"jaxtts.sampling.TOP_K_METHOD": "rank"},
-    "fused64": {"jaxtts.llama.MATVEC_MAX_ROWS": 64},
-    "fused64_sort": {"jaxtts.llama.MATVEC_MAX_ROWS": 64, "jaxtts.sampling.TOP_K_METHOD": "sort"},
+    "fused64": {"jaxtts.llama.FUSED_STEP_MAX_ROWS": 64, "jaxtts.llama.MATVEC_MAX_ROWS": 64},
     "no_fused": {"jaxtts.llama.USE_FUSED_STEP": False},
     "xla_sampling": {"jaxtts.sampling.SAMPLE_KERNEL": False},
     "xla_sampling_sort": {"jaxtts.sampling.SAMPLE_KERNEL": False, "jaxtts.sampling.TOP_K_METHOD": "sort"},
     "no_table": {"jaxtts.generation.USE_AUDIO_TABLE": False},
     "no_step_attention": {"jaxtts.llama.USE_STEP_ATTENTION": False},
+    "rope_concat": {"jaxtts.llama.STEP_ROPE_ONE_PASS": False},
+    "no_split_cache": {"jaxtts.generation.SPLIT_CACHE": False},
+    # filled by --tune-matvec: the swept M = 32 / 64 configs (pallas_kernels.matvec.TUNED)
+    "matvec_tuned": {},
+    "fused64_tuned": {},
     "before": {"jaxtts.sampling.SAMPLE_KERNEL": False, "jaxtts.generation.USE_AUDIO_TABLE": False},
 }
 
@@ -148,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="first check the sampling kernel against its reference")
     ap.add_argument("--tune-sampling", action="store_true",
                     help="time sampling-kernel configurations, keep the fastest for what follows")
+    ap.add_argument("--tune-matvec", action="store_true",
+                    help="sweep the matvec kernel at M = 32 / 64 first; variants matvec_tuned / fused64_tuned use "
+                         "the winners")
     ap.add_argument("--first-audio", default="", help="variants to time first audio for (comma list)")
     ap.add_argument("--bench", action="store_true", help="finish with a full `jaxtts bench --kernels` in-process")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
@@ -176,6 +183,20 @@ def main(argv=None) -> int:
             from jaxtts import sampling
 
             sampling.SAMPLE_KERNEL_MIN_ROWS = 16  # measured: XLA at batch 1, the kernel at batch 64
+    swept = None
+    if args.tune_matvec:
+        from pallas_kernels.matvec_check import tune_rows
+
+        try:
+            swept = tune_rows(Budget(args.budget / 2))
+        except Exception as e:
+            log(f"matvec tuning failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            swept = {}
+        log("swept winners (pallas_kernels.matvec.TUNED): {" + ", ".join(
+            f"{k}: MatvecConfig{tuple(v)}" for k, v in swept.items()) + "}")
+        VARIANTS["matvec_tuned"] = {"pallas_kernels.matvec.TUNED": swept}
+        VARIANTS["fused64_tuned"] = {"pallas_kernels.matvec.TUNED": swept, "jaxtts.llama.FUSED_STEP_MAX_ROWS": 64,
+                                     "jaxtts.llama.MATVEC_MAX_ROWS": 64}
     model = CSM.random(preset("csm-1b"), dtype="bfloat16")
     sampler = Sampler.create(0.9, 50)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -227,6 +248,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "probe.json"), "w") as f:
             json.dump({"device": dev.device_kind, "jax": jax.__version__, "sampling_tuning": tuned,
+                   "matvec_tuned": {str(k): list(v) for k, v in (swept or {}).items()},
                        "results": results}, f, indent=1)
         write_log(os.path.join(args.out, "probe.md"))
     if args.bench:

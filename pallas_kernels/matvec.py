@@ -71,8 +71,19 @@ def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int,
     return splits
 
 
+# Configs for more rows than default_config was tuned for, keyed by (rows rounded up to a power
+# of two, K, N): only shapes where a GPU sweep found the kernel faster than XLA's dot are listed
+# (`python -m pallas_kernels.decode_probe --tune-matvec`); jaxtts.llama.dense sends the other
+# shapes to jnp.dot.
+TUNED: dict[tuple[int, int, int], MatvecConfig] = {}
+
+
+def tuned_config(m: int, k: int, n: int) -> MatvecConfig | None:
+    return TUNED.get((be.pow2_at_least(m), k, n))
+
+
 def default_config(m: int, k: int, n: int) -> MatvecConfig:
-    """Block sizes, splits and pipelining for x [m, k] @ w [k, n].
+    """Block sizes, splits and pipelining for x [m, k] @ w [k, n] (a `TUNED` entry if any).
 
     Chosen from sweeps on an H200 (bf16, M = 1 and 8, docs/KERNELS.md): the matrix-unit dot,
     64 output columns per program, 4 warps, 3 pipeline stages, and enough K splits for ~256
@@ -81,6 +92,9 @@ def default_config(m: int, k: int, n: int) -> MatvecConfig:
     of the best swept config at every CSM shape; num_stages=2 was up to 30% slower, and
     method="reduce" up to 35% slower on the big shapes (a tie on the small ones).
     """
+    tuned = tuned_config(m, k, n)
+    if tuned is not None:
+        return tuned
     block_n = min(64, be.pow2_at_least(n))
     block_k = min(64 if k * n < SMALL_W else 128, be.pow2_at_least(k))
     splits = default_k_splits(m, k, n, block_n, block_k)

@@ -354,6 +354,77 @@ def sweep(budget: Budget, mode: str):
         del xs, ws
 
 
+# (method, block_n, block_k, k_splits, num_warps, num_stages) for M = 32 / 64 rows: wider column
+# tiles than at M <= 8, because every program reads all M rows of x (at block_n = 64 and M = 64
+# that is as many bytes as its W tile).
+_ROWS_CONFIGS = [
+    ("dot", 64, 128, None, 4, 3), ("dot", 64, 64, None, 4, 4), ("dot", 128, 64, None, 4, 3),
+    ("dot", 128, 64, None, 4, 4), ("dot", 128, 64, None, 8, 3), ("dot", 128, 128, None, 4, 3),
+    ("dot", 128, 128, None, 8, 3), ("dot", 128, 128, None, 8, 4), ("dot", 256, 64, None, 8, 3),
+    ("dot", 256, 64, None, 8, 4), ("dot", 256, 32, None, 8, 4), ("dot", 256, 128, None, 8, 3),
+    ("dot", 128, 32, None, 4, 5), ("dot", 64, 64, None, 4, 3), ("dot", 128, 64, None, 8, 5),
+]
+ROWS_SHAPES = ("depth gate_up", "depth down", "depth qkv", "depth out",
+               "backbone gate_up", "backbone down", "backbone qkv", "backbone out")
+
+
+def tune_rows(budget: Budget, rows=(64, 32), min_gain: float = 0.03) -> dict:
+    """Sweep the kernel at M = 32 / 64 (batch-32 / 64 decode steps) against XLA's dot; return
+    {(M, K, N): MatvecConfig} for the shapes where the fastest config beats XLA by > min_gain and
+    matches matvec_reference (bf16 tolerance)."""
+    from pallas_kernels.matvec import MatvecConfig
+
+    log("## M = 32 / 64 sweep, bf16: GPU kernel µs per call (median ±IQR/2) and TB/s, fastest first; "
+        "config = (method, block_n, block_k, k_splits, num_warps, num_stages)")
+    winners = {}
+    key = jax.random.key(3)
+    for m in rows:
+        for name in ROWS_SHAPES:
+            k, n = SHAPES[name]
+            title = f"{name} {k}×{n} M={m}"
+            if not budget.left():
+                log(f"- {title}: skipped (time budget)")
+                continue
+            configs = _split_variants(m, k, n, _ROWS_CONFIGS)
+            key, sub = jax.random.split(key)
+            xs, ws = _operands(sub, m, k, n, _copies(k, n, min_bytes=160e6))
+            fns = {"xla": _xla}
+            for cfg in configs:
+                meth, bn, bk, sp, w, st = cfg
+                fns[cfg] = (lambda x, wt, bn=bn, bk=bk, sp=sp, w=w, st=st, meth=meth:
+                            matvec(x, wt, method=meth, block_n=bn, block_k=bk, k_splits=sp, num_warps=w,
+                                   num_stages=st))
+            good = {}
+            for cfg, fn in fns.items():  # drop configs that do not compile (e.g. shared memory)
+                try:
+                    jax.block_until_ready(_programs({cfg: fn})[cfg](xs[:1], ws[:1]))
+                    good[cfg] = fn
+                except Exception as e:
+                    log(f"  {title} {cfg}: ERROR {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            try:
+                wall, dev = _measure(good, xs, ws, wall_reps=0, dev_reps=10)
+            except Exception as e:
+                log(f"- {title}: ERROR {type(e).__name__}: {str(e)[:200]}")
+                continue
+            st = {c: v["busy"] for c, v in dev.items()} if dev else wall
+            wb = 2 * k * n
+            order = sorted(st, key=lambda c: st[c][0])
+            log(f"- {title} [t={elapsed():.0f} s]{'' if dev else ' (WALL-CLOCK)'}: "
+                + ", ".join(f"{c} {_us(st[c])} ({wb / st[c][0] / 1e12:.2f})" for c in order[:8]))
+            best = next(c for c in order if c != "xla")
+            if st[best][0] < (1 - min_gain) * st["xla"][0]:
+                meth, bn, bk, sp, w, stg = best
+                out = good[best](xs[0], ws[0])
+                err = _err(out, matvec_reference(xs[0], ws[0]))
+                ok = bool(np.isfinite(err[1]) and err[1] < 2e-2)
+                log(f"  → {'TUNED' if ok else 'REJECTED (error)'}: {best} {st['xla'][0] / st[best][0]:.2f}x vs XLA, "
+                    f"relative error {err[1]:.2e}")
+                if ok:
+                    winners[(m, k, n)] = MatvecConfig(bn, bk, sp, w, stg, meth)
+            del xs, ws
+    return winners
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", choices=("none", "small", "wide"), default="wide")

@@ -39,3 +39,64 @@ def test_audio_table_is_the_projection_and_is_cached(model):
     emb, proj = np.asarray(model.audio_embeddings[...]), np.asarray(model.projection[...])
     np.testing.assert_allclose(table, emb @ proj, rtol=1e-5, atol=1e-5)
     assert audio_table(model) is audio_table(model)
+
+
+def test_split_model_is_reused_until_the_weights_change():
+    from flax import nnx
+
+    from jaxtts.generation import split_model
+
+    model = CSM.random(preset("tiny"), dtype="float32", seed=4)
+    sampler = Sampler.create(0.9, 50)
+    graphdef, weights = split_model(model)
+    assert split_model(model)[1] is weights
+    before = _frames(model, "xla", 1, sampler)[0]
+    new = model.audio_head.get_value()[:, :, ::-1]  # other logits for every codebook ≥ 1
+    model.audio_head.set_value(new)
+    graphdef2, weights2 = split_model(model)
+    assert weights2 is not weights
+    np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef2, weights2).audio_head.get_value()), np.asarray(new))
+    after = _frames(model, "xla", 1, sampler)[0]
+    assert (after[:, :, 1:] != before[:, :, 1:]).any()  # a stale split would decode the old weights
+
+
+def test_rope_heads_flat_is_apply_rope_on_q_and_k():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtts.llama import apply_rope, rope_heads_flat
+
+    b, h, hkv, d = 3, 8, 2, 64
+    x = jax.random.normal(jax.random.key(0), (b, (h + 2 * hkv) * d)).astype(jnp.bfloat16)
+    theta = jax.random.uniform(jax.random.key(1), (b, d // 2)) * 6
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    rotate = lambda a, n: apply_rope(x[:, a * d:(a + n) * d].reshape(b, 1, n, d), cos[:, None], sin[:, None])
+    want = jnp.concatenate([rotate(0, h).reshape(b, -1), rotate(h, hkv).reshape(b, -1), x[:, (h + hkv) * d:]], -1)
+    np.testing.assert_array_equal(np.asarray(rope_heads_flat(x, cos, sin, h + hkv, d), np.float32),
+                                  np.asarray(want, np.float32))
+
+
+def test_dense_takes_the_kernel_at_tuned_shapes_only(monkeypatch):
+    import importlib
+
+    import jax
+
+    import pallas_kernels
+    from jaxtts import llama
+
+    matvec_module = importlib.import_module("pallas_kernels.matvec")  # the package's `matvec` is the function
+
+    calls = []
+    real = pallas_kernels.matvec
+    monkeypatch.setattr(pallas_kernels, "matvec", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = jax.random.normal(jax.random.key(0), (12, 1, 64))
+    w = jax.random.normal(jax.random.key(1), (64, 96)) / 8
+    want = np.asarray(x @ w)
+    np.testing.assert_allclose(np.asarray(llama.dense(x, w, "pallas_interpret")), want, rtol=1e-5, atol=1e-5)
+    assert not calls  # 12 rows, no tuned config: XLA's dot
+    monkeypatch.setitem(matvec_module.TUNED, (16, 64, 96), matvec_module.MatvecConfig(32, 32, 2, 4, 3, "dot"))
+    np.testing.assert_allclose(np.asarray(llama.dense(x, w, "pallas_interpret")), want, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+    np.testing.assert_allclose(np.asarray(llama.dense(x[:, :, :32], w[:32], "pallas_interpret")),
+                               np.asarray(x[:, :, :32] @ w[:32]), rtol=1e-5, atol=1e-5)
+    assert calls == [1]  # another shape: still XLA
