@@ -100,13 +100,16 @@ MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows
 # each block as eight kernels (pallas_kernels/fused_decode.py) instead of ~22.
 USE_FUSED_STEP = True
 FUSED_STEP_MAX_ROWS = 8  # measured: slower than XLA's dots at 64 rows (docs/PERF.md #14)
+# In the fused step, the SwiGLU runs in the down projection's prologue (glu_matvec) instead of
+# an XLA fusion between the two MLP projections; GLU_K_SPLITS None: the default splits.
+FUSED_GLU_DOWN = True
+GLU_K_SPLITS = None
 
 
 # Decode steps outside the fused step (more than FUSED_STEP_MAX_ROWS rows) still attend through one
 # kernel that also writes the new key/value (attention_step) instead of two cache scatters and
 # the decode-attention kernel.
 USE_STEP_ATTENTION = True
-STEP_ROPE_ONE_PASS = True  # its RoPE as one elementwise pass over q|k|v (rope_heads_flat)
 
 
 def fused_step_applies(x, lengths, impl: str) -> bool:
@@ -175,12 +178,7 @@ class Attention(nnx.Module):
         if step:
             from pallas_kernels.fused_decode import attention_step
 
-            if STEP_ROPE_ONE_PASS:
-                rotated = rope_heads_flat(qkv[:, 0], cos[:, 0], sin[:, 0], h + hkv, hd)
-            else:
-                q, k = (apply_rope(qkv[..., a * hd:(a + n) * hd].reshape(b, t, n, hd), cos, sin).reshape(b, -1)
-                        for a, n in ((0, h), (h, hkv)))
-                rotated = jnp.concatenate([q, k, qkv[:, 0, (h + hkv) * hd:]], axis=-1)
+            rotated = rope_heads_flat(qkv[:, 0], cos[:, 0], sin[:, 0], h + hkv, hd)
             o, k_cache, v_cache = attention_step(rotated[None], None, k_cache, v_cache, start, num_heads=h,
                                                  model_dim=x.shape[-1], eps=0.0,
                                                  interpret=impl == "pallas_interpret")
@@ -256,7 +254,7 @@ class Llama(nnx.Module):
         With final_norm=False, returns the last residual stream [B, D] before the final norm
         (for a caller that folds the norm into its output projection)."""
         from pallas_kernels import matvec
-        from pallas_kernels.fused_decode import attention_step, finish, norm_matvec, add_residual
+        from pallas_kernels.fused_decode import add_residual, attention_step, finish, glu_matvec, norm_matvec
 
         cfg = self.cfg
         pos = jnp.minimum(start, cfg.max_seq_len - 1)
@@ -271,9 +269,13 @@ class Llama(nnx.Module):
             o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
                                        eps=cfg.norm_eps, interpret=interpret)
             h = add_residual(h, matvec(o, attn.out[...], partials=True, interpret=interpret))
-            gate_up = finish(*norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], interpret=interpret),
-                             cfg.embed_dim, cfg.norm_eps).astype(h.dtype)
-            parts = matvec(swiglu(gate_up), mlp.down[...], partials=True, interpret=interpret)
+            gate_up = norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], interpret=interpret)
+            if FUSED_GLU_DOWN:
+                parts = glu_matvec(*gate_up, mlp.down[...], norm_dim=cfg.embed_dim, eps=cfg.norm_eps,
+                                   k_splits=GLU_K_SPLITS, interpret=interpret)
+            else:
+                act = swiglu(finish(*gate_up, cfg.embed_dim, cfg.norm_eps).astype(h.dtype))
+                parts = matvec(act, mlp.down[...], partials=True, interpret=interpret)
             ks.append(kc)
             vs.append(vc)
         h = add_residual(h, parts)

@@ -44,7 +44,10 @@ VARIANTS = {
     "xla_sampling_sort": {"jaxtts.sampling.SAMPLE_KERNEL": False, "jaxtts.sampling.TOP_K_METHOD": "sort"},
     "no_table": {"jaxtts.generation.USE_AUDIO_TABLE": False},
     "no_step_attention": {"jaxtts.llama.USE_STEP_ATTENTION": False},
-    "rope_concat": {"jaxtts.llama.STEP_ROPE_ONE_PASS": False},
+    "untuned": {"pallas_kernels.matvec.TUNED": {}},
+    "no_glu_down": {"jaxtts.llama.FUSED_GLU_DOWN": False},
+    "glu_down_s64": {"jaxtts.llama.GLU_K_SPLITS": 64},
+    "glu_down_s32": {"jaxtts.llama.GLU_K_SPLITS": 32},
     "no_split_cache": {"jaxtts.generation.SPLIT_CACHE": False},
     # filled by --tune-matvec: the swept M = 32 / 64 configs (pallas_kernels.matvec.TUNED)
     "matvec_tuned": {},
@@ -146,7 +149,8 @@ def tune_sampling() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="directory for probe.json and probe.md")
-    ap.add_argument("--variants", default="default,topk_sort,fused64,fused64_sort")
+    ap.add_argument("--variants", default="default,topk_sort,fused64",
+                    help="comma list of VARIANTS names, each optionally with :batches (e.g. fused64:64/32)")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--profile", default="default", help="variants to profile with CUPTI (comma list)")
     ap.add_argument("--check", action="store_true", help="first check the sampling kernel against its reference")
@@ -155,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-matvec", action="store_true",
                     help="sweep the matvec kernel at M = 32 / 64 first; variants matvec_tuned / fused64_tuned use "
                          "the winners")
+    ap.add_argument("--tune-rows", default="64,32", help="row counts for --tune-matvec")
     ap.add_argument("--first-audio", default="", help="variants to time first audio for (comma list)")
     ap.add_argument("--bench", action="store_true", help="finish with a full `jaxtts bench --kernels` in-process")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
         from pallas_kernels.matvec_check import tune_rows
 
         try:
-            swept = tune_rows(Budget(args.budget / 2))
+            swept = tune_rows(Budget(args.budget / 2), rows=[int(m) for m in args.tune_rows.split(",")])
         except Exception as e:
             log(f"matvec tuning failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
             swept = {}
@@ -203,8 +208,9 @@ def main(argv=None) -> int:
     profiled = set(args.profile.split(","))
     results = {}
     log("\n| variant | batch | ms/step | x real time | kernels/frame | busy ms/frame |\n|---|---|---|---|---|---|")
-    for name in filter(None, args.variants.split(",")):
-        for b in batches:
+    for item in filter(None, args.variants.split(",")):
+        name, _, only = item.partition(":")  # "name:64/32" runs that variant at those batches only
+        for b in ([int(x) for x in only.split("/")] if only else batches):
             if not budget.left():
                 log(f"| {name} | {b} | skipped (budget) | | | |")
                 continue

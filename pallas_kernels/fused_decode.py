@@ -184,7 +184,7 @@ def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, ha
                                              "num_warps", "num_stages", "interpret"))
 def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_heads: int = 0, w_index=None,
                 k_splits: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+                num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
     """The matmul of rmsnorm(x) * scale @ w, leaving the norm's row factor to the consumer.
 
     x [M, K] (M <= 64), scale [K], w [K, N] or [L, K, N] with w_index an int32 [1] picking one.
@@ -213,12 +213,14 @@ def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_hea
         block_n = block_n or cfg.block_n
     n_blocks = pl.cdiv(n, block_n)
     k_blocks = pl.cdiv(k, block_k)
-    if k_splits is None:
-        k_splits = default_k_splits(m, k, n, block_n, block_k)
+    if k_splits is None:  # the config's splits when its blocks are in use (a matvec.TUNED entry)
+        same = (block_n, block_k) == (cfg.block_n, cfg.block_k)
+        k_splits = cfg.k_splits if same else default_k_splits(m, k, n, block_n, block_k)
     k_splits = min(k_splits, k_blocks)
     per_split = pl.cdiv(k_blocks, k_splits)
     k_splits = pl.cdiv(k_blocks, per_split)
     rows = be.pow2_at_least(m)
+    num_warps, num_stages = num_warps or cfg.num_warps, num_stages or cfg.num_stages
 
     full = lambda shape: pl.BlockSpec(shape, lambda j, s, nd=len(shape): (0,) * nd)  # noqa: E731
     # x * scale, rounded as the norm's output is: under jit XLA fuses it into x's producer.
@@ -268,6 +270,93 @@ class SplitLogits:
 
     def finish(self):
         return finish(self.parts, self.sumsq, self.norm_dim, self.eps)
+
+
+# --- glu_matvec -------------------------------------------------------------------------------------
+
+def glu_matvec_reference(parts, sumsq, w, *, norm_dim, eps):
+    """swiglu(gate_up) @ w in float32, where gate_up = finish(parts, sumsq) rounded to w's dtype
+    (norm_matvec's outputs for the fused gate/up projection [.., 2F], F = w's rows)."""
+    gate, up = jnp.split(finish(parts, sumsq, norm_dim, eps).astype(w.dtype), 2, axis=-1)
+    return jnp.dot(jax.nn.silu(gate) * up, w, precision="highest", preferred_element_type=jnp.float32)
+
+
+def _glu_matvec_kernel(parts_ref, ss_ref, w_ref, out_ref, *, m, rows, f, block_n, block_k, per_split, norm_dim,
+                       eps):
+    n_parts, n = parts_ref.shape[0], out_ref.shape[-1]
+    dtype = w_ref.dtype
+    row_ok = jnp.arange(rows) < m
+    n0 = pl.program_id(0) * block_n
+    first = pl.program_id(1) * per_split
+    col_ok = (n0 + jnp.arange(block_n) < n)[None, :] if n % block_n else None
+
+    # The norm's row factor of the gate/up projection, from its sums of squares.
+    ss = jnp.zeros((rows,), jnp.float32)
+    for p in range(n_parts):
+        ss += be.load(ss_ref.at[jnp.int32(p), pl.ds(0, rows)], mask=row_ok, other=0)
+    inv = jax.lax.rsqrt(ss / norm_dim + eps)[:, None]
+
+    def rounded(v):  # where the model rounds to its dtype
+        return v.astype(dtype).astype(jnp.float32)
+
+    def body(i, acc):
+        start = pl.multiple_of((first + i) * block_k, block_k)
+        k_ok = (start + jnp.arange(block_k) < f) if f % block_k else None
+        x_mask = row_ok[:, None] if k_ok is None else row_ok[:, None] & k_ok[None, :]
+        gate = jnp.zeros((rows, block_k), jnp.float32)
+        up = jnp.zeros((rows, block_k), jnp.float32)
+        for p in range(n_parts):
+            gate += be.load(parts_ref.at[jnp.int32(p), pl.ds(0, rows), pl.ds(start, block_k)], mask=x_mask, other=0)
+            up += be.load(parts_ref.at[jnp.int32(p), pl.ds(0, rows), pl.ds(f + start, block_k)], mask=x_mask,
+                          other=0)
+        gate, up = rounded(gate * inv), rounded(up * inv)
+        silu = rounded(gate * rounded(1.0 / (1.0 + jnp.exp(-gate))))
+        act = (silu * up).astype(dtype)
+        w_mask = col_ok if k_ok is None else (k_ok[:, None] if col_ok is None else k_ok[:, None] & col_ok)
+        wt = be.load(w_ref.at[pl.ds(start, block_k), pl.ds(n0, block_n)], mask=w_mask,
+                     other=None if w_mask is None else 0)
+        return acc + be.dot(act, wt)
+
+    k_blocks = pl.cdiv(f, block_k)
+    if k_blocks % per_split == 0:  # a static trip count pipelines best
+        acc = jax.lax.fori_loop(0, per_split, body, jnp.zeros((rows, block_n), jnp.float32))
+    else:
+        acc = jax.lax.fori_loop(0, jnp.minimum(per_split, k_blocks - first), body,
+                                jnp.zeros((rows, block_n), jnp.float32))
+    mask = row_ok[:, None] if col_ok is None else row_ok[:, None] & col_ok
+    be.store(out_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], acc, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("norm_dim", "eps", "k_splits", "block_n", "block_k", "num_warps",
+                                             "num_stages", "interpret"))
+def glu_matvec(parts, sumsq, w, *, norm_dim: int, eps: float, k_splits: int | None = None,
+               block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None, interpret: bool = False):
+    """The MLP's down projection with the SwiGLU in its prologue: swiglu(gate_up) @ w, where
+    gate_up is what norm_matvec left for the fused gate/up projection (parts [P, M, 2F] float32,
+    sumsq [P, M]; F = w's rows). Each program finishes the gate and up values of its own K range
+    (norm factor, rounding, silu(gate) * up), so no kernel runs between the two projections.
+    Returns float32 split partials [splits, M, N] (sum them: `add_residual` does)."""
+    n_parts, m, two_f = parts.shape
+    f, n = w.shape
+    if two_f != 2 * f or sumsq.shape != (n_parts, m):
+        raise ValueError(f"parts {parts.shape}, sumsq {sumsq.shape} and w {w.shape} do not match")
+    cfg = default_config(m, f, n)
+    block_n, block_k = block_n or cfg.block_n, block_k or cfg.block_k
+    k_blocks = pl.cdiv(f, block_k)
+    k_splits = min(k_splits or default_k_splits(m, f, n, block_n, block_k), k_blocks)
+    per_split = pl.cdiv(k_blocks, k_splits)
+    k_splits = pl.cdiv(k_blocks, per_split)
+    rows = be.pow2_at_least(m)
+    full = lambda shape: pl.BlockSpec(shape, lambda j, s, nd=len(shape): (0,) * nd)  # noqa: E731
+    kernel = functools.partial(_glu_matvec_kernel, m=m, rows=rows, f=f, block_n=block_n, block_k=block_k,
+                               per_split=per_split, norm_dim=norm_dim, eps=eps)
+    return be.pallas_call(
+        kernel, grid=(pl.cdiv(n, block_n), k_splits), in_specs=[full(parts.shape), full(sumsq.shape), full(w.shape)],
+        out_specs=pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32), interpret=interpret,
+        num_warps=num_warps or cfg.num_warps, num_stages=num_stages or cfg.num_stages, name="glu_matvec",
+    )(parts, sumsq, w)
 
 
 # --- attention_step -------------------------------------------------------------------------------

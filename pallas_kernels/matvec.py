@@ -75,7 +75,13 @@ def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int,
 # of two, K, N): only shapes where a GPU sweep found the kernel faster than XLA's dot are listed
 # (`python -m pallas_kernels.decode_probe --tune-matvec`); jaxtts.llama.dense sends the other
 # shapes to jnp.dot.
-TUNED: dict[tuple[int, int, int], MatvecConfig] = {}
+# H200, 2026-12-02 (docs/PERF.md #20): the shapes that also won inside the batch-64 decode loop.
+TUNED: dict[tuple[int, int, int], MatvecConfig] = {
+    (64, 8192, 1024): MatvecConfig(64, 128, 8, 4, 3, "dot"),  # depth down: 9.0 vs 10.0 µs alone
+    (64, 8192, 2048): MatvecConfig(64, 64, 8, 4, 4, "dot"),  # backbone down: 13.0 vs 16.5
+    (64, 2048, 3072): MatvecConfig(128, 64, 4, 4, 4, "dot"),  # backbone qkv: 8.1 vs 8.8
+    (64, 2048, 2048): MatvecConfig(64, 64, 4, 4, 4, "dot"),  # backbone out: 6.7 vs 8.8
+}
 
 
 def tuned_config(m: int, k: int, n: int) -> MatvecConfig | None:
