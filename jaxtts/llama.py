@@ -100,10 +100,6 @@ MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows
 # each block as eight kernels (pallas_kernels/fused_decode.py) instead of ~22.
 USE_FUSED_STEP = True
 FUSED_STEP_MAX_ROWS = 8  # measured: slower than XLA's dots at 64 rows (docs/PERF.md #14)
-# In the fused step, the SwiGLU runs in the down projection's prologue (glu_matvec) instead of
-# an XLA fusion between the two MLP projections; GLU_K_SPLITS None: the default splits.
-FUSED_GLU_DOWN = True
-GLU_K_SPLITS = None
 
 
 # Decode steps outside the fused step (more than FUSED_STEP_MAX_ROWS rows) still attend through one
@@ -254,7 +250,7 @@ class Llama(nnx.Module):
         With final_norm=False, returns the last residual stream [B, D] before the final norm
         (for a caller that folds the norm into its output projection)."""
         from pallas_kernels import matvec
-        from pallas_kernels.fused_decode import add_residual, attention_step, finish, glu_matvec, norm_matvec
+        from pallas_kernels.fused_decode import add_residual, attention_step, finish, norm_matvec
 
         cfg = self.cfg
         pos = jnp.minimum(start, cfg.max_seq_len - 1)
@@ -269,13 +265,9 @@ class Llama(nnx.Module):
             o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
                                        eps=cfg.norm_eps, interpret=interpret)
             h = add_residual(h, matvec(o, attn.out[...], partials=True, interpret=interpret))
-            gate_up = norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], interpret=interpret)
-            if FUSED_GLU_DOWN:
-                parts = glu_matvec(*gate_up, mlp.down[...], norm_dim=cfg.embed_dim, eps=cfg.norm_eps,
-                                   k_splits=GLU_K_SPLITS, interpret=interpret)
-            else:
-                act = swiglu(finish(*gate_up, cfg.embed_dim, cfg.norm_eps).astype(h.dtype))
-                parts = matvec(act, mlp.down[...], partials=True, interpret=interpret)
+            gate_up = finish(*norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], interpret=interpret),
+                             cfg.embed_dim, cfg.norm_eps).astype(h.dtype)
+            parts = matvec(swiglu(gate_up), mlp.down[...], partials=True, interpret=interpret)
             ks.append(kc)
             vs.append(vc)
         h = add_residual(h, parts)

@@ -45,9 +45,6 @@ VARIANTS = {
     "no_table": {"jaxtts.generation.USE_AUDIO_TABLE": False},
     "no_step_attention": {"jaxtts.llama.USE_STEP_ATTENTION": False},
     "untuned": {"pallas_kernels.matvec.TUNED": {}},
-    "no_glu_down": {"jaxtts.llama.FUSED_GLU_DOWN": False},
-    "glu_down_s64": {"jaxtts.llama.GLU_K_SPLITS": 64},
-    "glu_down_s32": {"jaxtts.llama.GLU_K_SPLITS": 32},
     "no_split_cache": {"jaxtts.generation.SPLIT_CACHE": False},
     # filled by --tune-matvec: the swept M = 32 / 64 configs (pallas_kernels.matvec.TUNED)
     "matvec_tuned": {},

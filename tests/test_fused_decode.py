@@ -10,7 +10,6 @@ from pallas_kernels.fused_decode import (
     attention_step,
     attention_step_reference,
     finish,
-    glu_matvec,
     norm_matvec,
     norm_matvec_reference,
     add_residual,
@@ -145,30 +144,7 @@ def test_lowers_to_triton_at_csm_shapes(m):
         fn = jax.jit(lambda q, k, v, p: attention_step(q, None, k, v, p, num_heads=heads, model_dim=d_model, eps=0.0))
         assert "triton" in fn.trace(sds((1, m, qkv_n), bf), cache, cache, sds((m,), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
-        fn = jax.jit(lambda g, ss, w: glu_matvec(g, ss, w, norm_dim=d_model, eps=1e-5))
-        assert "triton" in fn.trace(sds((1, m, 2 * ffn), jnp.float32), sds((1, m), jnp.float32),
-                                    sds((ffn, d_model), bf)).lower(lowering_platforms=("cuda",)).as_text()
         fn = jax.jit(lambda o, w: matvec(o, w, partials=True, k_splits=4))
         assert "triton" in fn.trace(sds((m, ffn), bf), sds((ffn, d_model), bf)).lower(
             lowering_platforms=("cuda",)).as_text()
 
-
-@pytest.mark.parametrize("m,f,n,parts,splits", [(1, 256, 64, 1, 2), (3, 100, 48, 2, 2), (8, 160, 80, 1, 2)])  # ragged K, N; uneven splits
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_glu_matvec(m, f, n, parts, splits, dtype, tol):
-    from pallas_kernels.fused_decode import glu_matvec_reference
-
-    h = _rand(0, (m, 64), dtype)
-    gate_up, ss = norm_matvec(h, _rand(1, (64,), dtype), _rand(2, (64, 2 * f), dtype, 64**-0.5), k_splits=parts,
-                              interpret=True)
-    w = _rand(3, (f, n), dtype, f**-0.5)
-    got = glu_matvec(gate_up, ss, w, norm_dim=64, eps=1e-5, k_splits=splits, block_k=32, interpret=True)
-    assert got.dtype == jnp.float32 and got.shape[1:] == (m, n)
-    want = glu_matvec_reference(gate_up, ss, w, norm_dim=64, eps=1e-5)
-    _close(jnp.sum(got, axis=0), want, tol)
-    # The same act the unfused step feeds its down projection, so (float32) the same product.
-    if dtype == jnp.float32:
-        from jaxtts.llama import swiglu
-
-        act = swiglu(finish(gate_up, ss, 64, 1e-5))
-        np.testing.assert_allclose(np.asarray(jnp.sum(got, axis=0)), np.asarray(act @ w), rtol=1e-5, atol=1e-5)
