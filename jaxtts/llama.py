@@ -123,7 +123,7 @@ def dense(x, w, impl: str = "xla"):
         from pallas_kernels import matvec
         from pallas_kernels.matvec import tuned_config
 
-        if rows <= MATVEC_MAX_ROWS or (rows <= 64 and tuned_config(rows, *w.shape) is not None):
+        if rows <= MATVEC_MAX_ROWS or tuned_config(rows, *w.shape) is not None:
             return matvec(x, w, interpret=impl == "pallas_interpret")
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 

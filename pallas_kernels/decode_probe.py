@@ -46,9 +46,7 @@ VARIANTS = {
     "no_step_attention": {"jaxtts.llama.USE_STEP_ATTENTION": False},
     "untuned": {"pallas_kernels.matvec.TUNED": {}},
     "no_split_cache": {"jaxtts.generation.SPLIT_CACHE": False},
-    # filled by --tune-matvec: the swept M = 32 / 64 configs (pallas_kernels.matvec.TUNED)
-    "matvec_tuned": {},
-    "fused64_tuned": {},
+    # --tune-matvec adds matvec_tuned and fused64_tuned: the swept configs as pallas_kernels.matvec.TUNED
     "before": {"jaxtts.sampling.SAMPLE_KERNEL": False, "jaxtts.generation.USE_AUDIO_TABLE": False},
 }
 
@@ -197,8 +195,7 @@ def main(argv=None) -> int:
         log("swept winners (pallas_kernels.matvec.TUNED): {" + ", ".join(
             f"{k}: MatvecConfig{tuple(v)}" for k, v in swept.items()) + "}")
         VARIANTS["matvec_tuned"] = {"pallas_kernels.matvec.TUNED": swept}
-        VARIANTS["fused64_tuned"] = {"pallas_kernels.matvec.TUNED": swept, "jaxtts.llama.FUSED_STEP_MAX_ROWS": 64,
-                                     "jaxtts.llama.MATVEC_MAX_ROWS": 64}
+        VARIANTS["fused64_tuned"] = {**VARIANTS["fused64"], "pallas_kernels.matvec.TUNED": swept}
     model = CSM.random(preset("csm-1b"), dtype="bfloat16")
     sampler = Sampler.create(0.9, 50)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -251,7 +248,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "probe.json"), "w") as f:
             json.dump({"device": dev.device_kind, "jax": jax.__version__, "sampling_tuning": tuned,
-                   "matvec_tuned": {str(k): list(v) for k, v in (swept or {}).items()},
+                       "matvec_tuned": {str(k): list(v) for k, v in (swept or {}).items()},
                        "results": results}, f, indent=1)
         write_log(os.path.join(args.out, "probe.md"))
     if args.bench:

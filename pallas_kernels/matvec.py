@@ -85,7 +85,8 @@ TUNED: dict[tuple[int, int, int], MatvecConfig] = {
 
 
 def tuned_config(m: int, k: int, n: int) -> MatvecConfig | None:
-    return TUNED.get((be.pow2_at_least(m), k, n))
+    """The TUNED entry for x [m, k] @ w [k, n], None if there is none (always past MAX_ROWS)."""
+    return TUNED.get((be.pow2_at_least(m), k, n)) if m <= MAX_ROWS else None
 
 
 def default_config(m: int, k: int, n: int) -> MatvecConfig:

@@ -300,6 +300,29 @@ def _split_variants(m, k, n, configs):
     return list(dict.fromkeys(out))
 
 
+def _config_fns(configs):
+    """{"xla": XLA's dot, config: matvec with that config} for configs (method, block_n, block_k,
+    k_splits, num_warps, num_stages)."""
+    def make(cfg):
+        meth, bn, bk, s, w, st = cfg
+        return lambda x, wt: matvec(x, wt, method=meth, block_n=bn, block_k=bk, k_splits=s,
+                                    num_warps=w, num_stages=st)
+
+    return {"xla": _xla, **{cfg: make(cfg) for cfg in configs}}
+
+
+def _compiling(fns, xs, ws, title):
+    """The entries of fns that compile and run on their own; the others are logged and dropped."""
+    good = {}
+    for cfg, fn in fns.items():
+        try:
+            jax.block_until_ready(_programs({cfg: fn})[cfg](xs, ws))
+            good[cfg] = fn
+        except Exception as e:
+            log(f"  {title} {cfg}: ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return good
+
+
 def sweep(budget: Budget, mode: str):
     if mode == "none":
         return
@@ -325,26 +348,12 @@ def sweep(budget: Budget, mode: str):
         key, sub = jax.random.split(key)
         xs, ws = _operands(sub, m, k, n, _copies(k, n, min_bytes=160e6))
 
-        def make(cfg):
-            meth, bn, bk, s, w, st = cfg
-            return lambda x, wt: matvec(x, wt, method=meth, block_n=bn, block_k=bk, k_splits=s,
-                                        num_warps=w, num_stages=st)
-
-        fns = {"xla": _xla}
-        for cfg in configs:
-            fns[cfg] = make(cfg)
+        fns = _config_fns(configs)
         try:
             wall, dev = _measure(fns, xs, ws, wall_reps=0, dev_reps=10)
         except Exception as e:  # one bad config: drop the configs that fail on their own
             log(f"  ({title}: joint run failed with {type(e).__name__}: {str(e)[:200]}; one by one)")
-            good = {}
-            for cfg, fn in fns.items():
-                try:
-                    jax.block_until_ready(_programs({cfg: fn})[cfg](xs, ws))
-                    good[cfg] = fn
-                except Exception as e2:
-                    log(f"  {cfg}: ERROR {type(e2).__name__}: {str(e2).splitlines()[0][:200]}")
-            wall, dev = _measure(good, xs, ws, wall_reps=0, dev_reps=10)
+            wall, dev = _measure(_compiling(fns, xs, ws, title), xs, ws, wall_reps=0, dev_reps=10)
         st = {c: v["busy"] for c, v in dev.items()} if dev else wall
         wb = 2 * k * n
         order = sorted(st, key=lambda c: st[c][0])
@@ -388,19 +397,7 @@ def tune_rows(budget: Budget, rows=(64, 32), min_gain: float = 0.03) -> dict:
             configs = _split_variants(m, k, n, _ROWS_CONFIGS)
             key, sub = jax.random.split(key)
             xs, ws = _operands(sub, m, k, n, _copies(k, n, min_bytes=160e6))
-            fns = {"xla": _xla}
-            for cfg in configs:
-                meth, bn, bk, sp, w, st = cfg
-                fns[cfg] = (lambda x, wt, bn=bn, bk=bk, sp=sp, w=w, st=st, meth=meth:
-                            matvec(x, wt, method=meth, block_n=bn, block_k=bk, k_splits=sp, num_warps=w,
-                                   num_stages=st))
-            good = {}
-            for cfg, fn in fns.items():  # drop configs that do not compile (e.g. shared memory)
-                try:
-                    jax.block_until_ready(_programs({cfg: fn})[cfg](xs[:1], ws[:1]))
-                    good[cfg] = fn
-                except Exception as e:
-                    log(f"  {title} {cfg}: ERROR {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            good = _compiling(_config_fns(configs), xs[:1], ws[:1], title)  # e.g. past shared memory
             try:
                 wall, dev = _measure(good, xs, ws, wall_reps=0, dev_reps=10)
             except Exception as e:

@@ -147,4 +147,3 @@ def test_lowers_to_triton_at_csm_shapes(m):
         fn = jax.jit(lambda o, w: matvec(o, w, partials=True, k_splits=4))
         assert "triton" in fn.trace(sds((m, ffn), bf), sds((ffn, d_model), bf)).lower(
             lowering_platforms=("cuda",)).as_text()
-
