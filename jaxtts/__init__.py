@@ -5,6 +5,7 @@ from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
 from jaxtts.generation import generate_frames
 from jaxtts.prompt import Segment
+from jaxtts.options import DecodeOptions, default_options
 from jaxtts.sampling import Sampler
 from jaxtts.tts import TTS, Context, Request, load
 
@@ -18,6 +19,6 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["CSM", "CSM_1B", "CSMConfig", "Context", "JaxttsError", "LlamaConfig", "Mimi", "Request", "Sampler",
-           "Segment", "TTS", "generate_frames", "load"]
+__all__ = ["CSM", "CSM_1B", "CSMConfig", "Context", "DecodeOptions", "JaxttsError", "LlamaConfig", "Mimi", "Request", "Sampler",
+           "Segment", "TTS", "default_options", "generate_frames", "load"]
 __version__ = "0.1.0"

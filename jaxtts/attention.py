@@ -14,17 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "pallas", "pallas_interpret")
-
-
-def uses_pallas(impl: str) -> bool:
-    """Whether `impl` runs the Pallas kernels (compiled, or in the interpreter on CPU)."""
-    return impl in ("pallas", "pallas_interpret")
-
-
-def default_impl() -> str:
-    """Pallas on GPUs, plain XLA elsewhere (Pallas on CPU only runs in the slow interpreter)."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+from jaxtts.options import ATTENTION_IMPLS
 
 
 def xla_attention(q, k, v, q_start, lengths):
@@ -49,10 +39,12 @@ def xla_attention(q, k, v, q_start, lengths):
 
 
 def attention(q, k, v, q_start, lengths, *, impl: str = "xla"):
+    """impl: "xla", or the Pallas kernels ("pallas"; "pallas_interpret" on CPU). Imported only
+    when chosen, so the XLA path loads no Pallas code."""
     if impl == "xla":
         return xla_attention(q, k, v, q_start, lengths)
-    if uses_pallas(impl):
+    if impl in ("pallas", "pallas_interpret"):
         from pallas_kernels import attention as pallas_attention
 
         return pallas_attention(q, k, v, q_start, lengths, interpret=impl == "pallas_interpret")
-    raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+    raise ValueError(f"unknown attention impl {impl!r}; choose one of {ATTENTION_IMPLS}")

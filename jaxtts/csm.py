@@ -13,7 +13,9 @@ from flax import nnx
 
 from jaxtts.config import CSMConfig
 from jaxtts.errors import JaxttsError
-from jaxtts.llama import KVCache, Llama, _init, dense
+from jaxtts.llama import XLA, KVCache, Llama, _init, dense, fused_step_applies, matvec_config
+from jaxtts.options import DecodeOptions
+from jaxtts.sampling import SplitLogits
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -69,38 +71,41 @@ class CSM(nnx.Module):
         return self.audio_embeddings[...][codes + codebook * self.cfg.audio_vocab_size]
 
     # --- the two transformers ------------------------------------------------------------------
-    def run_backbone(self, tokens, mask, start, cache: KVCache, *, lengths=None, impl="xla"):
+    def run_backbone(self, tokens, mask, start, cache: KVCache, *, lengths=None, opts: DecodeOptions = XLA):
         """Backbone over rows [B,T,33] at positions start[b]+t. Returns (hidden [B,T,D], cache)."""
-        return self.backbone(self.embed_rows(tokens, mask), start, cache, lengths=lengths, impl=impl)
+        with jax.named_scope("backbone"):
+            return self.backbone(self.embed_rows(tokens, mask), start, cache, lengths=lengths, opts=opts)
 
     def codebook0_logits(self, hidden):
         return jnp.dot(hidden, self.codebook0_head[...], preferred_element_type=jnp.float32)
 
-    def run_decoder(self, inputs, start, cache: KVCache, *, impl="xla"):
+    def run_decoder(self, inputs, start, cache: KVCache, *, opts: DecodeOptions = XLA):
         """Depth decoder over backbone-width inputs [B,T,D_bb] (projected here)."""
-        return self.decoder(dense(inputs, self.projection[...], impl), start, cache, impl=impl)
+        with jax.named_scope("depth"):
+            return self.decoder(dense(inputs, self.projection[...], opts), start, cache, opts=opts)
 
-    def decoder_step_logits(self, inputs, start, cache: KVCache, codebook, *, impl="xla", projected=False):
+    def decoder_step_logits(self, inputs, start, cache: KVCache, codebook, *, opts: DecodeOptions = XLA,
+                            projected=False):
         """One depth-decoder step over inputs [B,1,D_bb] (or [B,1,D_dec] already `projected`) at
         positions start, then the logits of `codebook` (≥ 1, may be traced): (logits, cache).
 
         The logits are float32 [B, V], or with the fused Pallas step a `SplitLogits` (the head's
         partial sums with the final norm folded in, one kernel instead of two) for the sampling
         kernel to finish."""
-        from jaxtts import llama
+        with jax.named_scope("depth"):
+            x = inputs if projected else dense(inputs, self.projection[...], opts)
+            if fused_step_applies(x, None, opts):
+                from pallas_kernels.fused_decode import norm_matvec
 
-        x = inputs if projected else dense(inputs, self.projection[...], impl)
-        if llama.fused_step_applies(x, None, impl):
-            from pallas_kernels.fused_decode import SplitLogits, norm_matvec
-
-            dec = self.decoder
-            h, cache = dec.fused_step(x, start, cache, interpret=impl == "pallas_interpret", final_norm=False)
-            parts, ss = norm_matvec(h, dec.norm.scale[...], self.audio_head[...],
-                                    w_index=jnp.reshape(codebook - 1, (1,)).astype(jnp.int32),
-                                    interpret=impl == "pallas_interpret")
-            return SplitLogits(parts, ss, dec.cfg.embed_dim, dec.cfg.norm_eps), cache
-        h, cache = self.decoder(x, start, cache, impl=impl)
-        return self.codebook_logits(h[:, -1], codebook), cache
+                dec = self.decoder
+                h, cache = dec.fused_step(x, start, cache, opts, final_norm=False)
+                head = self.audio_head[...]
+                parts, ss = norm_matvec(h, dec.norm.scale[...], head,
+                                        w_index=jnp.reshape(codebook - 1, (1,)).astype(jnp.int32),
+                                        config=matvec_config(opts, h.shape[0], head), interpret=opts.interpret)
+                return SplitLogits(parts, ss, dec.cfg.embed_dim, dec.cfg.norm_eps), cache
+            h, cache = self.decoder(x, start, cache, opts=opts)
+            return self.codebook_logits(h[:, -1], codebook), cache
 
     def projected_audio_embeddings(self):
         """The audio embeddings through the decoder's input projection, [32·V, D_dec] in the model

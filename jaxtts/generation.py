@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtts.attention import default_impl, uses_pallas
+from jaxtts import buckets
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
 from jaxtts.llama import KVCache
+from jaxtts.options import DecodeOptions, resolve_options
 from jaxtts.sampling import Sampler
 
 
@@ -35,15 +36,10 @@ class DecodeState:
     done: jax.Array  # [B] bool: the row has produced its end-of-speech frame
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
-    """Round up to a power of two, so that new prompt lengths reuse compiled programs."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-@partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
-def _prefill(graphdef, weights, tokens, mask, start, lengths, cache, impl):
+@partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("cache",))
+def _prefill(graphdef, weights, tokens, mask, start, lengths, cache, opts: DecodeOptions):
     model = nnx.merge(graphdef, weights)
-    hidden, cache = model.run_backbone(tokens, mask, start, cache, impl=impl)
+    hidden, cache = model.run_backbone(tokens, mask, start, cache, opts=opts)
     last = hidden[jnp.arange(hidden.shape[0]), lengths - 1]
     return last, cache
 
@@ -56,19 +52,18 @@ def row_keys(seeds) -> jax.Array:
 _row_keys = jax.jit(jax.vmap(jax.random.key))  # eagerly, vmap re-traces on every call (ms of host time)
 
 
-SPLIT_CACHE = True  # reuse a model's nnx.split between calls (split_model)
 _SPLITS = weakref.WeakKeyDictionary()  # model → (graphdef, weights, [(variable, its array at the split)])
 
 
-def split_model(model: CSM):
+def split_model(model: CSM, *, reuse: bool = True):
     """`nnx.split(model)`, reused while every variable still holds the array it held at the split.
 
     A split walks the whole module graph (~5 ms for CSM-1B on a CPU host), and a generation call
     needs one for the prefill and one per chunk. New weights (`nnx.update`, a fine-tuning step)
     are new arrays, so they re-split; a submodule swapped in place (`model.decoder = ...`) is not
-    noticed: build a new model instead.
+    noticed: build a new model instead. `reuse=False` always splits afresh (for measuring).
     """
-    hit = _SPLITS.get(model) if SPLIT_CACHE else None
+    hit = _SPLITS.get(model) if reuse else None
     if hit is not None and all(var.get_raw_value() is value for var, value in hit[2]):
         return hit[0], hit[1]
     graphdef, weights = nnx.split(model)
@@ -77,25 +72,26 @@ def split_model(model: CSM):
     return graphdef, weights
 
 
-def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key, impl=None) -> DecodeState:
+def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key,
+            opts: DecodeOptions | None = None) -> DecodeState:
     """Run the backbone over right-padded prompts tokens/mask [B,T,33] with true lengths [B].
 
     Rows are written at positions start[b] + t (start defaults to 0; a cached voice prompt puts
     the new rows after it). Padding rows land in slots that decoding overwrites before any
     valid query can see them.
     """
-    impl = impl or default_impl()
+    opts = resolve_options(opts)
     graphdef, weights = split_model(model)
     b = tokens.shape[0]
     start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     hidden, cache = _prefill(graphdef, weights, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
-                             start, lengths, cache, impl)
+                             start, lengths, cache, opts)
     return DecodeState(cache=cache, hidden=hidden, position=start + lengths, key=key,
                        done=jnp.zeros((b,), bool))
 
 
-def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl, depth_unroll: int = 1, audio_table=None):
+def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, opts: DecodeOptions, audio_table=None):
     """One frame of codes [B, 32] from the backbone's last hidden state [B, D].
 
     The frame's sampling noise is drawn up front from each row's keys (one kernel instead of a
@@ -105,11 +101,11 @@ def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl, depth_un
     n, vocab = model.cfg.audio_num_codebooks, model.cfg.audio_vocab_size
     keys = jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(row_keys)  # [n, B]
     noise = sampler.noise(keys, vocab)  # [n, B, V]
-    c0 = sampler.draw(model.codebook0_logits(hidden), noise, 0, impl)
+    c0 = sampler.draw(model.codebook0_logits(hidden), noise, 0, opts)
     # The depth decoder starts afresh each frame: [last hidden, emb(c0)] at positions 0 and 1.
     x = jnp.stack([hidden, model.embed_audio(0, c0)], axis=1)
-    h, cache = model.run_decoder(x, jnp.zeros((b,), jnp.int32), model.decoder_cache(b), impl=impl)
-    c1 = sampler.draw(model.codebook_logits(h[:, -1], 1), noise, 1, impl)
+    h, cache = model.run_decoder(x, jnp.zeros((b,), jnp.int32), model.decoder_cache(b), opts=opts)
+    c1 = sampler.draw(model.codebook_logits(h[:, -1], 1), noise, 1, opts)
 
     def depth_step(carry, i):
         prev, cache = carry
@@ -118,11 +114,11 @@ def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, impl, depth_un
         else:
             inputs = audio_table[prev + (i - 1) * vocab]
         logits, cache = model.decoder_step_logits(inputs[:, None], jnp.full((b,), i, jnp.int32), cache, i,
-                                                  impl=impl, projected=audio_table is not None)
-        c = sampler.draw(logits, noise, i, impl)
+                                                  opts=opts, projected=audio_table is not None)
+        c = sampler.draw(logits, noise, i, opts)
         return (c, cache), c
 
-    _, rest = jax.lax.scan(depth_step, (c1, cache), jnp.arange(2, n, dtype=jnp.int32), unroll=depth_unroll)
+    _, rest = jax.lax.scan(depth_step, (c1, cache), jnp.arange(2, n, dtype=jnp.int32), unroll=opts.depth_unroll)
     return jnp.concatenate([c0[:, None], c1[:, None], rest.T], axis=1)
 
 
@@ -134,20 +130,20 @@ def frame_rows(frames):
     return tokens, mask
 
 
-@partial(jax.jit, static_argnames=("graphdef", "num_frames", "impl", "depth_unroll"), donate_argnames=("state",))
-def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, impl: str,
-                  depth_unroll: int, audio_table):
+@partial(jax.jit, static_argnames=("graphdef", "num_frames", "opts"), donate_argnames=("state",))
+def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, opts: DecodeOptions,
+                  audio_table):
     model = nnx.merge(graphdef, weights)
 
     def frame_step(state: DecodeState, _):
         split = jax.vmap(jax.random.split)(state.key)  # [B, 2]
         key, sub = split[:, 0], split[:, 1]
-        frame = _sample_frame(model, sampler, state.hidden, sub, impl, depth_unroll, audio_table)
+        frame = _sample_frame(model, sampler, state.hidden, sub, opts, audio_table)
         frame = jnp.where(state.done[:, None], 0, frame)
         eos = jnp.all(frame == 0, axis=1)
         emitted = ~state.done & ~eos
         tokens, mask = frame_rows(frame)
-        hidden, cache = model.run_backbone(tokens, mask, state.position, state.cache, impl=impl)
+        hidden, cache = model.run_backbone(tokens, mask, state.position, state.cache, opts=opts)
         new = DecodeState(cache=cache, hidden=hidden[:, 0], position=state.position + emitted.astype(jnp.int32),
                           key=key, done=state.done | eos)
         return new, (frame, emitted)
@@ -156,12 +152,9 @@ def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_f
     return state, frames, emitted
 
 
-# Depth-decoder steps unrolled per loop iteration (a speed knob; results are identical).
-DEPTH_UNROLL = 1
-
-# Look the depth decoder's projected code embeddings up in a precomputed table (134 MB for CSM-1B
-# in bf16) when the Pallas kernels are on; on CPU building the table costs more than it saves.
-USE_AUDIO_TABLE = True
+# The depth decoder's projected code embeddings, looked up in a precomputed table (134 MB for
+# CSM-1B in bf16) when `DecodeOptions.audio_table` and the Pallas kernels are on; on CPU building
+# the table costs more than it saves.
 _AUDIO_TABLES = weakref.WeakKeyDictionary()  # model → (embeddings, projection, table)
 
 
@@ -176,16 +169,16 @@ def audio_table(model: CSM):
     return hit[2]
 
 
-def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, impl=None,
-                 depth_unroll: int | None = None):
+def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *,
+                 opts: DecodeOptions | None = None):
     """Generate `num_frames` frames for every row. Returns (state, frames [N,B,32], emitted [N,B]).
 
     `emitted[n, b]` is False from the row's end-of-speech frame on (that frame included).
     """
-    impl = impl or default_impl()
-    table = audio_table(model) if USE_AUDIO_TABLE and uses_pallas(impl) else None
+    opts = resolve_options(opts)
+    table = audio_table(model) if opts.audio_table and opts.pallas else None
     graphdef, weights = split_model(model)
-    return _decode_chunk(graphdef, weights, state, sampler, num_frames, impl, depth_unroll or DEPTH_UNROLL, table)
+    return _decode_chunk(graphdef, weights, state, sampler, num_frames, opts, table)
 
 
 def check_length(model: CSM, prompt_len: int, max_frames: int) -> None:
@@ -197,18 +190,16 @@ def check_length(model: CSM, prompt_len: int, max_frames: int) -> None:
         )
 
 
-def cache_length(model: CSM, needed: int) -> int:
-    return min(model.cfg.backbone.max_seq_len, _bucket(needed, 256))
-
-
 def generate_frames(model: CSM, tokens, mask, *, max_frames: int, temperature: float = 0.9, top_k: int = 50,
-                    seed: int = 0, chunk_frames: int = 16, attention: str | None = None) -> np.ndarray:
+                    seed: int = 0, chunk_frames: int = 16, attention: str | None = None,
+                    options: DecodeOptions | None = None) -> np.ndarray:
     """Generate Mimi frames for one prompt: int tokens [T,33], bool mask [T,33] → int32 [F, 32].
 
     Stops before the first all-zero frame or after `max_frames`. `top_k=1` is exactly greedy.
-    `attention` picks the attention implementation ("xla", "pallas", "pallas_interpret").
+    `options` (default: `default_options()`) chooses the kernels; `attention` alone picks the
+    attention implementation ("xla", "pallas", "pallas_interpret") of the default options.
     """
-    impl = attention
+    opts = resolve_options(options, attention)
     tokens = np.asarray(tokens)
     mask = np.asarray(mask, bool)
     width = model.cfg.frame_width
@@ -221,15 +212,16 @@ def generate_frames(model: CSM, tokens, mask, *, max_frames: int, temperature: f
     sampler = Sampler.create(temperature, top_k)
     t = tokens.shape[0]
     check_length(model, t, max_frames)
-    padded = min(_bucket(t), model.cfg.backbone.max_seq_len)
+    limit = model.cfg.backbone.max_seq_len
+    padded = buckets.prompt_rows(t, limit)
     tok = np.zeros((1, padded, width), np.int32)
     msk = np.zeros((1, padded, width), bool)
     tok[0, :t], msk[0, :t] = tokens, mask
-    cache = model.backbone_cache(1, max(padded, cache_length(model, t + max_frames)))
-    state = prefill(model, tok, msk, [t], cache=cache, key=row_keys([seed]), impl=impl)
+    cache = model.backbone_cache(1, max(padded, buckets.cache_length(t + max_frames, limit)))
+    state = prefill(model, tok, msk, [t], cache=cache, key=row_keys([seed]), opts=opts)
     out = []
     while len(out) < max_frames:
-        state, frames, emitted = decode_chunk(model, state, sampler, chunk_frames, impl=impl)
+        state, frames, emitted = decode_chunk(model, state, sampler, chunk_frames, opts=opts)
         frames, emitted = np.asarray(frames[:, 0]), np.asarray(emitted[:, 0])
         n = int(np.argmin(emitted)) if not emitted.all() else len(emitted)
         out.extend(frames[:n])

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtts.attention import attention, uses_pallas
+from jaxtts.attention import attention
 from jaxtts.config import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_OLD_CONTEXT_LEN, LlamaConfig
+from jaxtts.options import DecodeOptions
 
 
 def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
@@ -89,43 +90,35 @@ def _zero_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
                    v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
 
 
-# Skinny matmuls (≤ MATVEC_MAX_ROWS rows: decode steps) go to the Pallas GEMV kernel when the
-# Pallas kernels are on; XLA reads such weights well below the memory bandwidth. More rows take
-# the kernel only at the shapes a GPU sweep found it faster (pallas_kernels.matvec.TUNED).
-USE_MATVEC = True
-MATVEC_MAX_ROWS = 8  # measured: ties XLA at 8 rows
+XLA = DecodeOptions()  # plain XLA: what a call without options compiles
 
 
-# Decode steps (one new position, ≤ FUSED_STEP_MAX_ROWS rows) with the Pallas kernels on run
-# each block as eight kernels (pallas_kernels/fused_decode.py) instead of ~22.
-USE_FUSED_STEP = True
-FUSED_STEP_MAX_ROWS = 8  # measured: slower than XLA's dots at 64 rows (docs/PERF.md #14)
-
-
-# Decode steps outside the fused step (more than FUSED_STEP_MAX_ROWS rows) still attend through one
-# kernel that also writes the new key/value (attention_step) instead of two cache scatters and
-# the decode-attention kernel.
-USE_STEP_ATTENTION = True
-
-
-def fused_step_applies(x, lengths, impl: str) -> bool:
-    """Whether a call on x [B, T, D] takes `Llama.fused_step`: one new position per row, default
-    lengths, few rows, Pallas kernels on."""
-    b, t = x.shape[:2]
-    return (USE_FUSED_STEP and t == 1 and lengths is None and b <= FUSED_STEP_MAX_ROWS
-            and uses_pallas(impl))
-
-
-def dense(x, w, impl: str = "xla"):
-    """x [..., K] @ w [K, N], float32 accumulation, result in x's dtype."""
+def dense(x, w, opts: DecodeOptions = XLA):
+    """x [..., K] @ w [K, N], float32 accumulation, result in x's dtype: through the Pallas GEMV
+    kernel where `opts` sends this shape there (skinny decode-step matmuls), else XLA's dot."""
     rows = math.prod(x.shape[:-1])
-    if USE_MATVEC and uses_pallas(impl):
+    if opts.uses_matvec(rows, *w.shape):
         from pallas_kernels import matvec
-        from pallas_kernels.matvec import tuned_config
 
-        if rows <= MATVEC_MAX_ROWS or tuned_config(rows, *w.shape) is not None:
-            return matvec(x, w, interpret=impl == "pallas_interpret")
+        return matvec(x, w, config=matvec_config(opts, rows, w), interpret=opts.interpret)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def fused_step_applies(x, lengths, opts: DecodeOptions) -> bool:
+    """Whether a call on x [B, T, D] takes `Llama.fused_step`: one new position per row, default
+    lengths, and `opts` sending that many rows to the fused kernels."""
+    b, t = x.shape[:2]
+    return t == 1 and lengths is None and opts.uses_fused_step(b)
+
+
+def matvec_config(opts: DecodeOptions, rows: int, w):
+    """The measured GEMV config of this device for x [rows, K] @ w (None: the kernel's default)."""
+    tuned = opts.tuned_matvec(rows, *w.shape[-2:])
+    if tuned is None:
+        return None
+    from pallas_kernels.matvec import MatvecConfig
+
+    return MatvecConfig(*tuned)
 
 
 def swiglu(gate_up):
@@ -165,28 +158,30 @@ class Attention(nnx.Module):
         self.qkv = _init(rngs, (d, (h + 2 * hkv) * hd), dtype)
         self.out = _init(rngs, (h * hd, d), dtype)
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, impl, step: bool = False):
+    def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, opts: DecodeOptions, step: bool = False):
         """step: one new position per row (lengths = start + 1) through the attention_step kernel,
         which writes the new key/value into the caches and attends in one launch."""
         b, t, _ = x.shape
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = dense(x, self.qkv[...], impl)
+        with jax.named_scope("qkv"):
+            qkv = dense(x, self.qkv[...], opts)
         if step:
             from pallas_kernels.fused_decode import attention_step
 
             rotated = rope_heads_flat(qkv[:, 0], cos[:, 0], sin[:, 0], h + hkv, hd)
             o, k_cache, v_cache = attention_step(rotated[None], None, k_cache, v_cache, start, num_heads=h,
-                                                 model_dim=x.shape[-1], eps=0.0,
-                                                 interpret=impl == "pallas_interpret")
-            return dense(o[:, None], self.out[...], impl), k_cache, v_cache
+                                                 model_dim=x.shape[-1], eps=0.0, interpret=opts.interpret)
+            return dense(o[:, None], self.out[...], opts), k_cache, v_cache
         q = qkv[..., : h * hd].reshape(b, t, h, hd)
         k = qkv[..., h * hd : (h + hkv) * hd].reshape(b, t, hkv, hd)
         v = qkv[..., (h + hkv) * hd :].reshape(b, t, hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache = _write_rows(k_cache, k, start)
         v_cache = _write_rows(v_cache, v, start)
-        o = attention(q, k_cache, v_cache, start, lengths, impl=impl)
-        return dense(o.reshape(b, t, h * hd), self.out[...], impl), k_cache, v_cache
+        with jax.named_scope("attention"):
+            o = attention(q, k_cache, v_cache, start, lengths, impl=opts.attention)
+        with jax.named_scope("out"):
+            return dense(o.reshape(b, t, h * hd), self.out[...], opts), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -194,8 +189,9 @@ class MLP(nnx.Module):
         self.gate_up = _init(rngs, (cfg.embed_dim, 2 * cfg.intermediate_dim), dtype)
         self.down = _init(rngs, (cfg.intermediate_dim, cfg.embed_dim), dtype)
 
-    def __call__(self, x, impl="xla"):
-        return dense(swiglu(dense(x, self.gate_up[...], impl)), self.down[...], impl)
+    def __call__(self, x, opts: DecodeOptions = XLA):
+        with jax.named_scope("mlp"):
+            return dense(swiglu(dense(x, self.gate_up[...], opts)), self.down[...], opts)
 
 
 class Block(nnx.Module):
@@ -205,10 +201,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, impl, step: bool = False):
-        a, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, start, lengths, impl, step)
+    def __call__(self, x, cos, sin, k_cache, v_cache, start, lengths, opts: DecodeOptions, step: bool = False):
+        a, k_cache, v_cache = self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, start, lengths, opts, step)
         x = x + a
-        return x + self.mlp(self.mlp_norm(x), impl), k_cache, v_cache
+        return x + self.mlp(self.mlp_norm(x), opts), k_cache, v_cache
 
 
 class Llama(nnx.Module):
@@ -223,28 +219,29 @@ class Llama(nnx.Module):
         self.rope_cos = nnx.Variable(jnp.asarray(cos))
         self.rope_sin = nnx.Variable(jnp.asarray(sin))
 
-    def __call__(self, x, start, cache: KVCache, *, lengths=None, impl: str = "xla"):
+    def __call__(self, x, start, cache: KVCache, *, lengths=None, opts: DecodeOptions = XLA):
         """x [B,T,D] at positions start[b] + t. Returns (final-normed hidden [B,T,D], new cache).
 
         `lengths` (valid cache slots per row after this call) defaults to start + T.
         """
-        if fused_step_applies(x, lengths, impl):
-            return self.fused_step(x, start, cache, interpret=impl == "pallas_interpret")
+        if fused_step_applies(x, lengths, opts):
+            return self.fused_step(x, start, cache, opts)
         t = x.shape[1]
         pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         pos = jnp.minimum(pos, self.cfg.max_seq_len - 1)
         cos, sin = self.rope_cos[...][pos], self.rope_sin[...][pos]
-        step = USE_STEP_ATTENTION and t == 1 and lengths is None and uses_pallas(impl)
+        step = opts.pallas and opts.step_attention and t == 1 and lengths is None
         if lengths is None:
             lengths = start + t
         ks, vs = [], []
-        for layer, kc, vc in zip(self.layers, cache.k, cache.v):
-            x, kc, vc = layer(x, cos, sin, kc, vc, start, lengths, impl, step)
+        for i, (layer, kc, vc) in enumerate(zip(self.layers, cache.k, cache.v)):
+            with jax.named_scope(f"layer{i}"):
+                x, kc, vc = layer(x, cos, sin, kc, vc, start, lengths, opts, step)
             ks.append(kc)
             vs.append(vc)
         return self.norm(x), KVCache(k=ks, v=vs)
 
-    def fused_step(self, x, start, cache: KVCache, *, interpret: bool = False, final_norm: bool = True):
+    def fused_step(self, x, start, cache: KVCache, opts: DecodeOptions, *, final_norm: bool = True):
         """`__call__` for one new position per row (x [B,1,D]) through the fused Pallas kernels
         (pallas_kernels/fused_decode.py): the same computation in eight kernels per block.
         With final_norm=False, returns the last residual stream [B, D] before the final norm
@@ -252,22 +249,29 @@ class Llama(nnx.Module):
         from pallas_kernels import matvec
         from pallas_kernels.fused_decode import add_residual, attention_step, finish, norm_matvec
 
-        cfg = self.cfg
+        cfg, interpret = self.cfg, opts.interpret
+        rows = x.shape[0]
+        config = lambda w: matvec_config(opts, rows, w)  # noqa: E731
         pos = jnp.minimum(start, cfg.max_seq_len - 1)
         rope = (self.rope_cos[...][pos], self.rope_sin[...][pos])
         h, parts = x[:, 0], None
         ks, vs = [], []
-        for layer, kc, vc in zip(self.layers, cache.k, cache.v):
+        for i, (layer, kc, vc) in enumerate(zip(self.layers, cache.k, cache.v)):
             attn, mlp = layer.attn, layer.mlp
-            h = add_residual(h, parts)  # the previous block's MLP output
-            qkv, ss = norm_matvec(h, layer.attn_norm.scale[...], attn.qkv[...], rope=rope, head_dim=cfg.head_dim,
-                                  rope_heads=cfg.num_heads + cfg.num_kv_heads, interpret=interpret)
-            o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
-                                       eps=cfg.norm_eps, interpret=interpret)
-            h = add_residual(h, matvec(o, attn.out[...], partials=True, interpret=interpret))
-            gate_up = finish(*norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...], interpret=interpret),
-                             cfg.embed_dim, cfg.norm_eps).astype(h.dtype)
-            parts = matvec(swiglu(gate_up), mlp.down[...], partials=True, interpret=interpret)
+            with jax.named_scope(f"layer{i}"):
+                h = add_residual(h, parts)  # the previous block's MLP output
+                qkv, ss = norm_matvec(h, layer.attn_norm.scale[...], attn.qkv[...], rope=rope, head_dim=cfg.head_dim,
+                                      rope_heads=cfg.num_heads + cfg.num_kv_heads, config=config(attn.qkv[...]),
+                                      interpret=interpret)
+                o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
+                                           eps=cfg.norm_eps, interpret=interpret)
+                h = add_residual(h, matvec(o, attn.out[...], partials=True, config=config(attn.out[...]),
+                                           interpret=interpret))
+                gate_up = finish(*norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...],
+                                              config=config(mlp.gate_up[...]), interpret=interpret),
+                                 cfg.embed_dim, cfg.norm_eps).astype(h.dtype)
+                parts = matvec(swiglu(gate_up), mlp.down[...], partials=True, config=config(mlp.down[...]),
+                               interpret=interpret)
             ks.append(kc)
             vs.append(vc)
         h = add_residual(h, parts)

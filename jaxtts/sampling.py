@@ -15,8 +15,25 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jaxtts.attention import uses_pallas
 from jaxtts.errors import JaxttsError
+from jaxtts.options import DecodeOptions
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SplitLogits:
+    """Logits left as the fused head's outputs (pallas_kernels.fused_decode.norm_matvec), for a
+    consumer that finishes them itself (the sampling kernel): the float32 [M, V] they stand for
+    is the sum of the partials times each row's RMSNorm factor rsqrt(mean(h²) + eps)."""
+
+    parts: jax.Array  # float32 [P, M, V]
+    sumsq: jax.Array  # float32 [P, M]: partial sums of h² over the norm's `norm_dim` features
+    norm_dim: int = dataclasses.field(metadata=dict(static=True))
+    eps: float = dataclasses.field(metadata=dict(static=True))
+
+    def finish(self):
+        inv = jax.lax.rsqrt(jnp.sum(self.sumsq, axis=0) / self.norm_dim + self.eps)
+        return jnp.sum(self.parts, axis=0) * inv[:, None]
 
 
 @jax.tree_util.register_dataclass
@@ -56,37 +73,34 @@ class Sampler:
         greedy). Row [..., :] is the noise `jax.random.categorical(key, ...)` would draw."""
         if self.greedy:
             return None
-        from pallas_kernels.sample_top_k import gumbel_noise
-
         return gumbel_noise(keys, vocab)
 
-    def draw(self, logits, noise, step, impl: str = "xla"):
+    def draw(self, logits, noise, step, opts: DecodeOptions | None = None):
         """Draw one id per row from logits [B, V] (float, or the head's `SplitLogits`) with the
         precomputed noise[step] [B, V] (from `noise`): what `__call__` gives with that row's key.
-        With the Pallas kernels on, temperature + top-k + the draw are one kernel."""
-        from pallas_kernels.fused_decode import SplitLogits
-        from pallas_kernels.sample_top_k import sample_top_k
-
+        With `opts` choosing the sampling kernel, temperature + top-k + the draw are one kernel."""
+        opts = opts or DecodeOptions()
         rows = logits.parts.shape[1] if isinstance(logits, SplitLogits) else logits.shape[0]
-        if (SAMPLE_KERNEL and uses_pallas(impl) and rows >= SAMPLE_KERNEL_MIN_ROWS
-                and not (self.greedy or self.use_top_p or self.use_min_p)):
+        if opts.uses_sample_kernel(rows) and not (self.greedy or self.use_top_p or self.use_min_p):
+            from pallas_kernels.sample_top_k import sample_top_k
+
             if isinstance(logits, SplitLogits):
                 return sample_top_k(logits.parts, noise, step, self.temperature, top_k=self.top_k,
                                     sumsq=logits.sumsq, norm_dim=logits.norm_dim, eps=logits.eps,
-                                    interpret=impl == "pallas_interpret")
+                                    interpret=opts.interpret)
             return sample_top_k(logits.astype(jnp.float32), noise, step, self.temperature, top_k=self.top_k,
-                                interpret=impl == "pallas_interpret")
+                                interpret=opts.interpret)
         if isinstance(logits, SplitLogits):
             logits = logits.finish()
         if self.greedy:
             return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-        return jnp.argmax(self.filtered(logits) + noise[step], axis=-1).astype(jnp.int32)
+        return jnp.argmax(self.filtered(logits, opts.top_k_method) + noise[step], axis=-1).astype(jnp.int32)
 
-    def filtered(self, logits):
+    def filtered(self, logits, top_k_method: str = "sort"):
         """logits / temperature (float32 [B, V]), -inf outside the top-k / top-p / min-p sets."""
         logits = logits.astype(jnp.float32) / self.temperature
         if 0 < self.top_k < logits.shape[-1]:
-            logits = jnp.where(top_k_mask(logits, self.top_k), logits, -jnp.inf)
+            logits = jnp.where(top_k_mask(logits, self.top_k, top_k_method), logits, -jnp.inf)
         if self.use_top_p:
             logits = _top_p(logits, self.top_p)
         if self.use_min_p:
@@ -102,24 +116,23 @@ class Sampler:
         return jax.random.categorical(key, self.filtered(logits), axis=-1).astype(jnp.int32)
 
 
-# Draw with the Pallas sampling kernel when the Pallas kernels are on and a batch has at least
-# SAMPLE_KERNEL_MIN_ROWS rows (one program per row: a lone row is latency-bound, and the XLA ops
-# spread it over the GPU; measured in docs/PERF.md). False: always the XLA ops.
-SAMPLE_KERNEL = True
-SAMPLE_KERNEL_MIN_ROWS = 2
-
-# How the top-k set is found: "sort" (lax.top_k) or "rank" (count the larger logits of each entry,
-# one fused compare-and-reduce: fewer, cheaper GPU kernels than a sort). Both give the same set.
-TOP_K_METHOD = None  # None: "rank" on GPU, "sort" elsewhere
+def gumbel_noise(keys, vocab: int):
+    """Gumbel noise [*keys.shape, V] float32: entry [..., :] is `jax.random.gumbel(key, (1, V))`,
+    the noise `jax.random.categorical(key, logits[None])` adds before its argmax."""
+    draw = lambda k: jax.random.gumbel(k, (1, vocab), jnp.float32)[0]  # noqa: E731
+    for _ in range(keys.ndim):
+        draw = jax.vmap(draw)
+    return draw(keys)
 
 
-def top_k_mask(logits, k: int, method: str | None = None):
-    """True for the entries at least as large as the k-th largest of their row (ties kept)."""
-    method = method or TOP_K_METHOD or ("rank" if jax.default_backend() == "gpu" else "sort")
+def top_k_mask(logits, k: int, method: str = "sort"):
+    """True for the entries at least as large as the k-th largest of their row (ties kept).
+
+    method "sort": lax.top_k's k-th value; "rank": an entry is kept iff fewer than k entries are
+    strictly larger (one fused compare-and-reduce: fewer, cheaper GPU kernels). Same set."""
     if method == "sort":
         kth = jax.lax.top_k(logits, k)[0][..., -1:]
         return logits >= kth
-    # An entry is in the top k iff fewer than k entries are strictly larger.
     larger = jnp.sum(logits[..., None, :] > logits[..., :, None], axis=-1, dtype=jnp.int32)
     return larger < k
 

@@ -26,8 +26,10 @@ import numpy as np
 from jaxtts.audio import SAMPLE_RATE, load_audio, write_wav
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
-from jaxtts.generation import _bucket, decode_chunk, prefill, row_keys
+from jaxtts import buckets
+from jaxtts.generation import decode_chunk, prefill, row_keys
 from jaxtts.llama import KVCache
+from jaxtts.options import DecodeOptions, resolve_options
 from jaxtts.prompt import Segment, audio_rows, concat_rows, text_rows, validate_speaker, validate_text
 from jaxtts.sampling import Sampler
 
@@ -118,15 +120,17 @@ class TTS:
     sample_rate = SAMPLE_RATE
     frame_size = FRAME_SIZE
 
-    def __init__(self, model: CSM, codec, *, tokenizer=None, attention: str | None = None,
-                 chunk_frames: int = 8, first_chunk_frames: int = 1, max_silence_ms: float | None = 3000,
+    def __init__(self, model: CSM, codec, *, tokenizer=None, options: DecodeOptions | None = None,
+                 attention: str | None = None, chunk_frames: int = 8, first_chunk_frames: int = 1, max_silence_ms: float | None = 3000,
                  progress: bool = False):
         from jaxtts.tokenizer import default_tokenizer
 
         self.model = model
         self.codec = codec
         self.tokenizer = tokenizer or default_tokenizer()
-        self.impl = attention  # "xla" | "pallas" | "pallas_interpret"; None: per platform
+        # How the decode loop is compiled (default: `default_options()` for this device);
+        # `attention` alone ("xla" | "pallas" | "pallas_interpret") adjusts the default.
+        self.options = resolve_options(options, attention)
         self.chunk_frames = chunk_frames
         self.first_chunk_frames = first_chunk_frames
         self.max_silence_ms = max_silence_ms
@@ -179,12 +183,12 @@ class TTS:
         self._check_fits(n, 0, 1)
         if n == 0:
             return Context(tokens, mask, None)
-        padded = min(_bucket(n), self.model.cfg.backbone.max_seq_len)
+        padded = buckets.prompt_rows(n, self.model.cfg.backbone.max_seq_len)
         tok = np.zeros((1, padded, tokens.shape[1]), np.int32)
         msk = np.zeros((1, padded, tokens.shape[1]), bool)
         tok[0, :n], msk[0, :n] = tokens, mask
         state = prefill(self.model, tok, msk, [n], cache=self.model.backbone_cache(1, padded),
-                        key=row_keys([0]), impl=self.impl)
+                        key=row_keys([0]), opts=self.options)
         return Context(tokens, mask, state.cache)
 
     def _check_fits(self, context_len: int, text_len: int, frames: int) -> None:
@@ -208,8 +212,8 @@ class TTS:
         b = len(requests)
         limit = model.cfg.backbone.max_seq_len
         ctx_max = max(c.length for c in contexts)
-        t_pad = min(_bucket(max(len(t[0]) for t in texts)), limit - ctx_max)
-        cache_len = min(limit, _bucket(max(c.length + t_pad + f for c, f in zip(contexts, max_frames)), 256))
+        t_pad = min(buckets.prompt_rows(max(len(t[0]) for t in texts), limit), limit - ctx_max)
+        cache_len = buckets.cache_length(max(c.length + t_pad + f for c, f in zip(contexts, max_frames)), limit)
 
         cache = self._stack_caches(contexts, cache_len)
         tok = np.zeros((b, t_pad, width), np.int32)
@@ -218,7 +222,7 @@ class TTS:
             tok[i, : len(t)], msk[i, : len(t)] = t, m
         seeds = [r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little") for r in requests]
         state = prefill(model, tok, msk, [len(t[0]) for t in texts], cache=cache,
-                        start=[c.length for c in contexts], key=row_keys(seeds), impl=self.impl)
+                        start=[c.length for c in contexts], key=row_keys(seeds), opts=self.options)
 
         stream = self.codec.decode_stream_init(b)
         produced = [0] * b
@@ -232,7 +236,7 @@ class TTS:
                    bar_format="{desc}: {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]",
                    disable=not self.progress)
         while not all(finished):
-            state, frames, emitted = decode_chunk(model, state, sampler, chunk, impl=self.impl)
+            state, frames, emitted = decode_chunk(model, state, sampler, chunk, opts=self.options)
             # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048): the original code
             # would crash on such a code; we feed it back to the backbone as sampled, but decode it as 0.
             codes = jnp.transpose(frames, (1, 2, 0))

@@ -1,6 +1,6 @@
 """Pallas GPU kernels for jaxtts, each beside a pure-jnp reference.
 
-`attention` follows the conventions of `jaxtts.attention` (q [B, T, H, D], KV cache
+Imports nothing from jaxtts. `attention` follows the conventions of `jaxtts.attention` (q [B, T, H, D], KV cache
 [B, S, Hkv, D], q_start / lengths [B]); it sends single-query steps to the flash-decoding kernel
 and everything else to the causal flash-attention kernel. `matvec` is the skinny matmul
 (x [M <= 64, K] @ w [K, N]) for batch-1 decoding. The lowering (Triton, or the

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend as be
 from pallas_kernels.decode_attention import fold_key_block
-from pallas_kernels.matvec import default_config, default_k_splits
+from pallas_kernels.matvec import MatvecConfig, default_config, default_k_splits
 
 # --- references -----------------------------------------------------------------------------------
 
@@ -180,9 +180,10 @@ def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, ha
         store(n0, block_n, accs[0], n)
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim", "rope_heads", "k_splits", "block_n", "block_k",
+@functools.partial(jax.jit, static_argnames=("head_dim", "rope_heads", "config", "k_splits", "block_n", "block_k",
                                              "num_warps", "num_stages", "interpret"))
 def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_heads: int = 0, w_index=None,
+                config: MatvecConfig | None = None,
                 k_splits: int | None = None, block_n: int | None = None, block_k: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
     """The matmul of rmsnorm(x) * scale @ w, leaving the norm's row factor to the consumer.
@@ -201,7 +202,7 @@ def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_hea
         raise ValueError(f"x {x.shape}, scale {scale.shape} and w {w.shape} do not match")
     if (w.ndim == 3) != (w_index is not None):
         raise ValueError("pass w_index exactly when w is a stack [L, K, N]")
-    cfg = default_config(m, k, n)
+    cfg = config or default_config(m, k, n)
     block_k = block_k or cfg.block_k
     half = 0
     if rope is not None:
@@ -213,7 +214,7 @@ def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_hea
         block_n = block_n or cfg.block_n
     n_blocks = pl.cdiv(n, block_n)
     k_blocks = pl.cdiv(k, block_k)
-    if k_splits is None:  # the config's splits when its blocks are in use (a matvec.TUNED entry)
+    if k_splits is None:  # the config's splits when its blocks are in use (a tuned config)
         same = (block_n, block_k) == (cfg.block_n, cfg.block_k)
         k_splits = cfg.k_splits if same else default_k_splits(m, k, n, block_n, block_k)
     k_splits = min(k_splits, k_blocks)
@@ -255,21 +256,6 @@ def finish(parts, sumsq, k: int, eps: float):
     rsqrt(mean(h²) + eps) (the norm's row factor, which the kernel leaves to its consumer)."""
     inv = jax.lax.rsqrt(jnp.sum(sumsq, axis=0) / k + eps)
     return jnp.sum(parts, axis=0) * inv[:, None]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SplitLogits:
-    """Logits left as norm_matvec's outputs, for a consumer that finishes them itself (the
-    sampling kernel): `finish(parts, sumsq, norm_dim, eps)` is the float32 [M, V] they stand for."""
-
-    parts: jax.Array  # float32 [P, M, V]
-    sumsq: jax.Array  # float32 [P, M]
-    norm_dim: int = dataclasses.field(metadata=dict(static=True))
-    eps: float = dataclasses.field(metadata=dict(static=True))
-
-    def finish(self):
-        return finish(self.parts, self.sumsq, self.norm_dim, self.eps)
 
 
 # --- attention_step -------------------------------------------------------------------------------

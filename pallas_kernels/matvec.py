@@ -71,37 +71,18 @@ def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int,
     return splits
 
 
-# Configs for more rows than default_config was tuned for, keyed by (rows rounded up to a power
-# of two, K, N): only shapes where a GPU sweep found the kernel faster than XLA's dot are listed
-# (`python -m pallas_kernels.decode_probe --tune-matvec`); jaxtts.llama.dense sends the other
-# shapes to jnp.dot.
-# H200, 2026-12-02 (docs/PERF.md #20): the shapes that also won inside the batch-64 decode loop.
-TUNED: dict[tuple[int, int, int], MatvecConfig] = {
-    (64, 8192, 1024): MatvecConfig(64, 128, 8, 4, 3, "dot"),  # depth down: 9.0 vs 10.0 µs alone
-    (64, 8192, 2048): MatvecConfig(64, 64, 8, 4, 4, "dot"),  # backbone down: 13.0 vs 16.5
-    (64, 2048, 3072): MatvecConfig(128, 64, 4, 4, 4, "dot"),  # backbone qkv: 8.1 vs 8.8
-    (64, 2048, 2048): MatvecConfig(64, 64, 4, 4, 4, "dot"),  # backbone out: 6.7 vs 8.8
-}
-
-
-def tuned_config(m: int, k: int, n: int) -> MatvecConfig | None:
-    """The TUNED entry for x [m, k] @ w [k, n], None if there is none (always past MAX_ROWS)."""
-    return TUNED.get((be.pow2_at_least(m), k, n)) if m <= MAX_ROWS else None
-
-
 def default_config(m: int, k: int, n: int) -> MatvecConfig:
-    """Block sizes, splits and pipelining for x [m, k] @ w [k, n] (a `TUNED` entry if any).
+    """Block sizes, splits and pipelining for x [m, k] @ w [k, n].
 
     Chosen from sweeps on an H200 (bf16, M = 1 and 8, docs/KERNELS.md): the matrix-unit dot,
     64 output columns per program, 4 warps, 3 pipeline stages, and enough K splits for ~256
     programs. K blocks of 128, or of 64 when W has fewer than 8M elements (the small projections:
     more, shorter programs were 2-10% faster there, and 7-16% slower on the big ones). Within 3%
     of the best swept config at every CSM shape; num_stages=2 was up to 30% slower, and
-    method="reduce" up to 35% slower on the big shapes (a tie on the small ones).
+    method="reduce" up to 35% slower on the big shapes (a tie on the small ones). Configs measured
+    for more rows on a particular GPU are passed in by the caller (`config=`; the tables live in
+    jaxtts.options, keyed by device kind).
     """
-    tuned = tuned_config(m, k, n)
-    if tuned is not None:
-        return tuned
     block_n = min(64, be.pow2_at_least(n))
     block_k = min(64 if k * n < SMALL_W else 128, be.pow2_at_least(k))
     splits = default_k_splits(m, k, n, block_n, block_k)
@@ -152,17 +133,17 @@ def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_n", "block_k", "k_splits", "num_warps", "num_stages", "method", "partials",
+    static_argnames=("config", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "method", "partials",
                      "interpret"),
 )
-def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_splits: int | None = None,
+def matvec(x, w, *, config: MatvecConfig | None = None, block_n: int | None = None, block_k: int | None = None, k_splits: int | None = None,
            num_warps: int | None = None, num_stages: int | None = None, method: str | None = None,
            partials: bool = False, interpret: bool = False):
     """`x @ w` for x [..., K] with at most 64 rows in all, w [K, N]; returns [..., N] in x's dtype.
 
     Accumulates in float32 (float32 inputs stay true float32: no TF32). Mixed dtypes are computed
     in their promoted dtype. K and N need not be multiples of the blocks (masked tails). Any
-    argument left None comes from `default_config(M, K, N)` (k_splits from `default_k_splits` for
+    argument left None comes from `config` (default: `default_config(M, K, N)`; k_splits from `default_k_splits` for
     the block sizes in use); an explicit one overrides it (block sizes must be powers of two,
     >= 16 for method="dot"). Raises ValueError for more than 64 rows: call jnp.dot there.
 
@@ -178,7 +159,7 @@ def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_sp
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"matvec takes 1..{MAX_ROWS} rows, got {m}: use jnp.dot")
 
-    cfg = default_config(m, k, n)
+    cfg = config or default_config(m, k, n)
     method = method or cfg.method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -189,7 +170,10 @@ def matvec(x, w, *, block_n: int | None = None, block_k: int | None = None, k_sp
         if b != pl.next_power_of_2(b) or b < floor:
             raise ValueError(f"{name}={b} must be a power of two >= {floor} for method={method!r}")
     k_blocks = pl.cdiv(k, block_k)
-    k_splits = min(k_splits or default_k_splits(m, k, n, block_n, block_k), k_blocks)
+    if k_splits is None:  # the config's splits when its blocks are in use
+        same = (block_n, block_k) == (cfg.block_n, cfg.block_k)
+        k_splits = cfg.k_splits if same else default_k_splits(m, k, n, block_n, block_k)
+    k_splits = min(k_splits, k_blocks)
     per_split = pl.cdiv(k_blocks, k_splits)
     k_splits = pl.cdiv(k_blocks, per_split)  # drop splits that would get no block
     num_warps = num_warps or cfg.num_warps

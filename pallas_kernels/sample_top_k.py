@@ -3,7 +3,7 @@
 Sampling from softmax(top_k(logits / T)) is the argmax of (logits / T + Gumbel noise) over the
 top-k set; that is how `jax.random.categorical` draws too, so with the same noise this kernel
 returns what `Sampler` returned before (the noise for a whole frame comes from the same per-row
-keys, drawn once per frame: `gumbel_noise`). In XLA the draw was ~9 small kernels, and at batch 64
+keys, drawn once per frame: `jaxtts.sampling.gumbel_noise`). In XLA the draw was ~9 small kernels, and at batch 64
 its top-k (rank counting, O(V²) per row) cost ~49 µs per draw (docs/PERF.md).
 
 The k-th largest value is found exactly, without sorting: floats map to unsigned integers in the
@@ -29,15 +29,6 @@ from pallas_kernels import _backend as be
 # lanes] compare tile is spread over them). Chosen by `python -m pallas_kernels.decode_probe`.
 RADIX_BITS = 2
 NUM_WARPS = 8
-
-
-def gumbel_noise(keys, vocab: int):
-    """Gumbel noise [*keys.shape, V] float32: entry [..., :] is `jax.random.gumbel(key, (1, V))`,
-    the noise `jax.random.categorical(key, logits[None])` adds before its argmax."""
-    draw = lambda k: jax.random.gumbel(k, (1, vocab), jnp.float32)[0]  # noqa: E731
-    for _ in range(keys.ndim):
-        draw = jax.vmap(draw)
-    return draw(keys)
 
 
 def _sum_parts(parts, sumsq, norm_dim, eps):

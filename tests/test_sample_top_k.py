@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from jaxtts.sampling import Sampler
-from pallas_kernels.fused_decode import SplitLogits
-from pallas_kernels.sample_top_k import gumbel_noise, sample_top_k, sample_top_k_reference
+from jaxtts.options import DecodeOptions
+from jaxtts.sampling import SplitLogits, gumbel_noise
+from pallas_kernels.sample_top_k import sample_top_k, sample_top_k_reference
 
 V = 2051
 
@@ -41,8 +42,8 @@ def test_draw_is_what_categorical_gives_with_the_same_key():
     keys = jax.random.split(jax.random.key(4), 4)
     want = jax.vmap(lambda k, row: sampler(k, row[None])[0])(keys, logits)
     noise = sampler.noise(keys, V)[None]
-    for impl in ("xla", "pallas_interpret"):
-        np.testing.assert_array_equal(sampler.draw(logits, noise, 0, impl), want)
+    for attention in ("xla", "pallas_interpret"):
+        np.testing.assert_array_equal(sampler.draw(logits, noise, 0, DecodeOptions(attention=attention)), want)
 
 
 def test_split_logits_are_finished_like_the_head():
@@ -51,8 +52,8 @@ def test_split_logits_are_finished_like_the_head():
     split = SplitLogits(parts, sumsq, 1024, 1e-5)
     noise = _noise(7, 1, 2)
     sampler = Sampler.create(1.1, 20)
-    np.testing.assert_array_equal(sampler.draw(split, noise, 0, "pallas_interpret"),
-                                  sampler.draw(split.finish(), noise, 0, "xla"))
+    np.testing.assert_array_equal(sampler.draw(split, noise, 0, DecodeOptions(attention="pallas_interpret")),
+                                  sampler.draw(split.finish(), noise, 0, DecodeOptions()))
 
 
 def test_draws_follow_softmax_over_the_top_k():

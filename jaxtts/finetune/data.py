@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtts.buckets import train_rows
 from jaxtts.errors import JaxttsError
 from jaxtts.prompt import NUM_CODEBOOKS, WIDTH, audio_rows, concat_rows, text_rows
 
@@ -172,17 +173,8 @@ def _file_hash(path: Path, codec_hash: str) -> str:
 
 
 def encode_audio(codec, wav: np.ndarray) -> np.ndarray:
-    """Mimi codes [32, ceil(L/1920)] of 24 kHz mono audio.
-
-    The audio is zero-padded to a power-of-two number of frames so that clips of many lengths share a
-    few compiled encoders; Mimi's encoder is causal, so the codes of the real frames are unchanged.
-    """
-    from jaxtts.generation import _bucket
-
-    frames = -(-len(wav) // codec.frame_size)
-    padded = np.zeros(_bucket(frames) * codec.frame_size, np.float32)
-    padded[: len(wav)] = wav
-    return np.asarray(codec.encode(padded[None, None]))[0, :, :frames].astype(np.int32)
+    """Mimi codes [32, ceil(L/1920)] of 24 kHz mono audio (`Mimi.encode` buckets the length)."""
+    return np.asarray(codec.encode(np.asarray(wav, np.float32)[None, None]))[0].astype(np.int32)
 
 
 def cached_codes(utt: Utterance, codec, cache_dir: Path) -> np.ndarray:
@@ -251,16 +243,6 @@ def load_examples(data: str | os.PathLike, codec, *, tokenizer=None, max_positio
     return [build_example(u, codes, by_id, tokenizer, max_positions) for u in utts]
 
 
-def bucket_length(n: int, limit: int) -> int:
-    """Padded length of a batch: powers of two up to 256, then multiples of 256 (few compiled shapes)."""
-    size = 16
-    while size < min(n, 256):
-        size *= 2
-    if n > 256:
-        size = -(-n // 256) * 256
-    return min(size, limit)
-
-
 def collate(examples: list[Example], length: int) -> dict[str, np.ndarray]:
     """Right-pad examples to `length` rows. Padding rows are masked out and never scored."""
     b = len(examples)
@@ -304,7 +286,7 @@ class Stream:
         """The batch starting at stream position `position`, and the position after it."""
         n = len(self.examples)
         picked = [self.examples[self._perm(p // n)[p % n]] for p in range(position, position + self.batch_size)]
-        length = bucket_length(max(len(e) for e in picked), self.limit)
+        length = train_rows(max(len(e) for e in picked), self.limit)
         return collate(picked, length), position + self.batch_size
 
 

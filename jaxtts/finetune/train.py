@@ -35,7 +35,8 @@ from flax import nnx
 from jaxtts.csm import CSM, resolve_dtype
 from jaxtts.errors import JaxttsError
 from jaxtts.finetune import lora as lora_lib
-from jaxtts.finetune.data import Example, Stream, bucket_length, collate, dataset_fingerprint, load_examples, split_eval
+from jaxtts.buckets import train_rows
+from jaxtts.finetune.data import Example, Stream, collate, dataset_fingerprint, load_examples, split_eval
 from jaxtts.finetune.loss import LossConfig, combine, csm_loss, loss_terms
 
 RUN_FORMAT = "jaxtts-finetune"
@@ -244,7 +245,7 @@ def evaluate(spec: StepSpec, layout: Layout, state: TrainState, frozen, consts, 
         group = examples[i : i + batch_size]
         blank = Example(group[0].name, group[0].tokens, group[0].mask, np.zeros_like(group[0].target))
         group = group + [blank] * (batch_size - len(group))
-        batch = collate(group, bucket_length(max(len(e) for e in group), limit))
+        batch = collate(group, train_rows(max(len(e) for e in group), limit))
         terms = jax.device_get(fn(state.params, frozen, consts, batch))
         totals = terms if totals is None else {k: totals[k] + terms[k] for k in terms}
     return float(combine(totals, spec.loss)["loss"])

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtts.buckets import encode_frames
 from jaxtts.checkpoint import atomic_directory, is_converted_dir, read_meta, read_params, write_checkpoint
 from jaxtts.errors import JaxttsError
 from jaxtts.mimi import model, streaming
@@ -97,15 +98,18 @@ class Mimi:
     def encode(self, wav) -> jax.Array:
         """float audio [B, 1, L] at 24 kHz → int32 codes [B, 32, ceil(L / 1920)].
 
-        A partial last frame is padded with zeros at the end, as moshi does.
+        A partial last frame is padded with zeros at the end, as moshi does. The input is padded
+        further to a bucketed length (`jaxtts.buckets.encode_frames`) so that clips of many
+        lengths share a few compiled encoders; the encoder is causal, so the codes of the real
+        frames do not change, and the codes of the padding are dropped.
         """
         wav = self._check_audio(wav)
         b, _, length = wav.shape
         frames = -(-length // self.frame_size)
-        padded = np.zeros((b, frames * self.frame_size, 1), np.float32)
+        padded = np.zeros((b, encode_frames(frames) * self.frame_size, 1), np.float32)
         padded[:, :length, 0] = wav[:, 0]
         with self._precision():
-            return _encode(self.params, padded, cfg=self.config)
+            return _encode(self.params, padded, cfg=self.config)[:, :, :frames]
 
     def decode(self, codes) -> jax.Array:
         """int codes [B, K, T] (K ≤ 32 codebooks) → float32 audio [B, 1, 1920·T]."""

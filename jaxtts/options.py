@@ -1,0 +1,136 @@
+"""`DecodeOptions`: every choice that makes the decode loop compile a different program.
+
+One frozen, hashable value, chosen once per device by `default_options()`, carried by `TTS`,
+`generate_frames` and the engine, and passed to the jitted functions as a static argument: two
+options in one process are two programs by construction (JAX's compile cache keys on them), and
+nothing else (no module global) changes what is compiled. Tests and benchmarks build variants
+with `opts.replace(...)`.
+
+This module imports no Pallas code: the kernels are imported where an option selects them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+
+from jaxtts.errors import JaxttsError
+
+ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
+TOP_K_METHODS = ("sort", "rank")
+
+# GEMV configs (block_n, block_k, k_splits, num_warps, num_stages, method) for more rows than
+# `pallas_kernels.matvec.default_config` was tuned for, by device kind, then by (rows rounded up
+# to a power of two, K, N). Only shapes where a GPU sweep found the kernel faster than XLA's dot
+# are listed (`python -m benchmarks.decode_probe --tune-matvec`); `jaxtts.llama.dense` sends the
+# other shapes of that many rows to jnp.dot. A table swept on one GPU never applies to another.
+MATVEC_TUNED: dict[str, dict[tuple[int, int, int], tuple]] = {
+    # 2026-12-02 (docs/PERF.md #20): the shapes that also won inside the batch-64 decode loop.
+    "NVIDIA H200": {
+        (64, 8192, 1024): (64, 128, 8, 4, 3, "dot"),  # depth down: 9.0 vs 10.0 µs alone
+        (64, 8192, 2048): (64, 64, 8, 4, 4, "dot"),  # backbone down: 13.0 vs 16.5
+        (64, 2048, 3072): (128, 64, 4, 4, 4, "dot"),  # backbone qkv: 8.1 vs 8.8
+        (64, 2048, 2048): (64, 64, 4, 4, 4, "dot"),  # backbone out: 6.7 vs 8.8
+    },
+}
+MATVEC_TUNED_MAX_ROWS = 64  # the GEMV kernel's largest M
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the decode loop is compiled. Results are the same for every choice up to rounding
+    (the kernels are tested against their references); speed differs.
+
+    attention             "xla", "pallas" (GPU kernels) or "pallas_interpret" (the kernels in the
+                          Pallas interpreter on CPU, for tests). Every other kernel option below
+                          applies only when this is a Pallas choice.
+    matvec                skinny matmuls (≤ matvec_max_rows rows) through the Pallas GEMV kernel
+    fused_step            decode steps of ≤ fused_step_max_rows rows as eight kernels per block
+    step_attention        larger decode steps write k/v and attend in one kernel
+    sample_kernel         draws of ≥ sample_kernel_min_rows rows in one Pallas kernel
+    top_k_method          "sort" (lax.top_k) or "rank" (count larger entries): the XLA top-k
+    depth_unroll          depth-decoder steps unrolled per loop iteration
+    audio_table           depth-decoder inputs from a precomputed projected-embedding table
+    matvec_tuned          measured GEMV configs for this device: ((rows, K, N), config) pairs
+    """
+
+    attention: str = "xla"
+    matvec: bool = True
+    matvec_max_rows: int = 8  # measured: ties XLA at 8 rows
+    fused_step: bool = True
+    fused_step_max_rows: int = 8  # measured: slower than XLA's dots at 64 rows (docs/PERF.md #14)
+    step_attention: bool = True
+    sample_kernel: bool = True
+    sample_kernel_min_rows: int = 2  # one program per row: a lone row is faster in XLA (PERF.md)
+    top_k_method: str = "sort"
+    depth_unroll: int = 1
+    audio_table: bool = True
+    matvec_tuned: tuple = ()
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise JaxttsError(f"unknown attention impl {self.attention!r}; choose one of {ATTENTION_IMPLS}")
+        if self.top_k_method not in TOP_K_METHODS:
+            raise JaxttsError(f"unknown top_k_method {self.top_k_method!r}; choose one of {TOP_K_METHODS}")
+        if self.depth_unroll < 1:
+            raise JaxttsError(f"depth_unroll must be ≥ 1, got {self.depth_unroll}")
+        hash(self.matvec_tuned)  # a dict or list here would make the options unusable as a jit key
+
+    @property
+    def pallas(self) -> bool:
+        """Whether the Pallas kernels run (compiled, or in the interpreter on CPU)."""
+        return self.attention in ("pallas", "pallas_interpret")
+
+    @property
+    def interpret(self) -> bool:
+        return self.attention == "pallas_interpret"
+
+    def replace(self, **changes) -> "DecodeOptions":
+        return dataclasses.replace(self, **changes)
+
+    def tuned_matvec(self, m: int, k: int, n: int) -> tuple | None:
+        """The measured GEMV config for x [m, k] @ w [k, n] on this device, or None."""
+        if m > MATVEC_TUNED_MAX_ROWS:
+            return None
+        key = (1 << max(0, m - 1).bit_length(), k, n)
+        for shape, cfg in self.matvec_tuned:
+            if shape == key:
+                return cfg
+        return None
+
+    def uses_matvec(self, m: int, k: int, n: int) -> bool:
+        """Whether x [m, k] @ w [k, n] goes to the GEMV kernel."""
+        return self.pallas and self.matvec and (m <= self.matvec_max_rows or self.tuned_matvec(m, k, n) is not None)
+
+    def uses_fused_step(self, rows: int) -> bool:
+        return self.pallas and self.fused_step and rows <= self.fused_step_max_rows
+
+    def uses_sample_kernel(self, rows: int) -> bool:
+        return self.pallas and self.sample_kernel and rows >= self.sample_kernel_min_rows
+
+
+def default_options(device: jax.Device | None = None, *, attention: str | None = None) -> DecodeOptions:
+    """The options for `device` (default: JAX's first device): the Pallas kernels with the
+    tuned configs of that GPU kind on NVIDIA GPUs, plain XLA elsewhere (Pallas on a CPU only
+    runs in the slow interpreter). `attention` overrides the attention implementation."""
+    device = device or jax.devices()[0]
+    gpu = device.platform == "gpu"
+    return DecodeOptions(
+        attention=attention or ("pallas" if gpu else "xla"),
+        # Rank counting is a fused compare-and-reduce: fewer, cheaper GPU kernels than a sort.
+        top_k_method="rank" if gpu else "sort",
+        matvec_tuned=tuple(sorted(MATVEC_TUNED.get(device.device_kind, {}).items())) if gpu else (),
+    )
+
+
+def resolve_options(options: DecodeOptions | None = None, attention: str | None = None) -> DecodeOptions:
+    """`options` as given, else `default_options(attention=...)`; both at once is an error."""
+    if options is None:
+        return default_options(attention=attention)
+    if not isinstance(options, DecodeOptions):
+        raise JaxttsError(f"options must be a jaxtts.DecodeOptions, got {type(options).__name__}")
+    if attention is not None and attention != options.attention:
+        raise JaxttsError(f"attention={attention!r} contradicts options.attention={options.attention!r}")
+    return options

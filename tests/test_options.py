@@ -1,0 +1,67 @@
+"""DecodeOptions: every variant is its own compiled program, and the refactor changed no output."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtts.config import preset
+from jaxtts.csm import CSM
+from jaxtts.errors import JaxttsError
+from jaxtts.generation import _decode_chunk, generate_frames, split_model
+from jaxtts.options import DecodeOptions, default_options
+from jaxtts.sampling import Sampler
+from jaxtts.testing import prompt_state
+
+GOLDEN = Path(__file__).parent / "data" / "frames_before_options.npz"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CSM.random(preset("tiny"), dtype="float32", seed=7)
+
+
+@pytest.mark.parametrize("attention", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("top_k", [50, 1])
+def test_frames_unchanged_by_the_options_refactor(model, attention, top_k):
+    """Frames recorded with the code before DecodeOptions (module switches), same model and seed."""
+    golden = np.load(GOLDEN)
+    got = generate_frames(model, golden["tokens"], golden["mask"], max_frames=10, temperature=0.9, top_k=top_k,
+                          seed=3, chunk_frames=4, options=DecodeOptions(attention=attention))
+    np.testing.assert_array_equal(got, golden[f"{attention}_k{top_k}"])
+
+
+def _lowered_text(model, opts):
+    state = prompt_state(model, 1, 8, 64, opts)
+    graphdef, weights = split_model(model)
+    return _decode_chunk.lower(graphdef, weights, state, Sampler.create(0.9, 50), 2, opts, None).as_text()
+
+
+def test_two_options_are_two_programs(model):
+    a = DecodeOptions(attention="pallas_interpret")
+    variants = [a.replace(matvec=False), a.replace(fused_step=False), a.replace(top_k_method="rank"),
+                a.replace(sample_kernel_min_rows=1), a.replace(depth_unroll=2)]
+    base = _lowered_text(model, a)
+    for v in variants:
+        assert _lowered_text(model, v) != base, v
+    # The same options compile to the same program (the jit cache keys on the value).
+    assert _lowered_text(model, a.replace()) == base
+
+
+def test_options_are_hashable_values_and_checked():
+    a, b = DecodeOptions(), DecodeOptions()
+    assert a == b and hash(a) == hash(b) and a.replace(matvec=False) != a
+    with pytest.raises(JaxttsError, match="attention"):
+        DecodeOptions(attention="cuda")
+    with pytest.raises(JaxttsError, match="top_k_method"):
+        DecodeOptions(top_k_method="heap")
+    with pytest.raises(TypeError):
+        DecodeOptions(matvec_tuned={(64, 1, 1): ()})  # a dict cannot key a jit cache
+
+
+def test_default_options_on_cpu():
+    opts = default_options()
+    assert jax.default_backend() == "cpu"
+    assert opts.attention == "xla" and not opts.pallas and opts.matvec_tuned == ()
+    assert default_options(attention="pallas_interpret").interpret
