@@ -54,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@cli_entry
+@cli_entry(prog="jaxtts-convert")
 def main(argv=None) -> int:
     return run(build_parser().parse_args(argv))

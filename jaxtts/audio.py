@@ -1,4 +1,6 @@
-"""Audio in and out: read any soundfile-readable file as 24 kHz mono, write WAVs atomically."""
+"""Audio in and out: read any soundfile-readable file as 24 kHz mono; write WAV, FLAC, Ogg
+(Vorbis or Opus) or MP3 (libsndfile, through soundfile) atomically, the format told by the
+file's extension."""
 
 from __future__ import annotations
 
@@ -55,8 +57,40 @@ def load_audio(audio, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return to_mono_24k(np.asarray(audio), sample_rate)
 
 
+# extension → (soundfile format, subtype). Opus and MP3 need libsndfile ≥ 1.1 (soundfile's wheels have it).
+OUTPUT_FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+    ".opus": ("OGG", "OPUS"),
+    ".mp3": ("MP3", "MPEG_LAYER_III"),
+}
+
+
+def output_format(path: str | os.PathLike) -> tuple[str, str]:
+    """(format, subtype) for an output path, from its extension (a path without one is WAV)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == "":
+        return OUTPUT_FORMATS[".wav"]
+    if suffix not in OUTPUT_FORMATS:
+        raise JaxttsError(f"{path}: unknown audio format {suffix!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    return OUTPUT_FORMATS[suffix]
+
+
+def encode_audio(audio: np.ndarray, fmt: str = "WAV", subtype: str = "PCM_16", sample_rate: int = SAMPLE_RATE) -> bytes:
+    """The bytes of a whole file of `audio` (float mono) in one of OUTPUT_FORMATS' formats."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
 def check_output_path(path: str | os.PathLike) -> Path:
     path = Path(path)
+    output_format(path)
     if not path.parent.is_dir():
         raise JaxttsError(f"{path.parent}: no such directory for the output file")
     if path.is_dir():
@@ -68,22 +102,22 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
-def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write 16-bit PCM WAV through a temporary file, renamed when complete."""
-    import soundfile as sf
-
+def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Write mono audio in the format of the path's extension (16-bit WAV by default) through a
+    temporary file, renamed when complete: no half-written file under the real name."""
     path = check_output_path(path)
+    data = encode_audio(audio, *output_format(path), sample_rate)
     tmp = _temp_path(path)
     try:
-        sf.write(str(tmp), np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-class StreamingWavWriter:
-    """Appends PCM chunks to a WAV as they arrive.
+class StreamingAudioWriter:
+    """Appends PCM chunks to an audio file (format from the extension) as they arrive.
 
     By default the file appears under its name only on close(). With `progressive=True` it is
     written in place so that it can be played while it grows; on failure it is removed.
@@ -93,8 +127,9 @@ class StreamingWavWriter:
         import soundfile as sf
 
         self.path = check_output_path(path)
+        fmt, subtype = output_format(self.path)
         self._tmp = self.path if progressive else _temp_path(self.path)
-        self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate, channels=1, subtype="PCM_16", format="WAV")
+        self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate, channels=1, subtype=subtype, format=fmt)
 
     def write(self, chunk: np.ndarray) -> None:
         self._file.write(np.clip(np.asarray(chunk, np.float32), -1.0, 1.0))
@@ -118,3 +153,4 @@ class StreamingWavWriter:
             self.close()
         else:
             self.abort()
+

@@ -1,4 +1,4 @@
-"""The `jaxtts` command: speak, convert, download, bench."""
+"""The `jaxtts` command: speak, convert, download, env, bench, finetune."""
 
 from __future__ import annotations
 
@@ -6,30 +6,34 @@ import argparse
 import sys
 from pathlib import Path
 
+from jaxtts import defaults
 from jaxtts.errors import ArgumentParser, JaxttsError, cli_entry
 
 
 def _add_speak(sub):
-    p = sub.add_parser("speak", help="speak TEXT into a WAV file")
+    p = sub.add_parser("speak", help="speak TEXT into an audio file")
     p.add_argument("text", nargs="?", help="what to say (omit with --interactive)")
-    p.add_argument("-o", "--output", default="out.wav", help="output WAV path (default out.wav)")
+    p.add_argument("-o", "--output", default="out.wav",
+                   help="output file; the extension picks the format: .wav .flac .ogg .opus .mp3 "
+                        "('-' writes WAV to stdout; default out.wav)")
     p.add_argument("--model", help="converted CSM directory or checkpoint (default: jaxtts / Hugging Face cache)")
     p.add_argument("--codec", help="converted Mimi directory or checkpoint (default: caches)")
     p.add_argument("--speaker", type=int, default=0, help="speaker id (default 0)")
-    p.add_argument("--context", nargs=3, action="append", metavar=("WAV", "TEXT", "SPEAKER"), default=[],
+    p.add_argument("--context", nargs=3, action="append", metavar=("AUDIO", "TEXT", "SPEAKER"), default=[],
                    help="a voice-prompt turn: audio file, its transcript, its speaker (repeatable)")
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0 is greedy (default 0.9)")
+    p.add_argument("--top-k", type=int, default=defaults.TOP_K)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--max-audio-ms", type=float, default=90_000)
-    p.add_argument("--seed", type=int, default=None, help="fix for reproducible output")
+    p.add_argument("--max-audio-ms", type=float, default=defaults.MAX_AUDIO_MS)
+    p.add_argument("--seed", type=int, default=None, help="unsigned 32-bit; fix for reproducible output")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--attention", default=None, choices=["xla", "pallas"],
                    help="attention implementation (default: pallas on GPU, xla elsewhere)")
+    p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="where to run (default: GPU if JAX has one)")
     p.add_argument("--long-form", action="store_true", help="split long text into sentences, each continuing the last")
-    p.add_argument("--stream", action="store_true", help="write the WAV progressively as audio is generated")
+    p.add_argument("--stream", action="store_true", help="write the file progressively as audio is generated")
     p.add_argument("--interactive", action="store_true", help="speak each line typed (model loaded once)")
     p.add_argument("--random-weights", action="store_true",
                    help="random full-size weights to check an install: the output is noise")
@@ -50,20 +54,37 @@ def _read_context(items):
     return segments
 
 
-def _speak(args) -> int:
-    from jaxtts.audio import StreamingWavWriter, check_output_path
+def _check_speak_args(args) -> None:
+    """Everything cheap is checked before gigabytes of weights load."""
+    from jaxtts import validation
     from jaxtts.prompt import validate_speaker, validate_text
     from jaxtts.sampling import Sampler
 
-    # Check everything cheap before loading gigabytes of weights.
+    if args.interactive and args.text is not None:
+        raise JaxttsError("give TEXT or --interactive, not both")
     if not args.interactive:
         if args.text is None:
             raise JaxttsError("give TEXT to speak, or --interactive")
         validate_text(args.text)
+    if args.random_weights and (args.model or args.codec):
+        raise JaxttsError("--random-weights builds its own weights: drop --model/--codec, or drop --random-weights")
+    if args.output == "-" and args.interactive:
+        raise JaxttsError("-o - (stdout) takes one line; --interactive writes numbered files: give -o NAME.wav")
+    if args.output == "-" and args.stream:
+        raise JaxttsError("--stream writes a growing file; stdout gets the whole WAV at the end: drop --stream")
     validate_speaker(args.speaker)
     Sampler.create(args.temperature, args.top_k, args.top_p, args.min_p)
-    out = check_output_path(args.output)
+    validation.number("--max-audio-ms", args.max_audio_ms, low=80)
+    validation.seed(args.seed, "--seed")
+
+
+def _speak(args) -> int:
+    from jaxtts.audio import StreamingAudioWriter, check_output_path, encode_audio
+
+    _check_speak_args(args)
+    out = None if args.output == "-" else check_output_path(args.output)
     context = _read_context(args.context)
+    select_device(args.device)
 
     from jaxtts.tts import TTS
 
@@ -71,16 +92,20 @@ def _speak(args) -> int:
         print("note: --random-weights: full-size random weights, the output is noise", file=sys.stderr)
     tts = TTS.load(args.model, args.codec, dtype=args.dtype, random_weights=args.random_weights,
                    progress=not args.quiet, attention=args.attention)
-    ctx = tts.prepare_context(context) if context else None
-    kwargs = dict(speaker=args.speaker, context=ctx, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
+    kwargs = dict(speaker=args.speaker, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
-    if args.long_form:
-        kwargs.update(context=context, long_form=True)
+    if args.long_form:  # each sentence re-prefills; the voice prompt is encoded once, here
+        kwargs.update(context=[tts.encode_segment(s) for s in context], long_form=True)
+    else:
+        kwargs.update(context=tts.prepare_context(context) if context else None)
 
-    def speak_one(text: str, path: Path) -> None:
+    def speak_one(text: str, path) -> None:
+        if path is None:
+            sys.stdout.buffer.write(encode_audio(tts.generate(text, **kwargs)))
+            sys.stdout.buffer.flush()
+            return
         if args.stream:
-            writer = StreamingWavWriter(path, progressive=True)
-            with writer:
+            with StreamingAudioWriter(path, progressive=True) as writer:
                 for chunk in tts.stream(text, **kwargs):
                     writer.write(chunk)
         else:
@@ -88,7 +113,7 @@ def _speak(args) -> int:
         if not args.quiet:
             import soundfile as sf
 
-            print(f"wrote {path} ({sf.info(str(path)).duration:.2f} s)")
+            print(f"wrote {path} ({sf.info(str(path)).duration:.2f} s)", file=sys.stderr)
 
     if not args.interactive:
         speak_one(args.text, out)
@@ -107,6 +132,31 @@ def _speak(args) -> int:
     return 0
 
 
+def select_device(device: str | None) -> None:
+    """Pin JAX to the CPU, or check that it has a GPU (before anything touches a device)."""
+    if device is None:
+        return
+    import jax
+
+    if device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        return
+    try:
+        backend = jax.default_backend()
+    except RuntimeError as e:
+        raise JaxttsError(f"--device gpu: JAX could not start ({str(e).splitlines()[0]})") from None
+    if backend != "gpu":
+        raise JaxttsError("--device gpu: JAX sees no GPU; install the CUDA build (pip install 'jaxtts[cuda12]') "
+                          "or run with --device cpu")
+
+
+def _env(args) -> int:
+    from jaxtts.environment import report
+
+    print(report(), end="")
+    return 0
+
+
 def _download(args) -> int:
     from jaxtts.hub import download
 
@@ -119,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     from convert.cli import build_parser as build_convert_parser
 
     parser = ArgumentParser(prog="jaxtts", description="CSM-1B text-to-speech in JAX")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     _add_speak(sub)
     conv = sub.add_parser("convert", help="convert PyTorch checkpoints (same as jaxtts-convert)")
@@ -126,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="fetch sesame/csm-1b and Kyutai's Mimi from the hub and convert them")
     dl.add_argument("--token", help="Hugging Face token (default: the logged-in one)")
     dl.add_argument("--quiet", action="store_true")
+    sub.add_parser("env", help="what jaxtts finds on this machine: devices, versions, kernels, caches, weights")
     from jaxtts.bench import add_bench_parser
 
     add_bench_parser(sub)
@@ -137,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv=None) -> int:
+    # --debug may come anywhere; cli_entry has read it already
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--debug"]
     args = build_parser().parse_args(argv)
     if args.command == "speak":
         return _speak(args)
@@ -146,6 +200,8 @@ def main(argv=None) -> int:
         return run(args)
     if args.command == "download":
         return _download(args)
+    if args.command == "env":
+        return _env(args)
     if args.command == "finetune":
         from jaxtts.finetune.cli import run_finetune
 

@@ -158,9 +158,14 @@ class CSM(nnx.Module):
         return save_csm(self, out, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, dtype="bfloat16") -> "CSM":
-        """Load a directory written by jaxtts-convert, or an original / transformers checkpoint."""
+    def load(cls, path: str | os.PathLike, dtype=None) -> "CSM":
+        """Load a directory written by jaxtts-convert, or an original / transformers checkpoint.
+
+        dtype: "bfloat16" / "float32" (default: `jaxtts.defaults.default_dtype()`, float32 on CPU)."""
         from jaxtts.checkpoint import is_converted_dir, read_meta, read_params
+        from jaxtts.defaults import default_dtype
+
+        dtype = default_dtype() if dtype is None else dtype
 
         path = Path(path)
         if not path.exists():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
+import traceback
 
 
 class JaxttsError(Exception):
@@ -14,19 +16,33 @@ class JaxttsError(Exception):
     """
 
 
-def cli_entry(main):
-    """Wrap a CLI `main(argv) -> int` so that JaxttsError becomes one stderr line and exit 2."""
+def cli_entry(main=None, *, prog: str = "jaxtts"):
+    """Wrap a CLI `main(argv) -> int`: a JaxttsError becomes one stderr line and exit 2; any other
+    exception one "internal error" line and exit 1 (the traceback with --debug or JAXTTS_DEBUG=1)."""
+    if main is None:
+        return functools.partial(cli_entry, prog=prog)
 
     @functools.wraps(main)
     def wrapper(argv=None):
+        args = sys.argv[1:] if argv is None else list(argv)
+        debug = "--debug" in args or os.environ.get("JAXTTS_DEBUG", "") not in ("", "0")
         try:
             return main(argv)
         except JaxttsError as e:
+            if debug:
+                traceback.print_exc()
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except Exception as e:  # the last line of defence: one line, not a traceback
+            if debug:
+                traceback.print_exc()
+            message = " ".join(str(e).split())[:300]
+            print(f"{prog}: internal error: {type(e).__name__}: {message} "
+                  "(run with --debug or JAXTTS_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 1
 
     return wrapper
 

@@ -38,15 +38,42 @@ class Segment:
     def __post_init__(self):
         validate_speaker(self.speaker)
         validate_text(self.text)
+        if self.codes is not None:
+            if self.audio is not None:
+                raise JaxttsError("Segment: give audio or codes, not both")
+            self.codes = validate_codes(self.codes)
+        elif self.audio is not None and not isinstance(self.audio, (str, os.PathLike, np.ndarray, list, tuple)):
+            raise JaxttsError(f"Segment audio must be a path or an array of samples, got {type(self.audio).__name__}")
+
+
+MIMI_CARDINALITY = 2048  # codes per Mimi codebook; CSM samples from 2051 (see jaxtts.tts.mimi_codes)
+
+
+def validate_codes(codes) -> np.ndarray:
+    """Mimi codes [32, T] of integers in [0, 2048) → int32; anything else is one clear error."""
+    arr = np.asarray(codes)
+    if arr.ndim != 2 or arr.shape[0] != NUM_CODEBOOKS:
+        raise JaxttsError(f"Segment codes must be [{NUM_CODEBOOKS}, T] (codebooks first), got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise JaxttsError(f"Segment codes must be integers, got {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= MIMI_CARDINALITY):
+        raise JaxttsError(f"Segment codes must be in [0, {MIMI_CARDINALITY - 1}], got values in "
+                          f"[{arr.min()}, {arr.max()}]")
+    return arr.astype(np.int32)
+
+
+MAX_SPEAKER = 2**31 - 1
 
 
 def validate_speaker(speaker) -> None:
-    if isinstance(speaker, bool) or not isinstance(speaker, (int, np.integer)) or speaker < 0:
-        raise JaxttsError(f"speaker must be a non-negative integer, got {speaker!r}")
+    if isinstance(speaker, bool) or not isinstance(speaker, (int, np.integer)) or not 0 <= speaker <= MAX_SPEAKER:
+        raise JaxttsError(f"speaker must be an integer in [0, {MAX_SPEAKER}], got {speaker!r}")
 
 
 def validate_text(text) -> None:
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise JaxttsError(f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
         raise JaxttsError("text is empty; give some words to speak")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jaxtts.errors import JaxttsError
+from jaxtts import validation
 from jaxtts.options import DecodeOptions
 
 
@@ -48,16 +48,18 @@ class Sampler:
 
     @classmethod
     def create(cls, temperature=0.9, top_k=50, top_p=None, min_p=None) -> "Sampler":
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise JaxttsError(f"temperature must be a number > 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise JaxttsError(f"top-k must be an integer ≥ 1, got {top_k!r}")
-        if top_p is not None and not (0.0 < top_p <= 1.0):
-            raise JaxttsError(f"top-p must be in (0, 1], got {top_p!r}")
-        if min_p is not None and not (0.0 <= min_p < 1.0):
-            raise JaxttsError(f"min-p must be in [0, 1), got {min_p!r}")
-        return cls(temperature=float(temperature), top_p=float(top_p or 1.0), min_p=float(min_p or 0.0),
-                   top_k=int(top_k or 0), use_top_p=top_p is not None, use_min_p=min_p is not None)
+        """Checked sampling settings. temperature 0 (or top_k 1) is greedy: always the most
+        likely code. top_k None keeps every code; top_p / min_p None switch those filters off."""
+        temperature = validation.number("temperature", temperature, low=0.0, high=100.0)
+        if top_k is not None:
+            top_k = validation.integer("top_k", top_k, low=1)
+        top_p = validation.optional_number("top_p", top_p, low=0.0, high=1.0, low_open=True)
+        min_p = validation.optional_number("min_p", min_p, low=0.0, high=1.0, high_open=True)
+        if temperature == 0.0:  # greedy; the temperature then divides nothing
+            temperature, top_k = 1.0, 1
+        return cls(temperature=temperature, top_p=1.0 if top_p is None else top_p,
+                   min_p=0.0 if min_p is None else min_p, top_k=int(top_k or 0),
+                   use_top_p=top_p is not None, use_min_p=min_p is not None)
 
     @property
     def greedy(self) -> bool:

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtts.audio import SAMPLE_RATE, load_audio, write_wav
+from jaxtts.audio import SAMPLE_RATE, load_audio, write_audio
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
-from jaxtts import buckets
+from jaxtts import buckets, defaults, validation
 from jaxtts.generation import decode_chunk, prefill, row_keys
 from jaxtts.llama import KVCache
 from jaxtts.options import DecodeOptions, resolve_options
@@ -60,9 +60,12 @@ class Request:
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
-    """JAX's persistent compilation cache, on by default in ~/.cache/jaxtts/xla (JAXTTS_COMPILE_CACHE=0: off)."""
+    """JAX's persistent compilation cache, on by default in ~/.cache/jaxtts/xla (JAXTTS_COMPILE_CACHE=0: off;
+    a path: there). A cache directory the user already gave JAX is left as it is."""
     setting = os.environ.get("JAXTTS_COMPILE_CACHE", "1")
     if setting == "0":
+        return
+    if path is None and jax.config.jax_compilation_cache_dir:
         return
     if path is None:
         from jaxtts.hub import jaxtts_cache
@@ -121,8 +124,9 @@ class TTS:
     frame_size = FRAME_SIZE
 
     def __init__(self, model: CSM, codec, *, tokenizer=None, options: DecodeOptions | None = None,
-                 attention: str | None = None, chunk_frames: int = 8, first_chunk_frames: int = 1, max_silence_ms: float | None = 3000,
-                 progress: bool = False):
+                 attention: str | None = None, chunk_frames: int = defaults.CHUNK_FRAMES,
+                 first_chunk_frames: int = defaults.FIRST_CHUNK_FRAMES,
+                 max_silence_ms: float | None = defaults.MAX_SILENCE_MS, progress: bool = False):
         from jaxtts.tokenizer import default_tokenizer
 
         self.model = model
@@ -131,9 +135,9 @@ class TTS:
         # How the decode loop is compiled (default: `default_options()` for this device);
         # `attention` alone ("xla" | "pallas" | "pallas_interpret") adjusts the default.
         self.options = resolve_options(options, attention)
-        self.chunk_frames = chunk_frames
-        self.first_chunk_frames = first_chunk_frames
-        self.max_silence_ms = max_silence_ms
+        self.chunk_frames = validation.integer("chunk_frames", chunk_frames, low=1, high=256)
+        self.first_chunk_frames = validation.integer("first_chunk_frames", first_chunk_frames, low=1, high=256)
+        self.max_silence_ms = validation.optional_number("max_silence_ms", max_silence_ms, low=FRAME_MS)
         self.progress = progress
 
     # --- construction -------------------------------------------------------------------------
@@ -149,8 +153,12 @@ class TTS:
         from jaxtts.mimi import Mimi
 
         enable_compilation_cache()
-        if dtype is None:  # bfloat16 where it is fast; CPUs emulate it slowly
-            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        dtype = defaults.default_dtype() if dtype is None else dtype
+        if dtype not in ("float32", "bfloat16"):
+            raise JaxttsError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+        random_weights = validation.boolean("random_weights", random_weights)
+        if random_weights and (model is not None or codec is not None):
+            raise JaxttsError("random_weights=True builds its own weights: give it without model/codec paths")
         if random_weights:
             from jaxtts.config import CSM_1B
 
@@ -162,22 +170,24 @@ class TTS:
     # --- prompts -------------------------------------------------------------------------------
     def _segment_rows(self, seg: Segment):
         parts = [text_rows(self.tokenizer.encode_segment(seg.text, seg.speaker))]
-        if seg.codes is not None:
-            parts.append(audio_rows(seg.codes))
-        elif seg.audio is not None:
-            wav = load_audio(seg.audio)
-            codes = np.asarray(self.codec.encode(jnp.asarray(wav)[None, None]))[0]
-            parts.append(audio_rows(codes))
+        if seg.codes is not None or seg.audio is not None:
+            parts.append(audio_rows(self.encode_segment(seg).codes))
         return concat_rows(parts)
 
-    def prepare_context(self, segments: Sequence[Segment] | None) -> Context:
+    def encode_segment(self, seg: Segment) -> Segment:
+        """The segment with its audio encoded to Mimi codes (itself when it has codes or no audio):
+        encode a voice prompt once, then reuse it for many requests without re-encoding."""
+        if seg.codes is not None or seg.audio is None:
+            return seg
+        wav = load_audio(seg.audio)
+        codes = np.asarray(self.codec.encode(wav[None, None]))[0]
+        return Segment(seg.speaker, seg.text, codes=codes)
+
+    def prepare_context(self, segments: Sequence[Segment] | Segment | None) -> Context:
         """Encode the context's audio with Mimi and prefill the backbone over it, once."""
         if isinstance(segments, Context):
             return segments
-        segments = list(segments or [])
-        for s in segments:
-            if not isinstance(s, Segment):
-                raise JaxttsError(f"context items must be jaxtts.Segment, got {type(s).__name__}")
+        segments = as_segments(segments)
         tokens, mask = concat_rows([self._segment_rows(s) for s in segments])
         n = len(tokens)
         self._check_fits(n, 0, 1)
@@ -211,9 +221,13 @@ class TTS:
             self._check_fits(c.length, len(t[0]), f)
         b = len(requests)
         limit = model.cfg.backbone.max_seq_len
-        ctx_max = max(c.length for c in contexts)
-        t_pad = min(buckets.prompt_rows(max(len(t[0]) for t in texts), limit), limit - ctx_max)
-        cache_len = buckets.cache_length(max(c.length + t_pad + f for c, f in zip(contexts, max_frames)), limit)
+        # Every row's text is padded to the same t_pad rows, written after its own context: the
+        # cache must hold each row's padding too (padding slots are overwritten by decoding before
+        # any valid query sees them), which can reach past `limit` when a long context sits beside
+        # a long text; each row's real positions stay within `limit` (checked above).
+        t_pad = buckets.prompt_rows(max(len(t[0]) for t in texts), limit)
+        cache_len = buckets.cache_length(max(c.length + max(t_pad, len(t[0]) + f)
+                                             for c, t, f in zip(contexts, texts, max_frames)), limit)
 
         cache = self._stack_caches(contexts, cache_len)
         tok = np.zeros((b, t_pad, width), np.int32)
@@ -237,11 +251,11 @@ class TTS:
                    disable=not self.progress)
         while not all(finished):
             state, frames, emitted = decode_chunk(model, state, sampler, chunk, opts=self.options)
-            # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048): the original code
-            # would crash on such a code; we feed it back to the backbone as sampled, but decode it as 0.
-            codes = jnp.transpose(frames, (1, 2, 0))
-            stream, pcm = self.codec.decode_stream_step(stream, jnp.where(codes < self.codec.cardinality, codes, 0),
-                                                        check=False)
+            # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048). A sampled code
+            # ≥ 2048 is fed back to the backbone as sampled, but everything that leaves the model
+            # (decoded audio, returned frames, contexts built from them) sees it as 0.
+            frames = mimi_codes(frames, self.codec.cardinality)
+            stream, pcm = self.codec.decode_stream_step(stream, jnp.transpose(frames, (1, 2, 0)), check=False)
             frames_np, emitted_np, pcm_np = np.asarray(frames), np.asarray(emitted), np.asarray(pcm)[:, 0]
             out = []
             for i in range(b):
@@ -286,27 +300,38 @@ class TTS:
     def _request(self, text, speaker, context, seed, max_audio_ms) -> Request:
         validate_text(text)
         validate_speaker(speaker)
-        if not isinstance(max_audio_ms, (int, float)) or max_audio_ms < FRAME_MS:
-            raise JaxttsError(f"max_audio_ms must be at least {FRAME_MS} (one frame), got {max_audio_ms!r}")
-        return Request(text=text, speaker=int(speaker), context=context, seed=seed, max_audio_ms=max_audio_ms)
+        max_audio_ms = validation.number("max_audio_ms", max_audio_ms, low=FRAME_MS)  # the fit is checked later
+        if not isinstance(context, Context):
+            context = as_segments(context)
+        return Request(text=text, speaker=int(speaker), context=context, seed=validation.seed(seed),
+                       max_audio_ms=max_audio_ms)
 
     def stream(self, text: str, speaker: int = 0, context=None, *, max_audio_ms: float = 90_000,
                temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
                seed: int | None = None, long_form: bool = False) -> Iterator[np.ndarray]:
-        """Yield float32 PCM chunks as frames are generated (the first after `first_chunk_frames`)."""
+        """Yield float32 PCM chunks as frames are generated (the first after `first_chunk_frames`).
+
+        Arguments are checked before anything runs (see `generate`)."""
         sampler = self._sampler(temperature, top_k, top_p, min_p)
-        if long_form:
-            yield from self._long_form(text, speaker, context, max_audio_ms, sampler, seed)
-            return
+        if validation.boolean("long_form", long_form):
+            validate_text(text)
+            validate_speaker(speaker)
+            validation.number("max_audio_ms", max_audio_ms, low=FRAME_MS)
+            if isinstance(context, Context):
+                raise JaxttsError("long_form needs the context as Segments, not a prepared Context")
+            return self._long_form(text, speaker, as_segments(context), max_audio_ms, sampler, validation.seed(seed))
         req = self._request(text, speaker, context, seed, max_audio_ms)
-        for pieces in self._run([req], sampler):
-            if len(pieces[0][0]):
-                yield pieces[0][0]
+        return (pieces[0][0] for pieces in self._run([req], sampler) if len(pieces[0][0]))
 
     def generate(self, text: str, speaker: int = 0, context=None, *, max_audio_ms: float = 90_000,
                  temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
                  seed: int | None = None, long_form: bool = False) -> np.ndarray:
-        """Speak `text` as `speaker`, continuing `context`: float32 mono PCM at 24 kHz."""
+        """Speak `text` as `speaker`, continuing `context`: float32 mono PCM at 24 kHz.
+
+        context: a prepared `Context`, a `Segment` or a list of them. seed: unsigned 32-bit, or
+        None for a random one. temperature 0 (or top_k 1) is greedy. max_audio_ms: at least one
+        80 ms frame; context + text + audio must fit the model's 2048 positions.
+        """
         chunks = list(self.stream(text, speaker, context, max_audio_ms=max_audio_ms, temperature=temperature,
                                   top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, long_form=long_form))
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
@@ -319,12 +344,21 @@ class TTS:
         Returns one PCM array per request, or (PCM, Mimi frames [F, 32]) pairs with return_frames.
         """
         sampler = self._sampler(temperature, top_k, top_p, min_p)
+        return_frames = validation.boolean("return_frames", return_frames)
+        if isinstance(requests, (str, Request, dict)) or not isinstance(requests, Sequence):
+            raise JaxttsError(f"requests must be a list of Request, dict or str, got {type(requests).__name__}")
         reqs = []
-        for r in requests:
+        for i, r in enumerate(requests):
             if isinstance(r, str):
                 r = Request(text=r)
             elif isinstance(r, dict):
+                unknown = sorted(set(r) - set(Request.__dataclass_fields__))
+                if unknown:
+                    raise JaxttsError(f"requests[{i}]: unknown field {unknown[0]!r}; "
+                                      f"allowed: {', '.join(Request.__dataclass_fields__)}")
                 r = Request(**r)
+            elif not isinstance(r, Request):
+                raise JaxttsError(f"requests[{i}] must be a Request, dict or str, got {type(r).__name__}")
             reqs.append(self._request(r.text, r.speaker, r.context, r.seed, r.max_audio_ms))
         if not reqs:
             return []
@@ -341,16 +375,11 @@ class TTS:
 
     def _long_form(self, text, speaker, context, max_audio_ms, sampler, seed):
         """Sentence by sentence, each continuing from the previous sentence's text and audio."""
-        sentences = split_sentences(text)
-        if not sentences:
-            validate_text(text)
-        base = list(context) if isinstance(context, (list, tuple)) else []
-        if isinstance(context, Context):
-            raise JaxttsError("long_form needs the context as a list of Segments, not a prepared Context")
+        base = [self.encode_segment(s) for s in context]  # the voice prompt is encoded once
         previous: list[Segment] = []
-        for n, sentence in enumerate(sentences):
+        for n, sentence in enumerate(split_sentences(text)):
             req = self._request(sentence, speaker, base + previous,
-                                None if seed is None else seed + n, max_audio_ms)
+                                None if seed is None else (seed + n) % (validation.SEED_MAX + 1), max_audio_ms)
             frames = []
             for pieces in self._run([req], sampler):
                 pcm, new_frames = pieces[0]
@@ -363,8 +392,30 @@ class TTS:
 
     @staticmethod
     def save(path: str | os.PathLike, audio: np.ndarray) -> Path:
-        """Write 16-bit 24 kHz mono WAV (atomically)."""
-        return write_wav(path, audio, SAMPLE_RATE)
+        """Write 24 kHz mono audio atomically, in the format of the extension (.wav 16-bit, .flac,
+        .ogg, .opus, .mp3)."""
+        return write_audio(path, audio, SAMPLE_RATE)
+
+
+def as_segments(context) -> list[Segment]:
+    """A context given as None, one Segment, or a list/tuple of Segments → a list of Segments."""
+    if context is None:
+        return []
+    if isinstance(context, Segment):
+        return [context]
+    if isinstance(context, (list, tuple)):
+        for i, s in enumerate(context):
+            if not isinstance(s, Segment):
+                raise JaxttsError(f"context[{i}] must be a jaxtts.Segment, got {type(s).__name__}")
+        return list(context)
+    raise JaxttsError(f"context must be a jaxtts.Segment, a list of them or a prepared Context, "
+                      f"got {type(context).__name__}")
+
+
+def mimi_codes(frames, cardinality: int = 2048):
+    """Frames as Mimi can decode them: codes ≥ `cardinality` (CSM's vocabulary has 2051 entries,
+    Mimi's codebooks 2048) become 0. Applied to everything that leaves the model."""
+    return jnp.where(frames < cardinality, frames, 0)
 
 
 def load(model=None, codec=None, *, dtype: str | None = None, random_weights: bool = False, **kwargs) -> TTS:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jaxtts.audio import StreamingWavWriter, load_audio, read_audio, write_wav
+from jaxtts.audio import StreamingAudioWriter, load_audio, read_audio, write_audio
 from jaxtts.errors import JaxttsError
 
 
@@ -32,22 +32,22 @@ def test_array_input_and_validation():
 
 def test_write_wav_is_atomic_and_exact_length(tmp_path):
     pcm = np.linspace(-1, 1, 1920 * 3, dtype=np.float32)
-    path = write_wav(tmp_path / "x.wav", pcm)
+    path = write_audio(tmp_path / "x.wav", pcm)
     data, sr = sf.read(str(path))
     assert sr == 24_000 and len(data) == 1920 * 3
     assert [p.name for p in tmp_path.iterdir()] == ["x.wav"]
     with pytest.raises(JaxttsError, match="no such directory"):
-        write_wav(tmp_path / "missing" / "x.wav", pcm)
+        write_audio(tmp_path / "missing" / "x.wav", pcm)
 
 
 def test_streaming_writer_removes_its_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
-        with StreamingWavWriter(tmp_path / "s.wav", progressive=True) as w:
+        with StreamingAudioWriter(tmp_path / "s.wav", progressive=True) as w:
             w.write(np.zeros(1920, np.float32))
             assert (tmp_path / "s.wav").exists()  # progressive: playable while it grows
             raise RuntimeError("generation failed")
     assert list(tmp_path.iterdir()) == []
-    with StreamingWavWriter(tmp_path / "t.wav") as w:
+    with StreamingAudioWriter(tmp_path / "t.wav") as w:
         w.write(np.zeros(1920, np.float32))
         w.write(np.ones(1920, np.float32) * 0.5)
     assert len(sf.read(str(tmp_path / "t.wav"))[0]) == 3840

@@ -76,8 +76,18 @@ BAD_CASES = {
     "empty text": (["   "], "text is empty"),
     "negative speaker": (["Hi.", "--speaker", "-1"], "speaker must be"),
     "non-integer speaker": (["Hi.", "--speaker", "1.5"], "invalid int value"),
-    "temperature zero": (["Hi.", "--temperature", "0"], "temperature"),
-    "top-k zero": (["Hi.", "--top-k", "0"], "top-k"),
+    "negative temperature": (["Hi.", "--temperature", "-0.5"], "temperature"),
+    "nan temperature": (["Hi.", "--temperature", "nan"], "temperature must be a finite number"),
+    "top-k zero": (["Hi.", "--top-k", "0"], "top_k"),
+    "top-p zero": (["Hi.", "--top-p", "0"], "top_p"),
+    "min-p one": (["Hi.", "--min-p", "1"], "min_p"),
+    "negative seed": (["Hi.", "--seed", "-1"], "unsigned 32-bit"),
+    "seed past 32 bits": (["Hi.", "--seed", str(2**32)], "unsigned 32-bit"),
+    "infinite audio length": (["Hi.", "--max-audio-ms", "inf"], "max-audio-ms"),
+    "audio shorter than a frame": (["Hi.", "--max-audio-ms", "10"], "max-audio-ms"),
+    "unknown output format": (["Hi.", "-o", "{out}.xyz"], "unknown audio format"),
+    "text and interactive": (["Hi.", "--interactive"], "not both"),
+    "random weights and a model": (["Hi.", "--random-weights"], "--random-weights"),
     "missing context wav": (["Hi.", "--context", "{bad}/missing.wav", "hello", "0"], "no such audio file"),
     "corrupt context wav": (["Hi.", "--context", "{bad}/corrupt.wav", "hello", "0"], "cannot read audio"),
     "empty context wav": (["Hi.", "--context", "{bad}/empty.wav", "hello", "0"], "empty"),
@@ -89,8 +99,8 @@ BAD_CASES = {
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_input_one_line_no_output(case, weights, env, tmp_path, bad_files):
     args, message = BAD_CASES[case]
-    args = [a.replace("{bad}", str(bad_files)) for a in args]
     out = tmp_path / "out.wav"
+    args = [a.replace("{bad}", str(bad_files)).replace("{out}", str(tmp_path / "out")) for a in args]
     r = jaxtts(*speak_args(weights, out, *args), env=env)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()

@@ -77,8 +77,8 @@ def test_too_long_is_a_clear_error(tts):
     (dict(text="   "), "text is empty"),
     (dict(text="hi", speaker=-1), "speaker must be"),
     (dict(text="hi", speaker=1.5), "speaker must be"),
-    (dict(text="hi", temperature=0), "temperature"),
-    (dict(text="hi", top_k=0), "top-k"),
+    (dict(text="hi", temperature=-1), "temperature"),
+    (dict(text="hi", top_k=0), "top_k"),
 ])
 def test_bad_arguments(tts, kwargs, message):
     text = kwargs.pop("text")
