@@ -84,8 +84,17 @@ def encode_audio(audio: np.ndarray, fmt: str = "WAV", subtype: str = "PCM_16", s
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, np.clip(np.asarray(audio, np.float32), -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+    sf.write(buf, _samples(audio, subtype), sample_rate, format=fmt, subtype=subtype)
     return buf.getvalue()
+
+
+def _samples(audio, subtype: str) -> np.ndarray:
+    """Clipped float samples, or int16 for 16-bit formats: quantized here, once, so that WAV and
+    FLAC hold the same integers (libsndfile scales floats differently per format)."""
+    audio = np.clip(np.asarray(audio, np.float32), -1.0, 1.0)
+    if subtype == "PCM_16":
+        return np.round(audio * 32767.0).astype(np.int16)
+    return audio
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -129,10 +138,11 @@ class StreamingAudioWriter:
         self.path = check_output_path(path)
         fmt, subtype = output_format(self.path)
         self._tmp = self.path if progressive else _temp_path(self.path)
+        self._subtype = subtype
         self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate, channels=1, subtype=subtype, format=fmt)
 
     def write(self, chunk: np.ndarray) -> None:
-        self._file.write(np.clip(np.asarray(chunk, np.float32), -1.0, 1.0))
+        self._file.write(_samples(chunk, self._subtype))
         self._file.flush()
 
     def close(self) -> Path:

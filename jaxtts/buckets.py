@@ -21,7 +21,11 @@ def prompt_rows(n: int, limit: int) -> int:
 
 
 def cache_length(needed: int, limit: int) -> int:
-    """KV-cache slots for `needed` positions."""
+    """KV-cache slots for `needed` positions: a power of two ≥ 256 up to the model's `limit`.
+    Past the limit only padding rows can land (a batch's shared text padding after a long
+    context): then the next multiple of 256."""
+    if needed > limit:
+        return -(-needed // 256) * 256
     return min(limit, pow2_bucket(needed, 256))
 
 

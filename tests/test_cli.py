@@ -129,3 +129,54 @@ def test_no_weights_advises_download(env, tmp_path):
     r = jaxtts("speak", "Hi.", "-o", tmp_path / "x.wav", env=env)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "jaxtts download" in lines[0], r.stderr
+
+
+def test_stdout_bytes_equal_the_file(weights, env, tmp_path):
+    out = tmp_path / "file.wav"
+    r = jaxtts(*speak_args(weights, out, "Same words.", "--seed", 4, "--max-audio-ms", 320), env=env)
+    assert r.returncode == 0, r.stderr
+    args = [a if a != out else "-" for a in speak_args(weights, out, "Same words.", "--seed", 4, "--max-audio-ms", 320)]
+    piped = subprocess.run([sys.executable, "-m", "jaxtts.cli", *map(str, args)], capture_output=True, env=env,
+                           timeout=600)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == out.read_bytes() and piped.stdout[:4] == b"RIFF"
+
+
+@pytest.mark.parametrize("ext", [".flac", ".ogg", ".opus", ".mp3"])
+def test_output_format_from_extension(ext, weights, env, tmp_path):
+    wav, other = tmp_path / "a.wav", tmp_path / f"a{ext}"
+    for path in (wav, other):
+        r = jaxtts(*speak_args(weights, path, "Formats.", "--seed", 2, "--max-audio-ms", 400), env=env)
+        assert r.returncode == 0, r.stderr
+    ref, sr_ref = sf.read(str(wav), dtype="float32")
+    got, sr = sf.read(str(other), dtype="float32")
+    assert sr == sr_ref == 24000 and got.ndim == 1
+    if ext == ".flac":  # lossless: the WAV's 16-bit samples exactly
+        np.testing.assert_array_equal(got, ref)
+    else:  # lossy: same duration (codec padding trimmed by libsndfile)
+        assert abs(len(got) - len(ref)) <= 1920, (len(got), len(ref))
+
+
+def test_internal_error_is_one_line_and_debug_shows_the_traceback(weights, env, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "params").mkdir()
+    (broken / "config.json").write_text('{"format": "jaxtts", "model": "csm", "config": {"backbone": 5}}')
+    out = tmp_path / "out.wav"
+    args = speak_args(weights, out, "Hi.")
+    args[args.index(weights / "csm")] = broken
+    r = jaxtts(*args, env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("jaxtts: internal error: ") and "--debug" in lines[0], r.stderr
+    assert not out.exists()
+    r = jaxtts("--debug", *args, env=env)
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_env_reports_cpu_and_missing_weights(env):
+    r = jaxtts("env", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "devices (backend cpu)" in r.stdout and "jax " in r.stdout
+    assert "kernels            none: plain XLA" in r.stdout
+    assert "CSM   not found" in r.stdout and "jaxtts download" in r.stdout
