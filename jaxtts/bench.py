@@ -3,11 +3,18 @@
 Random full-size weights unless --model is given. Every timing follows a warm-up, waits for the
 device (`block_until_ready`), and is the median of repeated runs. Frames come from real sampling
 (temperature 0.9, top-k 50), so no timing is of zeros.
+
+What is compiled is one `jaxtts.DecodeOptions` value (`default_options()` for this device, the
+attention implementation from --attention); every variant the breakdown times is another value
+(`opts.replace(...)`), hence another compiled program. This module uses the library's public
+pieces only; the PyTorch peers (--compare) and the CUPTI profile (--kernels) live in the
+`benchmarks` package, imported only when asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -18,25 +25,46 @@ import time
 
 import numpy as np
 
+PEERS = ("transformers", "original")
+
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure ms per frame, real-time factor, first-audio latency, batch throughput")
     p.add_argument("--model", help="converted CSM directory (default: random full-size weights)")
     p.add_argument("--codec", help="converted Mimi directory (default: random full-size weights)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--attention", default=None, choices=["xla", "pallas"], help="attention implementation")
+    p.add_argument(
+        "--attention",
+        default=None,
+        choices=["xla", "pallas", "pallas_interpret"],
+        help="attention implementation (default: pallas on GPU, xla elsewhere)",
+    )
     p.add_argument("--preset", default="csm-1b", help="model size when using random weights (csm-1b, tiny)")
     p.add_argument("--frames", type=int, default=128, help="warm frames timed at batch 1 (≥ 100)")
     p.add_argument("--chunk", type=int, default=16, help="frames per XLA call")
     p.add_argument("--batches", default="1,8,32,64", help="batch sizes for the throughput sweep")
     p.add_argument("--prompt-tokens", type=int, default=100)
     p.add_argument("--skip", default="", help="comma list of parts to skip: compile,latency,sweep")
-    p.add_argument("--compare", default=None, choices=["transformers"], help="also time a PyTorch implementation")
+    p.add_argument(
+        "--compare",
+        default=None,
+        metavar="PEERS",
+        help="also time PyTorch implementations in this process, comma list of: transformers "
+        "(CsmForConditionalGeneration), original (the torchtune replica of Sesame's CSM; "
+        "needs the repository's tests/ and the test extras)",
+    )
     p.add_argument("--json", default=None, help="write the results as JSON to this path ('-' for stdout)")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time the parts of a frame: backbone step, depth decoder, sampling, unroll variants")
-    p.add_argument("--kernels", action="store_true",
-                   help="profile one chunk on the GPU: kernels per frame, busy vs span, the costliest kernels")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the parts of a frame and variants of the decode options (backbone step, "
+        "greedy, depth unroll, top-k sort vs rank, GEMV kernel on vs off)",
+    )
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="profile one chunk on the GPU: kernels per frame, busy vs span, the costliest kernels",
+    )
     p.add_argument("--kernels-batch", type=int, default=1, help="batch size of the --kernels profile")
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
 
@@ -59,16 +87,10 @@ def _model(args):
     return CSM.random(preset(args.preset), dtype=args.dtype)
 
 
-def _prompt_state(model, batch: int, prompt_tokens: int, cache_len: int, impl, seed=0):
-    from jaxtts.generation import prefill, row_keys
+def _options(args):
+    from jaxtts.options import default_options
 
-    rng = np.random.default_rng(seed)
-    tok = np.zeros((batch, prompt_tokens, 33), np.int32)
-    tok[..., 32] = rng.integers(0, 128_000, (batch, prompt_tokens))
-    msk = np.zeros((batch, prompt_tokens, 33), bool)
-    msk[..., 32] = True
-    return prefill(model, tok, msk, [prompt_tokens] * batch, cache=model.backbone_cache(batch, cache_len),
-                   key=row_keys(range(seed, seed + batch)), impl=impl)
+    return default_options(attention=args.attention)
 
 
 def _median_time(fn, *args, reps=50):
@@ -81,101 +103,129 @@ def _median_time(fn, *args, reps=50):
     return statistics.median(times)
 
 
-def breakdown(model, impl, prompt_tokens, chunk) -> dict:
-    """Milliseconds of each part of a batch-1 frame, each jitted alone."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+def time_decode(model, sampler, *, batch, chunk, reps, prompt_tokens, opts=None, fresh_split=False):
+    """Median seconds per frame step over `reps` chunks of `batch` rows compiled with `opts`
+    (default: `default_options()`), after one warm-up chunk, with the cache length the engine
+    would use (`jaxtts.buckets.cache_length`). `fresh_split` splits the model
+    afresh before every chunk (`split_model(reuse=False)`): the host cost without the split cache."""
+    from jaxtts import buckets
+    from jaxtts.generation import decode_chunk, split_model
+    from jaxtts.options import resolve_options
+    from jaxtts.testing import prompt_state
 
-    from jaxtts.generation import _sample_frame, frame_rows
-    from jaxtts.sampling import Sampler
-
-    graphdef, weights = nnx.split(model)
-    state = _prompt_state(model, 1, prompt_tokens, 512, impl)
-    frame = jnp.ones((1, 32), jnp.int32)
-
-    @jax.jit
-    def backbone_step(weights, cache, position):
-        m = nnx.merge(graphdef, weights)
-        tokens, mask = frame_rows(frame)
-        return m.run_backbone(tokens, mask, position, cache, impl=impl)[0]
-
-    def depth(sampler, unroll):
-        @jax.jit
-        def f(weights, hidden, keys):
-            return _sample_frame(nnx.merge(graphdef, weights), sampler, hidden, keys, impl, unroll)
-        return f
-
-    out = {"backbone_step_ms": 1000 * _median_time(backbone_step, weights, state.cache, state.position)}
-    topk, greedy = Sampler.create(0.9, 50), Sampler.create(0.9, 1)
-    for name, sampler, unroll in [("depth_frame_ms", topk, 1), ("depth_frame_greedy_ms", greedy, 1),
-                                  ("depth_frame_unroll30_ms", topk, 30)]:
-        out[name] = 1000 * _median_time(depth(sampler, unroll), weights, state.hidden, state.key)
-    from jaxtts import sampling
-
-    logits = jax.random.normal(jax.random.key(0), (1, 2051))
-    for method in ("sort", "rank"):
-        sampling.TOP_K_METHOD = method
-        out[f"one_topk_draw_{method}_ms"] = 1000 * _median_time(jax.jit(lambda k, l: topk.per_row(k, l)),
-                                                                state.key, logits)
-        out[f"depth_frame_{method}_ms"] = 1000 * _median_time(depth(topk, 1), weights, state.hidden, state.key)
-    sampling.TOP_K_METHOD = None
-    from jaxtts import llama
-
-    for use in (False, True):
-        llama.USE_MATVEC = use
-        for b in (1, 64):
-            out[f"frame_b{b}_matvec_{'on' if use else 'off'}_ms"] = 1000 * time_decode(
-                model, topk, batch=b, chunk=chunk, reps=4, prompt_tokens=prompt_tokens, impl=impl)
-    llama.USE_MATVEC = True
-    return out
-
-
-def time_decode(model, sampler, *, batch, chunk, reps, prompt_tokens, impl, depth_unroll=None):
-    """Median seconds per frame step over `reps` chunks, after one warm-up chunk."""
-    from jaxtts.generation import decode_chunk
-
-    cache_len = min(model.cfg.backbone.max_seq_len, prompt_tokens + chunk * (reps + 1) + 1)
-    state = _prompt_state(model, batch, prompt_tokens, cache_len, impl)
-    state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl, depth_unroll=depth_unroll)
+    opts = resolve_options(opts)
+    # The engine's bucketed cache length: timings of one batch size share one program.
+    limit = model.cfg.backbone.max_seq_len
+    cache_len = buckets.cache_length(min(limit, prompt_tokens + chunk * (reps + 1) + 1), limit)
+    state = prompt_state(model, batch, prompt_tokens, cache_len, opts)
+    state, frames, _ = decode_chunk(model, state, sampler, chunk, opts=opts)
     _sync(frames)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl, depth_unroll=depth_unroll)
+        if fresh_split:
+            split_model(model, reuse=False)
+        state, frames, _ = decode_chunk(model, state, sampler, chunk, opts=opts)
         _sync(frames)
         times.append((time.perf_counter() - t) / chunk)
     assert int(np.asarray(frames).max()) > 0, "timed frames are all zeros"
     return statistics.median(times)
 
 
-def kernel_profile(model, sampler, *, chunk, prompt_tokens, impl, top: int = 30, batch: int = 1) -> dict:
-    """GPU kernels of one warm chunk (CUPTI): count, busy time (sum of durations) and span
-    (first start to last end) per frame, and the kernels that cost the most per frame."""
-    from jaxtts.generation import decode_chunk
-    from pallas_kernels._report import gpu_kernel_events
+def _changed(base, opts) -> dict:
+    """The fields of `opts` that differ from `base`."""
+    return {
+        f.name: getattr(opts, f.name)
+        for f in dataclasses.fields(opts)
+        if getattr(opts, f.name) != getattr(base, f.name)
+    }
 
-    state = _prompt_state(model, batch, prompt_tokens, min(model.cfg.backbone.max_seq_len, prompt_tokens + 4 * chunk),
-                          impl)
-    for _ in range(2):
-        state, frames, _ = decode_chunk(model, state, sampler, chunk, impl=impl)
-        _sync(frames)
-    # One traced chunk (its state is donated, so it runs exactly once).
-    events = gpu_kernel_events(lambda: _sync(decode_chunk(model, state, sampler, chunk, impl=impl)[1]))
-    if not events:
-        return {"kernels_error": "no GPU kernel events in the trace"}
-    busy = sum(d for _, d, _ in events)
-    span = max(t + d for t, d, _ in events) - events[0][0]
-    per_name: dict[str, list] = {}
-    for _, d, name in events:
-        c = per_name.setdefault(name, [0, 0])
-        c[0] += 1
-        c[1] += d
-    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"kernels_per_frame": len(events) / chunk, "kernel_busy_ms_per_frame": busy / chunk * 1e-6,
-            "kernel_span_ms_per_frame": span / chunk * 1e-6,
-            "kernel_top": {name: {"per_frame": c / chunk, "us_per_frame": d / chunk * 1e-3}
-                           for name, (c, d) in ranked}}
+
+def _dense_shapes(cfg):
+    """(K, N) of every projection of the two decoders and of the depth decoder's input."""
+    for c in (cfg.backbone, cfg.decoder):
+        yield c.embed_dim, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        yield c.num_heads * c.head_dim, c.embed_dim
+        yield c.embed_dim, 2 * c.intermediate_dim
+        yield c.intermediate_dim, c.embed_dim
+    yield cfg.backbone.embed_dim, cfg.decoder.embed_dim
+
+
+def gemv_runs(opts, cfg, rows: int) -> bool:
+    """Whether a decode step of `rows` rows runs the Pallas GEMV kernel under `opts`: in the fused
+    step (built from GEMV kernels) or for some projection of the model `cfg`."""
+    return opts.uses_fused_step(rows) or any(opts.uses_matvec(rows, k, n) for k, n in _dense_shapes(cfg))
+
+
+def breakdown_variants(opts, cfg) -> dict:
+    """name → (DecodeOptions, sampler kind, batch) of the whole-frame variants `breakdown` times
+    for a model of config `cfg`. The members of each pair are distinct options values, so distinct
+    compiled programs (the options are a static argument of the jitted decode loop).
+
+    "matvec_off" turns the fused step off too: the fused step is built from GEMV kernels. A pair
+    is only timed where its choice changes the program: the GEMV pair at a batch where `opts`
+    runs the kernel at all (never under plain XLA), the top-k pair where the draw is XLA's (not
+    the sampling kernel)."""
+    out = {
+        "b1": (opts, "top_k", 1),
+        "b1_greedy": (opts, "greedy", 1),
+        "b1_unroll30": (opts.replace(depth_unroll=30), "top_k", 1),
+    }
+    if not opts.uses_sample_kernel(1):
+        out["b1_topk_sort"] = (opts.replace(top_k_method="sort"), "top_k", 1)
+        out["b1_topk_rank"] = (opts.replace(top_k_method="rank"), "top_k", 1)
+    for b in (1, 64):
+        if gemv_runs(opts.replace(matvec=True), cfg, b):
+            out[f"b{b}_matvec_on"] = (opts.replace(matvec=True), "top_k", b)
+            out[f"b{b}_matvec_off"] = (opts.replace(matvec=False, fused_step=False), "top_k", b)
+    return out
+
+
+def breakdown(model, opts, prompt_tokens, chunk) -> dict:
+    """Milliseconds of a batch-1 backbone step and of one top-k draw, each jitted alone, and of a
+    whole frame step under each of `breakdown_variants(opts, model.cfg)`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxtts import buckets
+    from jaxtts.generation import frame_rows
+    from jaxtts.sampling import Sampler
+    from jaxtts.testing import prompt_state
+
+    graphdef, weights = nnx.split(model)
+    limit = model.cfg.backbone.max_seq_len
+    state = prompt_state(model, 1, prompt_tokens, buckets.cache_length(prompt_tokens + 1, limit), opts)
+    tokens, mask = frame_rows(jnp.ones((1, 32), jnp.int32))
+
+    @jax.jit
+    def backbone_step(weights, cache, position):
+        return nnx.merge(graphdef, weights).run_backbone(tokens, mask, position, cache, opts=opts)[0]
+
+    out = {"backbone_step_ms": 1000 * _median_time(backbone_step, weights, state.cache, state.position)}
+    samplers = {"top_k": Sampler.create(0.9, 50), "greedy": Sampler.create(0.9, 1)}
+    topk = samplers["top_k"]
+    logits = jax.random.normal(jax.random.key(0), (1, model.cfg.audio_vocab_size))
+    keys = state.key  # one key per row
+    for method in ("sort", "rank"):
+        o = opts.replace(top_k_method=method, sample_kernel=False)  # XLA's draw, whatever the batch-1 choice
+        draw = jax.jit(lambda k, lg, o=o: topk.draw(lg, topk.noise(k, lg.shape[-1])[None], 0, o))
+        out[f"one_topk_draw_{method}_ms"] = 1000 * _median_time(draw, keys, logits)
+    variants = breakdown_variants(opts, model.cfg)
+    out["breakdown_variants"] = {
+        name: {"options": _changed(opts, o), "sampler": s, "batch": b} for name, (o, s, b) in variants.items()
+    }
+    if not any(name.endswith("matvec_on") for name in variants):
+        out["breakdown_note"] = "the GEMV kernel does not run under these options: no matvec on/off pair"
+    timed = {}  # one timing per program: a variant equal to another (e.g. b1_matvec_on = b1) reuses it
+    for name, (o, s, b) in variants.items():
+        if (o, s, b) not in timed:
+            timed[o, s, b] = 1000 * time_decode(
+                model, samplers[s], batch=b, chunk=chunk, reps=4, prompt_tokens=prompt_tokens, opts=o
+            )
+        out[f"frame_{name}_ms"] = timed[o, s, b]
+    out["depth_share_b1_ms"] = out["frame_b1_ms"] - out["backbone_step_ms"]
+    return out
 
 
 def peak_memory_gb():
@@ -192,12 +242,14 @@ def _compile_probe(args) -> dict:
 
     from jaxtts.generation import decode_chunk
     from jaxtts.sampling import Sampler
+    from jaxtts.testing import prompt_state
 
+    opts = _options(args)
     model = _model(args)
     _sync(model.text_embeddings[...])
     t = time.perf_counter()
-    state = _prompt_state(model, 1, args.prompt_tokens, 2048 if args.preset == "csm-1b" else 256, args.attention)
-    state, frames, _ = decode_chunk(model, state, Sampler.create(), args.chunk, impl=args.attention)
+    state = prompt_state(model, 1, args.prompt_tokens, 2048 if args.preset == "csm-1b" else 256, opts)
+    state, frames, _ = decode_chunk(model, state, Sampler.create(), args.chunk, opts=opts)
     _sync(frames)
     return {"compile_s": time.perf_counter() - t, "backend": jax.default_backend()}
 
@@ -207,8 +259,21 @@ def _compile_times(args) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, JAXTTS_COMPILE_CACHE=cache)
-        cmd = [sys.executable, "-m", "jaxtts.cli", "bench", "--compile-probe", "--dtype", args.dtype,
-               "--preset", args.preset, "--chunk", str(args.chunk), "--prompt-tokens", str(args.prompt_tokens)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "jaxtts.cli",
+            "bench",
+            "--compile-probe",
+            "--dtype",
+            args.dtype,
+            "--preset",
+            args.preset,
+            "--chunk",
+            str(args.chunk),
+            "--prompt-tokens",
+            str(args.prompt_tokens),
+        ]
         if args.model:
             cmd += ["--model", args.model]
         if args.attention:
@@ -223,14 +288,13 @@ def _compile_times(args) -> dict:
     return out
 
 
-def time_first_audio(args, model, impl) -> float:
-    """Seconds from `stream()` to its first PCM chunk, warm, for a prompt of ~prompt_tokens tokens."""
-    from jaxtts.mimi import Mimi
+def time_first_audio(model, codec, opts, *, prompt_tokens: int) -> float:
+    """Seconds from `stream()` to its first PCM chunk, warm, for a prompt of ~prompt_tokens tokens,
+    through a `TTS` built with `opts` (a new TTS per options value: nothing global changes)."""
     from jaxtts.tts import TTS
 
-    codec = Mimi.load(args.codec) if args.codec else Mimi.random()
-    tts = TTS(model, codec, attention=impl, first_chunk_frames=1)
-    words = " ".join(["speech"] * (args.prompt_tokens - 6))
+    tts = TTS(model, codec, options=opts, first_chunk_frames=1)
+    words = " ".join(["speech"] * max(1, prompt_tokens - 6))
     times = []
     for i in range(6):  # the first two calls compile
         t = time.perf_counter()
@@ -242,46 +306,20 @@ def time_first_audio(args, model, impl) -> float:
     return statistics.median(times[2:])
 
 
-def time_transformers(args, frames: int = 20) -> dict:
-    """transformers' CsmForConditionalGeneration, bf16, random full-size weights: ms per frame."""
-    import torch
-    from transformers import CsmConfig, CsmForConditionalGeneration
+def _codec(args):
+    from jaxtts.mimi import Mimi
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    cfg = CsmConfig()
-    if args.preset != "csm-1b":
-        return {"transformers_error": "comparison only at csm-1b size"}
-    with torch.device(device):
-        model = CsmForConditionalGeneration(cfg).to(dtype).eval()
-    ids = torch.randint(0, 128000, (1, args.prompt_tokens), device=device)  # a text prompt
-    out = {}
+    return Mimi.load(args.codec) if args.codec else Mimi.random()
 
-    def run(n):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=True,
-                           depth_decoder_do_sample=True, output_audio=False)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
 
-    run(3)
-    # Per frame: difference of two lengths removes the prompt's prefill.
-    out["transformers_eager_ms"] = 1000 * (run(frames + 5) - run(5)) / frames
-    try:
-        model.generation_config.cache_implementation = "static"
-        model.depth_decoder.generation_config.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
-        model.depth_decoder.forward = torch.compile(model.depth_decoder.forward, mode="reduce-overhead")
-        run(3)
-        run(3)
-        out["transformers_compiled_ms"] = 1000 * (run(frames + 5) - run(5)) / frames
-    except Exception as e:  # report, don't hide: compiled generation is fragile across versions
-        out["transformers_compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return out
+def parse_peers(text: str | None) -> list[str]:
+    from jaxtts.errors import JaxttsError
+
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise JaxttsError(f"--compare: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)} (comma list)")
+    return list(dict.fromkeys(names))
 
 
 def run_bench(args) -> int:
@@ -290,6 +328,7 @@ def run_bench(args) -> int:
     for name in ("frames", "chunk", "kernels_batch", "prompt_tokens"):
         if getattr(args, name) < 1:
             raise JaxttsError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    peers = parse_peers(args.compare)
     if args.compile_probe:
         from jaxtts.tts import enable_compilation_cache
 
@@ -298,52 +337,84 @@ def run_bench(args) -> int:
         return 0
     import jax
 
-    from jaxtts.attention import default_impl
     from jaxtts.sampling import Sampler
 
     skip = set(filter(None, args.skip.split(",")))
-    impl = args.attention or default_impl()
+    batches = [int(x) for x in args.batches.split(",") if x]
+    opts = _options(args)
     dev = jax.devices()[0]
-    res = {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(), "jax": jax.__version__,
-           "dtype": args.dtype, "attention": impl, "weights": args.model or f"random {args.preset}",
-           "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    res = {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "dtype": args.dtype,
+        "attention": opts.attention,
+        "options": dataclasses.asdict(opts),
+        "weights": args.model or f"random {args.preset}",
+        "date": time.strftime("%Y-%m-%d"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     if "compile" not in skip:
         res.update(_compile_times(args))
     model = _model(args)
     sampler = Sampler.create(0.9, 50)
     reps = max(1, -(-args.frames // args.chunk))
-    ms = 1000 * time_decode(model, sampler, batch=1, chunk=args.chunk, reps=reps,
-                            prompt_tokens=args.prompt_tokens, impl=impl)
+    ms = 1000 * time_decode(
+        model, sampler, batch=1, chunk=args.chunk, reps=reps, prompt_tokens=args.prompt_tokens, opts=opts
+    )
     res.update(ms_per_frame=ms, rtf=ms / 80.0, frames_timed=reps * args.chunk)
     res["peak_memory_gb_batch1"] = peak_memory_gb()
     if args.kernels:
         try:
-            res.update(kernel_profile(model, sampler, chunk=args.chunk, prompt_tokens=args.prompt_tokens, impl=impl,
-                                      batch=args.kernels_batch))
+            from benchmarks.profile import kernel_profile
+
+            res.update(
+                kernel_profile(
+                    model,
+                    sampler,
+                    chunk=args.chunk,
+                    prompt_tokens=args.prompt_tokens,
+                    opts=opts,
+                    batch=args.kernels_batch,
+                )
+            )
             res["kernels_batch"] = args.kernels_batch
-        except Exception as e:  # no CUPTI on this machine
+        except Exception as e:  # no CUPTI on this machine, or no benchmarks package installed
             res["kernels_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if args.breakdown:
-        res.update(breakdown(model, impl, args.prompt_tokens, args.chunk))
+        res.update(breakdown(model, opts, args.prompt_tokens, args.chunk))
     if "latency" not in skip:
-        res["first_audio_ms"] = 1000 * time_first_audio(args, model, impl)
+        res["first_audio_ms"] = 1000 * time_first_audio(model, _codec(args), opts, prompt_tokens=args.prompt_tokens)
     if "sweep" not in skip:
         sweep = {}
-        for b in [int(x) for x in args.batches.split(",") if x]:
+        for b in batches:
             try:
-                step = time_decode(model, sampler, batch=b, chunk=args.chunk, reps=3,
-                                   prompt_tokens=args.prompt_tokens, impl=impl)
+                step = time_decode(
+                    model, sampler, batch=b, chunk=args.chunk, reps=3, prompt_tokens=args.prompt_tokens, opts=opts
+                )
                 sweep[b] = {"ms_per_step": 1000 * step, "x_realtime": b * 0.080 / step}
             except Exception as e:
                 sweep[b] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         res["batch_sweep"] = sweep
     res["peak_memory_gb"] = peak_memory_gb()
-    if args.compare == "transformers":
-        res.update(time_transformers(args))
-        if res.get("transformers_eager_ms"):
-            res["speedup_vs_transformers_eager"] = res["transformers_eager_ms"] / ms
-        if res.get("transformers_compiled_ms"):
-            res["speedup_vs_transformers_compiled"] = res["transformers_compiled_ms"] / ms
+    if peers:
+        try:
+            from benchmarks.peers import compare
+        except ImportError as e:
+            res["compare_error"] = (
+                f"the benchmarks package is not importable ({e}): run from a checkout, reinstalled with "
+                "pip install -e ."
+            )
+        else:
+            res.update(
+                compare(
+                    peers,
+                    model.cfg,
+                    dtype=args.dtype,
+                    prompt_tokens=args.prompt_tokens,
+                    jaxtts_ms=ms,
+                )
+            )
     _print_table(res)
     if args.json:
         text = json.dumps(res, indent=2, default=str)
@@ -359,7 +430,8 @@ def _print_table(res: dict) -> None:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    rows = [(k, fmt(v)) for k, v in res.items() if k not in ("batch_sweep", "kernel_top")]
+    nested = ("batch_sweep", "kernel_top", "options", "breakdown_variants")
+    rows = [(k, fmt(v)) for k, v in res.items() if k not in nested]
     for name, r in (res.get("kernel_top") or {}).items():
         rows.append((f"kernel {name[:60]}", f"{r['per_frame']:.1f}/frame, {r['us_per_frame']:.1f} µs/frame"))
     for b, r in (res.get("batch_sweep") or {}).items():

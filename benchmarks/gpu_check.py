@@ -1,6 +1,6 @@
 """GPU check for the attention kernels: correctness at CSM shapes, then timings vs the XLA path.
 
-    python -m pallas_kernels.gpu_check [--sweep] [--budget-s 420] [--out FILE]
+    python -m benchmarks.gpu_check [--sweep] [--budget-s 420] [--out FILE]
 
 1. Correctness: both kernels (float32 and bfloat16) against their jnp references at CSM's shapes,
    ragged lengths, context before the prompt, cache slots past the lengths poisoned with NaN.
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._report import Budget, elapsed, log, write_log
 from jaxtts.attention import attention
-from pallas_kernels._report import Budget, elapsed, log, write_log
 from pallas_kernels import (
     decode_attention,
     decode_attention_reference,
@@ -64,22 +64,35 @@ def check_correctness(budget: Budget) -> bool:
     for name, (h, hkv, d, s) in (("backbone", BACKBONE), ("depth", DEPTH)):
         b = 8
         lengths = jnp.asarray(np.r_[1, s, np.random.default_rng(0).integers(1, s + 1, b - 2)], jnp.int32)
-        cases.append(("decode", f"{name} B={b} S={s} ragged", dict(h=h, hkv=hkv, d=d, s=s, b=b,
-                                                                   lengths=lengths, kw={})))
-        cases.append(("decode", f"{name} B={b} S={s} ragged, 1 split", dict(
-            h=h, hkv=hkv, d=d, s=s, b=b, lengths=lengths, kw=dict(num_splits=1))))
-        cases.append(("decode+q_start", f"{name} B={b} S={s} query before end", dict(
-            h=h, hkv=hkv, d=d, s=s, b=b, lengths=lengths, q_start=lengths // 2, kw={})))
+        cases.append(
+            ("decode", f"{name} B={b} S={s} ragged", dict(h=h, hkv=hkv, d=d, s=s, b=b, lengths=lengths, kw={}))
+        )
+        cases.append(
+            (
+                "decode",
+                f"{name} B={b} S={s} ragged, 1 split",
+                dict(h=h, hkv=hkv, d=d, s=s, b=b, lengths=lengths, kw=dict(num_splits=1)),
+            )
+        )
+        cases.append(
+            (
+                "decode+q_start",
+                f"{name} B={b} S={s} query before end",
+                dict(h=h, hkv=hkv, d=d, s=s, b=b, lengths=lengths, q_start=lengths // 2, kw={}),
+            )
+        )
     h, hkv, d, s = BACKBONE
     t, ctx = min(300, s // 2), s // 2
     cases += [
-        ("prefill", f"backbone B=2 T={t} q_start=[0,{ctx}]", dict(
-            h=h, hkv=hkv, d=d, s=s, t=t, q_start=[0, ctx], lengths=[t, ctx + t])),
+        (
+            "prefill",
+            f"backbone B=2 T={t} q_start=[0,{ctx}]",
+            dict(h=h, hkv=hkv, d=d, s=s, t=t, q_start=[0, ctx], lengths=[t, ctx + t]),
+        ),
         ("prefill", f"backbone B=1 T={s}", dict(h=h, hkv=hkv, d=d, s=s, t=s, q_start=[0], lengths=[s])),
     ]
     h, hkv, d, s = DEPTH
-    cases.append(("prefill", "depth B=4 T=2", dict(h=h, hkv=hkv, d=d, s=s, t=2, q_start=[0] * 4,
-                                                   lengths=[2, 2, 2, 1])))
+    cases.append(("prefill", "depth B=4 T=2", dict(h=h, hkv=hkv, d=d, s=s, t=2, q_start=[0] * 4, lengths=[2, 2, 2, 1])))
     for kind, desc, c in cases:
         for dtype in (jnp.float32, jnp.bfloat16):
             if not budget.left():
@@ -111,8 +124,10 @@ def check_correctness(budget: Budget) -> bool:
                 log(f"| {kind} | {desc} | {dtype.__name__} | {err:.2e} | {rel:.2e} | {verdict} |")
             except Exception as e:  # keep going: one broken case must not hide the others
                 ok = False
-                log(f"| {kind} | {desc} | {dtype.__name__} | ERROR {type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200] if str(e) else ''} | | NO |")
+                log(
+                    f"| {kind} | {desc} | {dtype.__name__} | ERROR {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''} | | NO |"
+                )
                 traceback.print_exc(limit=4)
             all_ok &= ok
     return all_ok
@@ -175,8 +190,7 @@ def _decode_rows():
     for b in (1, 8, 64):
         for filled in (128, 512, 2048):
             rows.append(("backbone", h, hkv, d, s, b, str(filled), np.full(b, filled)))
-    rows.append(("backbone", h, hkv, d, s, 64, "ragged 1..2048",
-                 np.random.default_rng(1).integers(1, s + 1, 64)))
+    rows.append(("backbone", h, hkv, d, s, 64, "ragged 1..2048", np.random.default_rng(1).integers(1, s + 1, 64)))
     h, hkv, d, s = DEPTH
     for b in (1, 64):
         for filled in (4, 32):
@@ -218,8 +232,10 @@ def time_decode(budget: Budget):
             st = _time_chains({"xla": _entry("xla"), "pallas": _entry("pallas")}, q, caches, extra)
             t_x, t_p = st["xla"][0], st["pallas"][0]
             kv_bytes = 2 * int(np.sum(np.asarray(filled))) * hkv * d * 2
-            log(f"| {name} | {b} | {desc} | {_us(st['xla'])} | {_us(st['pallas'])} | {t_x / t_p:.2f}x | "
-                f"{kv_bytes / t_p / 1e9:.0f} |")
+            log(
+                f"| {name} | {b} | {desc} | {_us(st['xla'])} | {_us(st['pallas'])} | {t_x / t_p:.2f}x | "
+                f"{kv_bytes / t_p / 1e9:.0f} |"
+            )
         except Exception as e:
             log(f"| {name} | {b} | {desc} | ERROR {type(e).__name__}: {str(e)[:150]} | | | |")
             traceback.print_exc(limit=4)
@@ -242,13 +258,14 @@ def time_prefill(budget: Budget):
         caches = _layers(b, s, hkv, d, lengths, k2, max_layers=16)
         extra = (q_start, lengths)
         try:
-            st = _time_chains({"xla": _entry("xla"), "pallas": _entry("pallas")}, q, caches, extra,
-                              reps=15)
+            st = _time_chains({"xla": _entry("xla"), "pallas": _entry("pallas")}, q, caches, extra, reps=15)
             t_x, t_p = st["xla"][0], st["pallas"][0]
             pairs = b * (t * (t + 1) // 2 + t * q0)  # visible (query, key) pairs
             flops = 4 * pairs * h * d
-            log(f"| {name} | {b} | {t} | {q0} | {_us(st['xla'])} | {_us(st['pallas'])} | {t_x / t_p:.2f}x | "
-                f"{flops / t_p / 1e12:.1f} |")
+            log(
+                f"| {name} | {b} | {t} | {q0} | {_us(st['xla'])} | {_us(st['pallas'])} | {t_x / t_p:.2f}x | "
+                f"{flops / t_p / 1e12:.1f} |"
+            )
         except Exception as e:
             log(f"| {name} | {b} | {t} | {q0} | ERROR {type(e).__name__}: {str(e)[:150]} | | | |")
             traceback.print_exc(limit=4)
@@ -277,22 +294,63 @@ def sweep(budget: Budget):
 
     def decode_fn(cfg):
         block_k, splits, warps, stages = cfg
-        return lambda q, k, v, n: decode_attention(q, k, v, n, block_k=block_k, num_splits=splits,
-                                                   num_warps=warps, num_stages=stages)
+        return lambda q, k, v, n: decode_attention(
+            q, k, v, n, block_k=block_k, num_splits=splits, num_warps=warps, num_stages=stages
+        )
 
     decode_cases = [
-        (BACKBONE, 1, "2048", np.full(1, 2048), [(128, 16, 4, 2), (64, 16, 4, 2), (128, 8, 4, 2),
-                                                  (256, 8, 4, 2), (64, 32, 4, 2), (128, 16, 2, 2),
-                                                  (128, 16, 4, 3)]),
-        (BACKBONE, 1, "512", np.full(1, 512), [(128, 16, 4, 2), (64, 4, 4, 2), (64, 8, 4, 2),
-                                                (128, 4, 4, 2), (32, 16, 4, 2)]),
-        (BACKBONE, 8, "2048", np.full(8, 2048), [(128, 4, 4, 2), (64, 8, 4, 2), (256, 4, 4, 2),
-                                                  (128, 4, 4, 3), (128, 8, 4, 2)]),
-        (BACKBONE, 64, "2048", np.full(64, 2048), [(128, 1, 4, 2), (64, 1, 4, 2), (128, 1, 4, 3),
-                                                    (64, 1, 4, 3), (128, 1, 4, 4), (64, 1, 2, 3),
-                                                    (256, 1, 4, 2), (128, 2, 4, 2)]),
-        (BACKBONE, 64, "ragged 1..2048", np.random.default_rng(1).integers(1, 2049, 64),
-         [(128, 1, 4, 2), (128, 2, 4, 2), (64, 2, 4, 2), (64, 1, 4, 3), (128, 4, 4, 2)]),
+        (
+            BACKBONE,
+            1,
+            "2048",
+            np.full(1, 2048),
+            [
+                (128, 16, 4, 2),
+                (64, 16, 4, 2),
+                (128, 8, 4, 2),
+                (256, 8, 4, 2),
+                (64, 32, 4, 2),
+                (128, 16, 2, 2),
+                (128, 16, 4, 3),
+            ],
+        ),
+        (
+            BACKBONE,
+            1,
+            "512",
+            np.full(1, 512),
+            [(128, 16, 4, 2), (64, 4, 4, 2), (64, 8, 4, 2), (128, 4, 4, 2), (32, 16, 4, 2)],
+        ),
+        (
+            BACKBONE,
+            8,
+            "2048",
+            np.full(8, 2048),
+            [(128, 4, 4, 2), (64, 8, 4, 2), (256, 4, 4, 2), (128, 4, 4, 3), (128, 8, 4, 2)],
+        ),
+        (
+            BACKBONE,
+            64,
+            "2048",
+            np.full(64, 2048),
+            [
+                (128, 1, 4, 2),
+                (64, 1, 4, 2),
+                (128, 1, 4, 3),
+                (64, 1, 4, 3),
+                (128, 1, 4, 4),
+                (64, 1, 2, 3),
+                (256, 1, 4, 2),
+                (128, 2, 4, 2),
+            ],
+        ),
+        (
+            BACKBONE,
+            64,
+            "ragged 1..2048",
+            np.random.default_rng(1).integers(1, 2049, 64),
+            [(128, 1, 4, 2), (128, 2, 4, 2), (64, 2, 4, 2), (64, 1, 4, 3), (128, 4, 4, 2)],
+        ),
         (DEPTH, 64, "32", np.full(64, 32), [(32, 1, 4, 2), (32, 1, 2, 2), (16, 1, 4, 2), (16, 2, 4, 2)]),
     ]
     for shape, b, desc, filled, configs in decode_cases:
@@ -305,20 +363,27 @@ def sweep(budget: Budget):
         q = _rand(k1, (b, h, d), jnp.bfloat16)
         caches = _layers(b, s, hkv, d, lengths, k2)
         name = "backbone" if shape == BACKBONE else "depth"
-        run_sweep(f"decode {name} B={b} filled={desc} (block_k, splits, warps, stages)",
-                  q, caches, (lengths,), decode_fn, configs)
+        run_sweep(
+            f"decode {name} B={b} filled={desc} (block_k, splits, warps, stages)",
+            q,
+            caches,
+            (lengths,),
+            decode_fn,
+            configs,
+        )
         del caches
 
     def prefill_fn(cfg):
         block_q, block_k, warps, stages = cfg
-        return lambda q, k, v, qs, n: prefill_attention(q, k, v, qs, n, block_q=block_q, block_k=block_k,
-                                                        num_warps=warps, num_stages=stages)
+        return lambda q, k, v, qs, n: prefill_attention(
+            q, k, v, qs, n, block_q=block_q, block_k=block_k, num_warps=warps, num_stages=stages
+        )
 
     h, hkv, d, s = BACKBONE
-    for t, configs in ((2048, [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                               (64, 128, 4, 3), (128, 128, 8, 3)]),
-                       (512, [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2),
-                              (128, 64, 8, 3)])):
+    for t, configs in (
+        (2048, [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3)]),
+        (512, [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 3)]),
+    ):
         if not budget.left():
             log(f"- prefill T={t}: skipped (time budget)")
             continue
@@ -327,8 +392,14 @@ def sweep(budget: Budget):
         lengths = q_start + t
         q = _rand(k1, (1, t, h, d), jnp.bfloat16)
         caches = _layers(1, s, hkv, d, lengths, k2, max_layers=8)
-        run_sweep(f"prefill backbone B=1 T={t} (block_q, block_k, warps, stages)",
-                  q, caches, (q_start, lengths), prefill_fn, configs)
+        run_sweep(
+            f"prefill backbone B=1 T={t} (block_q, block_k, warps, stages)",
+            q,
+            caches,
+            (q_start, lengths),
+            prefill_fn,
+            configs,
+        )
         del caches
 
 
@@ -341,8 +412,10 @@ def main(argv=None) -> int:
 
     dev = jax.devices()[0]
     log(f"# Pallas attention kernels on {dev.device_kind} ({dev.platform})")
-    log(f"date {datetime.date.today()}, jax {jax.__version__}, python {sys.version.split()[0]}, "
-        f"command: python -m pallas_kernels.gpu_check {' '.join(argv or sys.argv[1:])}")
+    log(
+        f"date {datetime.date.today()}, jax {jax.__version__}, python {sys.version.split()[0]}, "
+        f"command: python -m benchmarks.gpu_check {' '.join(argv or sys.argv[1:])}"
+    )
     if dev.platform != "gpu":
         log("not a GPU: nothing to check here (the CPU tests run the kernels in interpret mode)")
         return 1

@@ -1,6 +1,6 @@
 """Mimi decode throughput: seconds of audio decoded per second of wall time, whole-sequence and streaming.
 
-    python -m jaxtts.mimi.bench [--batch 1] [--frames 125] [--chunk 1] [--repeats 5]
+    python -m benchmarks.mimi_bench [--batch 1] [--frames 125] [--chunk 1] [--repeats 5]
 
 Random full-size weights (float32). Each measurement runs once untimed first (compilation), waits for
 the device with `block_until_ready`, and reports the median of `repeats` timed runs.
@@ -28,8 +28,9 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_mimi(batch: int = 1, frames: int = 125, chunk: int = 1, repeats: int = 5, seed: int = 0,
-               mimi: Mimi | None = None) -> dict:
+def bench_mimi(
+    batch: int = 1, frames: int = 125, chunk: int = 1, repeats: int = 5, seed: int = 0, mimi: Mimi | None = None
+) -> dict:
     """Time `decode` of `frames` frames and a streaming decode of the same frames `chunk` at a time.
 
     Returns the wall times and "× real time" rates (seconds of audio, summed over the batch, per second).
@@ -46,7 +47,7 @@ def bench_mimi(batch: int = 1, frames: int = 125, chunk: int = 1, repeats: int =
     def stream():
         state = mimi.decode_stream_init(batch)
         for start in range(0, frames, chunk):
-            state, pcm = mimi.decode_stream_step(state, codes[:, :, start:start + chunk])
+            state, pcm = mimi.decode_stream_step(state, codes[:, :, start : start + chunk])
         pcm.block_until_ready()
 
     whole_s = _median_seconds(whole, repeats)
@@ -67,7 +68,7 @@ def bench_mimi(batch: int = 1, frames: int = 125, chunk: int = 1, repeats: int =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxtts.mimi.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mimi_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=125, help="frames of 80 ms to decode (125 = 10 s)")
     parser.add_argument("--chunk", type=int, default=1, help="frames per streaming step")
@@ -76,8 +77,10 @@ def main(argv=None) -> int:
     r = bench_mimi(batch=args.batch, frames=args.frames, chunk=args.chunk, repeats=args.repeats)
     print(f"device {r['device']}  batch {r['batch']}  {r['frames']} frames ({r['audio_seconds']:.1f} s of audio)")
     print(f"  whole decode : {r['decode_seconds']:.3f} s   {r['decode_x_realtime']:.1f}× real time")
-    print(f"  streaming    : {r['chunk']} frame(s)/step, {r['stream_step_ms']:.1f} ms/step   "
-          f"{r['stream_x_realtime']:.1f}× real time")
+    print(
+        f"  streaming    : {r['chunk']} frame(s)/step, {r['stream_step_ms']:.1f} ms/step   "
+        f"{r['stream_x_realtime']:.1f}× real time"
+    )
     return 0
 
 

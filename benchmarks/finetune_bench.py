@@ -1,6 +1,6 @@
 """Step time and peak device memory of fine-tuning, full and LoRA, on random weights.
 
-    python -m jaxtts.finetune.bench --preset csm-1b --batch 8 --seq 512
+    python -m benchmarks.finetune_bench --preset csm-1b --batch 8 --seq 512
 
 Each mode runs in its own process so that its peak memory is its own. A batch is `--seq` rows per
 sequence: `--text` text rows, then audio frames (the targets, the last one the all-zero end frame),
@@ -40,8 +40,14 @@ def measure(mode: str, args) -> dict:
     from jaxtts.csm import CSM
     from jaxtts.finetune.train import FinetuneConfig, StepSpec, init_training, train_step_fn
 
-    cfg = FinetuneConfig(steps=1000, batch_size=args.batch, lora_rank=args.lora_rank if mode == "lora" else 0,
-                         depth_fraction=args.depth_fraction, compute_dtype=args.dtype, remat=args.remat).resolved()
+    cfg = FinetuneConfig(
+        steps=1000,
+        batch_size=args.batch,
+        lora_rank=args.lora_rank if mode == "lora" else 0,
+        depth_fraction=args.depth_fraction,
+        compute_dtype=args.dtype,
+        remat=args.remat,
+    ).resolved()
     model = CSM.random(preset(args.preset), dtype="float32")
     layout, state, frozen, consts = init_training(model, cfg)
     del model
@@ -66,24 +72,55 @@ def measure(mode: str, args) -> dict:
     frames = int(metrics["frames"])
     stats = jax.devices()[0].memory_stats() or {}
     ms = statistics.median(times) * 1e3
-    return {"mode": mode, "device": jax.devices()[0].device_kind, "preset": args.preset, "batch": args.batch,
-            "seq": args.seq, "dtype": args.dtype, "remat": args.remat, "depth_fraction": args.depth_fraction,
-            "lora_rank": cfg.lora_rank, "trainable_params": count(state.params),
-            "state_gib": (stored(state) + stored(frozen)) / 2**30, "frames_per_step": frames,
-            "compile_s": compile_s, "step_ms": ms, "frames_per_s": frames / (ms / 1e3),
-            "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30, "loss": float(metrics["loss"])}
+    return {
+        "mode": mode,
+        "device": jax.devices()[0].device_kind,
+        "preset": args.preset,
+        "batch": args.batch,
+        "seq": args.seq,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "depth_fraction": args.depth_fraction,
+        "lora_rank": cfg.lora_rank,
+        "trainable_params": count(state.params),
+        "state_gib": (stored(state) + stored(frozen)) / 2**30,
+        "frames_per_step": frames,
+        "compile_s": compile_s,
+        "step_ms": ms,
+        "frames_per_s": frames / (ms / 1e3),
+        "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+        "loss": float(metrics["loss"]),
+    }
 
 
 def table(rows: list[dict]) -> str:
-    head = ["mode", "trainable", "batch×seq", "frames/step", "step ms", "frames/s", "state GiB", "peak GiB",
-            "compile s"]
+    head = [
+        "mode",
+        "trainable",
+        "batch×seq",
+        "frames/step",
+        "step ms",
+        "frames/s",
+        "state GiB",
+        "peak GiB",
+        "compile s",
+    ]
     lines = [head]
     for r in rows:
         mode = r["mode"] + (f" r={r['lora_rank']}" if r["lora_rank"] else "")
-        lines.append([mode, f"{r['trainable_params'] / 1e6:.1f} M",
-                      f"{r['batch']}×{r['seq']}", str(r["frames_per_step"]), f"{r['step_ms']:.1f}",
-                      f"{r['frames_per_s']:.0f}", f"{r['state_gib']:.1f}", f"{r['peak_gib']:.1f}",
-                      f"{r['compile_s']:.0f}"])
+        lines.append(
+            [
+                mode,
+                f"{r['trainable_params'] / 1e6:.1f} M",
+                f"{r['batch']}×{r['seq']}",
+                str(r["frames_per_step"]),
+                f"{r['step_ms']:.1f}",
+                f"{r['frames_per_s']:.0f}",
+                f"{r['state_gib']:.1f}",
+                f"{r['peak_gib']:.1f}",
+                f"{r['compile_s']:.0f}",
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])
@@ -110,18 +147,20 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes.split(","):
         given = argv if argv is not None else sys.argv[1:]
-        cmd = [sys.executable, "-m", "jaxtts.finetune.bench", "--one", mode, *given]
+        cmd = [sys.executable, "-m", "benchmarks.finetune_bench", "--one", mode, *given]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
             print(f"{mode}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
-        rows.append(json.loads(found[-1][len("RESULT "):]))
+        rows.append(json.loads(found[-1][len("RESULT ") :]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if rows:
         r = rows[0]
-        print(f"\n{r['device']}, {r['preset']}, compute {r['dtype']}, depth fraction {r['depth_fraction']:.4g}, "
-              f"remat {'on' if r['remat'] else 'off'}, {args.text} text rows per sequence")
+        print(
+            f"\n{r['device']}, {r['preset']}, compute {r['dtype']}, depth fraction {r['depth_fraction']:.4g}, "
+            f"remat {'on' if r['remat'] else 'off'}, {args.text} text rows per sequence"
+        )
         print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

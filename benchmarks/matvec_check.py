@@ -1,6 +1,6 @@
 """GPU check for the matvec kernel at CSM's projection shapes: correctness, timings vs XLA, sweeps.
 
-    python -m pallas_kernels.matvec_check [--sweep none|small|wide] [--budget-s 215] [--out FILE]
+    python -m benchmarks.matvec_check [--sweep none|small|wide] [--budget-s 215] [--out FILE]
 
 1. Correctness: `matvec` (default config, plus a few others) against `matvec_reference` at every
    CSM shape, M = 1 and 8, bf16 (and float32 for some), plus ragged shapes and method="reduce".
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._report import Budget, elapsed, gpu_kernel_events, log, write_log
+from benchmarks._report import Budget, elapsed, log, write_log
+from benchmarks.profile import gpu_kernel_events
 from pallas_kernels.matvec import default_config, default_k_splits, matvec, matvec_reference
 
 # name -> (K, N)
@@ -100,8 +101,7 @@ def check_correctness(budget: Budget) -> bool:
             log(f"ERROR {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             traceback.print_exc(limit=4)
         all_ok &= ok
-        log(f"| {name} | {m} | {k}×{n} | {dtype.__name__} | {cfg} | {err:.2e} | {rel:.2e} | "
-            f"{'yes' if ok else 'NO'} |")
+        log(f"| {name} | {m} | {k}×{n} | {dtype.__name__} | {cfg} | {err:.2e} | {rel:.2e} | {'yes' if ok else 'NO'} |")
     return all_ok
 
 
@@ -123,8 +123,7 @@ def _operands(key, m, k, n, copies, dtype=jnp.bfloat16):
 
 def _programs(fns):
     """One jit per variant that calls it once per (x, w) pair and returns the list of outputs."""
-    return {name: jax.jit(lambda xs, ws, fn=fn: [fn(x, w) for x, w in zip(xs, ws)])
-            for name, fn in fns.items()}
+    return {name: jax.jit(lambda xs, ws, fn=fn: [fn(x, w) for x, w in zip(xs, ws)]) for name, fn in fns.items()}
 
 
 def _stat(v):
@@ -193,8 +192,7 @@ def _device(runs, xs, ws, reps=20):
         per[name]["span"].append((max(t + d for t, d, _ in cl) - cl[0][0]) * 1e-9 / calls)
         for _, d, kname in cl:
             per[name]["kernels"][kname] = per[name]["kernels"].get(kname, 0.0) + d * 1e-9 / calls / reps
-    return {name: dict(busy=_stat(v["busy"]), span=_stat(v["span"]), kernels=v["kernels"])
-            for name, v in per.items()}
+    return {name: dict(busy=_stat(v["busy"]), span=_stat(v["span"]), kernels=v["kernels"]) for name, v in per.items()}
 
 
 def _xla(x, w):
@@ -226,18 +224,23 @@ def _measure(fns, xs, ws, wall_reps=50, dev_reps=20):
 
 
 def time_table(budget: Budget):
-    log("## bf16 timings per call: GPU kernel time (CUPTI; median ±IQR/2) and W read rate, "
-        "plus GPU span and wall-clock per call")
-    log("| shape | K×N | M | W MB | xla kernel µs | xla TB/s | pallas kernel µs | pallas TB/s | speed-up "
-        "| xla / pallas span µs | xla / pallas wall µs | pallas config |")
+    log(
+        "## bf16 timings per call: GPU kernel time (CUPTI; median ±IQR/2) and W read rate, "
+        "plus GPU span and wall-clock per call"
+    )
+    log(
+        "| shape | K×N | M | W MB | xla kernel µs | xla TB/s | pallas kernel µs | pallas TB/s | speed-up "
+        "| xla / pallas span µs | xla / pallas wall µs | pallas config |"
+    )
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     key = jax.random.key(1)
     breakdown = []
     for name, (k, n) in SHAPES.items():
         for m in (1, 8):
             cfg = default_config(m, k, n)
-            cfg_s = (f"{cfg.method} bn={cfg.block_n} bk={cfg.block_k} s={cfg.k_splits} "
-                     f"w={cfg.num_warps} st={cfg.num_stages}")
+            cfg_s = (
+                f"{cfg.method} bn={cfg.block_n} bk={cfg.block_k} s={cfg.k_splits} w={cfg.num_warps} st={cfg.num_stages}"
+            )
             if not budget.left():
                 log(f"| {name} | {k}×{n} | {m} | | skipped (time budget) | | | | | | | |")
                 continue
@@ -250,16 +253,22 @@ def time_table(budget: Budget):
                 if dev:
                     tx, tp = dev["xla"]["busy"][0], dev["pallas"]["busy"][0]
                     sp = f"{dev['xla']['span'][0] * 1e6:.1f} / {dev['pallas']['span'][0] * 1e6:.1f}"
-                    log(f"| {name} | {k}×{n} | {m} | {wb / 1e6:.1f} | {_us(dev['xla']['busy'])} | "
+                    log(
+                        f"| {name} | {k}×{n} | {m} | {wb / 1e6:.1f} | {_us(dev['xla']['busy'])} | "
                         f"{wb / tx / 1e12:.2f} | {_us(dev['pallas']['busy'])} | {wb / tp / 1e12:.2f} | "
-                        f"{tx / tp:.2f}x | {sp} | {ww} | {cfg_s} |")
-                    breakdown.append(f"- {name} M={m}: xla {_kernels(dev['xla']['kernels'])}; "
-                                     f"pallas {_kernels(dev['pallas']['kernels'])}")
+                        f"{tx / tp:.2f}x | {sp} | {ww} | {cfg_s} |"
+                    )
+                    breakdown.append(
+                        f"- {name} M={m}: xla {_kernels(dev['xla']['kernels'])}; "
+                        f"pallas {_kernels(dev['pallas']['kernels'])}"
+                    )
                 else:
                     tx, tp = wall["xla"][0], wall["pallas"][0]
-                    log(f"| {name} | {k}×{n} | {m} | {wb / 1e6:.1f} | (wall) {_us(wall['xla'])} | "
+                    log(
+                        f"| {name} | {k}×{n} | {m} | {wb / 1e6:.1f} | (wall) {_us(wall['xla'])} | "
                         f"{wb / tx / 1e12:.2f} | (wall) {_us(wall['pallas'])} | {wb / tp / 1e12:.2f} | "
-                        f"{tx / tp:.2f}x | | {ww} | {cfg_s} |")
+                        f"{tx / tp:.2f}x | | {ww} | {cfg_s} |"
+                    )
             except Exception as e:
                 log(f"| {name} | {k}×{n} | {m} | ERROR {type(e).__name__}: {str(e)[:200]} | | | | | | | |")
                 traceback.print_exc(limit=4)
@@ -274,14 +283,29 @@ def time_table(budget: Budget):
 
 # (method, block_n, block_k, k_splits, num_warps, num_stages); k_splits None = default for the blocks
 _WIDE_1 = [
-    ("dot", 64, 128, None, 4, 3), ("dot", 128, 128, None, 4, 3), ("dot", 64, 128, None, 4, 4),
-    ("dot", 64, 128, None, 8, 3), ("dot", 64, 128, None, 2, 3), ("dot", 64, 256, None, 4, 3),
-    ("dot", 64, 256, None, 4, 4), ("dot", 64, 64, None, 4, 3), ("dot", 64, 64, None, 2, 3),
-    ("dot", 32, 128, None, 2, 3), ("dot", 32, 256, None, 4, 3), ("dot", 128, 128, None, 8, 3),
-    ("dot", 128, 64, None, 4, 3), ("dot", 128, 256, None, 8, 3), ("dot", 256, 64, None, 4, 3),
-    ("dot", 256, 128, None, 8, 3), ("dot", 64, 128, None, 4, 2),
-    ("reduce", 64, 128, None, 4, 2), ("reduce", 128, 64, None, 4, 2), ("reduce", 256, 32, None, 4, 2),
-    ("reduce", 128, 32, None, 4, 2), ("reduce", 64, 64, None, 2, 2), ("reduce", 32, 128, None, 4, 2),
+    ("dot", 64, 128, None, 4, 3),
+    ("dot", 128, 128, None, 4, 3),
+    ("dot", 64, 128, None, 4, 4),
+    ("dot", 64, 128, None, 8, 3),
+    ("dot", 64, 128, None, 2, 3),
+    ("dot", 64, 256, None, 4, 3),
+    ("dot", 64, 256, None, 4, 4),
+    ("dot", 64, 64, None, 4, 3),
+    ("dot", 64, 64, None, 2, 3),
+    ("dot", 32, 128, None, 2, 3),
+    ("dot", 32, 256, None, 4, 3),
+    ("dot", 128, 128, None, 8, 3),
+    ("dot", 128, 64, None, 4, 3),
+    ("dot", 128, 256, None, 8, 3),
+    ("dot", 256, 64, None, 4, 3),
+    ("dot", 256, 128, None, 8, 3),
+    ("dot", 64, 128, None, 4, 2),
+    ("reduce", 64, 128, None, 4, 2),
+    ("reduce", 128, 64, None, 4, 2),
+    ("reduce", 256, 32, None, 4, 2),
+    ("reduce", 128, 32, None, 4, 2),
+    ("reduce", 64, 64, None, 2, 2),
+    ("reduce", 32, 128, None, 4, 2),
     ("reduce", 64, 128, None, 4, 3),
 ]
 _WIDE_8 = [c for c in _WIDE_1 if c[0] == "dot"]
@@ -303,10 +327,10 @@ def _split_variants(m, k, n, configs):
 def _config_fns(configs):
     """{"xla": XLA's dot, config: matvec with that config} for configs (method, block_n, block_k,
     k_splits, num_warps, num_stages)."""
+
     def make(cfg):
         meth, bn, bk, s, w, st = cfg
-        return lambda x, wt: matvec(x, wt, method=meth, block_n=bn, block_k=bk, k_splits=s,
-                                    num_warps=w, num_stages=st)
+        return lambda x, wt: matvec(x, wt, method=meth, block_n=bn, block_k=bk, k_splits=s, num_warps=w, num_stages=st)
 
     return {"xla": _xla, **{cfg: make(cfg) for cfg in configs}}
 
@@ -326,12 +350,26 @@ def _compiling(fns, xs, ws, title):
 def sweep(budget: Budget, mode: str):
     if mode == "none":
         return
-    log("## Sweeps, bf16: GPU kernel µs per call (median ±IQR/2) and TB/s, fastest first; "
-        "config = (method, block_n, block_k, k_splits, num_warps, num_stages)")
-    plan = [("depth gate_up", 1), ("depth down", 1), ("depth qkv", 1), ("depth out", 1),
-            ("backbone gate_up", 1), ("backbone down", 1), ("depth gate_up", 8), ("depth down", 8),
-            ("projection", 1), ("backbone qkv", 1), ("backbone out", 1), ("depth qkv", 8),
-            ("backbone down", 8), ("backbone gate_up", 8)]
+    log(
+        "## Sweeps, bf16: GPU kernel µs per call (median ±IQR/2) and TB/s, fastest first; "
+        "config = (method, block_n, block_k, k_splits, num_warps, num_stages)"
+    )
+    plan = [
+        ("depth gate_up", 1),
+        ("depth down", 1),
+        ("depth qkv", 1),
+        ("depth out", 1),
+        ("backbone gate_up", 1),
+        ("backbone down", 1),
+        ("depth gate_up", 8),
+        ("depth down", 8),
+        ("projection", 1),
+        ("backbone qkv", 1),
+        ("backbone out", 1),
+        ("depth qkv", 8),
+        ("backbone down", 8),
+        ("backbone gate_up", 8),
+    ]
     if mode == "small":
         plan = plan[:4]
     key = jax.random.key(2)
@@ -357,9 +395,11 @@ def sweep(budget: Budget, mode: str):
         st = {c: v["busy"] for c, v in dev.items()} if dev else wall
         wb = 2 * k * n
         order = sorted(st, key=lambda c: st[c][0])
-        log(f"- {title} [t={elapsed():.0f} s]{'' if dev else ' (WALL-CLOCK)'} "
+        log(
+            f"- {title} [t={elapsed():.0f} s]{'' if dev else ' (WALL-CLOCK)'} "
             f"(default {tuple(default_config(m, k, n))}): "
-            + ", ".join(f"{c} {_us(st[c])} ({wb / st[c][0] / 1e12:.2f})" for c in order))
+            + ", ".join(f"{c} {_us(st[c])} ({wb / st[c][0] / 1e12:.2f})" for c in order)
+        )
         del xs, ws
 
 
@@ -367,14 +407,32 @@ def sweep(budget: Budget, mode: str):
 # tiles than at M <= 8, because every program reads all M rows of x (at block_n = 64 and M = 64
 # that is as many bytes as its W tile).
 _ROWS_CONFIGS = [
-    ("dot", 64, 128, None, 4, 3), ("dot", 64, 64, None, 4, 4), ("dot", 128, 64, None, 4, 3),
-    ("dot", 128, 64, None, 4, 4), ("dot", 128, 64, None, 8, 3), ("dot", 128, 128, None, 4, 3),
-    ("dot", 128, 128, None, 8, 3), ("dot", 128, 128, None, 8, 4), ("dot", 256, 64, None, 8, 3),
-    ("dot", 256, 64, None, 8, 4), ("dot", 256, 32, None, 8, 4), ("dot", 256, 128, None, 8, 3),
-    ("dot", 128, 32, None, 4, 5), ("dot", 64, 64, None, 4, 3), ("dot", 128, 64, None, 8, 5),
+    ("dot", 64, 128, None, 4, 3),
+    ("dot", 64, 64, None, 4, 4),
+    ("dot", 128, 64, None, 4, 3),
+    ("dot", 128, 64, None, 4, 4),
+    ("dot", 128, 64, None, 8, 3),
+    ("dot", 128, 128, None, 4, 3),
+    ("dot", 128, 128, None, 8, 3),
+    ("dot", 128, 128, None, 8, 4),
+    ("dot", 256, 64, None, 8, 3),
+    ("dot", 256, 64, None, 8, 4),
+    ("dot", 256, 32, None, 8, 4),
+    ("dot", 256, 128, None, 8, 3),
+    ("dot", 128, 32, None, 4, 5),
+    ("dot", 64, 64, None, 4, 3),
+    ("dot", 128, 64, None, 8, 5),
 ]
-ROWS_SHAPES = ("depth gate_up", "depth down", "depth qkv", "depth out",
-               "backbone gate_up", "backbone down", "backbone qkv", "backbone out")
+ROWS_SHAPES = (
+    "depth gate_up",
+    "depth down",
+    "depth qkv",
+    "depth out",
+    "backbone gate_up",
+    "backbone down",
+    "backbone qkv",
+    "backbone out",
+)
 
 
 def tune_rows(budget: Budget, rows=(64, 32), min_gain: float = 0.03) -> dict:
@@ -383,8 +441,10 @@ def tune_rows(budget: Budget, rows=(64, 32), min_gain: float = 0.03) -> dict:
     matches matvec_reference (bf16 tolerance)."""
     from pallas_kernels.matvec import MatvecConfig
 
-    log("## M = 32 / 64 sweep, bf16: GPU kernel µs per call (median ±IQR/2) and TB/s, fastest first; "
-        "config = (method, block_n, block_k, k_splits, num_warps, num_stages)")
+    log(
+        "## M = 32 / 64 sweep, bf16: GPU kernel µs per call (median ±IQR/2) and TB/s, fastest first; "
+        "config = (method, block_n, block_k, k_splits, num_warps, num_stages)"
+    )
     winners = {}
     key = jax.random.key(3)
     for m in rows:
@@ -406,16 +466,20 @@ def tune_rows(budget: Budget, rows=(64, 32), min_gain: float = 0.03) -> dict:
             st = {c: v["busy"] for c, v in dev.items()} if dev else wall
             wb = 2 * k * n
             order = sorted(st, key=lambda c: st[c][0])
-            log(f"- {title} [t={elapsed():.0f} s]{'' if dev else ' (WALL-CLOCK)'}: "
-                + ", ".join(f"{c} {_us(st[c])} ({wb / st[c][0] / 1e12:.2f})" for c in order[:8]))
+            log(
+                f"- {title} [t={elapsed():.0f} s]{'' if dev else ' (WALL-CLOCK)'}: "
+                + ", ".join(f"{c} {_us(st[c])} ({wb / st[c][0] / 1e12:.2f})" for c in order[:8])
+            )
             best = next(c for c in order if c != "xla")
             if st[best][0] < (1 - min_gain) * st["xla"][0]:
                 meth, bn, bk, sp, w, stg = best
                 out = good[best](xs[0], ws[0])
                 err = _err(out, matvec_reference(xs[0], ws[0]))
                 ok = bool(np.isfinite(err[1]) and err[1] < 2e-2)
-                log(f"  → {'TUNED' if ok else 'REJECTED (error)'}: {best} {st['xla'][0] / st[best][0]:.2f}x vs XLA, "
-                    f"relative error {err[1]:.2e}")
+                log(
+                    f"  → {'TUNED' if ok else 'REJECTED (error)'}: {best} {st['xla'][0] / st[best][0]:.2f}x vs XLA, "
+                    f"relative error {err[1]:.2e}"
+                )
                 if ok:
                     winners[(m, k, n)] = MatvecConfig(bn, bk, sp, w, stg, meth)
             del xs, ws
@@ -431,8 +495,10 @@ def main(argv=None) -> int:
 
     dev = jax.devices()[0]
     log(f"# Pallas matvec on {dev.device_kind} ({dev.platform})")
-    log(f"date {datetime.date.today()}, jax {jax.__version__}, python {sys.version.split()[0]}, "
-        f"command: python -m pallas_kernels.matvec_check {' '.join(argv or sys.argv[1:])}")
+    log(
+        f"date {datetime.date.today()}, jax {jax.__version__}, python {sys.version.split()[0]}, "
+        f"command: python -m benchmarks.matvec_check {' '.join(argv or sys.argv[1:])}"
+    )
     if dev.platform != "gpu":
         log("not a GPU: nothing to check here (tests/test_matvec.py runs the kernel in interpret mode)")
         return 1

@@ -1,0 +1,32 @@
+"""Shared by the benchmark scripts: a log that is printed and kept, and a wall-clock budget."""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()
+LINES: list[str] = []
+
+
+def elapsed() -> float:
+    return time.perf_counter() - START
+
+
+def log(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def write_log(path: str) -> None:
+    with open(path, "w") as f:
+        f.write("\n".join(LINES) + "\n")
+
+
+class Budget:
+    """Seconds since the script started: later, optional parts are skipped once it is spent."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def left(self) -> bool:
+        return elapsed() < self.seconds
