@@ -181,6 +181,18 @@ def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: i
     return _decode_chunk(graphdef, weights, state, sampler, num_frames, opts, table)
 
 
+def lower_decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *,
+                       opts: DecodeOptions | None = None) -> jax.stages.Lowered:
+    """`decode_chunk`'s program for this state's shapes, lowered: `.compile()` it ahead of the first
+    call (in a thread, while the prompt is prefilled) and the call reuses it. `state` may hold
+    jax.ShapeDtypeStructs. Call from the main thread: it touches the model's split and table caches."""
+    opts = resolve_options(opts)
+    table = audio_table(model) if opts.audio_table and opts.pallas else None
+    graphdef, weights = split_model(model)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    return _decode_chunk.lower(graphdef, weights, abstract, sampler, num_frames, opts, table)
+
+
 def check_length(model: CSM, prompt_len: int, max_frames: int) -> None:
     limit = model.cfg.backbone.max_seq_len
     if prompt_len + max_frames > limit:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,7 +29,7 @@ from jaxtts.audio import SAMPLE_RATE, load_audio, write_audio
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
 from jaxtts import buckets, defaults, validation
-from jaxtts.generation import decode_chunk, prefill, row_keys
+from jaxtts.generation import DecodeState, decode_chunk, lower_decode_chunk, prefill, row_keys
 from jaxtts.llama import KVCache
 from jaxtts.options import DecodeOptions, resolve_options
 from jaxtts.prompt import Segment, audio_rows, concat_rows, text_rows, validate_speaker, validate_text
@@ -73,7 +75,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
         path = setting if setting not in ("1", "") else jaxtts_cache() / "xla"
     Path(path).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs add up at start-up
 
 
 def split_sentences(text: str) -> list[str]:
@@ -210,8 +212,12 @@ class TTS:
                 f"or use long_form=True")
 
     # --- the batch decode loop -------------------------------------------------------------------
-    def _run(self, requests: list[Request], sampler: Sampler) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-        """Yield, after each chunk, (new PCM, new frames [n, 32]) of every request (empty once finished)."""
+    def _run(self, requests: list[Request], sampler: Sampler, *,
+             streaming: bool = True) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        """Yield, after each chunk, (new PCM, new frames [n, 32]) of every request (empty once finished).
+
+        streaming=False: every chunk has chunk_frames frames (one decode program instead of two:
+        the short first chunk only buys latency for a listener)."""
         model = self.model
         width = model.cfg.frame_width
         contexts = [self.prepare_context(r.context) for r in requests]
@@ -235,15 +241,29 @@ class TTS:
         for i, (t, m) in enumerate(texts):
             tok[i, : len(t)], msk[i, : len(t)] = t, m
         seeds = [r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little") for r in requests]
-        state = prefill(model, tok, msk, [len(t[0]) for t in texts], cache=cache,
-                        start=[c.length for c in contexts], key=row_keys(seeds), opts=self.options)
+        keys = row_keys(seeds)
+        first = self.first_chunk_frames if streaming else self.chunk_frames
+        # The decode and Mimi programs compile in threads while the prompt's prefill compiles and
+        # runs here: a new process pays for the slowest compilation, not for their sum.
+        state_shape = DecodeState(cache=cache, hidden=jax.ShapeDtypeStruct((b, model.cfg.backbone.embed_dim), model.dtype),
+                                  position=jax.ShapeDtypeStruct((b,), jnp.int32), key=keys,
+                                  done=jax.ShapeDtypeStruct((b,), jnp.bool_))
+        programs = [lower_decode_chunk(model, state_shape, sampler, n, opts=self.options) for n in {first, self.chunk_frames}]
+        programs += [self.codec.lower_stream_step(b, n) for n in {first, self.chunk_frames}
+                     if hasattr(self.codec, "lower_stream_step")]  # test stand-ins have none
+        with ThreadPoolExecutor(len(programs)) as pool:
+            compiled = [pool.submit(p.compile) for p in programs]
+            state = prefill(model, tok, msk, [len(t[0]) for t in texts], cache=cache,
+                            start=[c.length for c in contexts], key=keys, opts=self.options)
+            for c in compiled:
+                c.result()
 
         stream = self.codec.decode_stream_init(b)
         produced = [0] * b
         finished = [False] * b
         guards = [None if self.max_silence_ms is None else SilenceGuard(int(self.max_silence_ms // FRAME_MS))
                   for _ in range(b)]
-        chunk = self.first_chunk_frames
+        chunk = first
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max(max_frames) * FRAME_MS / 1000, unit="s", desc="speaking", leave=False,
@@ -254,8 +274,8 @@ class TTS:
             # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048). A sampled code
             # ≥ 2048 is fed back to the backbone as sampled, but everything that leaves the model
             # (decoded audio, returned frames, contexts built from them) sees it as 0.
-            frames = mimi_codes(frames, self.codec.cardinality)
-            stream, pcm = self.codec.decode_stream_step(stream, jnp.transpose(frames, (1, 2, 0)), check=False)
+            frames, codes = _frames_and_codes(frames, self.codec.cardinality)
+            stream, pcm = self.codec.decode_stream_step(stream, codes, check=False)
             frames_np, emitted_np, pcm_np = np.asarray(frames), np.asarray(emitted), np.asarray(pcm)[:, 0]
             out = []
             for i in range(b):
@@ -312,6 +332,11 @@ class TTS:
         """Yield float32 PCM chunks as frames are generated (the first after `first_chunk_frames`).
 
         Arguments are checked before anything runs (see `generate`)."""
+        return self._stream(text, speaker, context, max_audio_ms=max_audio_ms, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, seed=seed, long_form=long_form, streaming=True)
+
+    def _stream(self, text, speaker, context, *, max_audio_ms, temperature, top_k, top_p, min_p, seed, long_form,
+                streaming: bool) -> Iterator[np.ndarray]:
         sampler = self._sampler(temperature, top_k, top_p, min_p)
         if validation.boolean("long_form", long_form):
             validate_text(text)
@@ -319,9 +344,10 @@ class TTS:
             validation.number("max_audio_ms", max_audio_ms, low=FRAME_MS)
             if isinstance(context, Context):
                 raise JaxttsError("long_form needs the context as Segments, not a prepared Context")
-            return self._long_form(text, speaker, as_segments(context), max_audio_ms, sampler, validation.seed(seed))
+            return self._long_form(text, speaker, as_segments(context), max_audio_ms, sampler, validation.seed(seed),
+                                   streaming)
         req = self._request(text, speaker, context, seed, max_audio_ms)
-        return (pieces[0][0] for pieces in self._run([req], sampler) if len(pieces[0][0]))
+        return (pieces[0][0] for pieces in self._run([req], sampler, streaming=streaming) if len(pieces[0][0]))
 
     def generate(self, text: str, speaker: int = 0, context=None, *, max_audio_ms: float = 90_000,
                  temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
@@ -332,8 +358,9 @@ class TTS:
         None for a random one. temperature 0 (or top_k 1) is greedy. max_audio_ms: at least one
         80 ms frame; context + text + audio must fit the model's 2048 positions.
         """
-        chunks = list(self.stream(text, speaker, context, max_audio_ms=max_audio_ms, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, long_form=long_form))
+        chunks = list(self._stream(text, speaker, context, max_audio_ms=max_audio_ms, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, long_form=long_form,
+                                   streaming=False))
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
     def generate_batch(self, requests: Sequence[Request | dict | str], *, temperature: float = 0.9,
@@ -364,7 +391,7 @@ class TTS:
             return []
         pcm = [[] for _ in reqs]
         frames = [[] for _ in reqs]
-        for out in self._run(reqs, sampler):
+        for out in self._run(reqs, sampler, streaming=False):
             for i, (p, f) in enumerate(out):
                 pcm[i].append(p)
                 frames[i].append(f)
@@ -373,7 +400,7 @@ class TTS:
             return [(a, np.concatenate(f).astype(np.int32)) for a, f in zip(audio, frames)]
         return audio
 
-    def _long_form(self, text, speaker, context, max_audio_ms, sampler, seed):
+    def _long_form(self, text, speaker, context, max_audio_ms, sampler, seed, streaming):
         """Sentence by sentence, each continuing from the previous sentence's text and audio."""
         base = [self.encode_segment(s) for s in context]  # the voice prompt is encoded once
         previous: list[Segment] = []
@@ -381,7 +408,7 @@ class TTS:
             req = self._request(sentence, speaker, base + previous,
                                 None if seed is None else (seed + n) % (validation.SEED_MAX + 1), max_audio_ms)
             frames = []
-            for pieces in self._run([req], sampler):
+            for pieces in self._run([req], sampler, streaming=streaming):
                 pcm, new_frames = pieces[0]
                 frames.append(new_frames)
                 if len(pcm):
@@ -416,6 +443,14 @@ def mimi_codes(frames, cardinality: int = 2048):
     """Frames as Mimi can decode them: codes ≥ `cardinality` (CSM's vocabulary has 2051 entries,
     Mimi's codebooks 2048) become 0. Applied to everything that leaves the model."""
     return jnp.where(frames < cardinality, frames, 0)
+
+
+@partial(jax.jit, static_argnums=1)
+def _frames_and_codes(frames, cardinality: int):
+    """A chunk's frames [N, B, 32] as returned (`mimi_codes`) and as Mimi's codes [B, 32, N], in one
+    dispatch (eagerly, each op is its own program to compile and launch)."""
+    frames = mimi_codes(frames, cardinality)
+    return frames, jnp.transpose(frames, (1, 2, 0))
 
 
 def load(model=None, codec=None, *, dtype: str | None = None, random_weights: bool = False, **kwargs) -> TTS:

@@ -109,7 +109,9 @@ class Mimi:
         padded = np.zeros((b, encode_frames(frames) * self.frame_size, 1), np.float32)
         padded[:, :length, 0] = wav[:, 0]
         with self._precision():
-            return _encode(self.params, padded, cfg=self.config)[:, :, :frames]
+            codes = _encode(self.params, padded, cfg=self.config)
+        # Cropped on the host: a device slice would be one more program per length.
+        return jnp.asarray(np.asarray(codes)[:, :, :frames])
 
     def decode(self, codes) -> jax.Array:
         """int codes [B, K, T] (K ≤ 32 codebooks) → float32 audio [B, 1, 1920·T]."""
@@ -131,6 +133,17 @@ class Mimi:
             self._state_init[batch] = jax.jit(lambda: streaming.init_state(self.params, batch, cfg=self.config,
                                                                            shapes=shapes))
         return self._state_init[batch]()
+
+    def lower_stream_step(self, batch: int, frames: int) -> jax.stages.Lowered:
+        """The streaming-decode program for `batch` streams and `frames` frames per step, lowered:
+        `.compile()` it ahead of its first use (in a thread) and the step reuses it."""
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                             jax.eval_shape(lambda: streaming.init_state(
+                                 self.params, batch, cfg=self.config,
+                                 shapes=streaming.state_shapes(self.params, batch, cfg=self.config))))
+        codes = jax.ShapeDtypeStruct((batch, self.config.n_q, frames), jnp.int32)
+        with self._precision():
+            return _decode_step.lower(self.params, state, codes, cfg=self.config)
 
     def decode_stream_step(self, state: dict, codes, *, check: bool = True) -> tuple[dict, jax.Array]:
         """Decode the next frames codes [B, K, T] → (new state, float32 audio [B, 1, 1920·T]).
