@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _backend as be
 
 # Bits of the k-th largest value fixed per counting round, and warps per program (the [2^bits,
-# lanes] compare tile is spread over them). Chosen by `python -m pallas_kernels.decode_probe`.
+# lanes] compare tile is spread over them). Chosen by `python -m benchmarks.decode_probe`.
 RADIX_BITS = 2
 NUM_WARPS = 8
 
