@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-gpu lint demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The tests marked `gpu` (the Pallas kernels compiled through Triton instead of interpreted; see
+# tests/conftest.py). Needs no venv: on a GPU machine any python with jax[cuda12|cuda13], flax,
+# optax, orbax-checkpoint and pytest will do, e.g. `make test-gpu PY=python3`.
+test-gpu:
+	JAXTTS_TEST_DEVICE=gpu $(PY) -m pytest -q -m gpu tests
+
+LINT_PATHS := $(wildcard jaxtts pallas_kernels convert tests benchmarks)
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jaxtts.config import CSM_TINY
-from jaxtts.csm import CSM
-
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from jaxtts.mimi import Mimi
-
+def weights(tmp_path_factory, tiny_csm, mimi):
     root = tmp_path_factory.mktemp("weights")
-    CSM.random(CSM_TINY, seed=1).save(root / "csm")
-    Mimi.random(seed=0).save(root / "mimi")
+    tiny_csm.save(root / "csm")
+    mimi.save(root / "mimi")
     return root
 
 

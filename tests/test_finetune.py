@@ -39,13 +39,6 @@ def clip(seconds, seed):
 
 
 @pytest.fixture(scope="module")
-def mimi():
-    from jaxtts.mimi import Mimi
-
-    return Mimi.random(seed=0)
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory, mimi):
     """train.jsonl (b has a as context), one.jsonl (just a), and folder/ (wav + txt); codes cached once."""
     root = tmp_path_factory.mktemp("data")

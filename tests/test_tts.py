@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 import jaxtts
-from jaxtts.config import CSM_TINY
-from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
 from jaxtts.generation import generate_frames
 from jaxtts.prompt import Segment, text_rows
@@ -16,10 +14,8 @@ from jaxtts.tts import FRAME_SIZE, TTS, split_sentences, trailing_silence_frames
 
 
 @pytest.fixture(scope="module")
-def tts():
-    from jaxtts.mimi import Mimi
-
-    return TTS(CSM.random(CSM_TINY, seed=1), Mimi.random(seed=0), max_silence_ms=None)
+def tts(tiny_csm, mimi):
+    return TTS(tiny_csm, mimi, max_silence_ms=None)
 
 
 @pytest.fixture(scope="module")
