@@ -148,7 +148,7 @@ def test_attention_step_without_norm(heads, kv, d, s, pos, interpret):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
 
-# ------------------------------------------------------------------ in the model (was fused_check.py)
+# ------------------------------------------ in the model: the correctness check of benchmarks/fused_check.py
 
 
 @partial(jax.jit, static_argnames=("graphdef", "opts"))
@@ -175,7 +175,7 @@ def _one_step(graphdef, weights, cache, position, dec_cache, x_dec, opts):
 )
 def test_fused_step_matches_unfused_kernels_in_csm(random_csm, check_preset, kernel_options):
     """bf16, batch 1, same weights and caches: the fused step's hidden states and new cache slots
-    within 3e-2 (relative L2) of the unfused Pallas path's. Full-size CSM-1B (was fused_check.py)."""
+    within 3e-2 (relative L2) of the unfused Pallas path's. Full-size CSM-1B, as benchmarks/fused_check.py."""
     model = random_csm(check_preset, dtype="bfloat16")
     state = prompt_state(model, 1, 100, min(512, model.cfg.backbone.max_seq_len), kernel_options)
     zeros = model.decoder_cache(1)

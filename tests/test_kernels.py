@@ -25,7 +25,7 @@ from pallas_kernels import (
 BACKBONE = dict(h=32, hkv=8, d=64)
 DEPTH = dict(h=8, hkv=2, d=128)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-# At CSM-1B's sizes (up to 2048 keys per row), pallas_kernels/gpu_check.py's bounds.
+# At CSM-1B's sizes (up to 2048 keys per row), the bounds of benchmarks/gpu_check.py.
 CSM_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 CSM_SLOTS = {"backbone": 2048, "depth": 32}
 FULL_BACKBONE = pytest.mark.gpu_only(
@@ -134,7 +134,7 @@ def test_attention_entry_point_dispatch(t, kernel_options):
     _close(out, attention(q, k, v, q_start, lengths, impl="xla"), jnp.float32)
 
 
-# ------------------------------------------------------------------ CSM-1B shapes (was gpu_check.py)
+# ---------------------------------------- CSM-1B shapes: the correctness checks of benchmarks/gpu_check.py
 
 
 def _csm_lengths(s):

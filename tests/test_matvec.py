@@ -101,7 +101,7 @@ def test_default_config_spreads_work():
             assert 8 * cfg.k_splits * m * n <= k * n, (m, k, n, cfg)
 
 
-# ------------------------------------------------------------------ CSM-1B shapes (was matvec_check.py)
+# ------------------------------------- CSM-1B shapes: the correctness checks of benchmarks/matvec_check.py
 
 ONE_OF_EACH = pytest.mark.gpu_only(reason="~1 s each in the Pallas interpreter: CPU runs one default config per M")
 

@@ -88,7 +88,7 @@ def test_draws_follow_softmax_over_the_top_k(interpret):
     ],
 )
 def test_kernel_at_csm_shapes(m, parts, top_k, interpret, on_gpu):
-    """The depth head's shapes (was decode_probe.py --check): over 8 seeds (one in the slower
+    """The depth head's shapes (benchmarks/decode_probe.py --check): over 8 seeds (one in the slower
     interpreter on CPU) the kernel draws what the reference draws, but for at most one near-tie,
     and every draw is inside the top-k set."""
     seeds = 8 if on_gpu else 1
