@@ -153,20 +153,23 @@ def test_output_format_from_extension(ext, weights, env, tmp_path):
 
 
 def test_internal_error_is_one_line_and_debug_shows_the_traceback(weights, env, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "params").mkdir()
-    (broken / "config.json").write_text('{"format": "jaxtts", "model": "csm", "config": {"backbone": 5}}')
+    """An exception jaxtts did not foresee (here: loading raises RuntimeError) is the CLI's last line
+    of defence: one line, exit 1, no output file; --debug shows the traceback."""
     out = tmp_path / "out.wav"
-    args = speak_args(weights, out, "Hi.")
-    args[args.index(weights / "csm")] = broken
-    r = jaxtts(*args, env=env)
+    boom = ("import sys, jaxtts.tts as t\n"
+            "def load(*a, **k): raise RuntimeError('simulated failure\\nsecond line')\n"
+            "t.TTS.load = load\n"
+            "from jaxtts.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    args = [sys.executable, "-c", boom, *map(str, speak_args(weights, out, "Hi."))]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
-    assert lines[0].startswith("jaxtts: internal error: ") and "--debug" in lines[0], r.stderr
-    assert not out.exists()
-    r = jaxtts("--debug", *args, env=env)
-    assert r.returncode == 1 and "Traceback" in r.stderr
+    assert lines[0] == ("jaxtts: internal error: RuntimeError: simulated failure second line "
+                        "(run with --debug or JAXTTS_DEBUG=1 for the traceback)"), r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    r = subprocess.run([*args[:3], "--debug", *args[3:]], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "simulated failure" in r.stderr
 
 
 def test_env_reports_cpu_and_missing_weights(env):
