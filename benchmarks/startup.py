@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-audio-ms", type=float, default=3000)
     p.add_argument("--context-s", type=float, default=10.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--encode-ab", action="store_true",
+                   help="also compile and time Mimi's encoder with XLA's GPU autotuning off (level 0) vs default")
     args = p.parse_args(argv)
 
     phases: dict[str, float] = {}
@@ -107,6 +109,20 @@ def main(argv=None) -> int:
     if ma is not None:
         print(f"Mimi encode, {frames} frames: temp {ma.temp_size_in_bytes / 2**30:.2f} GiB, "
               f"arguments {ma.argument_size_in_bytes / 2**30:.2f} GiB")
+    if args.encode_ab:
+        from jaxtts.mimi import model as mimi_model
+
+        wav = np.zeros((1, frames * 1920, 1), np.float32)
+        for name, opts in (("default", None), ("autotune 0", {"xla_gpu_autotune_level": 0})):
+            fn = jax.jit(mimi_model.encode, static_argnames="cfg", compiler_options=opts)
+            t = time.perf_counter()
+            exe = fn.lower(codec.params, wav, cfg=codec.config).compile()
+            compile_s = time.perf_counter() - t
+            exe(codec.params, wav).block_until_ready()
+            t = time.perf_counter()
+            for _ in range(5):
+                exe(codec.params, wav).block_until_ready()
+            print(f"Mimi encode {frames} frames, {name}: compile {compile_s:.2f} s, run {(time.perf_counter() - t) / 5 * 1000:.1f} ms")
     total = round(time.perf_counter() - T0, 3)
     print(f"{'total':<34} {total:8.2f} s")
     print(f"audio: {len(audio) / 24000:.2f} s; compilations in the first generate: {n_first}")
