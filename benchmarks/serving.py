@@ -1,0 +1,178 @@
+"""Serving benchmark: N concurrent streaming clients against one `jaxtts.engine.Engine`.
+
+    python -m benchmarks.serving --clients 1,64,256 --audio-s 10                 # CSM-1B from the caches
+    python -m benchmarks.serving --clients 1,64,256 --audio-s 10 --random-weights
+    python -m benchmarks.serving --clients 1,4 --audio-s 1 --preset tiny         # CPU smoke run
+
+For each N, N requests arrive as a Poisson process (mean gap ramp_s / N, the first at once),
+each streamed by its own client thread. Reported per N:
+
+  TTFA p50 / p95    time to first audio: submit → first PCM chunk in the client's hands
+  slowest RTF       the slowest stream's real-time factor: (its last chunk − its submit) /
+                    its seconds of audio (< 1: faster than real time, including its wait)
+  aggregate ×RT     seconds of audio delivered / wall seconds from the first submit to the last chunk
+  compiles          XLA programs compiled on the engine thread during the run (0 after warmup)
+
+The engine is warmed up first (its report is in the JSON). A table goes to stdout, the numbers
+to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far away into the forest "
+        "to find its friends.")
+COLUMNS = [("clients", "clients", "{:d}"), ("TTFA p50", "ttfa_p50_s", "{:.3f} s"),
+           ("TTFA p95", "ttfa_p95_s", "{:.3f} s"), ("slowest RTF", "slowest_rtf", "{:.3f}"),
+           ("aggregate ×RT", "aggregate_x_realtime", "{:.2f}"), ("audio", "audio_s_total", "{:.1f} s"),
+           ("wall", "wall_s", "{:.1f} s"), ("failed", "failed", "{:d}"), ("compiles", "compilations", "{:d}")]
+
+
+def _client(engine, delay_s: float, start: float, request: dict, record: dict) -> None:
+    """Submit at start + delay_s (retrying while the engine is busy), stream, time it."""
+    from jaxtts.engine import Busy
+
+    time.sleep(max(0.0, start + delay_s - time.monotonic()))
+    submitted = time.monotonic()
+    while True:
+        try:
+            handle = engine.submit(**request)
+            break
+        except Busy as e:
+            time.sleep(e.retry_after_s)
+    first = last = None
+    samples = 0
+    try:
+        for chunk in handle:
+            last = time.monotonic()
+            first = first or last
+            samples += len(chunk)
+    except Exception as e:  # counted as failed; the benchmark goes on
+        record["error"] = f"{type(e).__name__}: {e}"
+    record.update(submitted=submitted, first=first, last=last, audio_s=samples / 24_000)
+
+
+def run_clients(engine, n: int, *, audio_s: float, ramp_s: float, seed: int, text: str = TEXT) -> dict:
+    """One run of n clients; returns its row of the table."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(ramp_s / n, n)
+    delays = np.cumsum(gaps) - gaps[0]
+    records = [{} for _ in range(n)]
+    before = engine.compilations
+    start = time.monotonic()
+    threads = [threading.Thread(target=_client, args=(engine, float(d), start,
+                                                      dict(text=text, seed=seed * 100_003 + i,
+                                                           max_audio_ms=audio_s * 1000), records[i]))
+               for i, d in enumerate(delays)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [r for r in records if "error" not in r and r["first"] is not None]
+    ttfa = np.array([r["first"] - r["submitted"] for r in ok]) if ok else np.array([np.nan])
+    total_audio = sum(r["audio_s"] for r in ok)
+    end = max((r["last"] for r in ok), default=start)
+    return {"clients": n, "completed": len(ok), "failed": n - len(ok),
+            "ttfa_p50_s": float(np.percentile(ttfa, 50)), "ttfa_p95_s": float(np.percentile(ttfa, 95)),
+            "slowest_rtf": max(((r["last"] - r["submitted"]) / r["audio_s"] for r in ok if r["audio_s"]),
+                               default=float("nan")),
+            "aggregate_x_realtime": total_audio / max(end - start, 1e-9), "audio_s_total": total_audio,
+            "wall_s": end - start, "compilations": engine.compilations - before,
+            "errors": sorted({r["error"] for r in records if "error" in r})[:3]}
+
+
+def measure(engine, clients, *, audio_s: float, ramp_s: float = 1.0, seed: int = 0, text: str = TEXT) -> list[dict]:
+    """A row per client count (runs one after another on the same warm engine)."""
+    return [run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text)
+            for k, n in enumerate(clients)]
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [[name for name, _, _ in COLUMNS]]
+    cells += [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=_positive_ints, default=[1, 64, 256], help="comma list of client counts")
+    p.add_argument("--audio-s", type=float, default=10.0, help="seconds of audio per request (max_audio_ms)")
+    p.add_argument("--ramp-s", type=float, default=1.0, help="mean span of the Poisson arrivals (default 1 s)")
+    p.add_argument("--preset", default="csm-1b", choices=["csm-1b", "tiny"],
+                   help="model size; tiny implies random weights (a CPU smoke run)")
+    p.add_argument("--random-weights", action="store_true", help="CSM-1B with random weights (no download)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the largest client count)")
+    p.add_argument("--chunk-frames", type=int, default=8, help="frames per decode call once audio flows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="serving.json", help="JSON results (default serving.json)")
+    return p
+
+
+def build_engine(args):
+    from jaxtts.engine import Engine
+
+    if args.preset == "tiny":
+        from jaxtts.config import CSM_TINY
+        from jaxtts.csm import CSM
+        from jaxtts.mimi import Mimi
+        from jaxtts.tts import TTS
+
+        tts = TTS(CSM.random(CSM_TINY, dtype=args.dtype or "float32", seed=1), Mimi.random(seed=0))
+    else:
+        import jaxtts
+
+        tts = jaxtts.load(dtype=args.dtype, random_weights=args.random_weights, progress=False)
+    max_batch = args.max_batch or max(args.clients)
+    return Engine(tts, max_batch=max_batch, queue_limit=4 * max(args.clients), chunk_frames=args.chunk_frames,
+                  max_silence_ms=None)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    engine = build_engine(args)
+    try:
+        text_tokens = len(engine.tts.tokenizer.encode_segment(TEXT, 0))
+        print(f"warming up (pool sizes {engine.pool_sizes})...", file=sys.stderr, flush=True)
+        warm = engine.warmup(text_tokens=text_tokens, context_rows=1, encode=False)
+        print(f"warmup: {warm['compilations']} programs in {warm['seconds']:.1f} s", file=sys.stderr, flush=True)
+        rows = measure(engine, args.clients, audio_s=args.audio_s, ramp_s=args.ramp_s, seed=args.seed)
+    finally:
+        engine.close()
+    print(format_table(rows))
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config.update(pool_sizes=list(engine.pool_sizes), device=_device())
+    with open(args.out, "w") as f:
+        json.dump({"config": config, "warmup": warm, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}:{d.device_kind}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1108 @@
+"""The serving engine: one model on one device, many concurrent streaming requests.
+
+    engine = Engine(jaxtts.load(), max_batch=64)
+    engine.warmup()                                     # compile every program up front
+    handle = engine.submit("Hello there.", seed=1)      # from any thread
+    for pcm in handle: ...                              # float32 24 kHz chunks as they are decoded
+    handle = await engine.asubmit("Hi.")                # asyncio
+    async for pcm in handle: ...
+
+A background thread owns a *slot pool*: the batched backbone KV cache, decode state and Mimi
+stream state of `size` rows, and the table of which request holds which row. Between two decode
+chunks (a *chunk boundary*) it retires rows that ended, were cancelled or missed their deadline,
+prefills the prompts of newly arrived requests (several in one call) and writes them into free
+slots, then decodes the next chunk for the whole pool. Pools come in a few compiled sizes and
+grow or shrink with the load; rows move between pools unchanged. Every row has its own PRNG key
+and sampling settings, so a request's frames do not depend on its slot, the pool size, the
+chunking or its neighbours: with a seed it gets exactly what `TTS.generate` gives alone.
+docs/SERVING.md describes the design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtts import buckets, defaults, validation
+from jaxtts.audio import SAMPLE_RATE, load_audio
+from jaxtts.errors import JaxttsError
+from jaxtts.generation import DecodeState, decode_chunk, prefill, row_keys
+from jaxtts.llama import KVCache
+from jaxtts.mimi import streaming
+from jaxtts.options import DecodeOptions
+from jaxtts.prompt import Segment, text_rows, validate_speaker, validate_text
+from jaxtts.sampling import Sampler, SplitLogits, gumbel_noise
+from jaxtts.sampling import _top_p as top_p_filter  # shared, so that a row filters exactly as TTS does
+from jaxtts.tts import FRAME_MS, FRAME_SIZE, TTS, Context, SilenceGuard, as_segments, mimi_codes, split_sentences
+from jaxtts.voices import Voice, VoiceStore
+
+POOL_SIZES = (1, 8, 32, 64, 128, 256)
+
+
+# --------------------------------------------------------------------------- compilation counter
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+_compiles: collections.Counter = collections.Counter()  # thread ident → programs compiled
+_compiles_lock = threading.Lock()
+_listening = False
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    # JAX emits this once per new executable, also when it comes from the persistent cache.
+    if event == _BACKEND_COMPILE:
+        with _compiles_lock:
+            _compiles[threading.get_ident()] += 1
+
+
+def listen_for_compiles() -> None:
+    """Start counting XLA compilations per thread (once per process; `compilations` reads it)."""
+    global _listening
+    with _compiles_lock:
+        if _listening:
+            return
+        _listening = True
+    jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compilations(thread: int | None = None) -> int:
+    """Programs compiled so far by the thread with ident `thread` (all threads when None), since
+    `listen_for_compiles()` was first called."""
+    with _compiles_lock:
+        return sum(_compiles.values()) if thread is None else _compiles[thread]
+
+
+# --------------------------------------------------------------------------- errors and handles
+
+
+class Busy(JaxttsError):
+    """The request queue is full: retry after about `retry_after_s` seconds."""
+
+    def __init__(self, queued: int, retry_after_s: float):
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the engine is busy ({queued} requests queued); retry in about {retry_after_s:.1f} s")
+
+
+QUEUED, RUNNING, DONE, CANCELLED, FAILED, EXPIRED = "queued", "running", "done", "cancelled", "failed", "expired"
+_FINAL = (DONE, CANCELLED, FAILED, EXPIRED)
+
+
+class Handle:
+    """One submitted request: its audio as it is decoded, its status, and a way to cancel it.
+
+    Iterate it (blocking, or `async for`) for float32 PCM chunks; the iteration ends when the
+    request does, and raises its error if it failed or missed its deadline (a cancelled request
+    just ends). `result()` / `frames()` wait for the whole audio / the Mimi frames [F, 32].
+    status: "queued", "running", "done", "cancelled", "failed" or "expired" (deadline).
+    """
+
+    def __init__(self, engine: Engine, seed: int, deadline_s: float | None):
+        self.seed = seed  # the request's seed (drawn at submit when none was given)
+        self.submitted_at = time.monotonic()
+        self.first_audio_at: float | None = None
+        self.finished_at: float | None = None
+        self._deadline = None if deadline_s is None else self.submitted_at + deadline_s
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._chunks: list[np.ndarray] = []
+        self._frames: list[np.ndarray] = []
+        self._status = QUEUED
+        self._error: Exception | None = None
+        self._cancel_requested = False
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    # --- user side ---------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def error(self) -> Exception | None:
+        return self._error
+
+    @property
+    def audio_seconds(self) -> float:
+        """Seconds of audio delivered so far."""
+        with self._cond:
+            return sum(len(c) for c in self._chunks) / SAMPLE_RATE
+
+    def done(self) -> bool:
+        return self._status in _FINAL
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the request has ended; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(self.done, timeout)
+
+    def cancel(self) -> bool:
+        """Stop the request: a queued one never starts, a running one frees its slot at the next
+        chunk boundary. False when it had already ended."""
+        return self._engine._cancel(self)
+
+    def __iter__(self):
+        i = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: len(self._chunks) > i or self.done())
+                if len(self._chunks) > i:
+                    chunk = self._chunks[i]
+                else:
+                    self._raise_if_failed()
+                    return
+            i += 1
+            yield chunk
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        i = 0
+        while True:
+            with self._cond:
+                ready = len(self._chunks) > i
+                if ready:
+                    chunk = self._chunks[i]
+                elif self.done():
+                    self._raise_if_failed()
+                    return
+                else:
+                    event = asyncio.Event()
+                    self._async_waiters.append((asyncio.get_running_loop(), event))
+            if ready:
+                i += 1
+                yield chunk
+            else:
+                await event.wait()
+
+    def result(self, timeout: float | None = None) -> np.ndarray:
+        """The whole PCM once the request is done (raises its error, or if cancelled)."""
+        self._wait_done(timeout)
+        with self._cond:
+            return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+
+    def frames(self, timeout: float | None = None) -> np.ndarray:
+        """The Mimi frames [F, 32] int32 of the whole answer (what `result()` decodes)."""
+        self._wait_done(timeout)
+        with self._cond:
+            return np.concatenate(self._frames).astype(np.int32) if self._frames else np.zeros((0, 32), np.int32)
+
+    def _wait_done(self, timeout):
+        if not self.wait(timeout):
+            raise TimeoutError(f"request still {self._status} after {timeout} s")
+        if self._status == CANCELLED:
+            raise JaxttsError("the request was cancelled")
+        self._raise_if_failed()
+
+    def _raise_if_failed(self):
+        if self._status in (FAILED, EXPIRED):
+            raise self._error
+
+    def __repr__(self):
+        return f"<Handle {self._status} {self.audio_seconds:.2f} s>"
+
+    # --- engine side -------------------------------------------------------------------------
+    def _push(self, pcm: np.ndarray, frames: np.ndarray) -> None:
+        with self._cond:
+            if self.first_audio_at is None:
+                self.first_audio_at = time.monotonic()
+            self._chunks.append(pcm)
+            self._frames.append(frames)
+            self._notify()
+
+    def _set_status(self, status: str, error: Exception | None = None) -> bool:
+        """Move to `status` unless already final. True if it moved."""
+        with self._cond:
+            if self.done():
+                return False
+            self._status, self._error = status, error
+            if status in _FINAL:
+                self.finished_at = time.monotonic()
+            self._notify()
+            return True
+
+    def _notify(self):
+        self._cond.notify_all()
+        for loop, event in self._async_waiters:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(event.set)
+        self._async_waiters.clear()
+
+
+# --------------------------------------------------------------------------- per-row sampling
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class RowSampler:
+    """Sampling settings per row of a pool ([B] arrays), each row filtered and drawn with exactly
+    `Sampler`'s arithmetic: a row samples as it would alone with `Sampler.create(...)` of its
+    request. Every setting is traced, so one compiled program serves every mix of requests."""
+
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32; 0 keeps every code, 1 is greedy
+    top_p: jax.Array  # [B] float32
+    min_p: jax.Array  # [B] float32
+    use_top_p: jax.Array  # [B] bool
+    use_min_p: jax.Array  # [B] bool
+
+    def noise(self, keys, vocab: int):
+        return gumbel_noise(keys, vocab)  # greedy rows draw it too (and ignore it): keys advance alike
+
+    def draw(self, logits, noise, step, opts: DecodeOptions | None = None):
+        opts = opts or DecodeOptions()
+        if isinstance(logits, SplitLogits):
+            logits = logits.finish()
+        greedy = jnp.argmax(logits.astype(jnp.float32), axis=-1)
+        sampled = jnp.argmax(self.filtered(logits, opts.top_k_method) + noise[step], axis=-1)
+        return jnp.where(self.top_k == 1, greedy, sampled).astype(jnp.int32)
+
+    def filtered(self, logits, top_k_method: str = "sort"):
+        logits = logits.astype(jnp.float32) / self.temperature[:, None]
+        logits = jnp.where(self._top_k_keep(logits, top_k_method), logits, -jnp.inf)
+        # top-p and min-p cost a sort / softmax per draw: skipped unless some row asks for them.
+        logits = jax.lax.cond(jnp.any(self.use_top_p), self._top_p, lambda x: x, logits)
+        return jax.lax.cond(jnp.any(self.use_min_p), self._min_p, lambda x: x, logits)
+
+    def _top_k_keep(self, logits, method: str):
+        vocab = logits.shape[-1]
+        k = self.top_k[:, None]
+        if method == "sort":  # the k-th largest value, as lax.top_k's last one
+            kth = jnp.take_along_axis(jnp.sort(logits, axis=-1), jnp.clip(vocab - k, 0, vocab - 1), axis=-1)
+            keep = logits >= kth
+        else:  # "rank": fewer than k entries strictly larger (Sampler's rank method)
+            keep = jnp.sum(logits[..., None, :] > logits[..., :, None], axis=-1, dtype=jnp.int32) < k
+        return keep | (k <= 0) | (k >= vocab)
+
+    def _top_p(self, logits):
+        return jnp.where(self.use_top_p[:, None], top_p_filter(logits, self.top_p[:, None]), logits)
+
+    def _min_p(self, logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        keep = probs >= self.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+        return jnp.where(self.use_min_p[:, None], jnp.where(keep, logits, -jnp.inf), logits)
+
+
+class _SamplerTable:
+    """The host copy of a pool's per-row sampling settings (free rows keep harmless defaults)."""
+
+    FIELDS = ("temperature", "top_k", "top_p", "min_p", "use_top_p", "use_min_p")
+    DTYPES = (np.float32, np.int32, np.float32, np.float32, bool, bool)
+    FREE = (1.0, 0, 1.0, 0.0, False, False)
+
+    def __init__(self, size: int):
+        self.columns = {f: np.full(size, v, d) for f, d, v in zip(self.FIELDS, self.DTYPES, self.FREE)}
+        self._device: RowSampler | None = None
+
+    def set(self, slot: int, s: Sampler) -> None:
+        for name, value in zip(self.FIELDS, (s.temperature, s.top_k, s.top_p, s.min_p, s.use_top_p, s.use_min_p)):
+            self.columns[name][slot] = value
+        self._device = None
+
+    def gather(self, index: list[int]) -> _SamplerTable:
+        out = _SamplerTable(len(index))
+        out.columns = {name: col[index] for name, col in self.columns.items()}
+        return out
+
+    def device(self) -> RowSampler:
+        if self._device is None:
+            self._device = RowSampler(**{name: jax.device_put(col) for name, col in self.columns.items()})
+        return self._device
+
+
+# --------------------------------------------------------------------------- device programs
+# Module-level jitted functions: every engine over the same model shares their compilations.
+
+
+@partial(jax.jit, static_argnames=("cfg", "size", "length", "dtype"))
+def _blank_state(cfg, size: int, length: int, dtype) -> DecodeState:
+    """A pool of `size` free rows (done: a free row never advances)."""
+    shape = (size, length, cfg.num_kv_heads, cfg.head_dim)
+    cache = KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+                    v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
+    return DecodeState(cache=cache, hidden=jnp.zeros((size, cfg.embed_dim), dtype),
+                       position=jnp.zeros((size,), jnp.int32), key=jax.vmap(jax.random.key)(jnp.zeros(size, jnp.uint32)),
+                       done=jnp.ones((size,), bool))
+
+
+@partial(jax.jit, static_argnames="size")
+def _blank_mimi(row_state, size: int):
+    """`size` fresh Mimi streams, each with its own state (including its own time offset)."""
+    return jax.tree.map(lambda a: jnp.zeros((size, *a.shape), a.dtype), row_state)
+
+
+@partial(jax.jit, static_argnames="length")
+def _pad_cache(cache: KVCache, length: int) -> KVCache:
+    """A prepared context's batch-1 cache [1, n, ...] as a fresh [1, length, ...] row (its own
+    buffers: a prepared context is reused and must never be donated)."""
+    return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0))), cache)
+
+
+@jax.jit
+def _stack_caches(rows: list[KVCache]) -> KVCache:
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows)
+
+
+@partial(jax.jit, donate_argnames=("pool", "mimi"))
+def _insert(pool: DecodeState, mimi, rows: DecodeState, slots):
+    """Write prefilled rows into the pool at `slots` (an index ≥ the pool size drops that row)
+    and start a fresh Mimi stream in each of those slots."""
+    length = pool.cache.k[0].shape[1]
+    put = lambda dst, src: dst.at[slots].set(src, mode="drop")
+    cache = jax.tree.map(lambda d, s: put(d, s[:, :length]), pool.cache, rows.cache)
+    state = DecodeState(cache=cache, hidden=put(pool.hidden, rows.hidden), position=put(pool.position, rows.position),
+                        key=put(pool.key, rows.key), done=put(pool.done, rows.done))
+    mimi = jax.tree.map(lambda a: a.at[slots].set(jnp.zeros((), a.dtype), mode="drop"), mimi)
+    return state, mimi
+
+
+@jax.jit
+def _gather(pool: DecodeState, mimi, index, live):
+    """A pool whose row i is row index[i] of `pool` (exact copies); rows not `live` are free."""
+    state = jax.tree.map(lambda a: a[index], pool)
+    return dataclasses.replace(state, done=state.done | ~live), jax.tree.map(lambda a: a[index], mimi)
+
+
+@partial(jax.jit, static_argnames=("cfg", "cardinality"), donate_argnames="mimi")
+def _decode_audio(params, mimi, frames, *, cfg, cardinality: int):
+    """Frames [N, B, 32] of a chunk → (Mimi state, frames as Mimi codes, PCM [B, N·1920]).
+
+    Each row decodes in its own stream (vmap over rows): Mimi's state keeps one time offset per
+    stream, and a row that joined the pool later is at an earlier point of its stream."""
+    frames = mimi_codes(frames, cardinality)
+    codes = jnp.transpose(frames, (1, 2, 0))  # [B, 32, N]
+
+    def one_row(state, row_codes):
+        state, pcm = streaming.decode_step(params, state, row_codes[None], cfg=cfg)
+        return state, pcm[0, :, 0].astype(jnp.float32)
+
+    mimi, pcm = jax.vmap(one_row)(mimi, codes)
+    return mimi, frames, pcm
+
+
+def _precision(codec):
+    """The matmul precision Mimi runs its own calls under (part of the compiled program)."""
+    precision = getattr(codec, "matmul_precision", None)
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- requests and the pool
+
+
+@dataclass(eq=False)
+class _LongForm:
+    """A long text spoken sentence by sentence through one handle."""
+
+    sentences: list[tuple[str, np.ndarray, np.ndarray]]  # (text, token rows, mask rows)
+    base: list[Segment]  # the voice's / caller's context
+    base_len: int
+    speaker: int
+    index: int = 0
+    encoded: bool = False  # base audio encoded to codes (once, on the engine thread)
+    history: list[tuple[Segment, int]] = field(default_factory=list)  # previous sentences, rows; newest last
+
+
+@dataclass(eq=False)
+class _Job:
+    """One prompt to decode: a request, or one sentence of a long-form request."""
+
+    handle: Handle
+    tokens: np.ndarray  # text rows [t, 33]
+    mask: np.ndarray
+    context: Context | list[Segment]  # prepared on the engine thread before prefill
+    context_len: int
+    seed: int
+    sampler: Sampler
+    max_frames: int
+    voice_key: tuple | None = None  # the prepared-context cache key of a stored voice
+    long_form: _LongForm | None = None
+    slot: int | None = None
+    produced: int = 0
+    frames: list[np.ndarray] = field(default_factory=list)
+    guard: SilenceGuard | None = None
+    started_at: float = 0.0
+
+
+class _Pool:
+    """`size` decode rows on the device (state, Mimi streams, sampling settings) and the job
+    holding each row (None: free)."""
+
+    def __init__(self, size: int, state: DecodeState, mimi, table: _SamplerTable | None = None):
+        self.size, self.state, self.mimi = size, state, mimi
+        self.jobs: list[_Job | None] = [None] * size
+        self.table = table or _SamplerTable(size)
+
+    @property
+    def live(self) -> int:
+        return sum(j is not None for j in self.jobs)
+
+    def free_slots(self) -> list[int]:
+        return [s for s, j in enumerate(self.jobs) if j is None]
+
+    def insert(self, rows: DecodeState, jobs: list[_Job | None]) -> None:
+        """Write prefilled rows (row i for jobs[i]; None and padding rows are dropped) into free slots."""
+        free = iter(self.free_slots())
+        slots = np.full(rows.hidden.shape[0], self.size, np.int32)
+        for i, job in enumerate(jobs):
+            if job is not None:
+                slots[i] = job.slot = next(free)
+                self.jobs[job.slot] = job
+                self.table.set(job.slot, job.sampler)
+        self.state, self.mimi = _insert(self.state, self.mimi, rows, jax.device_put(slots))
+
+    def release(self, job: _Job) -> None:
+        # The row keeps computing (ignored) until a new prompt overwrites it: rows never interact.
+        self.jobs[job.slot] = None
+        job.slot = None
+
+    def moved(self, size: int) -> _Pool:
+        """This pool's live rows, exactly, in a pool of `size` (≥ live) rows."""
+        live = [s for s, j in enumerate(self.jobs) if j is not None]
+        index = live + [0] * (size - len(live))
+        mask = np.arange(size) < len(live)
+        state, mimi = _gather(self.state, self.mimi, jax.device_put(np.asarray(index, np.int32)),
+                              jax.device_put(mask))
+        pool = _Pool(size, state, mimi, self.table.gather(index))
+        for new_slot, old_slot in enumerate(live):
+            pool.jobs[new_slot] = self.jobs[old_slot]
+            pool.jobs[new_slot].slot = new_slot
+        return pool
+
+
+class _ContextLRU:
+    """Prepared contexts of stored voices, least recently used dropped beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: collections.OrderedDict[tuple, Context] = collections.OrderedDict()
+
+    @staticmethod
+    def size(ctx: Context) -> int:
+        return 0 if ctx.cache is None else sum(a.nbytes for a in jax.tree.leaves(ctx.cache))
+
+    def get(self, key) -> Context | None:
+        ctx = self.entries.get(key)
+        if ctx is not None:
+            self.entries.move_to_end(key)
+        return ctx
+
+    def put(self, key, ctx: Context) -> None:
+        self.entries[key] = ctx
+        self.entries.move_to_end(key)
+        while len(self.entries) > 1 and sum(map(self.size, self.entries.values())) > self.max_bytes:
+            self.entries.popitem(last=False)
+
+    @property
+    def bytes(self) -> int:
+        return sum(map(self.size, self.entries.values()))
+
+
+def _pool_sizes(sizes, max_batch: int) -> tuple[int, ...]:
+    out = sorted({int(s) for s in sizes if 1 <= int(s) <= max_batch} | {max_batch})
+    return tuple(out)
+
+
+def _group_sizes(max_prefill: int) -> tuple[int, ...]:
+    """Prefill batch buckets: powers of two up to `max_prefill`, and `max_prefill` itself."""
+    return tuple(sorted({min(1 << i, max_prefill) for i in range(max_prefill.bit_length() + 1)}))
+
+
+def _bucket(n: int, sizes) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Continuous-batching TTS server for one model on one device (a background thread).
+
+    tts_or_model_parts: a `TTS` (its model, codec, tokenizer, DecodeOptions and silence limit are
+    used), or (model, codec[, tokenizer]) with `options` / `max_silence_ms` given here.
+    max_batch: the most rows decoded together; pool_sizes: the compiled pool sizes (capped at
+    max_batch, which is always one). queue_limit: requests waiting for a slot before `submit`
+    raises `Busy`. chunk_frames / first_chunk_frames: frames per decode call, and per call while
+    a new row waits for its first audio. max_prefill: prompts prefilled in one call.
+    voices: a `VoiceStore` (or its root) for `submit(voice=NAME)`; context_cache_bytes bounds the
+    prepared voice contexts kept on the device. long_form_history: previous sentences a long-form
+    sentence hears (newest first, as many as fit). shrink_after: chunk boundaries a smaller pool
+    must suffice before the pool shrinks.
+    """
+
+    def __init__(self, tts_or_model_parts, *, max_batch: int = 64, pool_sizes=POOL_SIZES, queue_limit: int = 256,
+                 chunk_frames: int = defaults.CHUNK_FRAMES, first_chunk_frames: int = defaults.FIRST_CHUNK_FRAMES,
+                 max_prefill: int = 8, voices: VoiceStore | str | os.PathLike | None = None,
+                 context_cache_bytes: int = 1 << 30, long_form_history: int = 1, shrink_after: int = 8,
+                 options: DecodeOptions | None = None, max_silence_ms: float | None = defaults.MAX_SILENCE_MS):
+        self.tts = _as_tts(tts_or_model_parts, options, max_silence_ms)
+        self.max_batch = validation.integer("max_batch", max_batch, low=1, high=4096)
+        self.pool_sizes = _pool_sizes(pool_sizes, self.max_batch)
+        self.queue_limit = validation.integer("queue_limit", queue_limit, low=0)
+        self.chunk_frames = validation.integer("chunk_frames", chunk_frames, low=1, high=256)
+        self.first_chunk_frames = validation.integer("first_chunk_frames", first_chunk_frames, low=1, high=256)
+        self.max_prefill = min(validation.integer("max_prefill", max_prefill, low=1), self.max_batch)
+        self.group_sizes = _group_sizes(self.max_prefill)
+        self.long_form_history = validation.integer("long_form_history", long_form_history, low=0)
+        self.shrink_after = validation.integer("shrink_after", shrink_after, low=1)
+        self.voices = voices if isinstance(voices, VoiceStore) or voices is None else VoiceStore(voices)
+        self._contexts = _ContextLRU(validation.integer("context_cache_bytes", context_cache_bytes, low=0))
+
+        model = self.tts.model
+        self.limit = model.cfg.backbone.max_seq_len
+        # Prompt rows are prefilled in a cache of twice the limit: a row's text padding (up to the
+        # limit) may run past its real rows; only the first `limit` slots move into the pool.
+        self._prefill_len = 2 * self.limit
+        self._mimi_row = self.tts.codec.decode_stream_init(1)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._tasks: list = []
+        self._closing = False
+        self._pool: _Pool | None = None
+        self._admitting: list[_Job] = []  # taken off the queue, not yet in a slot
+        self._small_streak = 0
+        self._service_s = 1.0  # running mean of request service time (admission to end), for Busy
+        self.completed = 0  # requests done
+        self.frame_steps = 0  # frames decoded for the whole pool (one per row per frame)
+        self.resizes: list[tuple[int, int, int]] = []  # pool moves (from size, to size, live rows moved)
+        listen_for_compiles()
+        self._thread = threading.Thread(target=self._serve, name="jaxtts-engine", daemon=True)
+        self._thread.start()
+
+    # --- public API --------------------------------------------------------------------------
+    def submit(self, text: str, voice: str | Voice | None = None, speaker: int | None = None, context=None,
+               seed: int | None = None, temperature: float = defaults.TEMPERATURE, top_k: int | None = defaults.TOP_K,
+               top_p: float | None = None, min_p: float | None = None, max_audio_ms: float = defaults.MAX_AUDIO_MS,
+               long_form: bool = False, deadline_s: float | None = None) -> Handle:
+        """Queue a request; returns its `Handle` at once. Callable from any thread.
+
+        voice: a stored voice's name (or a `Voice`): its context segments come first, and its
+        speaker is the default `speaker` (else 0). context: Segments (after the voice's) or a
+        prepared `Context`. seed: unsigned 32-bit (None: random, see `Handle.seed`); with a seed
+        the frames are exactly `TTS.generate`'s. deadline_s: the request ends ("expired") if not
+        finished this many seconds after submission. Bad arguments, and a prompt that cannot
+        fit the model's positions, raise `JaxttsError` here; a full queue raises `Busy`.
+        """
+        job = self._make_job(text, voice, speaker, context, seed, temperature, top_k, top_p, min_p, max_audio_ms,
+                             long_form, deadline_s)
+        with self._lock:
+            if self._closing:
+                raise JaxttsError("the engine is closed")
+            if len(self._queue) >= self.queue_limit:
+                raise Busy(len(self._queue), self._retry_after())
+            self._queue.append(job)
+            self._wake.notify()
+        return job.handle
+
+    async def asubmit(self, text: str, **kwargs) -> Handle:
+        """`submit` for asyncio code (argument checks and audio loading run off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(None, partial(self.submit, text, **kwargs))
+
+    def warmup(self, *, text_tokens: int | None = None, context_rows: int | None = None,
+               encode: bool = True) -> dict:
+        """Compile every program serving can run, so that nothing compiles afterwards: each pool
+        size's decode chunks, Mimi steps, inserts and moves; the prompt prefills of every group
+        size and text bucket up to `text_tokens`; context prefills up to `context_rows` rows (and,
+        with `encode`, Mimi encodes of context audio that long). Both default to the model's
+        limit. Returns {"seconds", "compilations"}."""
+        text_tokens = self.limit if text_tokens is None else validation.integer("text_tokens", text_tokens, low=1)
+        context_rows = self.limit if context_rows is None else validation.integer("context_rows", context_rows, low=1)
+        return self._call(partial(self._warmup, min(text_tokens, self.limit), min(context_rows, self.limit - 1),
+                                  bool(encode)))
+
+    def stats(self) -> dict:
+        with self._lock:
+            queued = len(self._queue)
+        pool = self._pool
+        return {"pool_size": pool.size if pool else 0, "live": pool.live if pool else 0, "queued": queued,
+                "completed": self.completed, "frame_steps": self.frame_steps, "resizes": len(self.resizes),
+                "compilations": compilations(self._thread.ident), "context_cache_bytes": self._contexts.bytes}
+
+    @property
+    def compilations(self) -> int:
+        """XLA programs compiled on the engine's thread so far (warmup included)."""
+        return compilations(self._thread.ident)
+
+    def close(self, timeout: float | None = 60) -> None:
+        """Stop serving: queued and running requests end as cancelled."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- request building (caller's thread) ---------------------------------------------------
+    def _make_job(self, text, voice, speaker, context, seed, temperature, top_k, top_p, min_p, max_audio_ms,
+                  long_form, deadline_s) -> _Job:
+        validate_text(text)
+        sampler = Sampler.create(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        max_frames = max(1, int(validation.number("max_audio_ms", max_audio_ms, low=FRAME_MS) // FRAME_MS))
+        seed = validation.seed(seed)
+        seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        deadline_s = validation.optional_number("deadline_s", deadline_s, low=0.0, low_open=True)
+        long_form = validation.boolean("long_form", long_form)
+        voice = self._voice(voice)
+        if speaker is None:
+            speaker = voice.speaker if voice is not None else 0
+        validate_speaker(speaker)
+        speaker = int(speaker)
+        handle = Handle(self, seed, deadline_s)
+        common = dict(handle=handle, seed=seed, sampler=sampler, max_frames=max_frames)
+        if isinstance(context, Context):
+            if voice is not None or long_form:
+                raise JaxttsError("a prepared Context goes alone: give the voice / long_form context as Segments")
+            tokens, mask = self._text_rows(text, speaker)
+            self._check_fits(context.length, len(tokens), max_frames)
+            return _Job(tokens=tokens, mask=mask, context=context, context_len=context.length, **common)
+        segments = (voice.segments if voice is not None else []) + [_loaded(s) for s in as_segments(context)]
+        context_len = sum(self._segment_len(s) for s in segments)
+        voice_key = voice.cache_key if voice is not None and len(segments) == len(voice.segments) else None
+        if long_form:
+            return self._first_sentence(text, speaker, segments, context_len, common)
+        tokens, mask = self._text_rows(text, speaker)
+        self._check_fits(context_len, len(tokens), max_frames)
+        return _Job(tokens=tokens, mask=mask, context=segments, context_len=context_len, voice_key=voice_key, **common)
+
+    def _first_sentence(self, text, speaker, segments, context_len, common) -> _Job:
+        sentences = []
+        for n, sentence in enumerate(split_sentences(text)):
+            tokens, mask = self._text_rows(sentence, speaker)
+            self._check_fits(context_len, len(tokens), common["max_frames"], what=f"sentence {n + 1} of the text")
+            sentences.append((sentence, tokens, mask))
+        lf = _LongForm(sentences=sentences, base=segments, base_len=context_len, speaker=speaker)
+        _, tokens, mask = sentences[0]
+        return _Job(tokens=tokens, mask=mask, context=segments, context_len=context_len, long_form=lf, **common)
+
+    def _voice(self, voice) -> Voice | None:
+        if voice is None or isinstance(voice, Voice):
+            return voice
+        if not isinstance(voice, str):
+            raise JaxttsError(f"voice must be a stored voice's name or a jaxtts.voices.Voice, got {type(voice).__name__}")
+        if self.voices is None:
+            self.voices = VoiceStore()
+        return self.voices.load(voice, codec=self.tts.codec)
+
+    def _text_rows(self, text: str, speaker: int):
+        return text_rows(self.tts.tokenizer.encode_segment(text, speaker))
+
+    def _segment_len(self, seg: Segment) -> int:
+        """Prompt rows of a context segment: its text, then its frames and the end-of-audio frame."""
+        rows = len(self.tts.tokenizer.encode_segment(seg.text, seg.speaker))
+        if seg.codes is not None:
+            rows += seg.codes.shape[1] + 1
+        elif seg.audio is not None:
+            rows += -(-len(seg.audio) // FRAME_SIZE) + 1  # Mimi codes ceil(samples / 1920) frames
+        return rows
+
+    def _check_fits(self, context_len: int, text_len: int, frames: int, what: str = "the request") -> None:
+        total = context_len + text_len + frames
+        if total > self.limit:
+            raise JaxttsError(
+                f"{what} needs {context_len} context rows + {text_len} text tokens + {frames} frames of 80 ms = "
+                f"{total} positions, more than the model's {self.limit}; shorten the text or context, lower "
+                f"max_audio_ms, or use long_form=True")
+
+    def _retry_after(self) -> float:
+        """Seconds until a queue place is likely free: the queue drains about max_batch requests
+        per mean service time."""
+        return max(0.1, self._service_s * (1 + len(self._queue) / self.max_batch))
+
+    def _cancel(self, handle: Handle) -> bool:
+        with self._lock:
+            if handle.done():
+                return False
+            handle._cancel_requested = True
+            queued = [j for j in self._queue if j.handle is handle]
+            for job in queued:
+                self._queue.remove(job)
+            self._wake.notify()
+        if queued:
+            handle._set_status(CANCELLED)
+        return True
+
+    def _call(self, fn):
+        """Run fn() on the engine thread (it owns the device state) and return its result."""
+        done, box = threading.Event(), {}
+
+        def task():
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+            done.set()
+
+        with self._lock:
+            if self._closing:
+                raise JaxttsError("the engine is closed")
+            self._tasks.append(task)
+            self._wake.notify()
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    # --- the serving loop (engine thread) -----------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._tasks or self._queue or self._closing or (self._pool and self._pool.live)):
+                    self._wake.wait()
+                tasks, self._tasks = self._tasks, []
+                closing = self._closing
+            for task in tasks:
+                task()
+            if closing:
+                self._shut_down()
+                return
+            try:
+                self._boundary()
+            except Exception as e:  # a batch-wide failure: its rows fail, the engine goes on
+                self._fail_pool(e)
+            self._admitting = []
+
+    def _boundary(self) -> None:
+        """One chunk boundary: retire, admit, decode one chunk."""
+        self._retire()
+        self._admit()
+        pool = self._pool
+        if pool is not None and pool.live:
+            self._decode(pool)
+            self._maybe_shrink()
+        elif pool is not None and pool.size > self.pool_sizes[0]:
+            self._resize(self.pool_sizes[0])  # idle: hold the smallest pool
+
+    def _retire(self) -> None:
+        """Free the slots of cancelled rows and rows past their deadline."""
+        self._expire_queued_locked()
+        pool, now = self._pool, time.monotonic()
+        for job in [j for j in (pool.jobs if pool else []) if j is not None]:
+            if job.handle._cancel_requested:
+                self._end(job, CANCELLED)
+            elif job.handle._deadline is not None and now > job.handle._deadline:
+                self._end(job, EXPIRED, self._deadline_error(job.handle))
+
+    def _expire_queued_locked(self) -> None:
+        with self._lock:
+            self._expire_queued()
+
+    def _expire_queued(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self._queue if j.handle._deadline is not None and now > j.handle._deadline]:
+            self._queue.remove(job)
+            job.handle._set_status(EXPIRED, self._deadline_error(job.handle))
+
+    @staticmethod
+    def _deadline_error(handle: Handle) -> JaxttsError:
+        limit = handle._deadline - handle.submitted_at
+        return JaxttsError(f"deadline of {limit:g} s passed with {handle.audio_seconds:.2f} s of audio delivered")
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots (growing the pool if needed): prepare their
+        contexts, prefill their prompts in groups, insert the rows."""
+        with self._lock:
+            waiting = len(self._queue)
+        if not waiting:
+            return
+        live = self._pool.live if self._pool else 0
+        pool = self._grow(live + waiting)
+        with self._lock:
+            jobs = [self._queue.popleft() for _ in range(min(pool.size - pool.live, len(self._queue)))]
+        self._admitting = jobs
+        ready = [job for job in jobs if self._prepare(job)]
+        for start in range(0, len(ready), self.max_prefill):
+            self._start_group(ready[start : start + self.max_prefill])
+
+    def _grow(self, needed: int) -> _Pool:
+        pool = self._pool
+        if pool is None:
+            self._pool = self._blank_pool(_bucket(min(needed, self.max_batch), self.pool_sizes))
+        elif needed > pool.size and pool.size < self.max_batch:
+            self._resize(_bucket(min(needed, self.max_batch), self.pool_sizes))
+        return self._pool
+
+    def _resize(self, size: int) -> None:
+        self.resizes.append((self._pool.size, size, self._pool.live))
+        self._pool, self._small_streak = self._pool.moved(size), 0
+
+    def _maybe_shrink(self) -> None:
+        """Shrink to the smallest pool holding the live rows once it has sufficed for a while."""
+        pool = self._pool
+        target = _bucket(max(pool.live, 1), self.pool_sizes)
+        with self._lock:
+            waiting = len(self._queue)
+        self._small_streak = self._small_streak + 1 if target < pool.size and not waiting else 0
+        if self._small_streak >= self.shrink_after:
+            self._resize(target)
+
+    def _blank_pool(self, size: int) -> _Pool:
+        model = self.tts.model
+        state = _blank_state(model.cfg.backbone, size, self.limit, model.dtype)
+        return _Pool(size, state, _blank_mimi(self._mimi_row, size))
+
+    def _prepare(self, job: _Job) -> bool:
+        """The job's context as a prepared Context (a stored voice's from the cache). A failure
+        fails this request alone."""
+        if job.handle._cancel_requested:
+            job.handle._set_status(CANCELLED)
+            return False
+        try:
+            job.context = self._prepared_context(job)
+            return True
+        except Exception as e:
+            job.handle._set_status(FAILED, _as_jaxtts_error(e))
+            return False
+
+    def _prepared_context(self, job: _Job) -> Context:
+        if isinstance(job.context, Context):
+            return job.context
+        lf = job.long_form
+        if lf is not None and not lf.encoded:  # the voice prompt is encoded once per request
+            lf.base, lf.encoded = [self.tts.encode_segment(s) for s in lf.base], True
+            job.context = lf.base + job.context[len(lf.base) :]
+        if job.voice_key is None:
+            return self.tts.prepare_context(job.context)
+        ctx = self._contexts.get(job.voice_key)
+        if ctx is None:
+            ctx = self.tts.prepare_context(job.context)
+            self._contexts.put(job.voice_key, ctx)
+        return ctx
+
+    def _start_group(self, jobs: list[_Job]) -> None:
+        """Prefill the jobs' prompts together and insert them; on an error, each alone, so that
+        only a failing request fails."""
+        try:
+            rows = self._prefill([(j.tokens, j.mask, j.context, j.seed) for j in jobs])
+            finite = np.isfinite(np.asarray(rows.hidden, np.float32)).all(axis=1)
+        except Exception as e:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._start_group([job])
+            else:
+                jobs[0].handle._set_status(FAILED, _as_jaxtts_error(e))
+            return
+        for job, ok in zip(jobs, finite):
+            if not ok:
+                job.handle._set_status(FAILED, JaxttsError("the prompt gave non-finite values (check the context)"))
+            elif job.handle._cancel_requested:
+                job.handle._set_status(CANCELLED)
+        keep = [j if not j.handle.done() else None for j in jobs]
+        self._pool.insert(rows, keep)
+        now = time.monotonic()
+        for job in filter(None, keep):
+            job.started_at, job.produced, job.frames = now, 0, []
+            limit = self.tts.max_silence_ms
+            job.guard = None if limit is None else SilenceGuard(int(limit // FRAME_MS))
+            job.handle._set_status(RUNNING)
+
+    def _prefill(self, items) -> DecodeState:
+        """Prefill prompts [(text tokens, mask, prepared Context, seed)] in one call: each text
+        after its own context. The batch is padded to a group size and the text to a bucket."""
+        g = _bucket(len(items), self.group_sizes)
+        width = self.tts.model.cfg.frame_width
+        t_pad = buckets.prompt_rows(max(len(t) for t, _, _, _ in items), self.limit)
+        tok, msk = np.zeros((g, t_pad, width), np.int32), np.zeros((g, t_pad, width), bool)
+        lengths, starts, seeds = np.ones(g, np.int32), np.zeros(g, np.int32), np.zeros(g, np.uint32)
+        for i, (t, m, ctx, seed) in enumerate(items):
+            tok[i, : len(t)], msk[i, : len(t)] = t, m
+            lengths[i], starts[i], seeds[i] = len(t), ctx.length, seed
+        rows = [self._context_row(ctx) for _, _, ctx, _ in items]
+        rows += [self._context_row(None)] * (g - len(items))
+        cache = _stack_caches(rows)
+        return prefill(self.tts.model, tok, msk, lengths, cache=cache, start=starts, key=row_keys(seeds),
+                       opts=self.tts.options)
+
+    def _context_row(self, ctx: Context | None) -> KVCache:
+        if ctx is None or ctx.cache is None:
+            return self.tts.model.backbone_cache(1, self._prefill_len)
+        return _pad_cache(ctx.cache, self._prefill_len)
+
+    def _decode(self, pool: _Pool) -> None:
+        """Decode one chunk for the whole pool and hand each live row its new audio."""
+        fresh = any(j is not None and j.produced == 0 for j in pool.jobs)
+        frames, emitted, pcm = self._run_chunk(pool, self.first_chunk_frames if fresh else self.chunk_frames)
+        for slot, job in enumerate(pool.jobs):
+            if job is not None:
+                self._deliver(job, frames[:, slot], emitted[:, slot], pcm[slot])
+
+    def _run_chunk(self, pool: _Pool, n: int):
+        """n frames for every row of the pool, and their audio: host arrays frames [n, B, 32]
+        (as Mimi codes), emitted [n, B], PCM [B, n·1920]."""
+        pool.state, frames, emitted = decode_chunk(self.tts.model, pool.state, pool.table.device(), n,
+                                                   opts=self.tts.options)
+        self.frame_steps += n
+        codec = self.tts.codec
+        with _precision(codec):
+            pool.mimi, frames, pcm = _decode_audio(codec.params, pool.mimi, frames, cfg=codec.config,
+                                                   cardinality=codec.cardinality)
+        return np.asarray(frames), np.asarray(emitted), np.asarray(pcm)
+
+    def _deliver(self, job: _Job, frames: np.ndarray, emitted: np.ndarray, pcm: np.ndarray) -> None:
+        """A row's share of a chunk: the frames before its end of speech, within its limits."""
+        n = len(emitted) if emitted.all() else int(np.argmin(emitted))
+        n = min(n, job.max_frames - job.produced)
+        piece = pcm[: n * FRAME_SIZE]
+        job.produced += n
+        finished = n < len(emitted) or job.produced >= job.max_frames
+        keep = job.guard.frames_to_keep(piece) if job.guard is not None else None
+        if keep is not None:
+            piece, finished = piece[: keep * FRAME_SIZE], True
+        if not np.isfinite(piece).all():
+            self._end(job, FAILED, JaxttsError("the model produced non-finite audio for this request"))
+            return
+        if len(piece):
+            job.frames.append(frames[: len(piece) // FRAME_SIZE])
+            job.handle._push(piece, job.frames[-1])
+        if finished:
+            self._end(job, DONE)
+
+    def _end(self, job: _Job, status: str, error: Exception | None = None) -> None:
+        """Free the job's slot; finish its handle, or queue a long-form request's next sentence."""
+        if job.slot is not None:
+            self._pool.release(job)
+        self._service_s = 0.9 * self._service_s + 0.1 * (time.monotonic() - job.started_at)
+        if status == DONE and job.long_form is not None:
+            nxt = self._next_sentence(job)
+            if nxt is not None:
+                with self._lock:
+                    self._queue.appendleft(nxt)  # ahead of new requests: this answer is streaming
+                return
+        if job.handle._set_status(status, error) and status == DONE:
+            self.completed += 1
+
+    def _next_sentence(self, job: _Job) -> _Job | None:
+        """The next sentence of a long-form request: after the voice's context and as many of the
+        previous sentences (their own frames, newest first) as fit."""
+        lf = job.long_form
+        sentence, tokens, _ = lf.sentences[lf.index]
+        codes = np.concatenate(job.frames).T if job.frames else np.zeros((32, 0), np.int32)
+        if codes.shape[1]:
+            seg = Segment(lf.speaker, sentence, codes=codes)
+            lf.history.append((seg, self._segment_len(seg)))
+        lf.index += 1
+        if lf.index == len(lf.sentences):
+            return None
+        _, tokens, mask = lf.sentences[lf.index]
+        room = self.limit - lf.base_len - len(tokens) - job.max_frames
+        kept: list[tuple[Segment, int]] = []
+        for seg, rows in reversed(lf.history[-self.long_form_history :] if self.long_form_history else []):
+            if rows > room:
+                break  # older sentences go first
+            kept.insert(0, (seg, rows))
+            room -= rows
+        lf.history = kept
+        return _Job(handle=job.handle, tokens=tokens, mask=mask, context=lf.base + [s for s, _ in kept],
+                    context_len=lf.base_len + sum(r for _, r in kept), seed=(job.seed + 1) % (validation.SEED_MAX + 1),
+                    sampler=job.sampler, max_frames=job.max_frames, long_form=lf)
+
+    def _fail_pool(self, error: Exception) -> None:
+        """A chunk boundary failed for the whole batch: its rows (and those being admitted) fail,
+        the pool starts afresh."""
+        pool, self._pool = self._pool, None
+        for job in [j for j in (pool.jobs if pool else []) if j is not None] + self._admitting:
+            job.slot = None
+            job.handle._set_status(FAILED, JaxttsError(f"internal error while decoding: {type(error).__name__}: "
+                                                       f"{' '.join(str(error).split())[:200]}"))
+
+    def _shut_down(self) -> None:
+        with self._lock:
+            queued, self._queue = list(self._queue), collections.deque()
+            tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task()
+        for job in queued + [j for j in (self._pool.jobs if self._pool else []) if j is not None]:
+            job.handle._set_status(CANCELLED)
+        self._pool = None
+
+    # --- warmup (engine thread) ----------------------------------------------------------------
+    def _warmup(self, text_tokens: int, context_rows: int, encode: bool) -> dict:
+        start, before = time.perf_counter(), compilations(threading.get_ident())
+        self._warm_pools()
+        self._warm_prefills(text_tokens)
+        self._warm_contexts(context_rows, encode)
+        return {"seconds": time.perf_counter() - start, "compilations": compilations(threading.get_ident()) - before}
+
+    def _warm_pools(self) -> None:
+        """Each pool size: a blank pool, decode chunks of both sizes, inserts of each group size it
+        can receive, moves to every other size. (The pools are scratch: serving's is untouched.)"""
+        for size in self.pool_sizes:
+            pool = self._blank_pool(size)
+            for n in sorted({self.first_chunk_frames, self.chunk_frames}):
+                self._run_chunk(pool, n)
+            largest = _bucket(min(size, self.max_prefill), self.group_sizes)
+            for g in [g for g in self.group_sizes if g <= largest]:
+                pool.insert(self._blank_rows(g), [None] * g)
+            for other in self.pool_sizes:
+                if other != size:
+                    jax.block_until_ready(pool.moved(other).state.hidden)
+
+    def _blank_rows(self, g: int) -> DecodeState:
+        model = self.tts.model
+        return _blank_state(model.cfg.backbone, g, self._prefill_len, model.dtype)
+
+    def _warm_prefills(self, text_tokens: int) -> None:
+        """Prompt prefills of every group size × text bucket up to `text_tokens` tokens."""
+        empty = Context(np.zeros((0, 33), np.int32), np.zeros((0, 33), bool), None)
+        for t_pad in self._row_buckets(text_tokens):
+            tokens = np.zeros((t_pad, 33), np.int32)
+            for g in self.group_sizes:
+                jax.block_until_ready(self._prefill([(tokens, tokens != 0, empty, 0)] * g).hidden)
+
+    def _row_buckets(self, upto: int) -> list[int]:
+        """The prompt-row buckets of 1 to `upto` rows."""
+        sizes = [buckets.prompt_rows(1, self.limit)]
+        while sizes[-1] < upto:
+            sizes.append(buckets.prompt_rows(sizes[-1] + 1, self.limit))
+        return sizes
+
+    def _warm_contexts(self, context_rows: int, encode: bool) -> None:
+        """Context prefills (and their copies into prompt rows) of every bucket up to
+        `context_rows` rows, and with `encode` the Mimi encodes of context audio that long."""
+        text_len = len(self.tts.tokenizer.encode_segment("warm", 0))
+        for bucket in self._row_buckets(context_rows):
+            frames = max(1, min(bucket, context_rows) - text_len - 1)  # rows: text, frames, end of audio
+            ctx = self.tts.prepare_context([Segment(0, "warm", codes=np.zeros((32, frames), np.int32))])
+            jax.block_until_ready(self._context_row(ctx).k[0])
+            if encode:
+                self.tts.encode_segment(Segment(0, "warm", audio=np.zeros(frames * FRAME_SIZE, np.float32)))
+
+
+def _as_tts(parts, options, max_silence_ms) -> TTS:
+    if isinstance(parts, TTS):
+        return parts
+    if isinstance(parts, (tuple, list)) and len(parts) in (2, 3):
+        model, codec, *tokenizer = parts
+        return TTS(model, codec, tokenizer=tokenizer[0] if tokenizer else None, options=options,
+                   max_silence_ms=max_silence_ms)
+    raise JaxttsError(f"Engine needs a jaxtts.TTS or (model, codec[, tokenizer]), got {type(parts).__name__}")
+
+
+def _loaded(seg: Segment) -> Segment:
+    """A context segment with its audio read and checked on the caller's thread (a bad file is an
+    error of `submit`, and its length is known before admission); encoding waits for the engine."""
+    if seg.audio is None:
+        return seg
+    return Segment(seg.speaker, seg.text, audio=load_audio(seg.audio))
+
+
+def _as_jaxtts_error(e: Exception) -> JaxttsError:
+    if isinstance(e, JaxttsError):
+        return e
+    return JaxttsError(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+
+
+__all__ = ["Busy", "Engine", "Handle", "POOL_SIZES", "RowSampler", "compilations", "listen_for_compiles"]

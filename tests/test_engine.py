@@ -1,0 +1,251 @@
+"""The serving engine: continuous batching gives each request exactly what `TTS.generate` gives
+alone; cancellation, deadlines, the queue bound and failures stay with their request; pools grow
+and shrink without changing rows; nothing compiles after warmup.
+
+The tiny random CSM (float32, the real text vocabulary) and the full-size random Mimi. The main
+engine decodes 2 frames per call, the 1-slot engine 1 then 2, the reference TTS 1 then 4: frames
+do not depend on chunking. Tests that count compilations come first (later ones compile on
+purpose: a context from another model).
+"""
+
+import asyncio
+import json
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtts.engine import Busy, Engine
+from jaxtts.errors import JaxttsError
+from jaxtts.llama import KVCache
+from jaxtts.prompt import Segment
+from jaxtts.tts import FRAME_SIZE, TTS, Context
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_csm, mimi):
+    return TTS(tiny_csm, mimi, max_silence_ms=None, chunk_frames=4, first_chunk_frames=1)
+
+
+@pytest.fixture(scope="module")
+def engine(tts):
+    eng = Engine(tts, max_batch=4, pool_sizes=(1, 4), chunk_frames=2, first_chunk_frames=2, max_prefill=2,
+                 queue_limit=16, shrink_after=1)
+    eng.warmup_report = eng.warmup(text_tokens=32, context_rows=32, encode=False)
+    eng.compiled_at_warmup = eng.compilations
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def one_slot(tts):
+    """A 1-slot engine (its programs are the main engine's 1-row ones, plus a 1-frame first chunk)."""
+    eng = Engine(tts, max_batch=1, chunk_frames=2, first_chunk_frames=1, queue_limit=1)
+    yield eng
+    eng.close()
+
+
+VOICE = Segment(1, "This is my voice.", codes=np.random.default_rng(0).integers(0, 2048, (32, 6)))
+_REFERENCES = {}
+
+
+def reference(tts, text, **kw):
+    """(audio, frames) of `TTS.generate` alone (engine keyword names), computed once per request."""
+    key = (text, repr(sorted(kw.items())))
+    if key not in _REFERENCES:
+        sampling = {k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "min_p") if k in kw}
+        _REFERENCES[key] = tts.generate_batch([dict(text=text, **kw)], return_frames=True, **sampling)[0]
+    return _REFERENCES[key]
+
+
+def assert_same(audio, frames, ref):
+    ref_audio, ref_frames = ref
+    np.testing.assert_array_equal(frames, ref_frames)
+    assert len(audio) == len(ref_audio) == FRAME_SIZE * len(ref_frames)
+    if len(ref_audio):
+        np.testing.assert_allclose(audio, ref_audio, atol=1e-4 * np.abs(ref_audio).max())
+
+
+def assert_handle_same(handle, tts, **request):
+    assert handle.status == "done", handle.error
+    assert_same(handle.result(), handle.frames(), reference(tts, **request))
+
+
+REQUESTS = [
+    dict(text="Hello there.", seed=1, max_audio_ms=640),
+    dict(text="A much longer sentence, to give this row a longer prompt.", speaker=2, seed=2, max_audio_ms=480),
+    dict(text="And now me.", seed=3, max_audio_ms=400, context=[VOICE]),
+    dict(text="Short.", seed=4, max_audio_ms=240),
+    dict(text="Another one arriving late.", speaker=3, seed=5, max_audio_ms=560),
+    dict(text="Sampled more carefully.", seed=6, max_audio_ms=320, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05),
+]
+
+
+def test_overlapping_submissions_equal_generate_alone(engine, tts):
+    """Six requests from six threads at staggered times (joining the running batch at chunk
+    boundaries, growing the pool) each stream exactly their audio alone; nothing compiles."""
+    results = [None] * len(REQUESTS)
+
+    def client(i):
+        time.sleep(0.1 * i)
+        handle = engine.submit(**REQUESTS[i])
+        results[i] = (np.concatenate(list(handle)), handle)  # streamed as decoded
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(REQUESTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert engine.warmup_report["compilations"] > 0
+    assert engine.compilations == engine.compiled_at_warmup  # warmup compiled everything this needed
+    for req, (streamed, handle) in zip(REQUESTS, results):
+        np.testing.assert_array_equal(streamed, handle.result())
+        assert_handle_same(handle, tts, **req)
+
+
+def test_pool_grows_and_shrinks_keeping_rows_exact(engine, tts):
+    """A row moves 1 → 4 slots when company arrives and back to 1 when it leaves, unchanged."""
+    moves = len(engine.resizes)
+    first = dict(text="I started alone and kept on talking.", seed=21, max_audio_ms=2400)
+    company = [dict(text=f"Company number {i}.", seed=30 + i, max_audio_ms=240) for i in range(3)]
+    handle = engine.submit(**first)
+    chunks = iter(handle)
+    head = next(chunks)  # running alone
+    others = [engine.submit(**c) for c in company]
+    streamed = np.concatenate([head, *chunks])
+    np.testing.assert_array_equal(streamed, handle.result())
+    assert (1, 4, 1) in engine.resizes[moves:] and (4, 1, 1) in engine.resizes[moves:]  # both with `first` live
+    assert_handle_same(handle, tts, **first)
+    for h, c in zip(others, company):
+        h.wait(60)
+        assert_handle_same(h, tts, **c)
+    assert engine.compilations == engine.compiled_at_warmup
+
+
+def test_long_form_through_the_engine(engine, tts):
+    """Sentence by sentence through one handle, each continuing the last: as TTS long form."""
+    text = "First one. Second one! And a third?"
+    handle = engine.submit(text, long_form=True, seed=5, max_audio_ms=240)
+    streamed = np.concatenate(list(handle))
+    expected = tts.generate(text, long_form=True, seed=5, max_audio_ms=240)
+    assert handle.status == "done" and len(streamed) == len(expected) == 3 * 3 * FRAME_SIZE
+    np.testing.assert_allclose(streamed, expected, atol=1e-4 * np.abs(expected).max())
+    assert handle.frames().shape == (9, 32)
+    assert engine.compilations == engine.compiled_at_warmup
+
+
+def test_async_submit_and_iterate(engine, tts):
+    async def speak():
+        handle = await engine.asubmit("Hello there.", seed=1, max_audio_ms=640)
+        return [chunk async for chunk in handle], handle
+
+    chunks, handle = asyncio.run(speak())
+    np.testing.assert_array_equal(np.concatenate(chunks), handle.result())
+    assert_handle_same(handle, tts, **REQUESTS[0])
+
+
+def test_cancel_frees_the_slot_at_once(one_slot, tts):
+    """With one slot, a queued request starts at the next chunk boundary after the running one
+    is cancelled, not after its remaining frames; a cancelled queued request never starts."""
+    talker = one_slot.submit("This one would talk for a very long time.", seed=7, max_audio_ms=12_000)
+    next(iter(talker))  # running: 150 frames to go
+    waiting = dict(text="Next please.", seed=8, max_audio_ms=320)
+    queued = one_slot.submit(**waiting)
+    assert queued.status == "queued"
+    steps = one_slot.frame_steps
+    assert talker.cancel()
+    queued.wait(120)
+    # The chunk in flight (≤ 2 frames), perhaps one more, then the new row's 4 frames in chunks of 1, 2, 2.
+    assert one_slot.frame_steps - steps <= 2 + 2 + 5
+    assert talker.status == "cancelled" and not talker.cancel()
+    with pytest.raises(JaxttsError, match="cancelled"):
+        talker.result()
+    assert_handle_same(queued, tts, **waiting)
+
+    blocker = one_slot.submit("Holding the slot.", seed=9, max_audio_ms=12_000)
+    next(iter(blocker))
+    never = one_slot.submit("Never to be heard.", seed=10, max_audio_ms=800)
+    assert never.cancel() and never.status == "cancelled" and never.first_audio_at is None
+    blocker.cancel()
+    blocker.wait(60)
+
+
+def test_queue_bound_gives_busy(one_slot):
+    running = one_slot.submit("Busy talking here.", seed=1, max_audio_ms=12_000)
+    next(iter(running))
+    waiting = one_slot.submit("Waiting my turn.", seed=2, max_audio_ms=800)
+    with pytest.raises(Busy, match=r"busy \(1 requests queued\); retry in about") as e:
+        one_slot.submit("No room for me.", seed=3, max_audio_ms=800)
+    assert isinstance(e.value, JaxttsError) and e.value.retry_after_s > 0
+    waiting.cancel()
+    running.cancel()
+    running.wait(60)
+    assert one_slot.submit("Room again.", seed=4, max_audio_ms=160).result(timeout=60).size == 2 * FRAME_SIZE
+
+
+def test_deadline(one_slot):
+    slow = one_slot.submit("Talking well past my deadline.", seed=1, max_audio_ms=12_000, deadline_s=1.0)
+    next(iter(slow))  # running
+    late = one_slot.submit("Never started in time.", seed=2, deadline_s=0.3, max_audio_ms=800)  # queued behind `slow`
+    with pytest.raises(JaxttsError, match=r"deadline of 1 s passed"):
+        list(slow)
+    assert slow.status == "expired" and 0 < slow.audio_seconds < 12
+    late.wait(60)
+    assert late.status == "expired" and late.first_audio_at is None
+    with pytest.raises(JaxttsError, match="deadline of 0.3 s"):
+        late.result()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(text="  "), "text is empty"),
+    (dict(text="hi", speaker=-1), "speaker must be"),
+    (dict(text="hi", seed=-5), "seed must be"),
+    (dict(text="hi", temperature=-1), "temperature"),
+    (dict(text="hi", deadline_s=0), "deadline_s must be"),
+    (dict(text="hi", context="nope"), "context must be"),
+    (dict(text="hi", voice=3), "voice must be"),
+    (dict(text="word " * 300, max_audio_ms=800), r"more than the model's 256; shorten the text"),
+    (dict(text="hi", max_audio_ms=30_000), r"\+ 375 frames of 80 ms"),
+    (dict(text="Fine. " + "word " * 300, long_form=True, max_audio_ms=800), r"sentence 2 of the text needs"),
+])
+def test_bad_arguments_are_refused_at_submit(engine, kwargs, message):
+    with pytest.raises(JaxttsError, match=message) as e:
+        engine.submit(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_a_failing_request_fails_alone(engine, tts):
+    """Requests that fail on the engine thread (a context of NaNs; one from another model) fail
+    alone: requests in the same prefill group and the same batch finish exactly."""
+    ctx = tts.prepare_context([VOICE])
+    poisoned = Context(ctx.tokens, ctx.mask, jax.tree.map(lambda a: a * np.nan, ctx.cache))
+    wrong = jax.numpy.zeros((1, 16, 2, 8), jax.numpy.float32)  # another model's head size
+    alien = Context(ctx.tokens, ctx.mask, KVCache(k=[wrong] * 3, v=[wrong] * 3))
+    fine = [dict(text="Fine one.", seed=11, max_audio_ms=320), dict(text="Fine two.", seed=14, max_audio_ms=240)]
+    handles = [engine.submit(**fine[0]), engine.submit("Poisoned.", context=poisoned, seed=12, max_audio_ms=320),
+               engine.submit("From elsewhere.", context=alien, seed=13, max_audio_ms=320), engine.submit(**fine[1])]
+    for h in handles:
+        h.wait(120)
+    assert handles[1].status == "failed" and "non-finite" in str(handles[1].error)
+    assert handles[2].status == "failed" and isinstance(handles[2].error, JaxttsError)
+    with pytest.raises(JaxttsError):
+        list(handles[2])
+    assert_handle_same(handles[0], tts, **fine[0])
+    assert_handle_same(handles[3], tts, **fine[1])
+
+
+def test_serving_benchmark_smoke(engine, tmp_path):
+    from benchmarks.serving import format_table, measure
+
+    rows = measure(engine, clients=[1, 3], audio_s=0.32, ramp_s=0.2, seed=0)
+    assert [r["clients"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["completed"] == r["clients"] and r["compilations"] == 0
+        assert 0 < r["ttfa_p50_s"] <= r["ttfa_p95_s"] and r["slowest_rtf"] > 0 and r["aggregate_x_realtime"] > 0
+    table = format_table(rows)
+    assert "TTFA p50" in table and len(table.splitlines()) == 2 + len(rows)
+    out = tmp_path / "serving.json"
+    out.write_text(json.dumps({"rows": rows}))
+    assert json.loads(out.read_text())["rows"][0]["clients"] == 1
