@@ -137,14 +137,15 @@ def build_engine(args):
         from jaxtts.mimi import Mimi
         from jaxtts.tts import TTS
 
-        tts = TTS(CSM.random(CSM_TINY, dtype=args.dtype or "float32", seed=1), Mimi.random(seed=0))
+        tts = TTS(CSM.random(CSM_TINY, dtype=args.dtype or "float32", seed=1), Mimi.random(seed=0),
+                  max_silence_ms=None)
     else:
         import jaxtts
 
-        tts = jaxtts.load(dtype=args.dtype, random_weights=args.random_weights, progress=False)
+        # No silence guard: every request runs its full length (random weights never end on their own).
+        tts = jaxtts.load(dtype=args.dtype, random_weights=args.random_weights, progress=False, max_silence_ms=None)
     max_batch = args.max_batch or max(args.clients)
-    return Engine(tts, max_batch=max_batch, queue_limit=4 * max(args.clients), chunk_frames=args.chunk_frames,
-                  max_silence_ms=None)
+    return Engine(tts, max_batch=max_batch, queue_limit=4 * max(args.clients), chunk_frames=args.chunk_frames)
 
 
 def main(argv=None) -> int:
