@@ -1,14 +1,20 @@
-# One virtualenv holds jaxtts and the PyTorch reference stack the tests compare against.
+# One virtualenv: `make demo` installs jaxtts and its runtime dependencies only (no torch);
+# `make test` adds the PyTorch reference stack the tests compare against.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-gpu lint demo clean
 
-$(STAMP): pyproject.toml Makefile
+$(RUNTIME): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	# moshi pins torch<2.10 and torchtune pulls in GPU extras: the parts we use run on torch 2.13.
@@ -35,5 +41,5 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(VENV)/bin/jaxtts speak --random-weights "Hello from jaxtts." -o demo.wav --max-audio-ms 1600 --seed 0
