@@ -40,7 +40,10 @@ def test_stream_concatenation_equals_generate(tts):
     kw = dict(seed=3, max_audio_ms=640)
     chunks = list(tts.stream("Streaming test.", **kw))
     assert len(chunks) > 1 and len(chunks[0]) == tts.first_chunk_frames * FRAME_SIZE
-    np.testing.assert_array_equal(np.concatenate(chunks), tts.generate("Streaming test.", **kw))
+    # generate decodes in chunk_frames steps only (one program fewer): the same frames, and the
+    # same audio up to the rounding of Mimi's streaming steps
+    whole = tts.generate("Streaming test.", **kw)
+    np.testing.assert_allclose(np.concatenate(chunks), whole, rtol=0, atol=1e-5 * np.abs(whole).max())
 
 
 def test_prepared_context_equals_segments(tts, voice):
