@@ -27,6 +27,8 @@ import dataclasses
 import os
 import threading
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -37,7 +39,7 @@ import numpy as np
 from jaxtts import buckets, defaults, validation
 from jaxtts.audio import SAMPLE_RATE, load_audio
 from jaxtts.errors import JaxttsError
-from jaxtts.generation import DecodeState, decode_chunk, prefill, row_keys
+from jaxtts.generation import DecodeState, decode_chunk, lower_decode_chunk, prefill, row_keys
 from jaxtts.llama import KVCache
 from jaxtts.mimi import streaming
 from jaxtts.options import DecodeOptions
@@ -828,11 +830,23 @@ class Engine:
             self._start_group(ready[start : start + self.max_prefill])
 
     def _grow(self, needed: int) -> _Pool:
-        pool = self._pool
-        if pool is None:
-            self._pool = self._blank_pool(_bucket(min(needed, self.max_batch), self.pool_sizes))
-        elif needed > pool.size and pool.size < self.max_batch:
-            self._resize(_bucket(min(needed, self.max_batch), self.pool_sizes))
+        """A pool for `needed` rows (or the largest). A larger pool that cannot be allocated is
+        dropped from the sizes (the engine serves on with the rows it has); when not even a
+        first pool can be made, the queued requests fail."""
+        pool, size = self._pool, _bucket(min(needed, self.max_batch), self.pool_sizes)
+        try:
+            if pool is None:
+                self._pool = self._blank_pool(size)
+            elif size > pool.size:
+                self._resize(size)
+        except Exception as e:
+            if pool is None:
+                self._fail_queued(e)
+                raise
+            self.pool_sizes = tuple(s for s in self.pool_sizes if s < size)
+            self.max_batch = self.pool_sizes[-1]
+            warnings.warn(f"jaxtts engine: a pool of {size} rows failed ({type(e).__name__}); serving with at most "
+                          f"{self.max_batch} rows", RuntimeWarning, stacklevel=1)
         return self._pool
 
     def _resize(self, size: int) -> None:
@@ -988,7 +1002,7 @@ class Engine:
         """The next sentence of a long-form request: after the voice's context and as many of the
         previous sentences (their own frames, newest first) as fit."""
         lf = job.long_form
-        sentence, tokens, _ = lf.sentences[lf.index]
+        sentence = lf.sentences[lf.index][0]
         codes = np.concatenate(job.frames).T if job.frames else np.zeros((32, 0), np.int32)
         if codes.shape[1]:
             seg = Segment(lf.speaker, sentence, codes=codes)
@@ -1018,6 +1032,12 @@ class Engine:
             job.handle._set_status(FAILED, JaxttsError(f"internal error while decoding: {type(error).__name__}: "
                                                        f"{' '.join(str(error).split())[:200]}"))
 
+    def _fail_queued(self, error: Exception) -> None:
+        with self._lock:
+            queued, self._queue = list(self._queue), collections.deque()
+        for job in queued:
+            job.handle._set_status(FAILED, _as_jaxtts_error(error))
+
     def _shut_down(self) -> None:
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
@@ -1030,11 +1050,41 @@ class Engine:
 
     # --- warmup (engine thread) ----------------------------------------------------------------
     def _warmup(self, text_tokens: int, context_rows: int, encode: bool) -> dict:
-        start, before = time.perf_counter(), compilations(threading.get_ident())
+        """The large programs (each pool size's decode chunk and Mimi step) compile in threads
+        while the small ones compile and run here; then every pool program runs once."""
+        start, workers = time.perf_counter(), {threading.get_ident()}
+        before = {t: compilations(t) for t in workers}
+
+        def compile_in_worker(lowered):
+            workers.add(threading.get_ident())
+            before.setdefault(threading.get_ident(), compilations(threading.get_ident()))
+            return lowered.compile()
+
+        lowered = self._lower_pool_programs()
+        with ThreadPoolExecutor(max(1, min(len(lowered), os.cpu_count() or 1))) as ex:
+            compiled = [ex.submit(compile_in_worker, p) for p in lowered]
+            self._warm_prefills(text_tokens)
+            self._warm_contexts(context_rows, encode)
+            for c in compiled:
+                c.result()
         self._warm_pools()
-        self._warm_prefills(text_tokens)
-        self._warm_contexts(context_rows, encode)
-        return {"seconds": time.perf_counter() - start, "compilations": compilations(threading.get_ident()) - before}
+        count = sum(compilations(t) - before.get(t, 0) for t in workers)
+        return {"seconds": time.perf_counter() - start, "compilations": count}
+
+    def _lower_pool_programs(self) -> list:
+        """Each pool size's decode chunk and Mimi step programs, lowered for `.compile()`."""
+        model, codec, lowered = self.tts.model, self.tts.codec, []
+        for size in self.pool_sizes:
+            state = jax.eval_shape(lambda size=size: _blank_state(model.cfg.backbone, size, self.limit, model.dtype))
+            mimi = jax.eval_shape(lambda size=size: _blank_mimi(self._mimi_row, size))
+            sampler = _SamplerTable(size).device()
+            for n in sorted({self.first_chunk_frames, self.chunk_frames}):
+                lowered.append(lower_decode_chunk(model, state, sampler, n, opts=self.tts.options))
+                frames = jax.ShapeDtypeStruct((n, size, model.cfg.audio_num_codebooks), jnp.int32)
+                with _precision(codec):
+                    lowered.append(_decode_audio.lower(codec.params, mimi, frames, cfg=codec.config,
+                                                       cardinality=codec.cardinality))
+        return lowered
 
     def _warm_pools(self) -> None:
         """Each pool size: a blank pool, decode chunks of both sizes, inserts of each group size it
