@@ -117,6 +117,12 @@ class EngineAdapter:
             yield chunk
 
     @staticmethod
+    def is_internal(error: JaxttsError) -> bool:
+        """Whether a request's error is the engine's own failure (it wraps unexpected exceptions
+        as JaxttsError("internal error: ...")) rather than something the request asked for."""
+        return str(error).startswith("internal error")
+
+    @staticmethod
     def cancel(handle) -> None:
         handle.cancel()
 
@@ -847,8 +853,15 @@ def create_app(
                 headers={"Retry-After": str(retry)},
             ) from None
         except JaxttsError as e:
-            raise ApiError(422, _one_line(e), code="unprocessable_request") from None
+            raise _refused(e) from None
         return await _respond(request, handle, body, arrived)
+
+    def _refused(e: JaxttsError) -> ApiError:
+        """The engine's error for a request: 422 (it cannot be done), or 500 for its internal errors."""
+        if adapter.is_internal(e):
+            log.error("engine error: %s", _one_line(e))
+            return ApiError(500, _one_line(e), type="server_error", code="engine_error")
+        return ApiError(422, _one_line(e), code="unprocessable_request")
 
     def _check_speech(body) -> dict:
         """The request's checks (400s), and the engine's arguments."""
@@ -982,6 +995,8 @@ def create_app(
         watcher = asyncio.create_task(watch_disconnect())
         chunks = adapter.chunks(handle).__aiter__()
         try:
+            encoder = make_encoder(fmt)
+            tokens = adapter.count_tokens(body.input)
             first = await chunks.__anext__()
         except StopAsyncIteration:
             first = None
@@ -989,12 +1004,10 @@ def create_app(
             watcher.cancel()
             adapter.cancel(handle)
             if isinstance(e, JaxttsError):
-                raise ApiError(422, _one_line(e), code="unprocessable_request") from None
+                raise _refused(e) from None
             raise
         if first is not None:
             metrics.ttfa.observe(time.monotonic() - arrived)
-        encoder = make_encoder(fmt)
-        tokens = adapter.count_tokens(body.input)
 
         async def audio():
             samples = 0
@@ -1100,6 +1113,7 @@ def _decode_upload(data: bytes, name: str) -> np.ndarray:
         samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = re.sub(r"^Error opening <[^>]*>: ", "", first)  # soundfile names the BytesIO object
         raise ApiError(
             400,
             f"{name}: cannot read audio ({_one_line(first, 200)}); send WAV, FLAC, Ogg or MP3.",
