@@ -189,6 +189,22 @@ def resolve_voice(store: VoiceStore | str | os.PathLike | None, name: str, *, co
     return voice.speaker, list(voice.segments)
 
 
+def with_voice(name: str, speaker: int | None, context, *, codec, store=None) -> tuple[int, list[Segment]]:
+    """(speaker, context segments) of a request naming a stored voice: the voice's speaker unless
+    `speaker` is given, and the voice's segments before `context` (None, a Segment or a list)."""
+    voice = (store if isinstance(store, VoiceStore) else VoiceStore(store)).load(name, codec=codec)
+    if context is None:
+        context = []
+    elif isinstance(context, Segment):
+        context = [context]
+    elif isinstance(context, (list, tuple)) and all(isinstance(s, Segment) for s in context):
+        context = list(context)
+    else:
+        raise JaxttsError(f"with a voice, the context must be Segments (they follow the voice's), "
+                          f"got {type(context).__name__}")
+    return (voice.speaker if speaker is None else speaker), voice.segments + context
+
+
 def _load_codes(path: Path, seg: dict) -> np.ndarray:
     file = path / seg["codes"]
     if file.parent != path or not file.is_file():

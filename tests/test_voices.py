@@ -22,6 +22,7 @@ from jaxtts.voices import (
     resolve_voice,
     run_voice,
     save_context,
+    with_voice,
 )
 
 
@@ -141,6 +142,20 @@ def test_store_errors(store, tts):
         store.add("x", [seg])
     assert VoiceStore(store.root / "nowhere").list() == []
     assert len(codec_fingerprint(tts.codec)) == 16
+
+
+def test_with_voice(store, tts):
+    """What TTS.generate(voice=...) / jaxtts speak --voice use: the voice's speaker unless one is
+    given, its turns before the request's own."""
+    turn = Segment(2, "Voice turn.", codes=np.zeros((32, 2), np.int32))
+    store.add("v", [turn], 5, codec=tts.codec)
+    extra = Segment(0, "Extra turn.", codes=np.ones((32, 1), np.int32))
+    speaker, segments = with_voice("v", None, extra, codec=tts.codec, store=store)
+    assert speaker == 5 and [s.text for s in segments] == ["Voice turn.", "Extra turn."]
+    assert with_voice("v", 0, None, codec=tts.codec, store=store.root)[0] == 0
+    ctx = tts.prepare_context([turn])
+    with pytest.raises(JaxttsError, match="with a voice, the context must be Segments"):
+        with_voice("v", None, ctx, codec=tts.codec, store=store)
 
 
 def test_saved_context_round_trip(tmp_path, tts, segment):
