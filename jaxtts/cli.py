@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxtts.finetune.cli import add_finetune_parser
 
     add_finetune_parser(sub)
+    from jaxtts.server import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -202,6 +205,10 @@ def main(argv=None) -> int:
         return _download(args)
     if args.command == "env":
         return _env(args)
+    if args.command == "serve":
+        from jaxtts.server import run_serve
+
+        return run_serve(args)
     if args.command == "finetune":
         from jaxtts.finetune.cli import run_finetune
 
