@@ -576,7 +576,9 @@ class Engine:
         self._service_s = 1.0  # running mean of request service time (admission to end), for Busy
         self.completed = 0  # requests done
         self.frame_steps = 0  # frames decoded for the whole pool (one per row per frame)
-        self.resizes: list[tuple[int, int, int]] = []  # pool moves (from size, to size, live rows moved)
+        # The latest pool moves (from size, to size, live rows moved) and how many there were.
+        self.resizes: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=64)
+        self.resize_count = 0
         listen_for_compiles()
         self._thread = threading.Thread(target=self._serve, name="jaxtts-engine", daemon=True)
         self._thread.start()
@@ -627,7 +629,7 @@ class Engine:
             queued = len(self._queue)
         pool = self._pool
         return {"pool_size": pool.size if pool else 0, "live": pool.live if pool else 0, "queued": queued,
-                "completed": self.completed, "frame_steps": self.frame_steps, "resizes": len(self.resizes),
+                "completed": self.completed, "frame_steps": self.frame_steps, "resizes": self.resize_count,
                 "compilations": compilations(self._thread.ident), "context_cache_bytes": self._contexts.bytes}
 
     @property
@@ -851,6 +853,7 @@ class Engine:
 
     def _resize(self, size: int) -> None:
         self.resizes.append((self._pool.size, size, self._pool.live))
+        self.resize_count += 1
         self._pool, self._small_streak = self._pool.moved(size), 0
 
     def _maybe_shrink(self) -> None:
