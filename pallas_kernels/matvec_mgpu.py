@@ -1,0 +1,319 @@
+"""Skinny matmul (GEMV) `x [M, K] @ w [K, N]` as a Pallas Mosaic GPU kernel for Hopper (sm_90).
+
+The Mosaic GPU counterpart of `pallas_kernels.matvec` (Triton lowering, deprecated since JAX 0.11),
+for the decode step's few rows (M <= 8 in CSM-1B; up to 64 bf16 rows are accepted). Not wired into
+the model: `matvec_reference` (pallas_kernels.matvec) is what it must reproduce.
+
+One program per (N block, K split), `plgpu.kernel` grid (n_blocks, k_splits), one warpgroup each:
+
+- W streams through shared memory in a `stages`-deep ring of TMA copies ([block_k, block_n] bf16
+  tiles, 128-byte swizzle), one mbarrier per slot. The first `stages` W copies are issued before
+  anything else: W is a weight, no earlier kernel writes it.
+- Then `griddepcontrol.launch_dependents` (the next kernel may start launching: programmatic
+  dependent launch, PDL) and `griddepcontrol.wait` (block until the previous kernel in the stream,
+  which produced x, has finished and flushed its writes). Only after the wait are x tiles copied
+  and the output written.
+- The product runs on the tensor cores (wgmma, float32 accumulator [64, block_n]): x's rows are
+  the A operand, padded to the 64 rows a warpgroup MMA needs. The TMA copy of an x tile reads
+  rows [0, R) with R = M rounded up to 8; rows past M are out of bounds of x, which TMA fills with
+  zeros. A rows R..63 are never written (uninitialised shared memory, or another slot's x rows):
+  row r of the product depends only on row r of A, so they only reach accumulator rows that are
+  never stored. This keeps x's shared-memory ring at ((stages - 1) * R + 64) rows instead of
+  stages * 64 (each slot's 64-row A view overlaps the next slots).
+- Epilogue: the accumulator goes to shared memory, and one TMA store writes its first M rows:
+  the output in x's dtype with one split, else float32 partials [k_splits, M, N] that a jnp sum
+  reduces (under jit XLA fuses that sum into its consumer; `partials=True` returns them).
+
+float32 x: wgmma wants both operands in one dtype, and rounding x to bf16 would cost ~3 decimal
+digits. x is split into three bf16 parts (hi + mid + lo == x to ~2^-24 relative) stacked as 3M
+rows of A; bf16 x bf16 products are exact in the float32 accumulator, and the three row groups are
+summed after the kernel. So float32 x costs 3x the (idle) tensor-core work and an extra jnp op,
+never any extra W traffic.
+
+Shapes: K a multiple of block_k (a multiple of 64), N a multiple of block_n (64, 128, 192 or 256):
+every CSM-1B projection qualifies. No masking: ragged shapes raise ValueError.
+
+Interpret mode (CPU, tests): `interpret=True` runs the same kernel body in Pallas' Mosaic GPU
+interpreter (`InterpretGPUParams`, JAX >= 0.10.2) with `out_of_bounds_reads="uninitialized"`,
+so the out-of-bounds x rows read NaN there (zeros on the GPU): a test that passes also shows that
+those rows never reach the output. The interpreter has no rule for the two griddepcontrol
+primitives (NotImplementedError: "MLIR translation rule for primitive
+'griddepcontrol_launch_dependents' not found for platform cpu"), so they are left out when
+interpreting; benchmarks/mgpu_interpret_probe.py and docs/KERNELS.md have the details.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.matvec import matvec_reference  # noqa: F401  (the reference, re-exported)
+
+MMA_ROWS = 64  # a Hopper warpgroup MMA computes 64 rows of the output at a time
+ROW_TILE = 8  # x rows are copied in multiples of the 8-row shared-memory tile
+SWIZZLE = 128  # bytes: rows of 64 bf16 elements
+SWIZZLE_ELEMS = SWIZZLE // 2
+MAX_ROWS = MMA_ROWS  # bf16 x; float32 x takes 3 A rows per row, so MAX_ROWS // 3
+BLOCK_NS = (64, 128, 192, 256)  # wgmma N must be a multiple of the 64-element swizzle tile, <= 256
+MAX_PROGRAMS = 264  # one wave at two programs per SM on an H100 / H200 (132 SMs; <= 113 KB smem each)
+SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90
+
+
+class MgpuConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    k_splits: int
+    stages: int
+
+
+def _interpret_params(interpret):
+    """None (compile for the GPU) or the InterpretGPUParams to run the kernel on CPU with."""
+    if interpret is False or interpret is None:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    if isinstance(interpret, InterpretGPUParams):
+        return interpret
+    # The x copy reads rows past the end of x (TMA fills them with zeros on the GPU); the
+    # interpreter raises on that by default.
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized")
+
+
+def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int, max_programs: int = MAX_PROGRAMS) -> int:
+    """The most splits (a power of two dividing K's blocks) that keep the grid to one wave of
+    `max_programs`, capped like the Triton kernel's so that the float32 partials (8 * splits * m
+    * n bytes written and read) stay within half of W's bytes."""
+    k_blocks = k // block_k
+    n_blocks = n // block_n
+    most = max(1, min(k_blocks, k // (8 * m)))
+    splits = 1
+    while n_blocks * splits * 2 <= max_programs and splits * 2 <= most and k_blocks % (splits * 2) == 0:
+        splits *= 2
+    return splits
+
+
+def default_config(m: int, k: int, n: int) -> MgpuConfig:
+    """Blocks, splits and pipeline depth for x [m, k] @ w [k, n] (m counts A rows: 3x for f32 x).
+
+    Untuned (written without a GPU; benchmarks/mgpu_check.py --sweep is where to tune): 128
+    output columns per program (64 when that gives fewer than 16 N blocks), K blocks of 64 (one
+    swizzle tile), a 4-deep W ring, and as many K splits as fit one wave of ~2 programs per SM.
+    """
+    block_n = 128 if n % 128 == 0 and n // 128 >= 16 else 64
+    if n % block_n:
+        block_n = next((b for b in BLOCK_NS if n % b == 0), 64)
+    block_k = 64
+    splits = default_k_splits(m, k, n, block_n, block_k) if k % block_k == 0 and n % block_n == 0 else 1
+    return MgpuConfig(block_n, block_k, splits, stages=4)
+
+
+def smem_bytes(a_rows: int, out_itemsize: int, block_n: int, block_k: int, stages: int) -> int:
+    """Shared memory one program allocates (W ring + overlapped x ring + output tile)."""
+    r = -(-a_rows // ROW_TILE) * ROW_TILE
+    return (
+        stages * block_k * block_n * 2 + ((stages - 1) * r + MMA_ROWS) * block_k * 2 + MMA_ROWS * block_n * out_itemsize
+    )
+
+
+def _split3(x):
+    """float32 x as three bf16 parts stacked on rows: hi + mid + lo == x to ~2^-24 relative."""
+    hi = x.astype(jnp.bfloat16)
+    r1 = x - hi.astype(jnp.float32)
+    mid = r1.astype(jnp.bfloat16)
+    lo = (r1 - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+    return jnp.concatenate([hi, mid, lo], axis=0)
+
+
+def _kernel(
+    x_gmem,
+    w_gmem,
+    o_gmem,
+    x_smem,
+    w_smem,
+    o_smem,
+    w_bar,
+    x_bar,
+    *,
+    a_rows,
+    r,
+    steps,
+    block_n,
+    block_k,
+    stages,
+    pdl,
+    dynamic_x_rows,
+):
+    j = lax.axis_index("n")
+    s = lax.axis_index("s")
+    n_slice = pl.ds(j * block_n, block_n)
+    k_base = s * (steps * block_k)
+    # x has `a_rows` rows; the copy reads `r` (a multiple of 8). When r > a_rows the rows past the
+    # end are out of bounds, which TMA fills with zeros; a dynamic start keeps Pallas' static bounds
+    # check from rejecting the slice.
+    x_row0 = (j * 0) if dynamic_x_rows else 0
+
+    def k_slice(step):
+        return pl.ds(k_base + step * block_k, block_k)
+
+    def copy_w(step, slot):
+        plgpu.copy_gmem_to_smem(w_gmem.at[k_slice(step), n_slice], w_smem.at[slot], w_bar.at[slot])
+
+    def copy_x(step, slot):
+        plgpu.copy_gmem_to_smem(
+            x_gmem.at[pl.ds(x_row0, r), k_slice(step)], x_smem.at[pl.ds(slot * r, r)], x_bar.at[slot]
+        )
+
+    prologue = min(stages, steps)
+    for i in range(prologue):  # W does not depend on the previous kernel: start streaming it now
+        copy_w(i, i)
+    if pdl:
+        plgpu.griddepcontrol_launch_dependents()
+        plgpu.griddepcontrol_wait()  # x (and our output buffer) belong to earlier kernels
+    for i in range(prologue):
+        copy_x(i, i)
+
+    def scope(acc):
+        def step_body(i, carry):
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(w_bar.at[slot])
+            plgpu.barrier_wait(x_bar.at[slot])
+            a = x_smem.at[pl.ds(slot * r, MMA_ROWS)]
+            plgpu.wgmma(acc, a, w_smem.at[slot])
+            plgpu.wgmma_wait(0)  # the slot's tiles are consumed: refill it
+
+            @pl.when(i + stages < steps)
+            def _():
+                copy_w(i + stages, slot)
+                copy_x(i + stages, slot)
+
+            return carry
+
+        lax.fori_loop(0, steps, step_body, None)
+        o_smem[...] = acc[...].astype(o_smem.dtype)
+
+    pl.run_scoped(scope, plgpu.ACC((MMA_ROWS, block_n), jnp.float32))
+    plgpu.commit_smem()
+    rows = pl.ds(0, a_rows)
+    dst = o_gmem.at[s] if len(o_gmem.shape) == 3 else o_gmem
+    plgpu.copy_smem_to_gmem(o_smem.at[rows], dst.at[:, n_slice])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "block_n", "block_k", "k_splits", "stages", "pdl", "partials", "interpret"),
+)
+def matvec_mgpu(
+    x,
+    w,
+    *,
+    config: MgpuConfig | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    k_splits: int | None = None,
+    stages: int | None = None,
+    pdl: bool = True,
+    partials: bool = False,
+    interpret=False,
+):
+    """`x @ w` for x [..., K] (bfloat16 or float32, at most 64 bf16 / 21 f32 rows in all) and w
+    [K, N] bfloat16; returns [..., N] in x's dtype, accumulated in float32.
+
+    Arguments left None come from `config` (default `default_config`). K must be a multiple of
+    block_k (a multiple of 64) and N of block_n (64, 128, 192 or 256); k_splits must divide K's
+    blocks. `pdl=False` leaves out the griddepcontrol instructions (they are always left out when
+    interpreting). `partials=True` returns the float32 per-split sums [k_splits', M, N] unsummed
+    (x must be 2-D; for float32 x, k_splits' = 3 * k_splits: the hi/mid/lo parts are split sums
+    too). `interpret`: False (compile for the GPU), True (the Mosaic GPU interpreter on CPU), or an
+    `InterpretGPUParams`.
+    """
+    *lead, k = x.shape
+    if w.ndim != 2 or w.shape[0] != k:
+        raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
+    if w.dtype != jnp.bfloat16:
+        raise ValueError(f"w must be bfloat16, got {w.dtype}")
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+    if partials and len(lead) != 1:
+        raise ValueError(f"partials=True takes x [M, K], got {x.shape}")
+    n = w.shape[1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    parts = 3 if x.dtype == jnp.float32 else 1
+    a_rows = parts * m
+    if not 1 <= a_rows <= MMA_ROWS:
+        raise ValueError(f"matvec_mgpu takes 1..{MMA_ROWS // parts} {x.dtype} rows, got {m}: use jnp.dot")
+
+    cfg = config or default_config(a_rows, k, n)
+    block_n = block_n or cfg.block_n
+    block_k = block_k or cfg.block_k
+    stages = stages or cfg.stages
+    if block_n not in BLOCK_NS:
+        raise ValueError(f"block_n={block_n} must be one of {BLOCK_NS}")
+    if block_k % SWIZZLE_ELEMS or block_k <= 0:
+        raise ValueError(f"block_k={block_k} must be a positive multiple of {SWIZZLE_ELEMS}")
+    if k % block_k or n % block_n:
+        raise ValueError(f"K={k} and N={n} must be multiples of block_k={block_k} and block_n={block_n}")
+    k_blocks = k // block_k
+    if k_splits is None:
+        same = (block_n, block_k) == (cfg.block_n, cfg.block_k)
+        k_splits = cfg.k_splits if same else default_k_splits(a_rows, k, n, block_n, block_k)
+    if not 1 <= k_splits <= k_blocks or k_blocks % k_splits:
+        raise ValueError(f"k_splits={k_splits} must divide K's {k_blocks} blocks of {block_k}")
+    if stages < 1:
+        raise ValueError(f"stages={stages} must be >= 1")
+    steps = k_blocks // k_splits
+    stages = min(stages, steps)
+
+    a = _split3(x2) if parts == 3 else x2
+    r = -(-a_rows // ROW_TILE) * ROW_TILE
+    params = _interpret_params(interpret)
+
+    write_partials = partials or k_splits > 1 or parts > 1
+    if write_partials:
+        out_type = jax.ShapeDtypeStruct((k_splits, a_rows, n), jnp.float32)
+    else:
+        out_type = jax.ShapeDtypeStruct((a_rows, n), x.dtype)
+    need = smem_bytes(a_rows, out_type.dtype.itemsize, block_n, block_k, stages)
+    if need > SMEM_LIMIT:
+        raise ValueError(f"{need} bytes of shared memory > {SMEM_LIMIT}: lower stages, block_n or block_k")
+
+    tiles = (plgpu.TilingTransform((ROW_TILE, SWIZZLE_ELEMS)), plgpu.SwizzleTransform(SWIZZLE))
+    kernel = functools.partial(
+        _kernel,
+        a_rows=a_rows,
+        r=r,
+        steps=steps,
+        block_n=block_n,
+        block_k=block_k,
+        stages=stages,
+        pdl=pdl and params is None,
+        dynamic_x_rows=r > a_rows,
+    )
+    out = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(n // block_n, k_splits),
+        grid_names=("n", "s"),
+        scratch_types=[
+            plgpu.SMEM(((stages - 1) * r + MMA_ROWS, block_k), jnp.bfloat16, transforms=tiles),
+            plgpu.SMEM((stages, block_k, block_n), jnp.bfloat16, transforms=tiles),
+            plgpu.SMEM((MMA_ROWS, block_n), out_type.dtype),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+        ],
+        interpret=params,
+        kernel_name="matvec_mgpu",
+    )(a, w)
+
+    if partials:
+        return out.reshape(k_splits * parts, m, n)  # rows were (part, m): a free reshape
+    if write_partials:
+        out = jnp.sum(out.reshape(k_splits * parts, m, n), axis=0).astype(x.dtype)
+    return out.reshape(*lead, n)
