@@ -1,7 +1,7 @@
 """GPU check of the Mosaic GPU matvec (pallas_kernels.matvec_mgpu) on a Hopper GPU (H100 / H200):
 correctness at every CSM-1B decode shape, and timings against the Triton matvec and XLA.
 
-    python -m benchmarks.mgpu_check [--budget-s 170] [--reps 200] [--sweep] [--out FILE]
+    python -m benchmarks.mgpu_check [--budget-s 150] [--reps 200] [--sweep] [--out FILE]
 
 Needs an sm_90 GPU (the kernel uses wgmma, which Blackwell does not have) and JAX >= 0.11 for PDL
 (0.10.x emits the griddepcontrol instructions but launches without programmatic stream
@@ -20,14 +20,19 @@ serialization, so they do nothing there).
    program calls the variant once for each of several separate copies of W (>= 192 MB in all,
    4..48 copies) so that W streams from HBM as in the model rather than from the 50 MB L2; the
    time per call is the program's time / copies (the host's dispatch of the program is included
-   once per program, spread over the copies). TB/s = W bytes / time.
+   once per program, spread over the copies, and so are the launch gaps between kernels, which
+   the host sets: docs/KERNELS.md found wall-clock per call about twice the kernel time for XLA
+   and Triton alike). TB/s = W bytes / time. A second table gives the same programs' GPU time
+   from a CUPTI trace (benchmarks.profile, as in benchmarks.matvec_check): kernel busy time and
+   span per call; PDL shows in the span of "mgpu kernel" vs "mgpu kernel no-PDL".
 3. --sweep: the Mosaic kernel alone at other block_n / block_k / stages, per shape and M, until
    the budget is spent.
 
 Robustness: the work runs in a child process that reports each case as it finishes. A config
 that fails to lower or compile prints its error line and the run goes on; if the child dies (a
-Mosaic GPU runtime error aborts the process), the case it was in is reported as crashed and a new
-child carries on with the rest. New cases stop starting after --budget-s seconds (default 170,
+Mosaic GPU runtime error aborts the process) or a case makes no progress for --case-timeout-s
+(a kernel hung on a barrier), the case is reported as crashed or hung and a new child carries on
+with the rest. New cases stop starting after --budget-s seconds (default 150,
 so the whole run stays under 3 minutes) and the tables are printed with what was measured.
 
 Exit status: 0 if every correctness case passed, 1 if any mismatched, failed or crashed, 2 if
@@ -39,14 +44,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
 MARK = "@@mgpu "  # child -> parent protocol lines: MARK + json
 # Smoke test of this script on a CPU (kernels interpreted, small shapes, few reps): MGPU_CHECK_SMOKE=1.
-# MGPU_CHECK_CRASH=<case id> makes the child abort in that case (tests the restart path).
+# MGPU_CHECK_CRASH=<case id> makes the child abort in that case, MGPU_CHECK_HANG=<case id> hang in it
+# (tests the restart paths).
 SMOKE = os.environ.get("MGPU_CHECK_SMOKE") == "1"
 
 # name -> (K, N): CSM-1B's decode projections.
@@ -201,8 +209,9 @@ def child(args) -> None:
             config=dict(k_splits=1),
         )
 
-    def timed(fns, xs, ws, reps):
-        """name -> (median, IQR/2) seconds per call, or an error line; variants interleaved."""
+    def timed(fns, xs, ws, reps, profile=False):
+        """name -> (median, IQR/2) wall seconds per call, or an error line; variants interleaved.
+        With `profile`, also name -> GPU kernel busy and span per call from a CUPTI trace."""
         progs, res = {}, {}
         for name, fn in fns.items():
             prog = jax.jit(lambda xs, ws, fn=fn: [fn(x, w) for x, w in zip(xs, ws)])
@@ -222,7 +231,16 @@ def child(args) -> None:
         for name, v in samples.items():
             q1, q2, q3 = np.percentile(v, [25, 50, 75])
             res[name] = [float(q2), float(q3 - q1) / 2]
-        return res
+        if not profile or SMOKE or not progs:
+            return res, {}
+        try:
+            from benchmarks.matvec_check import _device
+
+            dev = _device(progs, xs, ws, reps=20) or {}
+            return res, {name: dict(busy=list(d["busy"]), span=list(d["span"])) for name, d in dev.items()}
+        except Exception as e:  # no CUPTI: wall-clock only
+            print(f"(profile failed: {_err_line(e)})", flush=True)
+            return res, {}
 
     def copies(k, n):
         return 2 if SMOKE else int(min(48, max(4, -(-192e6 // (2 * k * n)))))
@@ -237,8 +255,8 @@ def child(args) -> None:
             "mgpu kernel": lambda x, w: matvec_mgpu(x, w, partials=True, interpret=SMOKE),
             "mgpu kernel no-PDL": lambda x, w: matvec_mgpu(x, w, partials=True, pdl=False, interpret=SMOKE),
         }
-        res = timed(fns, xs, ws, args.reps)
-        return dict(times=res, copies=len(ws), config=default_config(m, k, n)._asdict())
+        res, dev = timed(fns, xs, ws, args.reps, profile=True)
+        return dict(times=res, gpu=dev, copies=len(ws), config=default_config(m, k, n)._asdict())
 
     def run_sweep(c):
         k, n, m = c["k"], c["n"], c["m"]
@@ -247,7 +265,7 @@ def child(args) -> None:
             return dict(times={"mgpu kernel": "shape not a multiple of the blocks"})
         xs, ws = operands(m, k, n, jnp.bfloat16, copies(k, n))
         fn = lambda x, w: matvec_mgpu(x, w, block_n=bn, block_k=bk, stages=st, partials=True, interpret=SMOKE)
-        return dict(times=timed({"mgpu kernel": fn}, xs, ws, max(50, args.reps // 4)))
+        return dict(times=timed({"mgpu kernel": fn}, xs, ws, max(50, args.reps // 4))[0])
 
     runners = dict(check=run_check, chain=run_chain, time=run_time, sweep=run_sweep)
     for cid, c in enumerate(case_list(args.sweep)):
@@ -259,6 +277,8 @@ def child(args) -> None:
         _emit(kind="start", id=cid)
         if cid == crash:
             os.abort()
+        if cid == int(os.environ.get("MGPU_CHECK_HANG", "-1")):
+            time.sleep(3600)
         t = time.perf_counter()
         try:
             res = runners[c["kind"]](c)
@@ -284,10 +304,11 @@ def _cfg(cfg: dict | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget-s", type=float, default=170.0, help="start no new case after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="start no new case after this many seconds")
     ap.add_argument("--reps", type=int, default=200, help="timed runs per variant (after 2 warm-up runs)")
     ap.add_argument("--sweep", action="store_true", help="also time other configs of the Mosaic kernel")
     ap.add_argument("--out", help="also write the report to this file")
+    ap.add_argument("--case-timeout-s", type=float, default=60.0, help="kill a case making no progress this long")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="[]", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -329,13 +350,27 @@ def main() -> int:
             bufsize=1,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
-        current = None
-        assert proc.stdout is not None
-        for raw in proc.stdout:
+        lines_q: queue.Queue = queue.Queue()
+        threading.Thread(
+            target=lambda: [lines_q.put(x) for x in proc.stdout] + [lines_q.put(None)], daemon=True
+        ).start()
+        current, last, hung = None, time.time(), False
+        while True:
+            try:
+                raw = lines_q.get(timeout=5)
+            except queue.Empty:
+                if current is not None and time.time() - last > args.case_timeout_s:
+                    hung = True  # a kernel that never finishes (a barrier never completing) hangs the child
+                    proc.kill()
+                    break
+                continue
+            if raw is None:
+                break
             if not raw.startswith(MARK):
                 sys.stdout.write("    | " + raw)  # the child's own output (tracebacks, warnings)
                 continue
             msg = json.loads(raw[len(MARK) :])
+            last = time.time()
             if msg["kind"] == "device":
                 device = msg
                 log(
@@ -357,8 +392,9 @@ def main() -> int:
             if rc != 0:
                 log(f"child exited with status {rc} outside any case")
             break
-        results[current] = dict(kind="result", id=current, ok=False, error=f"CRASHED: child process died (status {rc})")
-        log(f"case {current} crashed the process (status {rc}); restarting for the remaining cases")
+        what = f"HUNG: no progress for {args.case_timeout_s:.0f} s, killed" if hung else f"CRASHED: status {rc}"
+        results[current] = dict(kind="result", id=current, ok=False, error=what)
+        log(f"case {current}: {what}; restarting for the remaining cases")
 
     # ---- report
     log()
@@ -419,6 +455,22 @@ def main() -> int:
         vs_xla = f"{t['xla'][0] / t['mgpu'][0]:.2f}x" if ok("xla") and ok("mgpu") else ""
         tbs = f"{2 * c['k'] * c['n'] / t['mgpu'][0] / 1e12:.2f}" if ok("mgpu") else ""
         log(f"{head} {r['copies']} | {cells} | {vs_tr} | {vs_xla} | {tbs} | {_cfg(r.get('config'))} |")
+    if any(results.get(cid, {}).get("gpu") for cid, c in enumerate(cases) if c["kind"] == "time"):
+        log()
+        log(
+            "## Same programs, GPU time per call from a CUPTI trace (20 programs each): kernel busy "
+            "(sum of durations) / span (first start to last end), µs. Launch gaps are in the span only; "
+            "with PDL a kernel starts early and waits, so its busy time includes the wait: compare spans."
+        )
+        log("| shape | M | " + " | ".join(variants) + " |")
+        log("|---|---|" + "---|" * len(variants))
+        for cid, c in enumerate(cases):
+            g = results.get(cid, {}).get("gpu") if c["kind"] == "time" else None
+            if g:
+                cells = " | ".join(
+                    f"{g[v]['busy'][0] * 1e6:.1f} / {g[v]['span'][0] * 1e6:.1f}" if v in g else "" for v in variants
+                )
+                log(f"| {c['name']} | {c['m']} | {cells} |")
     if errors:
         log()
         log("Timing errors:")
