@@ -46,7 +46,17 @@ from jaxtts.options import DecodeOptions
 from jaxtts.prompt import Segment, text_rows, validate_speaker, validate_text
 from jaxtts.sampling import Sampler, SplitLogits, gumbel_noise
 from jaxtts.sampling import _top_p as top_p_filter  # shared, so that a row filters exactly as TTS does
-from jaxtts.tts import FRAME_MS, FRAME_SIZE, TTS, Context, SilenceGuard, as_segments, mimi_codes, split_sentences
+from jaxtts.tts import (
+    FRAME_MS,
+    FRAME_SIZE,
+    SILENCE_RMS,
+    TTS,
+    Context,
+    as_segments,
+    frame_rms,
+    mimi_codes,
+    split_sentences,
+)
 from jaxtts.voices import Voice, VoiceStore
 
 POOL_SIZES = (1, 8, 32, 64, 128, 256)
@@ -400,6 +410,45 @@ def _precision(codec):
 # --------------------------------------------------------------------------- requests and the pool
 
 
+class _SilenceHold:
+    """`SilenceGuard`'s rule applied frame by frame, so that what a row keeps does not depend on
+    where chunks end: after speech, silent frames beyond the first `pause` are held back, sent if
+    speech resumes, dropped when `limit` silent frames stop the row. (The guard alone cannot take
+    back silence it let through in an earlier chunk.) A row gets what the guard gives the whole
+    utterance at once: up to `pause` frames of silence after its last speech."""
+
+    def __init__(self, limit: int, pause: int = 5, threshold: float = SILENCE_RMS):
+        self.limit, self.pause, self.threshold = limit, pause, threshold
+        self.silent_run, self.heard_speech = 0, False
+        self.held: list[tuple[np.ndarray, np.ndarray]] = []  # (pcm, frame) held back
+
+    def take(self, pcm: np.ndarray, frames: np.ndarray, last: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(PCM, frames) to send now out of a chunk's, and whether silence stops the row. `last`:
+        the row ends with this chunk anyway, so held frames are sent."""
+        out = []
+        for f, rms in enumerate(frame_rms(pcm)):
+            frame = (pcm[f * FRAME_SIZE : (f + 1) * FRAME_SIZE], frames[f : f + 1])
+            if rms >= self.threshold:
+                self.silent_run, self.heard_speech = 0, True
+                out, self.held = out + self.held + [frame], []
+                continue
+            self.silent_run += 1
+            (self.held if self.heard_speech and self.silent_run > self.pause else out).append(frame)
+            if self.heard_speech and self.silent_run >= self.limit:
+                self.held = []
+                return _joined(out, frames) + (True,)
+        if last:
+            out, self.held = out + self.held, []
+        return _joined(out, frames) + (False,)
+
+
+def _joined(pieces, frames) -> tuple[np.ndarray, np.ndarray]:
+    if not pieces:
+        return np.zeros(0, np.float32), frames[:0]
+    return np.concatenate([p for p, _ in pieces]), np.concatenate([f for _, f in pieces])
+
+
+
 @dataclass(eq=False)
 class _LongForm:
     """A long text spoken sentence by sentence through one handle."""
@@ -430,7 +479,7 @@ class _Job:
     slot: int | None = None
     produced: int = 0
     frames: list[np.ndarray] = field(default_factory=list)
-    guard: SilenceGuard | None = None
+    guard: _SilenceHold | None = None
     started_at: float = 0.0
 
 
@@ -923,7 +972,7 @@ class Engine:
         for job in filter(None, keep):
             job.started_at, job.produced, job.frames = now, 0, []
             limit = self.tts.max_silence_ms
-            job.guard = None if limit is None else SilenceGuard(int(limit // FRAME_MS))
+            job.guard = None if limit is None else _SilenceHold(int(limit // FRAME_MS))
             job.handle._set_status(RUNNING)
 
     def _prefill(self, items) -> DecodeState:
@@ -972,18 +1021,18 @@ class Engine:
         """A row's share of a chunk: the frames before its end of speech, within its limits."""
         n = len(emitted) if emitted.all() else int(np.argmin(emitted))
         n = min(n, job.max_frames - job.produced)
-        piece = pcm[: n * FRAME_SIZE]
+        pcm, frames = pcm[: n * FRAME_SIZE], frames[:n]
         job.produced += n
         finished = n < len(emitted) or job.produced >= job.max_frames
-        keep = job.guard.frames_to_keep(piece) if job.guard is not None else None
-        if keep is not None:
-            piece, finished = piece[: keep * FRAME_SIZE], True
-        if not np.isfinite(piece).all():
+        if not np.isfinite(pcm).all():
             self._end(job, FAILED, JaxttsError("the model produced non-finite audio for this request"))
             return
-        if len(piece):
-            job.frames.append(frames[: len(piece) // FRAME_SIZE])
-            job.handle._push(piece, job.frames[-1])
+        if job.guard is not None:
+            pcm, frames, silenced = job.guard.take(pcm, frames, last=finished)
+            finished = finished or silenced
+        if len(frames):
+            job.frames.append(frames)
+            job.handle._push(pcm, frames)
         if finished:
             self._end(job, DONE)
 

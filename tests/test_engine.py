@@ -201,6 +201,63 @@ def test_deadline(one_slot):
         late.result()
 
 
+def test_silence_guard_keeps_a_pause_in_any_chunking(tts, monkeypatch):
+    """A row that runs on in silence stops after max_silence_ms of it, keeping 5 frames of pause
+    however the frames were chunked (the guard holds silence back rather than sending what it
+    may have to take back). The engine's audio is made silent after 5 frames of each row's
+    own stream; the frames are the model's, as without the guard."""
+    import jaxtts.engine as engine_module
+
+    real = engine_module._decode_audio
+
+    def silent_after_5(params, mimi, frames, *, cfg, cardinality):
+        first = np.asarray(mimi["transformer"]["offset"]) // 2  # Mimi runs 2 steps per frame
+        mimi, frames, pcm = real(params, mimi, frames, cfg=cfg, cardinality=cardinality)
+        index = first[:, None] + np.arange(frames.shape[0])[None]
+        return mimi, frames, np.repeat(np.where(index < 5, 0.5, 0.0).astype(np.float32), FRAME_SIZE, axis=1)
+
+    monkeypatch.setattr(engine_module, "_decode_audio", silent_after_5)
+    guarded = TTS(tts.model, tts.codec, tokenizer=tts.tokenizer, max_silence_ms=800)  # 10 frames
+    with Engine(guarded, max_batch=1, chunk_frames=2, first_chunk_frames=1) as eng:
+        handle = eng.submit("Hello.", seed=0, max_audio_ms=4000)
+        audio = handle.result(timeout=120)
+        steps = eng.frame_steps
+    assert handle.status == "done"
+    np.testing.assert_array_equal(audio, np.repeat([0.5] * 5 + [0.0] * 5, FRAME_SIZE).astype(np.float32))
+    np.testing.assert_array_equal(handle.frames(), reference(tts, "Hello.", seed=0, max_audio_ms=800)[1])
+    assert steps <= 15 + 2  # stopped on the 10th silent frame (in a chunk of 2), not after 50 frames
+
+
+def test_silence_hold_equals_the_guard_on_the_whole_utterance():
+    """Whatever the chunking, a row keeps what SilenceGuard keeps of the whole utterance at once."""
+    from jaxtts.engine import _SilenceHold
+    from jaxtts.tts import SilenceGuard
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        loud = rng.random(int(rng.integers(1, 40))) < rng.choice([0.2, 0.5, 0.8])
+        pcm = np.repeat(np.where(loud, 0.5, 0.0), FRAME_SIZE).astype(np.float32)
+        frames = np.arange(len(loud))[:, None] * np.ones((1, 32), np.int64)
+        limit = int(rng.integers(1, 12))
+        keep = SilenceGuard(limit).frames_to_keep(pcm)
+        one_by_one = SilenceGuard(limit)
+        stop = next((f for f in range(len(loud)) if one_by_one.frames_to_keep(pcm[f * FRAME_SIZE : (f + 1) * FRAME_SIZE])
+                     is not None), None)
+        # (With limit < pause, SilenceGuard would keep frames after the one that stops the row.)
+        expected = len(loud) if keep is None else min(keep, stop + 1)
+        hold, sent, start = _SilenceHold(limit), [], 0
+        while start < len(loud):
+            n = int(rng.integers(1, 9))
+            end = min(start + n, len(loud))
+            p, f, stop = hold.take(pcm[start * FRAME_SIZE : end * FRAME_SIZE], frames[start:end], last=end == len(loud))
+            assert len(p) == FRAME_SIZE * len(f)
+            sent.append(f)
+            start = end
+            if stop:
+                break
+        np.testing.assert_array_equal(np.concatenate(sent), frames[:expected], err_msg=f"trial {trial}")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(text="  "), "text is empty"),
     (dict(text="hi", speaker=-1), "speaker must be"),
