@@ -18,7 +18,8 @@ def _add_speak(sub):
                         "('-' writes WAV to stdout; default out.wav)")
     p.add_argument("--model", help="converted CSM directory or checkpoint (default: jaxtts / Hugging Face cache)")
     p.add_argument("--codec", help="converted Mimi directory or checkpoint (default: caches)")
-    p.add_argument("--speaker", type=int, default=0, help="speaker id (default 0)")
+    p.add_argument("--speaker", type=int, default=None, help="speaker id (default: the voice's, else 0)")
+    p.add_argument("--voice", help="a stored voice (jaxtts voice add): its speaker and turns come first")
     p.add_argument("--context", nargs=3, action="append", metavar=("AUDIO", "TEXT", "SPEAKER"), default=[],
                    help="a voice-prompt turn: audio file, its transcript, its speaker (repeatable)")
     p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0 is greedy (default 0.9)")
@@ -72,7 +73,13 @@ def _check_speak_args(args) -> None:
         raise JaxttsError("-o - (stdout) takes one line; --interactive writes numbered files: give -o NAME.wav")
     if args.output == "-" and args.stream:
         raise JaxttsError("--stream writes a growing file; stdout gets the whole WAV at the end: drop --stream")
-    validate_speaker(args.speaker)
+    if args.speaker is not None:
+        validate_speaker(args.speaker)
+    if args.voice is not None:
+        from jaxtts.voices import VoiceStore, validate_name
+
+        if not VoiceStore().path(validate_name(args.voice)).is_dir():
+            raise JaxttsError(f"no voice named {args.voice!r} (`jaxtts voice list` shows the stored ones)")
     Sampler.create(args.temperature, args.top_k, args.top_p, args.min_p)
     validation.number("--max-audio-ms", args.max_audio_ms, low=80)
     validation.seed(args.seed, "--seed")
@@ -84,6 +91,8 @@ def _speak(args) -> int:
     _check_speak_args(args)
     out = None if args.output == "-" else check_output_path(args.output)
     context = _read_context(args.context)
+    from jaxtts.environment import select_device
+
     select_device(args.device)
 
     from jaxtts.tts import TTS
@@ -92,7 +101,12 @@ def _speak(args) -> int:
         print("note: --random-weights: full-size random weights, the output is noise", file=sys.stderr)
     tts = TTS.load(args.model, args.codec, dtype=args.dtype, random_weights=args.random_weights,
                    progress=not args.quiet, attention=args.attention)
-    kwargs = dict(speaker=args.speaker, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
+    speaker = 0 if args.speaker is None else args.speaker
+    if args.voice is not None:
+        from jaxtts.voices import with_voice
+
+        speaker, context = with_voice(args.voice, args.speaker, context, codec=tts.codec)
+    kwargs = dict(speaker=speaker, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
     if args.long_form:  # each sentence re-prefills; the voice prompt is encoded once, here
         kwargs.update(context=[tts.encode_segment(s) for s in context], long_form=True)
@@ -132,24 +146,6 @@ def _speak(args) -> int:
     return 0
 
 
-def select_device(device: str | None) -> None:
-    """Pin JAX to the CPU, or check that it has a GPU (before anything touches a device)."""
-    if device is None:
-        return
-    import jax
-
-    if device == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-        return
-    try:
-        backend = jax.default_backend()
-    except RuntimeError as e:
-        raise JaxttsError(f"--device gpu: JAX could not start ({str(e).splitlines()[0]})") from None
-    if backend != "gpu":
-        raise JaxttsError("--device gpu: JAX sees no GPU; install the CUDA build (pip install 'jaxtts[cuda12]') "
-                          "or run with --device cpu")
-
-
 def _env(args) -> int:
     from jaxtts.environment import report
 
@@ -187,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxtts.server import add_serve_parser
 
     add_serve_parser(sub)
+    from jaxtts.voices import add_voice_parser
+
+    add_voice_parser(sub)
     return parser
 
 
@@ -209,6 +208,10 @@ def main(argv=None) -> int:
         from jaxtts.server import run_serve
 
         return run_serve(args)
+    if args.command == "voice":
+        from jaxtts.voices import run_voice
+
+        return run_voice(args)
     if args.command == "finetune":
         from jaxtts.finetune.cli import run_finetune
 

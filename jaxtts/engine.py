@@ -44,8 +44,7 @@ from jaxtts.llama import KVCache
 from jaxtts.mimi import streaming
 from jaxtts.options import DecodeOptions
 from jaxtts.prompt import Segment, text_rows, validate_speaker, validate_text
-from jaxtts.sampling import Sampler, SplitLogits, gumbel_noise
-from jaxtts.sampling import _top_p as top_p_filter  # shared, so that a row filters exactly as TTS does
+from jaxtts.sampling import Sampler, SplitLogits, gumbel_noise, top_p_filter  # rows filter exactly as TTS does
 from jaxtts.tts import (
     FRAME_MS,
     FRAME_SIZE,

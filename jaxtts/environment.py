@@ -1,10 +1,13 @@
-"""`jaxtts env`: what jaxtts finds on this machine, and what is missing with the command that fixes it."""
+"""The machine jaxtts runs on: `jaxtts env` (what it finds, and what is missing with the command that
+fixes it) and `--device` (pinning JAX to the CPU, or checking for a GPU)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
 from pathlib import Path
+
+from jaxtts.errors import JaxttsError
 
 
 def _version(dist: str) -> str | None:
@@ -88,3 +91,21 @@ def report() -> str:
     lines.append("missing" if missing else "missing: nothing")
     lines += [f"  - {m}" for m in missing]
     return "\n".join(lines) + "\n"
+
+
+def select_device(device: str | None) -> None:
+    """Pin JAX to the CPU, or check that it has a GPU (before anything touches a device)."""
+    if device is None:
+        return
+    import jax
+
+    if device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        return
+    try:
+        backend = jax.default_backend()
+    except RuntimeError as e:
+        raise JaxttsError(f"--device gpu: JAX could not start ({str(e).splitlines()[0]})") from None
+    if backend != "gpu":
+        raise JaxttsError("--device gpu: JAX sees no GPU; install the CUDA build (pip install 'jaxtts[cuda12]') "
+                          "or run with --device cpu")

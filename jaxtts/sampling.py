@@ -104,7 +104,7 @@ class Sampler:
         if 0 < self.top_k < logits.shape[-1]:
             logits = jnp.where(top_k_mask(logits, self.top_k, top_k_method), logits, -jnp.inf)
         if self.use_top_p:
-            logits = _top_p(logits, self.top_p)
+            logits = top_p_filter(logits, self.top_p)
         if self.use_min_p:
             probs = jax.nn.softmax(logits, axis=-1)
             keep = probs >= self.min_p * jnp.max(probs, axis=-1, keepdims=True)
@@ -139,7 +139,7 @@ def top_k_mask(logits, k: int, method: str = "sort"):
     return larger < k
 
 
-def _top_p(logits, p):
+def top_p_filter(logits, p):
     """Keep the smallest set of most likely tokens whose probability mass reaches p."""
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)

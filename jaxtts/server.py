@@ -1184,7 +1184,7 @@ def run_serve(args) -> int:
     """Load the model, start the engine, warm it up and serve until interrupted."""
     import os
 
-    from jaxtts.cli import select_device
+    from jaxtts.environment import select_device
 
     try:
         import uvicorn

@@ -51,6 +51,18 @@ class Context:
     def length(self) -> int:
         return len(self.tokens)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write this prepared context (rows and cache) to a directory, atomically."""
+        from jaxtts.voices import save_context
+
+        return save_context(path, self)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Context":
+        from jaxtts.voices import load_context
+
+        return cls(*load_context(path))
+
 
 @dataclass
 class Request:
@@ -326,18 +338,24 @@ class TTS:
         return Request(text=text, speaker=int(speaker), context=context, seed=validation.seed(seed),
                        max_audio_ms=max_audio_ms)
 
-    def stream(self, text: str, speaker: int = 0, context=None, *, max_audio_ms: float = 90_000,
+    def stream(self, text: str, speaker: int | None = None, context=None, *, voice: str | None = None,
+               max_audio_ms: float = 90_000,
                temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
                seed: int | None = None, long_form: bool = False) -> Iterator[np.ndarray]:
         """Yield float32 PCM chunks as frames are generated (the first after `first_chunk_frames`).
 
         Arguments are checked before anything runs (see `generate`)."""
-        return self._stream(text, speaker, context, max_audio_ms=max_audio_ms, temperature=temperature, top_k=top_k,
-                            top_p=top_p, min_p=min_p, seed=seed, long_form=long_form, streaming=True)
+        return self._stream(text, speaker, context, voice=voice, max_audio_ms=max_audio_ms, temperature=temperature,
+                            top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, long_form=long_form, streaming=True)
 
-    def _stream(self, text, speaker, context, *, max_audio_ms, temperature, top_k, top_p, min_p, seed, long_form,
-                streaming: bool) -> Iterator[np.ndarray]:
+    def _stream(self, text, speaker, context, *, voice, max_audio_ms, temperature, top_k, top_p, min_p, seed,
+                long_form, streaming: bool) -> Iterator[np.ndarray]:
         sampler = self._sampler(temperature, top_k, top_p, min_p)
+        if voice is not None:  # a stored voice: its speaker (unless given) and its turns before `context`
+            from jaxtts.voices import with_voice
+
+            speaker, context = with_voice(voice, speaker, context, codec=self.codec)
+        speaker = 0 if speaker is None else speaker
         if validation.boolean("long_form", long_form):
             validate_text(text)
             validate_speaker(speaker)
@@ -349,16 +367,19 @@ class TTS:
         req = self._request(text, speaker, context, seed, max_audio_ms)
         return (pieces[0][0] for pieces in self._run([req], sampler, streaming=streaming) if len(pieces[0][0]))
 
-    def generate(self, text: str, speaker: int = 0, context=None, *, max_audio_ms: float = 90_000,
+    def generate(self, text: str, speaker: int | None = None, context=None, *, voice: str | None = None,
+                 max_audio_ms: float = 90_000,
                  temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
                  seed: int | None = None, long_form: bool = False) -> np.ndarray:
         """Speak `text` as `speaker`, continuing `context`: float32 mono PCM at 24 kHz.
 
+        voice: a stored voice (`jaxtts voice add`): its speaker unless `speaker` is given, and its
+        turns before `context`. speaker: default the voice's, else 0.
         context: a prepared `Context`, a `Segment` or a list of them. seed: unsigned 32-bit, or
         None for a random one. temperature 0 (or top_k 1) is greedy. max_audio_ms: at least one
         80 ms frame; context + text + audio must fit the model's 2048 positions.
         """
-        chunks = list(self._stream(text, speaker, context, max_audio_ms=max_audio_ms, temperature=temperature,
+        chunks = list(self._stream(text, speaker, context, voice=voice, max_audio_ms=max_audio_ms, temperature=temperature,
                                    top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, long_form=long_form,
                                    streaming=False))
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)

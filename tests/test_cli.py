@@ -178,3 +178,23 @@ def test_env_reports_cpu_and_missing_weights(env):
     assert "devices (backend cpu)" in r.stdout and "jax " in r.stdout
     assert "kernels            none: plain XLA" in r.stdout
     assert "CSM   not found" in r.stdout and "jaxtts download" in r.stdout
+
+
+def test_voice_add_then_speak_with_it(weights, env, tmp_path):
+    """jaxtts voice add → speak --voice NAME equals speak with the same turn as --context."""
+    env = dict(env, JAXTTS_CACHE=str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    wav = tmp_path / "me.wav"
+    sf.write(str(wav), (0.1 * rng.standard_normal(3 * 1920)).astype(np.float32), 24000)
+    r = jaxtts("voice", "add", "me", wav, "This is me.", "--speaker", 3, "--codec", weights / "mimi", env=env)
+    assert r.returncode == 0, r.stderr
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    r = jaxtts(*speak_args(weights, a, "Hello again.", "--voice", "me", "--seed", 5, "--max-audio-ms", 320), env=env)
+    assert r.returncode == 0, r.stderr
+    r = jaxtts(*speak_args(weights, b, "Hello again.", "--context", wav, "This is me.", 3, "--speaker", 3,
+                           "--seed", 5, "--max-audio-ms", 320), env=env)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(sf.read(str(a))[0], sf.read(str(b))[0])
+    r = jaxtts(*speak_args(weights, tmp_path / "c.wav", "Hi.", "--voice", "nobody"), env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: no voice named 'nobody' (`jaxtts voice list` shows the stored ones)"], r.stderr

@@ -194,3 +194,18 @@ def test_voice_commands(tmp_path, capsys, segment):
         run_voice(parser.parse_args(["voice", "add", "../x", str(wav), "Hi.", "--random-weights", "--voices", root]))
     with pytest.raises(JaxttsError, match="invalid choice"):
         parser.parse_args(["voice", "rename", "x"])
+
+
+def test_tts_generate_with_a_stored_voice(tmp_path, monkeypatch, tts, segment):
+    """TTS.generate(voice=NAME) speaks as the voice's speaker with its turns first; Context.save/load."""
+    monkeypatch.setenv("JAXTTS_CACHE", str(tmp_path))
+    VoiceStore().add("carol", [segment], codec=tts.codec)
+    kw = dict(seed=6, max_audio_ms=320)
+    want = tts.generate("Hi there.", speaker=1, context=[segment], **kw)
+    np.testing.assert_array_equal(tts.generate("Hi there.", voice="carol", **kw), want)
+    with pytest.raises(JaxttsError, match="no voice named"):
+        tts.generate("Hi there.", voice="nobody", **kw)
+    ctx = tts.prepare_context([segment])
+    ctx.save(tmp_path / "ctx")
+    np.testing.assert_array_equal(tts.generate("Hi there.", speaker=1, context=Context.load(tmp_path / "ctx"), **kw),
+                                  want)
