@@ -23,7 +23,7 @@ $(STAMP): $(RUNTIME)
 
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
 
 # The tests marked `gpu` (the Pallas kernels compiled through Triton instead of interpreted; see

@@ -27,12 +27,18 @@ import time
 
 import numpy as np
 
-TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far away into the forest "
-        "to find its friends.")
-COLUMNS = [("clients", "clients", "{:d}"), ("TTFA p50", "ttfa_p50_s", "{:.3f} s"),
-           ("TTFA p95", "ttfa_p95_s", "{:.3f} s"), ("slowest RTF", "slowest_rtf", "{:.3f}"),
-           ("aggregate ×RT", "aggregate_x_realtime", "{:.2f}"), ("audio", "audio_s_total", "{:.1f} s"),
-           ("wall", "wall_s", "{:.1f} s"), ("failed", "failed", "{:d}"), ("compiles", "compilations", "{:d}")]
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest to find its friends."
+COLUMNS = [
+    ("clients", "clients", "{:d}"),
+    ("TTFA p50", "ttfa_p50_s", "{:.3f} s"),
+    ("TTFA p95", "ttfa_p95_s", "{:.3f} s"),
+    ("slowest RTF", "slowest_rtf", "{:.3f}"),
+    ("aggregate ×RT", "aggregate_x_realtime", "{:.2f}"),
+    ("audio", "audio_s_total", "{:.1f} s"),
+    ("wall", "wall_s", "{:.1f} s"),
+    ("failed", "failed", "{:d}"),
+    ("compiles", "compilations", "{:d}"),
+]
 
 
 def _client(engine, delay_s: float, start: float, request: dict, record: dict) -> None:
@@ -67,10 +73,19 @@ def run_clients(engine, n: int, *, audio_s: float, ramp_s: float, seed: int, tex
     records = [{} for _ in range(n)]
     before = engine.compilations
     start = time.monotonic()
-    threads = [threading.Thread(target=_client, args=(engine, float(d), start,
-                                                      dict(text=text, seed=seed * 100_003 + i,
-                                                           max_audio_ms=audio_s * 1000), records[i]))
-               for i, d in enumerate(delays)]
+    threads = [
+        threading.Thread(
+            target=_client,
+            args=(
+                engine,
+                float(d),
+                start,
+                dict(text=text, seed=seed * 100_003 + i, max_audio_ms=audio_s * 1000),
+                records[i],
+            ),
+        )
+        for i, d in enumerate(delays)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -79,19 +94,28 @@ def run_clients(engine, n: int, *, audio_s: float, ramp_s: float, seed: int, tex
     ttfa = np.array([r["first"] - r["submitted"] for r in ok]) if ok else np.array([np.nan])
     total_audio = sum(r["audio_s"] for r in ok)
     end = max((r["last"] for r in ok), default=start)
-    return {"clients": n, "completed": len(ok), "failed": n - len(ok),
-            "ttfa_p50_s": float(np.percentile(ttfa, 50)), "ttfa_p95_s": float(np.percentile(ttfa, 95)),
-            "slowest_rtf": max(((r["last"] - r["submitted"]) / r["audio_s"] for r in ok if r["audio_s"]),
-                               default=float("nan")),
-            "aggregate_x_realtime": total_audio / max(end - start, 1e-9), "audio_s_total": total_audio,
-            "wall_s": end - start, "compilations": engine.compilations - before,
-            "errors": sorted({r["error"] for r in records if "error" in r})[:3]}
+    return {
+        "clients": n,
+        "completed": len(ok),
+        "failed": n - len(ok),
+        "ttfa_p50_s": float(np.percentile(ttfa, 50)),
+        "ttfa_p95_s": float(np.percentile(ttfa, 95)),
+        "slowest_rtf": max(
+            ((r["last"] - r["submitted"]) / r["audio_s"] for r in ok if r["audio_s"]), default=float("nan")
+        ),
+        "aggregate_x_realtime": total_audio / max(end - start, 1e-9),
+        "audio_s_total": total_audio,
+        "wall_s": end - start,
+        "compilations": engine.compilations - before,
+        "errors": sorted({r["error"] for r in records if "error" in r})[:3],
+    }
 
 
 def measure(engine, clients, *, audio_s: float, ramp_s: float = 1.0, seed: int = 0, text: str = TEXT) -> list[dict]:
     """A row per client count (runs one after another on the same warm engine)."""
-    return [run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text)
-            for k, n in enumerate(clients)]
+    return [
+        run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text) for k, n in enumerate(clients)
+    ]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -117,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=_positive_ints, default=[1, 64, 256], help="comma list of client counts")
     p.add_argument("--audio-s", type=float, default=10.0, help="seconds of audio per request (max_audio_ms)")
     p.add_argument("--ramp-s", type=float, default=1.0, help="mean span of the Poisson arrivals (default 1 s)")
-    p.add_argument("--preset", default="csm-1b", choices=["csm-1b", "tiny"],
-                   help="model size; tiny implies random weights (a CPU smoke run)")
+    p.add_argument(
+        "--preset",
+        default="csm-1b",
+        choices=["csm-1b", "tiny"],
+        help="model size; tiny implies random weights (a CPU smoke run)",
+    )
     p.add_argument("--random-weights", action="store_true", help="CSM-1B with random weights (no download)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the largest client count)")
@@ -137,8 +165,7 @@ def build_engine(args):
         from jaxtts.mimi import Mimi
         from jaxtts.tts import TTS
 
-        tts = TTS(CSM.random(CSM_TINY, dtype=args.dtype or "float32", seed=1), Mimi.random(seed=0),
-                  max_silence_ms=None)
+        tts = TTS(CSM.random(CSM_TINY, dtype=args.dtype or "float32", seed=1), Mimi.random(seed=0), max_silence_ms=None)
     else:
         import jaxtts
 

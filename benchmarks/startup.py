@@ -27,8 +27,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-audio-ms", type=float, default=3000)
     p.add_argument("--context-s", type=float, default=10.0)
     p.add_argument("--json", default=None)
-    p.add_argument("--encode-ab", action="store_true",
-                   help="also compile and time Mimi's encoder with XLA's GPU autotuning off (level 0) vs default")
+    p.add_argument(
+        "--encode-ab",
+        action="store_true",
+        help="also compile and time Mimi's encoder with XLA's GPU autotuning off (level 0) vs default",
+    )
     args = p.parse_args(argv)
 
     phases: dict[str, float] = {}
@@ -107,8 +110,10 @@ def main(argv=None) -> int:
     x = jax.ShapeDtypeStruct((1, frames * 1920, 1), jax.numpy.float32)
     ma = mimi_codec._encode.lower(codec.params, x, cfg=codec.config).compile().memory_analysis()
     if ma is not None:
-        print(f"Mimi encode, {frames} frames: temp {ma.temp_size_in_bytes / 2**30:.2f} GiB, "
-              f"arguments {ma.argument_size_in_bytes / 2**30:.2f} GiB")
+        print(
+            f"Mimi encode, {frames} frames: temp {ma.temp_size_in_bytes / 2**30:.2f} GiB, "
+            f"arguments {ma.argument_size_in_bytes / 2**30:.2f} GiB"
+        )
     if args.encode_ab:
         from jaxtts.mimi import model as mimi_model
 
@@ -122,15 +127,22 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             for _ in range(5):
                 exe(codec.params, wav).block_until_ready()
-            print(f"Mimi encode {frames} frames, {name}: compile {compile_s:.2f} s, run {(time.perf_counter() - t) / 5 * 1000:.1f} ms")
+            print(
+                f"Mimi encode {frames} frames, {name}: compile {compile_s:.2f} s, run {(time.perf_counter() - t) / 5 * 1000:.1f} ms"
+            )
     total = round(time.perf_counter() - T0, 3)
     print(f"{'total':<34} {total:8.2f} s")
     print(f"audio: {len(audio) / 24000:.2f} s; compilations in the first generate: {n_first}")
     for name, secs in compiles:
         print(f"  {secs:7.2f} s  {name}")
     if args.json:
-        res = dict(device=str(jax.devices()[0].device_kind), phases=phases, compiles=compiles, total_s=total,
-                   jax=jax.__version__)
+        res = dict(
+            device=str(jax.devices()[0].device_kind),
+            phases=phases,
+            compiles=compiles,
+            total_s=total,
+            jax=jax.__version__,
+        )
         text = json.dumps(res, indent=1)
         sys.stdout.write(text + "\n") if args.json == "-" else open(args.json, "w").write(text)
     return 0

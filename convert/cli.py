@@ -14,7 +14,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     csm = sub.add_parser("csm", help="convert a CSM checkpoint (original model.safetensors or transformers format)")
     csm.add_argument("src", help="model.safetensors, a transformers checkpoint file/directory, or a sharded index")
     csm.add_argument("out", help="output directory (must not exist unless --overwrite)")
-    csm.add_argument("--config", help="JSON file (or inline JSON) with the sizes; required unless the checkpoint is CSM-1B")
+    csm.add_argument(
+        "--config", help="JSON file (or inline JSON) with the sizes; required unless the checkpoint is CSM-1B"
+    )
     csm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored parameter dtype")
     csm.add_argument("--allow-pickle", action="store_true", help="read .pt pickles with torch (weights_only=True)")
     mimi = sub.add_parser("mimi", help="convert a Mimi codec checkpoint (moshi or transformers kyutai/mimi format)")
@@ -43,8 +45,15 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "csm":
         from convert.csm import convert_csm
 
-        out = convert_csm(args.src, args.out, config=load_config_arg(args.config), dtype=args.dtype,
-                          overwrite=args.overwrite, progress=not args.quiet, allow_pickle=args.allow_pickle)
+        out = convert_csm(
+            args.src,
+            args.out,
+            config=load_config_arg(args.config),
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            allow_pickle=args.allow_pickle,
+        )
     else:
         from convert.mimi import convert_mimi
 

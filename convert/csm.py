@@ -23,13 +23,28 @@ from jaxtts.errors import JaxttsError
 
 # Per-layer names in each layout: our name → source suffix.
 _LAYER_NAMES = {
-    "original": {"q": "attn.q_proj.weight", "k": "attn.k_proj.weight", "v": "attn.v_proj.weight",
-                 "o": "attn.output_proj.weight", "gate": "mlp.w1.weight", "up": "mlp.w3.weight",
-                 "down": "mlp.w2.weight", "attn_norm": "sa_norm.scale", "mlp_norm": "mlp_norm.scale"},
-    "transformers": {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
-                     "o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
-                     "down": "mlp.down_proj.weight", "attn_norm": "input_layernorm.weight",
-                     "mlp_norm": "post_attention_layernorm.weight"},
+    "original": {
+        "q": "attn.q_proj.weight",
+        "k": "attn.k_proj.weight",
+        "v": "attn.v_proj.weight",
+        "o": "attn.output_proj.weight",
+        "gate": "mlp.w1.weight",
+        "up": "mlp.w3.weight",
+        "down": "mlp.w2.weight",
+        "attn_norm": "sa_norm.scale",
+        "mlp_norm": "mlp_norm.scale",
+    },
+    "transformers": {
+        "q": "self_attn.q_proj.weight",
+        "k": "self_attn.k_proj.weight",
+        "v": "self_attn.v_proj.weight",
+        "o": "self_attn.o_proj.weight",
+        "gate": "mlp.gate_proj.weight",
+        "up": "mlp.up_proj.weight",
+        "down": "mlp.down_proj.weight",
+        "attn_norm": "input_layernorm.weight",
+        "mlp_norm": "post_attention_layernorm.weight",
+    },
 }
 _STACKS = {
     "original": {"backbone": "backbone.", "decoder": "decoder."},
@@ -38,14 +53,23 @@ _STACKS = {
 _NORM = {"original": "norm.scale", "transformers": "norm.weight"}
 # Top-level tensors: our name → candidate source names (first present wins).
 _TOP = {
-    "original": {"text_embeddings": ["text_embeddings.weight"], "audio_embeddings": ["audio_embeddings.weight"],
-                 "projection": ["projection.weight"], "codebook0_head": ["codebook0_head.weight"],
-                 "audio_head": ["audio_head"]},
-    "transformers": {"text_embeddings": ["embed_text_tokens.weight", "backbone_model.embed_tokens.embed_text_tokens.weight"],
-                     "audio_embeddings": ["backbone_model.embed_tokens.embed_audio_tokens.weight",
-                                          "depth_decoder.model.embed_tokens.weight"],
-                     "projection": ["depth_decoder.model.inputs_embeds_projector.weight"],
-                     "codebook0_head": ["lm_head.weight"], "audio_head": ["depth_decoder.codebooks_head.weight"]},
+    "original": {
+        "text_embeddings": ["text_embeddings.weight"],
+        "audio_embeddings": ["audio_embeddings.weight"],
+        "projection": ["projection.weight"],
+        "codebook0_head": ["codebook0_head.weight"],
+        "audio_head": ["audio_head"],
+    },
+    "transformers": {
+        "text_embeddings": ["embed_text_tokens.weight", "backbone_model.embed_tokens.embed_text_tokens.weight"],
+        "audio_embeddings": [
+            "backbone_model.embed_tokens.embed_audio_tokens.weight",
+            "depth_decoder.model.embed_tokens.weight",
+        ],
+        "projection": ["depth_decoder.model.inputs_embeds_projector.weight"],
+        "codebook0_head": ["lm_head.weight"],
+        "audio_head": ["depth_decoder.codebooks_head.weight"],
+    },
 }
 
 
@@ -57,8 +81,10 @@ def detect_format(names) -> str:
         return "transformers"
     if any(n.startswith(("encoder.", "decoder.model.", "quantizer.")) for n in names):
         raise JaxttsError("this looks like a Mimi codec checkpoint; convert it with `jaxtts-convert mimi`")
-    raise JaxttsError("not a CSM checkpoint: expected original (`backbone.layers.*`, `audio_head`) or "
-                      "transformers (`backbone_model.*`, `depth_decoder.*`) tensor names")
+    raise JaxttsError(
+        "not a CSM checkpoint: expected original (`backbone.layers.*`, `audio_head`) or "
+        "transformers (`backbone_model.*`, `depth_decoder.*`) tensor names"
+    )
 
 
 def _first(tf: TensorFile, candidates: list[str]) -> str:
@@ -83,16 +109,17 @@ def infer_dims(tf: TensorFile, fmt: str) -> dict:
     top = {k: _first(tf, v) for k, v in _TOP[fmt].items()}
     text_vocab, d_bb = tf.shape(top["text_embeddings"])
     heads_minus_one, d_dec, audio_vocab = tf.shape(top["audio_head"])
-    dims = {"text_vocab_size": text_vocab, "audio_vocab_size": audio_vocab,
-            "audio_num_codebooks": heads_minus_one + 1}
+    dims = {"text_vocab_size": text_vocab, "audio_vocab_size": audio_vocab, "audio_num_codebooks": heads_minus_one + 1}
     for stack in ("backbone", "decoder"):
         prefix = _STACKS[fmt][stack]
         gate = f"{prefix}layers.0.{_LAYER_NAMES[fmt]['gate']}"
         if gate not in tf:
             raise JaxttsError(f"checkpoint is missing tensor {gate!r}")
-        dims[stack] = {"num_layers": _num_layers(tf.keys(), prefix),
-                       "embed_dim": d_bb if stack == "backbone" else d_dec,
-                       "intermediate_dim": tf.shape(gate)[0]}
+        dims[stack] = {
+            "num_layers": _num_layers(tf.keys(), prefix),
+            "embed_dim": d_bb if stack == "backbone" else d_dec,
+            "intermediate_dim": tf.shape(gate)[0],
+        }
     return dims
 
 
@@ -106,8 +133,10 @@ def _matches(cfg: CSMConfig, dims: dict) -> bool:
 
 def _describe(dims: dict) -> str:
     b, d = dims["backbone"], dims["decoder"]
-    return (f"backbone {b['num_layers']} layers × {b['embed_dim']}, decoder {d['num_layers']} layers × "
-            f"{d['embed_dim']}, {dims['audio_num_codebooks']} codebooks")
+    return (
+        f"backbone {b['num_layers']} layers × {b['embed_dim']}, decoder {d['num_layers']} layers × "
+        f"{d['embed_dim']}, {dims['audio_num_codebooks']} codebooks"
+    )
 
 
 def interleaved_to_halves(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -157,8 +186,10 @@ def _stack_params(read: _Reader, fmt: str, stack: str, cfg) -> dict:
             "attn_norm": {"scale": read(p + names["attn_norm"], (d,))},
             "attn": {"qkv": np.concatenate([q.T, k.T, v.T], axis=1), "out": read(p + names["o"], (d, h * hd)).T},
             "mlp_norm": {"scale": read(p + names["mlp_norm"], (d,))},
-            "mlp": {"gate_up": np.concatenate([read(p + names["gate"], (i, d)).T, read(p + names["up"], (i, d)).T], axis=1),
-                    "down": read(p + names["down"], (d, i)).T},
+            "mlp": {
+                "gate_up": np.concatenate([read(p + names["gate"], (i, d)).T, read(p + names["up"], (i, d)).T], axis=1),
+                "down": read(p + names["down"], (d, i)).T,
+            },
         }
     return {"layers": layers, "norm": {"scale": read(prefix + _NORM[fmt], (d,))}}
 
@@ -167,16 +198,19 @@ def num_tensors(cfg: CSMConfig) -> int:
     return 5 + 9 * (cfg.backbone.num_layers + cfg.decoder.num_layers) + 2
 
 
-def read_csm_checkpoint(src: str | os.PathLike, config: CSMConfig | None = None, *, allow_pickle: bool = False,
-                        progress: bool = False) -> tuple[CSMConfig, dict]:
+def read_csm_checkpoint(
+    src: str | os.PathLike, config: CSMConfig | None = None, *, allow_pickle: bool = False, progress: bool = False
+) -> tuple[CSMConfig, dict]:
     """Read an original or transformers CSM checkpoint into (config, parameter dict of float32 arrays)."""
     tf = open_checkpoint(src, allow_pickle=allow_pickle)
     fmt = detect_format(tf.keys())
     dims = infer_dims(tf, fmt)
     if config is None:
         if not _matches(CSM_1B, dims):
-            raise JaxttsError(f"checkpoint is not CSM-1B ({_describe(dims)}); pass --config with its sizes "
-                              "(JSON keys as the torchtune builder: backbone/decoder num_layers, num_heads, ...)")
+            raise JaxttsError(
+                f"checkpoint is not CSM-1B ({_describe(dims)}); pass --config with its sizes "
+                "(JSON keys as the torchtune builder: backbone/decoder num_layers, num_heads, ...)"
+            )
         config = CSM_1B
     cfg = config
     nb, vocab = cfg.audio_num_codebooks, cfg.audio_vocab_size
@@ -200,8 +234,16 @@ def read_csm_checkpoint(src: str | os.PathLike, config: CSMConfig | None = None,
     return cfg, params
 
 
-def convert_csm(src, out, *, config: CSMConfig | None = None, dtype: str = "float32", overwrite: bool = False,
-                progress: bool = True, allow_pickle: bool = False) -> Path:
+def convert_csm(
+    src,
+    out,
+    *,
+    config: CSMConfig | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+) -> Path:
     """Convert SRC into a jaxtts directory OUT (config.json + Orbax params), atomically."""
     import ml_dtypes
 

@@ -25,28 +25,52 @@ from jaxtts.mimi.model import param_specs
 # Per-layout names. SEANet modules are numbered as in moshi's nn.Sequential (ELUs take numbers too).
 _LAYOUTS = {
     "moshi": {
-        "seanet": "{side}.model.{n}", "conv": ".conv.conv", "convtr": ".convtr.convtr",
+        "seanet": "{side}.model.{n}",
+        "conv": ".conv.conv",
+        "convtr": ".convtr.convtr",
         "transformer": "{side}_transformer.transformer.layers.{i}.",
-        "downsample": "downsample.conv.conv.conv", "upsample": "upsample.convtr.convtr.convtr",
+        "downsample": "downsample.conv.conv.conv",
+        "upsample": "upsample.convtr.convtr.convtr",
         "rvq": {"semantic": "quantizer.rvq_first.", "acoustic": "quantizer.rvq_rest."},
-        "codebook": "vq.layers.{i}._codebook.", "embedding_sum": "embedding_sum",
-        "layer": {"norm1": "norm1", "norm2": "norm2", "ff1": "linear1.weight", "ff2": "linear2.weight",
-                  "scale1": "layer_scale_1.scale", "scale2": "layer_scale_2.scale",
-                  # the released file fuses q/k/v; a live moshi state_dict names them in_projs.0 / out_projs.0
-                  "qkv": ["self_attn.in_proj_weight", "self_attn.in_projs.0.weight"],
-                  "out": ["self_attn.out_proj.weight", "self_attn.out_projs.0.weight"]},
+        "codebook": "vq.layers.{i}._codebook.",
+        "embedding_sum": "embedding_sum",
+        "layer": {
+            "norm1": "norm1",
+            "norm2": "norm2",
+            "ff1": "linear1.weight",
+            "ff2": "linear2.weight",
+            "scale1": "layer_scale_1.scale",
+            "scale2": "layer_scale_2.scale",
+            # the released file fuses q/k/v; a live moshi state_dict names them in_projs.0 / out_projs.0
+            "qkv": ["self_attn.in_proj_weight", "self_attn.in_projs.0.weight"],
+            "out": ["self_attn.out_proj.weight", "self_attn.out_projs.0.weight"],
+        },
     },
     "transformers": {
-        "seanet": "{side}.layers.{n}", "conv": ".conv", "convtr": ".conv",
+        "seanet": "{side}.layers.{n}",
+        "conv": ".conv",
+        "convtr": ".conv",
         "transformer": "{side}_transformer.layers.{i}.",
-        "downsample": "downsample.conv", "upsample": "upsample.conv",
-        "rvq": {"semantic": "quantizer.semantic_residual_vector_quantizer.",
-                "acoustic": "quantizer.acoustic_residual_vector_quantizer."},
-        "codebook": "layers.{i}.codebook.", "embedding_sum": "embed_sum",
-        "layer": {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "ff1": "mlp.fc1.weight",
-                  "ff2": "mlp.fc2.weight", "scale1": "self_attn_layer_scale.scale",
-                  "scale2": "mlp_layer_scale.scale", "q": "self_attn.q_proj.weight",
-                  "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight", "out": "self_attn.o_proj.weight"},
+        "downsample": "downsample.conv",
+        "upsample": "upsample.conv",
+        "rvq": {
+            "semantic": "quantizer.semantic_residual_vector_quantizer.",
+            "acoustic": "quantizer.acoustic_residual_vector_quantizer.",
+        },
+        "codebook": "layers.{i}.codebook.",
+        "embedding_sum": "embed_sum",
+        "layer": {
+            "norm1": "input_layernorm",
+            "norm2": "post_attention_layernorm",
+            "ff1": "mlp.fc1.weight",
+            "ff2": "mlp.fc2.weight",
+            "scale1": "self_attn_layer_scale.scale",
+            "scale2": "mlp_layer_scale.scale",
+            "q": "self_attn.q_proj.weight",
+            "k": "self_attn.k_proj.weight",
+            "v": "self_attn.v_proj.weight",
+            "out": "self_attn.o_proj.weight",
+        },
     },
 }
 
@@ -62,8 +86,10 @@ def detect_layout(names) -> str:
         return "transformers"
     if any(n.startswith(("backbone.layers.", "backbone_model.", "depth_decoder.")) or n == "audio_head" for n in names):
         raise JaxttsError("this looks like a CSM checkpoint, not Mimi; convert it with `jaxtts-convert csm`")
-    raise JaxttsError("not a Mimi checkpoint: expected moshi (`quantizer.rvq_first.*`, `encoder.model.*`) or "
-                      "transformers (`quantizer.semantic_residual_vector_quantizer.*`) tensor names")
+    raise JaxttsError(
+        "not a Mimi checkpoint: expected moshi (`quantizer.rvq_first.*`, `encoder.model.*`) or "
+        "transformers (`quantizer.semantic_residual_vector_quantizer.*`) tensor names"
+    )
 
 
 def halves_to_interleaved(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -123,8 +149,10 @@ def _seanet(read: _Reader, lay: dict, side: str, spec: dict, cfg: MimiConfig) ->
         return lay["seanet"].format(side=side, n=n) + sub
 
     def res(n, sp):
-        return {"conv1": read.conv(name(n, ".block.1" + lay["conv"]), sp["conv1"]),
-                "conv2": read.conv(name(n, ".block.3" + lay["conv"]), sp["conv2"])}
+        return {
+            "conv1": read.conv(name(n, ".block.1" + lay["conv"]), sp["conv1"]),
+            "conv2": read.conv(name(n, ".block.3" + lay["conv"]), sp["conv2"]),
+        }
 
     out = {"conv_in": read.conv(name(0, lay["conv"]), spec["conv_in"]), "blocks": {}}
     n = 1
@@ -184,9 +212,11 @@ def _quantizer(read: _Reader, lay: dict, spec: dict, cfg: MimiConfig) -> dict:
             emb_sum = read(c + lay["embedding_sum"], (bins, q))
             usage = read(c + "cluster_usage", (bins,))
             words.append(emb_sum / np.maximum(usage, np.float32(cfg.codebook_eps))[:, None])
-        out[part] = {"in_proj": read(p + "input_proj.weight", (q, d, 1))[:, :, 0].T,
-                     "out_proj": read(p + "output_proj.weight", (d, q, 1))[:, :, 0].T,
-                     "codebooks": np.stack(words)}
+        out[part] = {
+            "in_proj": read(p + "input_proj.weight", (q, d, 1))[:, :, 0].T,
+            "out_proj": read(p + "output_proj.weight", (d, q, 1))[:, :, 0].T,
+            "codebooks": np.stack(words),
+        }
     return out
 
 
@@ -213,8 +243,10 @@ def read_mimi_checkpoint(src: str | os.PathLike, *, progress: bool = False) -> t
     weights = [n for n in tf.keys() if not n.endswith(_IGNORED_SUFFIXES)]
     unexpected = sorted(set(weights) - dry.used)
     if unexpected:
-        raise JaxttsError(f"checkpoint has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all); "
-                          f"it does not match the {layout} Mimi layout")
+        raise JaxttsError(
+            f"checkpoint has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all); "
+            f"it does not match the {layout} Mimi layout"
+        )
     with tqdm(total=len(dry.used), desc=f"reading Mimi ({layout})", unit="tensor", disable=not progress) as bar:
         params = build(_Reader(tf, bar))
     return cfg, params

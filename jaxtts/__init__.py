@@ -4,8 +4,8 @@ from jaxtts.config import CSM_1B, CSMConfig, LlamaConfig
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
 from jaxtts.generation import generate_frames
-from jaxtts.prompt import Segment
 from jaxtts.options import DecodeOptions, default_options
+from jaxtts.prompt import Segment
 from jaxtts.sampling import Sampler
 from jaxtts.tts import TTS, Context, Request, load
 
@@ -19,6 +19,21 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["CSM", "CSM_1B", "CSMConfig", "Context", "DecodeOptions", "JaxttsError", "LlamaConfig", "Mimi", "Request", "Sampler",
-           "Segment", "TTS", "default_options", "generate_frames", "load"]
+__all__ = [
+    "CSM",
+    "CSM_1B",
+    "CSMConfig",
+    "Context",
+    "DecodeOptions",
+    "JaxttsError",
+    "LlamaConfig",
+    "Mimi",
+    "Request",
+    "Sampler",
+    "Segment",
+    "TTS",
+    "default_options",
+    "generate_frames",
+    "load",
+]
 __version__ = "0.1.0"

@@ -11,7 +11,6 @@ Softmax is accumulated in float32; the output has q's dtype.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxtts.options import ATTENTION_IMPLS

@@ -163,4 +163,3 @@ class StreamingAudioWriter:
             self.close()
         else:
             self.abort()
-

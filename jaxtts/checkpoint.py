@@ -92,9 +92,7 @@ def read_params(directory: str | os.PathLike, abstract: dict, dtype=None) -> dic
     """Restore the parameter tree; `abstract` gives the expected shapes (ShapeDtypeStructs)."""
     import orbax.checkpoint as ocp
 
-    target = _stringify_keys(
-        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype), abstract)
-    )
+    target = _stringify_keys(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype), abstract))
     try:
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore((Path(directory) / "params").absolute(), target)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from jaxtts import defaults
 from jaxtts.errors import ArgumentParser, JaxttsError, cli_entry
@@ -13,31 +12,52 @@ from jaxtts.errors import ArgumentParser, JaxttsError, cli_entry
 def _add_speak(sub):
     p = sub.add_parser("speak", help="speak TEXT into an audio file")
     p.add_argument("text", nargs="?", help="what to say (omit with --interactive)")
-    p.add_argument("-o", "--output", default="out.wav",
-                   help="output file; the extension picks the format: .wav .flac .ogg .opus .mp3 "
-                        "('-' writes WAV to stdout; default out.wav)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="out.wav",
+        help="output file; the extension picks the format: .wav .flac .ogg .opus .mp3 "
+        "('-' writes WAV to stdout; default out.wav)",
+    )
     p.add_argument("--model", help="converted CSM directory or checkpoint (default: jaxtts / Hugging Face cache)")
     p.add_argument("--codec", help="converted Mimi directory or checkpoint (default: caches)")
     p.add_argument("--speaker", type=int, default=None, help="speaker id (default: the voice's, else 0)")
     p.add_argument("--voice", help="a stored voice (jaxtts voice add): its speaker and turns come first")
-    p.add_argument("--context", nargs=3, action="append", metavar=("AUDIO", "TEXT", "SPEAKER"), default=[],
-                   help="a voice-prompt turn: audio file, its transcript, its speaker (repeatable)")
+    p.add_argument(
+        "--context",
+        nargs=3,
+        action="append",
+        metavar=("AUDIO", "TEXT", "SPEAKER"),
+        default=[],
+        help="a voice-prompt turn: audio file, its transcript, its speaker (repeatable)",
+    )
     p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0 is greedy (default 0.9)")
     p.add_argument("--top-k", type=int, default=defaults.TOP_K)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--max-audio-ms", type=float, default=defaults.MAX_AUDIO_MS)
     p.add_argument("--seed", type=int, default=None, help="unsigned 32-bit; fix for reproducible output")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                   help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--attention", default=None, choices=["xla", "pallas"],
-                   help="attention implementation (default: pallas on GPU, xla elsewhere)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float32"],
+        help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    p.add_argument(
+        "--attention",
+        default=None,
+        choices=["xla", "pallas"],
+        help="attention implementation (default: pallas on GPU, xla elsewhere)",
+    )
     p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="where to run (default: GPU if JAX has one)")
     p.add_argument("--long-form", action="store_true", help="split long text into sentences, each continuing the last")
     p.add_argument("--stream", action="store_true", help="write the file progressively as audio is generated")
     p.add_argument("--interactive", action="store_true", help="speak each line typed (model loaded once)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="random full-size weights to check an install: the output is noise")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random full-size weights to check an install: the output is noise",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -99,15 +119,28 @@ def _speak(args) -> int:
 
     if args.random_weights:
         print("note: --random-weights: full-size random weights, the output is noise", file=sys.stderr)
-    tts = TTS.load(args.model, args.codec, dtype=args.dtype, random_weights=args.random_weights,
-                   progress=not args.quiet, attention=args.attention)
+    tts = TTS.load(
+        args.model,
+        args.codec,
+        dtype=args.dtype,
+        random_weights=args.random_weights,
+        progress=not args.quiet,
+        attention=args.attention,
+    )
     speaker = 0 if args.speaker is None else args.speaker
     if args.voice is not None:
         from jaxtts.voices import with_voice
 
         speaker, context = with_voice(args.voice, args.speaker, context, codec=tts.codec)
-    kwargs = dict(speaker=speaker, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    kwargs = dict(
+        speaker=speaker,
+        max_audio_ms=args.max_audio_ms,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+    )
     if args.long_form:  # each sentence re-prefills; the voice prompt is encoded once, here
         kwargs.update(context=[tts.encode_segment(s) for s in context], long_form=True)
     else:

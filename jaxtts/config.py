@@ -34,7 +34,9 @@ class LlamaConfig:
         if self.embed_dim % self.num_heads:
             raise JaxttsError(f"{name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise JaxttsError(f"{name}: num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+            raise JaxttsError(
+                f"{name}: num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
+            )
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class CSMConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CSMConfig":
+    def from_dict(cls, d: dict) -> CSMConfig:
         try:
             fields = {f.name for f in dataclasses.fields(LlamaConfig)}
             llama = {}
@@ -72,7 +74,7 @@ class CSMConfig:
         return cfg
 
     @classmethod
-    def from_json(cls, text: str) -> "CSMConfig":
+    def from_json(cls, text: str) -> CSMConfig:
         try:
             return cls.from_dict(json.loads(text))
         except ValueError as e:
@@ -91,18 +93,20 @@ class CSMConfig:
 
 
 CSM_1B = CSMConfig(
-    backbone=LlamaConfig(num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048,
-                         intermediate_dim=8192, max_seq_len=2048),
-    decoder=LlamaConfig(num_layers=4, num_heads=8, num_kv_heads=2, embed_dim=1024,
-                        intermediate_dim=8192, max_seq_len=32),
+    backbone=LlamaConfig(
+        num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192, max_seq_len=2048
+    ),
+    decoder=LlamaConfig(
+        num_layers=4, num_heads=8, num_kv_heads=2, embed_dim=1024, intermediate_dim=8192, max_seq_len=32
+    ),
 )
 
 # Small sizes for tests and experiments: non-default dims, several layers, GQA with kv < heads.
 CSM_TINY = CSMConfig(
-    backbone=LlamaConfig(num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64,
-                         intermediate_dim=160, max_seq_len=256),
-    decoder=LlamaConfig(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=48,
-                        intermediate_dim=96, max_seq_len=32),
+    backbone=LlamaConfig(
+        num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=160, max_seq_len=256
+    ),
+    decoder=LlamaConfig(num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=48, intermediate_dim=96, max_seq_len=32),
     text_vocab_size=128_256,
     audio_vocab_size=2051,
     audio_num_codebooks=32,

@@ -84,8 +84,9 @@ class CSM(nnx.Module):
         with jax.named_scope("depth"):
             return self.decoder(dense(inputs, self.projection[...], opts), start, cache, opts=opts)
 
-    def decoder_step_logits(self, inputs, start, cache: KVCache, codebook, *, opts: DecodeOptions = XLA,
-                            projected=False):
+    def decoder_step_logits(
+        self, inputs, start, cache: KVCache, codebook, *, opts: DecodeOptions = XLA, projected=False
+    ):
         """One depth-decoder step over inputs [B,1,D_bb] (or [B,1,D_dec] already `projected`) at
         positions start, then the logits of `codebook` (≥ 1, may be traced): (logits, cache).
 
@@ -100,9 +101,14 @@ class CSM(nnx.Module):
                 dec = self.decoder
                 h, cache = dec.fused_step(x, start, cache, opts, final_norm=False)
                 head = self.audio_head[...]
-                parts, ss = norm_matvec(h, dec.norm.scale[...], head,
-                                        w_index=jnp.reshape(codebook - 1, (1,)).astype(jnp.int32),
-                                        config=matvec_config(opts, h.shape[0], head), interpret=opts.interpret)
+                parts, ss = norm_matvec(
+                    h,
+                    dec.norm.scale[...],
+                    head,
+                    w_index=jnp.reshape(codebook - 1, (1,)).astype(jnp.int32),
+                    config=matvec_config(opts, h.shape[0], head),
+                    interpret=opts.interpret,
+                )
                 return SplitLogits(parts, ss, dec.cfg.embed_dim, dec.cfg.norm_eps), cache
             h, cache = self.decoder(x, start, cache, opts=opts)
             return self.codebook_logits(h[:, -1], codebook), cache
@@ -124,7 +130,7 @@ class CSM(nnx.Module):
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def random(cls, cfg: CSMConfig, *, dtype="float32", seed: int = 0) -> "CSM":
+    def random(cls, cfg: CSMConfig, *, dtype="float32", seed: int = 0) -> CSM:
         """Random weights (for tests, benchmarks and checking an install without weights).
 
         Built inside one jit: eagerly, each parameter's draw would be its own small compilation.
@@ -132,12 +138,12 @@ class CSM(nnx.Module):
         return nnx.jit(lambda: cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed)))()
 
     @classmethod
-    def abstract(cls, cfg: CSMConfig, dtype="float32") -> "CSM":
+    def abstract(cls, cfg: CSMConfig, dtype="float32") -> CSM:
         """The model with ShapeDtypeStructs instead of arrays (no memory allocated)."""
         return nnx.eval_shape(lambda: cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(0)))
 
     @classmethod
-    def from_params(cls, cfg: CSMConfig, params: dict, dtype="float32") -> "CSM":
+    def from_params(cls, cfg: CSMConfig, params: dict, dtype="float32") -> CSM:
         """Build from a nested dict of arrays shaped like `param_dict(model)`; shapes are checked."""
         target = resolve_dtype(dtype)
         model = cls.abstract(cfg, target)
@@ -147,7 +153,9 @@ class CSM(nnx.Module):
             if name not in given:
                 raise JaxttsError(f"parameter {name} is missing")
             if tuple(given[name].shape) != tuple(spec.shape):
-                raise JaxttsError(f"parameter {name} has shape {tuple(given[name].shape)}, expected {tuple(spec.shape)}")
+                raise JaxttsError(
+                    f"parameter {name} has shape {tuple(given[name].shape)}, expected {tuple(spec.shape)}"
+                )
         state = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype=target), params))
         nnx.update(model, state)
@@ -158,7 +166,7 @@ class CSM(nnx.Module):
         return save_csm(self, out, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, dtype=None) -> "CSM":
+    def load(cls, path: str | os.PathLike, dtype=None) -> CSM:
         """Load a directory written by jaxtts-convert, or an original / transformers checkpoint.
 
         dtype: "bfloat16" / "float32" (default: `jaxtts.defaults.default_dtype()`, float32 on CPU)."""

@@ -338,11 +338,17 @@ class _SamplerTable:
 def _blank_state(cfg, size: int, length: int, dtype) -> DecodeState:
     """A pool of `size` free rows (done: a free row never advances)."""
     shape = (size, length, cfg.num_kv_heads, cfg.head_dim)
-    cache = KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-                    v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
-    return DecodeState(cache=cache, hidden=jnp.zeros((size, cfg.embed_dim), dtype),
-                       position=jnp.zeros((size,), jnp.int32), key=jax.vmap(jax.random.key)(jnp.zeros(size, jnp.uint32)),
-                       done=jnp.ones((size,), bool))
+    cache = KVCache(
+        k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+    )
+    return DecodeState(
+        cache=cache,
+        hidden=jnp.zeros((size, cfg.embed_dim), dtype),
+        position=jnp.zeros((size,), jnp.int32),
+        key=jax.vmap(jax.random.key)(jnp.zeros(size, jnp.uint32)),
+        done=jnp.ones((size,), bool),
+    )
 
 
 @partial(jax.jit, static_argnames="size")
@@ -370,8 +376,13 @@ def _insert(pool: DecodeState, mimi, rows: DecodeState, slots):
     length = pool.cache.k[0].shape[1]
     put = lambda dst, src: dst.at[slots].set(src, mode="drop")
     cache = jax.tree.map(lambda d, s: put(d, s[:, :length]), pool.cache, rows.cache)
-    state = DecodeState(cache=cache, hidden=put(pool.hidden, rows.hidden), position=put(pool.position, rows.position),
-                        key=put(pool.key, rows.key), done=put(pool.done, rows.done))
+    state = DecodeState(
+        cache=cache,
+        hidden=put(pool.hidden, rows.hidden),
+        position=put(pool.position, rows.position),
+        key=put(pool.key, rows.key),
+        done=put(pool.done, rows.done),
+    )
     mimi = jax.tree.map(lambda a: a.at[slots].set(jnp.zeros((), a.dtype), mode="drop"), mimi)
     return state, mimi
 
@@ -447,7 +458,6 @@ def _joined(pieces, frames) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p for p, _ in pieces]), np.concatenate([f for _, f in pieces])
 
 
-
 @dataclass(eq=False)
 class _LongForm:
     """A long text spoken sentence by sentence through one handle."""
@@ -519,8 +529,7 @@ class _Pool:
         live = [s for s, j in enumerate(self.jobs) if j is not None]
         index = live + [0] * (size - len(live))
         mask = np.arange(size) < len(live)
-        state, mimi = _gather(self.state, self.mimi, jax.device_put(np.asarray(index, np.int32)),
-                              jax.device_put(mask))
+        state, mimi = _gather(self.state, self.mimi, jax.device_put(np.asarray(index, np.int32)), jax.device_put(mask))
         pool = _Pool(size, state, mimi, self.table.gather(index))
         for new_slot, old_slot in enumerate(live):
             pool.jobs[new_slot] = self.jobs[old_slot]
@@ -588,11 +597,23 @@ class Engine:
     must suffice before the pool shrinks.
     """
 
-    def __init__(self, tts_or_model_parts, *, max_batch: int = 64, pool_sizes=POOL_SIZES, queue_limit: int = 256,
-                 chunk_frames: int = defaults.CHUNK_FRAMES, first_chunk_frames: int = defaults.FIRST_CHUNK_FRAMES,
-                 max_prefill: int = 8, voices: VoiceStore | str | os.PathLike | None = None,
-                 context_cache_bytes: int = 1 << 30, long_form_history: int = 1, shrink_after: int = 8,
-                 options: DecodeOptions | None = None, max_silence_ms: float | None = defaults.MAX_SILENCE_MS):
+    def __init__(
+        self,
+        tts_or_model_parts,
+        *,
+        max_batch: int = 64,
+        pool_sizes=POOL_SIZES,
+        queue_limit: int = 256,
+        chunk_frames: int = defaults.CHUNK_FRAMES,
+        first_chunk_frames: int = defaults.FIRST_CHUNK_FRAMES,
+        max_prefill: int = 8,
+        voices: VoiceStore | str | os.PathLike | None = None,
+        context_cache_bytes: int = 1 << 30,
+        long_form_history: int = 1,
+        shrink_after: int = 8,
+        options: DecodeOptions | None = None,
+        max_silence_ms: float | None = defaults.MAX_SILENCE_MS,
+    ):
         self.tts = _as_tts(tts_or_model_parts, options, max_silence_ms)
         self.max_batch = validation.integer("max_batch", max_batch, low=1, high=4096)
         self.pool_sizes = _pool_sizes(pool_sizes, self.max_batch)
@@ -632,10 +653,21 @@ class Engine:
         self._thread.start()
 
     # --- public API --------------------------------------------------------------------------
-    def submit(self, text: str, voice: str | Voice | None = None, speaker: int | None = None, context=None,
-               seed: int | None = None, temperature: float = defaults.TEMPERATURE, top_k: int | None = defaults.TOP_K,
-               top_p: float | None = None, min_p: float | None = None, max_audio_ms: float = defaults.MAX_AUDIO_MS,
-               long_form: bool = False, deadline_s: float | None = None) -> Handle:
+    def submit(
+        self,
+        text: str,
+        voice: str | Voice | None = None,
+        speaker: int | None = None,
+        context=None,
+        seed: int | None = None,
+        temperature: float = defaults.TEMPERATURE,
+        top_k: int | None = defaults.TOP_K,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        max_audio_ms: float = defaults.MAX_AUDIO_MS,
+        long_form: bool = False,
+        deadline_s: float | None = None,
+    ) -> Handle:
         """Queue a request; returns its `Handle` at once. Callable from any thread.
 
         voice: a stored voice's name (or a `Voice`): its context segments come first, and its
@@ -645,8 +677,9 @@ class Engine:
         finished this many seconds after submission. Bad arguments, and a prompt that cannot
         fit the model's positions, raise `JaxttsError` here; a full queue raises `Busy`.
         """
-        job = self._make_job(text, voice, speaker, context, seed, temperature, top_k, top_p, min_p, max_audio_ms,
-                             long_form, deadline_s)
+        job = self._make_job(
+            text, voice, speaker, context, seed, temperature, top_k, top_p, min_p, max_audio_ms, long_form, deadline_s
+        )
         with self._lock:
             if self._closing:
                 raise JaxttsError("the engine is closed")
@@ -660,8 +693,7 @@ class Engine:
         """`submit` for asyncio code (argument checks and audio loading run off the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(None, partial(self.submit, text, **kwargs))
 
-    def warmup(self, *, text_tokens: int | None = None, context_rows: int | None = None,
-               encode: bool = True) -> dict:
+    def warmup(self, *, text_tokens: int | None = None, context_rows: int | None = None, encode: bool = True) -> dict:
         """Compile every program serving can run, so that nothing compiles afterwards: each pool
         size's decode chunks, Mimi steps, inserts and moves; the prompt prefills of every group
         size and text bucket up to `text_tokens`; context prefills up to `context_rows` rows (and,
@@ -669,16 +701,24 @@ class Engine:
         limit. Returns {"seconds", "compilations"}."""
         text_tokens = self.limit if text_tokens is None else validation.integer("text_tokens", text_tokens, low=1)
         context_rows = self.limit if context_rows is None else validation.integer("context_rows", context_rows, low=1)
-        return self._call(partial(self._warmup, min(text_tokens, self.limit), min(context_rows, self.limit - 1),
-                                  bool(encode)))
+        return self._call(
+            partial(self._warmup, min(text_tokens, self.limit), min(context_rows, self.limit - 1), bool(encode))
+        )
 
     def stats(self) -> dict:
         with self._lock:
             queued = len(self._queue)
         pool = self._pool
-        return {"pool_size": pool.size if pool else 0, "live": pool.live if pool else 0, "queued": queued,
-                "completed": self.completed, "frame_steps": self.frame_steps, "resizes": self.resize_count,
-                "compilations": compilations(self._thread.ident), "context_cache_bytes": self._contexts.bytes}
+        return {
+            "pool_size": pool.size if pool else 0,
+            "live": pool.live if pool else 0,
+            "queued": queued,
+            "completed": self.completed,
+            "frame_steps": self.frame_steps,
+            "resizes": self.resize_count,
+            "compilations": compilations(self._thread.ident),
+            "context_cache_bytes": self._contexts.bytes,
+        }
 
     @property
     def compilations(self) -> int:
@@ -699,8 +739,9 @@ class Engine:
         self.close()
 
     # --- request building (caller's thread) ---------------------------------------------------
-    def _make_job(self, text, voice, speaker, context, seed, temperature, top_k, top_p, min_p, max_audio_ms,
-                  long_form, deadline_s) -> _Job:
+    def _make_job(
+        self, text, voice, speaker, context, seed, temperature, top_k, top_p, min_p, max_audio_ms, long_form, deadline_s
+    ) -> _Job:
         validate_text(text)
         sampler = Sampler.create(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
         max_frames = max(1, int(validation.number("max_audio_ms", max_audio_ms, low=FRAME_MS) // FRAME_MS))
@@ -744,7 +785,9 @@ class Engine:
         if voice is None or isinstance(voice, Voice):
             return voice
         if not isinstance(voice, str):
-            raise JaxttsError(f"voice must be a stored voice's name or a jaxtts.voices.Voice, got {type(voice).__name__}")
+            raise JaxttsError(
+                f"voice must be a stored voice's name or a jaxtts.voices.Voice, got {type(voice).__name__}"
+            )
         if self.voices is None:
             self.voices = VoiceStore()
         return self.voices.load(voice, codec=self.tts.codec)
@@ -767,7 +810,8 @@ class Engine:
             raise JaxttsError(
                 f"{what} needs {context_len} context rows + {text_len} text tokens + {frames} frames of 80 ms = "
                 f"{total} positions, more than the model's {self.limit}; shorten the text or context, lower "
-                f"max_audio_ms, or use long_form=True")
+                f"max_audio_ms, or use long_form=True"
+            )
 
     def _retry_after(self) -> float:
         """Seconds until a queue place is likely free: the queue drains about max_batch requests
@@ -895,8 +939,12 @@ class Engine:
                 raise
             self.pool_sizes = tuple(s for s in self.pool_sizes if s < size)
             self.max_batch = self.pool_sizes[-1]
-            warnings.warn(f"jaxtts engine: a pool of {size} rows failed ({type(e).__name__}); serving with at most "
-                          f"{self.max_batch} rows", RuntimeWarning, stacklevel=1)
+            warnings.warn(
+                f"jaxtts engine: a pool of {size} rows failed ({type(e).__name__}); serving with at most "
+                f"{self.max_batch} rows",
+                RuntimeWarning,
+                stacklevel=1,
+            )
         return self._pool
 
     def _resize(self, size: int) -> None:
@@ -988,8 +1036,9 @@ class Engine:
         rows = [self._context_row(ctx) for _, _, ctx, _ in items]
         rows += [self._context_row(None)] * (g - len(items))
         cache = _stack_caches(rows)
-        return prefill(self.tts.model, tok, msk, lengths, cache=cache, start=starts, key=row_keys(seeds),
-                       opts=self.tts.options)
+        return prefill(
+            self.tts.model, tok, msk, lengths, cache=cache, start=starts, key=row_keys(seeds), opts=self.tts.options
+        )
 
     def _context_row(self, ctx: Context | None) -> KVCache:
         if ctx is None or ctx.cache is None:
@@ -1007,13 +1056,15 @@ class Engine:
     def _run_chunk(self, pool: _Pool, n: int):
         """n frames for every row of the pool, and their audio: host arrays frames [n, B, 32]
         (as Mimi codes), emitted [n, B], PCM [B, n·1920]."""
-        pool.state, frames, emitted = decode_chunk(self.tts.model, pool.state, pool.table.device(), n,
-                                                   opts=self.tts.options)
+        pool.state, frames, emitted = decode_chunk(
+            self.tts.model, pool.state, pool.table.device(), n, opts=self.tts.options
+        )
         self.frame_steps += n
         codec = self.tts.codec
         with _precision(codec):
-            pool.mimi, frames, pcm = _decode_audio(codec.params, pool.mimi, frames, cfg=codec.config,
-                                                   cardinality=codec.cardinality)
+            pool.mimi, frames, pcm = _decode_audio(
+                codec.params, pool.mimi, frames, cfg=codec.config, cardinality=codec.cardinality
+            )
         return np.asarray(frames), np.asarray(emitted), np.asarray(pcm)
 
     def _deliver(self, job: _Job, frames: np.ndarray, emitted: np.ndarray, pcm: np.ndarray) -> None:
@@ -1070,9 +1121,17 @@ class Engine:
             kept.insert(0, (seg, rows))
             room -= rows
         lf.history = kept
-        return _Job(handle=job.handle, tokens=tokens, mask=mask, context=lf.base + [s for s, _ in kept],
-                    context_len=lf.base_len + sum(r for _, r in kept), seed=(job.seed + 1) % (validation.SEED_MAX + 1),
-                    sampler=job.sampler, max_frames=job.max_frames, long_form=lf)
+        return _Job(
+            handle=job.handle,
+            tokens=tokens,
+            mask=mask,
+            context=lf.base + [s for s, _ in kept],
+            context_len=lf.base_len + sum(r for _, r in kept),
+            seed=(job.seed + 1) % (validation.SEED_MAX + 1),
+            sampler=job.sampler,
+            max_frames=job.max_frames,
+            long_form=lf,
+        )
 
     def _fail_pool(self, error: Exception) -> None:
         """A chunk boundary failed for the whole batch: its rows (and those being admitted) fail,
@@ -1080,8 +1139,12 @@ class Engine:
         pool, self._pool = self._pool, None
         for job in [j for j in (pool.jobs if pool else []) if j is not None] + self._admitting:
             job.slot = None
-            job.handle._set_status(FAILED, JaxttsError(f"internal error while decoding: {type(error).__name__}: "
-                                                       f"{' '.join(str(error).split())[:200]}"))
+            job.handle._set_status(
+                FAILED,
+                JaxttsError(
+                    f"internal error while decoding: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+                ),
+            )
 
     def _fail_queued(self, error: Exception) -> None:
         with self._lock:
@@ -1133,8 +1196,9 @@ class Engine:
                 lowered.append(lower_decode_chunk(model, state, sampler, n, opts=self.tts.options))
                 frames = jax.ShapeDtypeStruct((n, size, model.cfg.audio_num_codebooks), jnp.int32)
                 with _precision(codec):
-                    lowered.append(_decode_audio.lower(codec.params, mimi, frames, cfg=codec.config,
-                                                       cardinality=codec.cardinality))
+                    lowered.append(
+                        _decode_audio.lower(codec.params, mimi, frames, cfg=codec.config, cardinality=codec.cardinality)
+                    )
         return lowered
 
     def _warm_pools(self) -> None:
@@ -1187,8 +1251,9 @@ def _as_tts(parts, options, max_silence_ms) -> TTS:
         return parts
     if isinstance(parts, (tuple, list)) and len(parts) in (2, 3):
         model, codec, *tokenizer = parts
-        return TTS(model, codec, tokenizer=tokenizer[0] if tokenizer else None, options=options,
-                   max_silence_ms=max_silence_ms)
+        return TTS(
+            model, codec, tokenizer=tokenizer[0] if tokenizer else None, options=options, max_silence_ms=max_silence_ms
+        )
     raise JaxttsError(f"Engine needs a jaxtts.TTS or (model, codec[, tokenizer]), got {type(parts).__name__}")
 
 

@@ -41,8 +41,20 @@ def report() -> str:
 
     lines, missing = [], []
     lines.append("versions")
-    for dist in ("jaxtts", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax",
-                 "orbax-checkpoint", "numpy", "soundfile", "tiktoken", "llama-models"):
+    for dist in (
+        "jaxtts",
+        "jax",
+        "jaxlib",
+        "jax-cuda12-plugin",
+        "jax-cuda13-plugin",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "numpy",
+        "soundfile",
+        "tiktoken",
+        "llama-models",
+    ):
         v = _version(dist)
         if v is not None or dist in ("jax", "jaxlib", "flax"):
             lines.append(f"  {dist:<20} {v or 'not installed'}")
@@ -55,8 +67,10 @@ def report() -> str:
     for d in devices:
         lines.append(f"  {d.id}: {d.platform} {d.device_kind}")
     if backend == "cpu":
-        missing.append("no GPU: jaxtts runs on the CPU (slow for CSM-1B). On an NVIDIA machine: "
-                       "pip install 'jaxtts[cuda12]' (or cuda13)")
+        missing.append(
+            "no GPU: jaxtts runs on the CPU (slow for CSM-1B). On an NVIDIA machine: "
+            "pip install 'jaxtts[cuda12]' (or cuda13)"
+        )
     if devices:
         opts = default_options(devices[0])
         lines.append("decode options (jaxtts.default_options())")
@@ -84,7 +98,9 @@ def report() -> str:
             lines.append(f"  {kind:<5} {hub} (Hugging Face cache; converted on first use)")
         else:
             lines.append(f"  {kind:<5} not found")
-            gated = " (needs `huggingface-cli login` and the licence accepted at sesame/csm-1b)" if kind == "CSM" else ""
+            gated = (
+                " (needs `huggingface-cli login` and the licence accepted at sesame/csm-1b)" if kind == "CSM" else ""
+            )
             missing.append(f"{kind} weights: run `jaxtts download`{gated}, or pass --model/--codec paths")
     if _version("huggingface-hub") is None:
         missing.append("`jaxtts download` needs huggingface-hub: pip install 'jaxtts[hub]'")
@@ -107,5 +123,7 @@ def select_device(device: str | None) -> None:
     except RuntimeError as e:
         raise JaxttsError(f"--device gpu: JAX could not start ({str(e).splitlines()[0]})") from None
     if backend != "gpu":
-        raise JaxttsError("--device gpu: JAX sees no GPU; install the CUDA build (pip install 'jaxtts[cuda12]') "
-                          "or run with --device cpu")
+        raise JaxttsError(
+            "--device gpu: JAX sees no GPU; install the CUDA build (pip install 'jaxtts[cuda12]') "
+            "or run with --device cpu"
+        )

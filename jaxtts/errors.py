@@ -40,8 +40,11 @@ def cli_entry(main=None, *, prog: str = "jaxtts"):
             if debug:
                 traceback.print_exc()
             message = " ".join(str(e).split())[:300]
-            print(f"{prog}: internal error: {type(e).__name__}: {message} "
-                  "(run with --debug or JAXTTS_DEBUG=1 for the traceback)", file=sys.stderr)
+            print(
+                f"{prog}: internal error: {type(e).__name__}: {message} "
+                "(run with --debug or JAXTTS_DEBUG=1 for the traceback)",
+                file=sys.stderr,
+            )
             return 1
 
     return wrapper

@@ -72,8 +72,9 @@ def split_model(model: CSM, *, reuse: bool = True):
     return graphdef, weights
 
 
-def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key,
-            opts: DecodeOptions | None = None) -> DecodeState:
+def prefill(
+    model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key, opts: DecodeOptions | None = None
+) -> DecodeState:
     """Run the backbone over right-padded prompts tokens/mask [B,T,33] with true lengths [B].
 
     Rows are written at positions start[b] + t (start defaults to 0; a cached voice prompt puts
@@ -85,10 +86,10 @@ def prefill(model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, ke
     b = tokens.shape[0]
     start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
-    hidden, cache = _prefill(graphdef, weights, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
-                             start, lengths, cache, opts)
-    return DecodeState(cache=cache, hidden=hidden, position=start + lengths, key=key,
-                       done=jnp.zeros((b,), bool))
+    hidden, cache = _prefill(
+        graphdef, weights, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool), start, lengths, cache, opts
+    )
+    return DecodeState(cache=cache, hidden=hidden, position=start + lengths, key=key, done=jnp.zeros((b,), bool))
 
 
 def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, opts: DecodeOptions, audio_table=None):
@@ -113,8 +114,9 @@ def _sample_frame(model: CSM, sampler: Sampler, hidden, row_keys, opts: DecodeOp
             inputs = model.embed_audio(i - 1, prev)
         else:
             inputs = audio_table[prev + (i - 1) * vocab]
-        logits, cache = model.decoder_step_logits(inputs[:, None], jnp.full((b,), i, jnp.int32), cache, i,
-                                                  opts=opts, projected=audio_table is not None)
+        logits, cache = model.decoder_step_logits(
+            inputs[:, None], jnp.full((b,), i, jnp.int32), cache, i, opts=opts, projected=audio_table is not None
+        )
         c = sampler.draw(logits, noise, i, opts)
         return (c, cache), c
 
@@ -131,8 +133,9 @@ def frame_rows(frames):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "num_frames", "opts"), donate_argnames=("state",))
-def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, opts: DecodeOptions,
-                  audio_table):
+def _decode_chunk(
+    graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, opts: DecodeOptions, audio_table
+):
     model = nnx.merge(graphdef, weights)
 
     def frame_step(state: DecodeState, _):
@@ -144,8 +147,13 @@ def _decode_chunk(graphdef, weights, state: DecodeState, sampler: Sampler, num_f
         emitted = ~state.done & ~eos
         tokens, mask = frame_rows(frame)
         hidden, cache = model.run_backbone(tokens, mask, state.position, state.cache, opts=opts)
-        new = DecodeState(cache=cache, hidden=hidden[:, 0], position=state.position + emitted.astype(jnp.int32),
-                          key=key, done=state.done | eos)
+        new = DecodeState(
+            cache=cache,
+            hidden=hidden[:, 0],
+            position=state.position + emitted.astype(jnp.int32),
+            key=key,
+            done=state.done | eos,
+        )
         return new, (frame, emitted)
 
     state, (frames, emitted) = jax.lax.scan(frame_step, state, None, length=num_frames)
@@ -169,8 +177,9 @@ def audio_table(model: CSM):
     return hit[2]
 
 
-def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *,
-                 opts: DecodeOptions | None = None):
+def decode_chunk(
+    model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, opts: DecodeOptions | None = None
+):
     """Generate `num_frames` frames for every row. Returns (state, frames [N,B,32], emitted [N,B]).
 
     `emitted[n, b]` is False from the row's end-of-speech frame on (that frame included).
@@ -181,8 +190,9 @@ def decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: i
     return _decode_chunk(graphdef, weights, state, sampler, num_frames, opts, table)
 
 
-def lower_decode_chunk(model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *,
-                       opts: DecodeOptions | None = None) -> jax.stages.Lowered:
+def lower_decode_chunk(
+    model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, opts: DecodeOptions | None = None
+) -> jax.stages.Lowered:
     """`decode_chunk`'s program for this state's shapes, lowered: `.compile()` it ahead of the first
     call (in a thread, while the prompt is prefilled) and the call reuses it. `state` may hold
     jax.ShapeDtypeStructs. Call from the main thread: it touches the model's split and table caches."""
@@ -202,9 +212,19 @@ def check_length(model: CSM, prompt_len: int, max_frames: int) -> None:
         )
 
 
-def generate_frames(model: CSM, tokens, mask, *, max_frames: int, temperature: float = 0.9, top_k: int = 50,
-                    seed: int = 0, chunk_frames: int = 16, attention: str | None = None,
-                    options: DecodeOptions | None = None) -> np.ndarray:
+def generate_frames(
+    model: CSM,
+    tokens,
+    mask,
+    *,
+    max_frames: int,
+    temperature: float = 0.9,
+    top_k: int = 50,
+    seed: int = 0,
+    chunk_frames: int = 16,
+    attention: str | None = None,
+    options: DecodeOptions | None = None,
+) -> np.ndarray:
     """Generate Mimi frames for one prompt: int tokens [T,33], bool mask [T,33] → int32 [F, 32].
 
     Stops before the first all-zero frame or after `max_frames`. `top_k=1` is exactly greedy.

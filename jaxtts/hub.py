@@ -85,8 +85,10 @@ def resolve(kind: str, given: str | os.PathLike | None, *, progress: bool = True
         if found is not None:
             return _convert(kind, found, converted, progress)
     what = "CSM weights" if kind == "csm" else "Mimi codec weights"
-    raise JaxttsError(f"no {what} found in {jaxtts_cache()} or the Hugging Face cache; run `jaxtts download` "
-                      f"(or pass a path, or --random-weights to check the install)")
+    raise JaxttsError(
+        f"no {what} found in {jaxtts_cache()} or the Hugging Face cache; run `jaxtts download` "
+        f"(or pass a path, or --random-weights to check the install)"
+    )
 
 
 def download(*, progress: bool = True, token: str | None = None) -> tuple[Path, Path]:
@@ -101,7 +103,9 @@ def download(*, progress: bool = True, token: str | None = None) -> tuple[Path, 
         try:
             src = hf_hub_download(repo, filename, token=token)
         except Exception as e:
-            raise JaxttsError(f"download of {repo}/{filename} failed ({str(e).splitlines()[0]}); "
-                              f"{repo} may need you to accept its licence and `huggingface-cli login`") from None
+            raise JaxttsError(
+                f"download of {repo}/{filename} failed ({str(e).splitlines()[0]}); "
+                f"{repo} may need you to accept its licence and `huggingface-cli login`"
+            ) from None
         out.append(_convert(kind, Path(src), _converted(kind), progress))
     return out[0], out[1]

@@ -37,7 +37,9 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
         elif wavelen > low_wavelen:
             out.append(f / cfg.scale_factor)
         else:
-            smooth = (ROPE_OLD_CONTEXT_LEN / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+            smooth = (ROPE_OLD_CONTEXT_LEN / wavelen - ROPE_LOW_FREQ_FACTOR) / (
+                ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR
+            )
             out.append((1 - smooth) * f / cfg.scale_factor + smooth * f)
     return np.asarray(out, dtype=np.float32)
 
@@ -78,7 +80,7 @@ class KVCache:
     v: list
 
     @classmethod
-    def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype) -> "KVCache":
+    def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
         return _zero_cache(cfg, int(batch), int(length), jnp.dtype(dtype))
 
 
@@ -86,8 +88,10 @@ class KVCache:
 def _zero_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
     # One program for all 2 x layers buffers (eagerly, each jnp.zeros is its own dispatch).
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-                   v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
+    return KVCache(
+        k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+    )
 
 
 XLA = DecodeOptions()  # plain XLA: what a call without options compiles
@@ -169,8 +173,17 @@ class Attention(nnx.Module):
             from pallas_kernels.fused_decode import attention_step
 
             rotated = rope_heads_flat(qkv[:, 0], cos[:, 0], sin[:, 0], h + hkv, hd)
-            o, k_cache, v_cache = attention_step(rotated[None], None, k_cache, v_cache, start, num_heads=h,
-                                                 model_dim=x.shape[-1], eps=0.0, interpret=opts.interpret)
+            o, k_cache, v_cache = attention_step(
+                rotated[None],
+                None,
+                k_cache,
+                v_cache,
+                start,
+                num_heads=h,
+                model_dim=x.shape[-1],
+                eps=0.0,
+                interpret=opts.interpret,
+            )
             return dense(o[:, None], self.out[...], opts), k_cache, v_cache
         q = qkv[..., : h * hd].reshape(b, t, h, hd)
         k = qkv[..., h * hd : (h + hkv) * hd].reshape(b, t, hkv, hd)
@@ -260,18 +273,44 @@ class Llama(nnx.Module):
             attn, mlp = layer.attn, layer.mlp
             with jax.named_scope(f"layer{i}"):
                 h = add_residual(h, parts)  # the previous block's MLP output
-                qkv, ss = norm_matvec(h, layer.attn_norm.scale[...], attn.qkv[...], rope=rope, head_dim=cfg.head_dim,
-                                      rope_heads=cfg.num_heads + cfg.num_kv_heads, config=config(attn.qkv[...]),
-                                      interpret=interpret)
-                o, kc, vc = attention_step(qkv, ss, kc, vc, start, num_heads=cfg.num_heads, model_dim=cfg.embed_dim,
-                                           eps=cfg.norm_eps, interpret=interpret)
-                h = add_residual(h, matvec(o, attn.out[...], partials=True, config=config(attn.out[...]),
-                                           interpret=interpret))
-                gate_up = finish(*norm_matvec(h, layer.mlp_norm.scale[...], mlp.gate_up[...],
-                                              config=config(mlp.gate_up[...]), interpret=interpret),
-                                 cfg.embed_dim, cfg.norm_eps).astype(h.dtype)
-                parts = matvec(swiglu(gate_up), mlp.down[...], partials=True, config=config(mlp.down[...]),
-                               interpret=interpret)
+                qkv, ss = norm_matvec(
+                    h,
+                    layer.attn_norm.scale[...],
+                    attn.qkv[...],
+                    rope=rope,
+                    head_dim=cfg.head_dim,
+                    rope_heads=cfg.num_heads + cfg.num_kv_heads,
+                    config=config(attn.qkv[...]),
+                    interpret=interpret,
+                )
+                o, kc, vc = attention_step(
+                    qkv,
+                    ss,
+                    kc,
+                    vc,
+                    start,
+                    num_heads=cfg.num_heads,
+                    model_dim=cfg.embed_dim,
+                    eps=cfg.norm_eps,
+                    interpret=interpret,
+                )
+                h = add_residual(
+                    h, matvec(o, attn.out[...], partials=True, config=config(attn.out[...]), interpret=interpret)
+                )
+                gate_up = finish(
+                    *norm_matvec(
+                        h,
+                        layer.mlp_norm.scale[...],
+                        mlp.gate_up[...],
+                        config=config(mlp.gate_up[...]),
+                        interpret=interpret,
+                    ),
+                    cfg.embed_dim,
+                    cfg.norm_eps,
+                ).astype(h.dtype)
+                parts = matvec(
+                    swiglu(gate_up), mlp.down[...], partials=True, config=config(mlp.down[...]), interpret=interpret
+                )
             ks.append(kc)
             vs.append(vc)
         h = add_residual(h, parts)

@@ -87,7 +87,7 @@ class DecodeOptions:
     def interpret(self) -> bool:
         return self.attention == "pallas_interpret"
 
-    def replace(self, **changes) -> "DecodeOptions":
+    def replace(self, **changes) -> DecodeOptions:
         return dataclasses.replace(self, **changes)
 
     def tuned_matvec(self, m: int, k: int, n: int) -> tuple | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
@@ -18,7 +17,7 @@ from jaxtts.errors import JaxttsError
 NUM_CODEBOOKS = 32
 WIDTH = NUM_CODEBOOKS + 1
 
-AudioLike = Union[np.ndarray, str, os.PathLike, None]
+AudioLike = np.ndarray | str | os.PathLike | None
 
 
 @dataclass
@@ -57,8 +56,9 @@ def validate_codes(codes) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise JaxttsError(f"Segment codes must be integers, got {arr.dtype}")
     if arr.size and (arr.min() < 0 or arr.max() >= MIMI_CARDINALITY):
-        raise JaxttsError(f"Segment codes must be in [0, {MIMI_CARDINALITY - 1}], got values in "
-                          f"[{arr.min()}, {arr.max()}]")
+        raise JaxttsError(
+            f"Segment codes must be in [0, {MIMI_CARDINALITY - 1}], got values in [{arr.min()}, {arr.max()}]"
+        )
     return arr.astype(np.int32)
 
 

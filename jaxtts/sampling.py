@@ -47,7 +47,7 @@ class Sampler:
     use_min_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
-    def create(cls, temperature=0.9, top_k=50, top_p=None, min_p=None) -> "Sampler":
+    def create(cls, temperature=0.9, top_k=50, top_p=None, min_p=None) -> Sampler:
         """Checked sampling settings. temperature 0 (or top_k 1) is greedy: always the most
         likely code. top_k None keeps every code; top_p / min_p None switch those filters off."""
         temperature = validation.number("temperature", temperature, low=0.0, high=100.0)
@@ -57,9 +57,14 @@ class Sampler:
         min_p = validation.optional_number("min_p", min_p, low=0.0, high=1.0, high_open=True)
         if temperature == 0.0:  # greedy; the temperature then divides nothing
             temperature, top_k = 1.0, 1
-        return cls(temperature=temperature, top_p=1.0 if top_p is None else top_p,
-                   min_p=0.0 if min_p is None else min_p, top_k=int(top_k or 0),
-                   use_top_p=top_p is not None, use_min_p=min_p is not None)
+        return cls(
+            temperature=temperature,
+            top_p=1.0 if top_p is None else top_p,
+            min_p=0.0 if min_p is None else min_p,
+            top_k=int(top_k or 0),
+            use_top_p=top_p is not None,
+            use_min_p=min_p is not None,
+        )
 
     @property
     def greedy(self) -> bool:
@@ -87,11 +92,20 @@ class Sampler:
             from pallas_kernels.sample_top_k import sample_top_k
 
             if isinstance(logits, SplitLogits):
-                return sample_top_k(logits.parts, noise, step, self.temperature, top_k=self.top_k,
-                                    sumsq=logits.sumsq, norm_dim=logits.norm_dim, eps=logits.eps,
-                                    interpret=opts.interpret)
-            return sample_top_k(logits.astype(jnp.float32), noise, step, self.temperature, top_k=self.top_k,
-                                interpret=opts.interpret)
+                return sample_top_k(
+                    logits.parts,
+                    noise,
+                    step,
+                    self.temperature,
+                    top_k=self.top_k,
+                    sumsq=logits.sumsq,
+                    norm_dim=logits.norm_dim,
+                    eps=logits.eps,
+                    interpret=opts.interpret,
+                )
+            return sample_top_k(
+                logits.astype(jnp.float32), noise, step, self.temperature, top_k=self.top_k, interpret=opts.interpret
+            )
         if isinstance(logits, SplitLogits):
             logits = logits.finish()
         if self.greedy:

@@ -19,11 +19,18 @@ def random_text_prompt(batch: int, prompt_tokens: int, *, text_vocab: int = 128_
     return tok, msk
 
 
-def prompt_state(model: CSM, batch: int, prompt_tokens: int, cache_len: int, opts: DecodeOptions | None = None,
-                 seed: int = 0) -> DecodeState:
+def prompt_state(
+    model: CSM, batch: int, prompt_tokens: int, cache_len: int, opts: DecodeOptions | None = None, seed: int = 0
+) -> DecodeState:
     """The decode state after prefilling `batch` random text prompts of `prompt_tokens` rows
     (row b seeded with seed + b), ready for `decode_chunk`."""
-    tok, msk = random_text_prompt(batch, prompt_tokens, text_vocab=min(128_000, model.cfg.text_vocab_size),
-                                  seed=seed)
-    return prefill(model, tok, msk, [prompt_tokens] * batch, cache=model.backbone_cache(batch, cache_len),
-                   key=row_keys(range(seed, seed + batch)), opts=opts)
+    tok, msk = random_text_prompt(batch, prompt_tokens, text_vocab=min(128_000, model.cfg.text_vocab_size), seed=seed)
+    return prefill(
+        model,
+        tok,
+        msk,
+        [prompt_tokens] * batch,
+        cache=model.backbone_cache(batch, cache_len),
+        key=row_keys(range(seed, seed + batch)),
+        opts=opts,
+    )

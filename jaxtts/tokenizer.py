@@ -33,9 +33,19 @@ def tokenizer_model_path() -> Path:
 
 
 def special_token_names() -> list[str]:
-    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-             "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
-             "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    named = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+    ]
     return named + [f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_SPECIAL_TOKENS - len(named))]
 
 
@@ -49,8 +59,9 @@ class TextTokenizer:
         specials = {name: len(ranks) + i for i, name in enumerate(special_token_names())}
         if specials["<|begin_of_text|>"] != BOS_ID:
             raise JaxttsError(f"{path}: not the Llama-3 tokenizer (BOS would be {specials['<|begin_of_text|>']})")
-        self._enc = tiktoken.Encoding(name=path.stem, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
-                                      special_tokens=specials)
+        self._enc = tiktoken.Encoding(
+            name=path.stem, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+        )
         self.vocab_size = len(ranks) + len(specials)
 
     def encode(self, text: str) -> list[int]:

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtts import buckets, defaults, validation
 from jaxtts.audio import SAMPLE_RATE, load_audio, write_audio
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
-from jaxtts import buckets, defaults, validation
 from jaxtts.generation import DecodeState, decode_chunk, lower_decode_chunk, prefill, row_keys
 from jaxtts.llama import KVCache
 from jaxtts.options import DecodeOptions, resolve_options
@@ -58,7 +58,7 @@ class Context:
         return save_context(path, self)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Context":
+    def load(cls, path: str | os.PathLike) -> Context:
         from jaxtts.voices import load_context
 
         return cls(*load_context(path))
@@ -137,10 +137,19 @@ class TTS:
     sample_rate = SAMPLE_RATE
     frame_size = FRAME_SIZE
 
-    def __init__(self, model: CSM, codec, *, tokenizer=None, options: DecodeOptions | None = None,
-                 attention: str | None = None, chunk_frames: int = defaults.CHUNK_FRAMES,
-                 first_chunk_frames: int = defaults.FIRST_CHUNK_FRAMES,
-                 max_silence_ms: float | None = defaults.MAX_SILENCE_MS, progress: bool = False):
+    def __init__(
+        self,
+        model: CSM,
+        codec,
+        *,
+        tokenizer=None,
+        options: DecodeOptions | None = None,
+        attention: str | None = None,
+        chunk_frames: int = defaults.CHUNK_FRAMES,
+        first_chunk_frames: int = defaults.FIRST_CHUNK_FRAMES,
+        max_silence_ms: float | None = defaults.MAX_SILENCE_MS,
+        progress: bool = False,
+    ):
         from jaxtts.tokenizer import default_tokenizer
 
         self.model = model
@@ -156,8 +165,16 @@ class TTS:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, model: str | os.PathLike | None = None, codec: str | os.PathLike | None = None, *,
-             dtype: str | None = None, random_weights: bool = False, progress: bool = True, **kwargs) -> "TTS":
+    def load(
+        cls,
+        model: str | os.PathLike | None = None,
+        codec: str | os.PathLike | None = None,
+        *,
+        dtype: str | None = None,
+        random_weights: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ) -> TTS:
         """Load CSM and Mimi. With no paths, look in the jaxtts cache, then the Hugging Face cache.
 
         `random_weights=True` builds full-size CSM-1B and Mimi with random weights: the whole
@@ -211,8 +228,9 @@ class TTS:
         tok = np.zeros((1, padded, tokens.shape[1]), np.int32)
         msk = np.zeros((1, padded, tokens.shape[1]), bool)
         tok[0, :n], msk[0, :n] = tokens, mask
-        state = prefill(self.model, tok, msk, [n], cache=self.model.backbone_cache(1, padded),
-                        key=row_keys([0]), opts=self.options)
+        state = prefill(
+            self.model, tok, msk, [n], cache=self.model.backbone_cache(1, padded), key=row_keys([0]), opts=self.options
+        )
         return Context(tokens, mask, state.cache)
 
     def _check_fits(self, context_len: int, text_len: int, frames: int) -> None:
@@ -221,11 +239,13 @@ class TTS:
             raise JaxttsError(
                 f"context ({context_len} rows) + text ({text_len} tokens) + audio ({frames} frames of 80 ms) "
                 f"exceeds the model's {limit} positions; shorten the text or context, lower max_audio_ms, "
-                f"or use long_form=True")
+                f"or use long_form=True"
+            )
 
     # --- the batch decode loop -------------------------------------------------------------------
-    def _run(self, requests: list[Request], sampler: Sampler, *,
-             streaming: bool = True) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    def _run(
+        self, requests: list[Request], sampler: Sampler, *, streaming: bool = True
+    ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
         """Yield, after each chunk, (new PCM, new frames [n, 32]) of every request (empty once finished).
 
         streaming=False: every chunk has chunk_frames frames (one decode program instead of two:
@@ -244,8 +264,9 @@ class TTS:
         # any valid query sees them), which can reach past `limit` when a long context sits beside
         # a long text; each row's real positions stay within `limit` (checked above).
         t_pad = buckets.prompt_rows(max(len(t[0]) for t in texts), limit)
-        cache_len = buckets.cache_length(max(c.length + max(t_pad, len(t[0]) + f)
-                                             for c, t, f in zip(contexts, texts, max_frames)), limit)
+        cache_len = buckets.cache_length(
+            max(c.length + max(t_pad, len(t[0]) + f) for c, t, f in zip(contexts, texts, max_frames)), limit
+        )
 
         cache = self._stack_caches(contexts, cache_len)
         tok = np.zeros((b, t_pad, width), np.int32)
@@ -257,30 +278,54 @@ class TTS:
         first = self.first_chunk_frames if streaming else self.chunk_frames
         # The decode and Mimi programs compile in threads while the prompt's prefill compiles and
         # runs here: a new process pays for the slowest compilation, not for their sum.
-        state_shape = DecodeState(cache=cache, hidden=jax.ShapeDtypeStruct((b, model.cfg.backbone.embed_dim), model.dtype),
-                                  position=jax.ShapeDtypeStruct((b,), jnp.int32), key=keys,
-                                  done=jax.ShapeDtypeStruct((b,), jnp.bool_))
-        programs = [lower_decode_chunk(model, state_shape, sampler, n, opts=self.options) for n in {first, self.chunk_frames}]
-        programs += [self.codec.lower_stream_step(b, n) for n in {first, self.chunk_frames}
-                     if hasattr(self.codec, "lower_stream_step")]  # test stand-ins have none
+        state_shape = DecodeState(
+            cache=cache,
+            hidden=jax.ShapeDtypeStruct((b, model.cfg.backbone.embed_dim), model.dtype),
+            position=jax.ShapeDtypeStruct((b,), jnp.int32),
+            key=keys,
+            done=jax.ShapeDtypeStruct((b,), jnp.bool_),
+        )
+        programs = [
+            lower_decode_chunk(model, state_shape, sampler, n, opts=self.options) for n in {first, self.chunk_frames}
+        ]
+        programs += [
+            self.codec.lower_stream_step(b, n)
+            for n in {first, self.chunk_frames}
+            if hasattr(self.codec, "lower_stream_step")
+        ]  # test stand-ins have none
         with ThreadPoolExecutor(len(programs)) as pool:
             compiled = [pool.submit(p.compile) for p in programs]
-            state = prefill(model, tok, msk, [len(t[0]) for t in texts], cache=cache,
-                            start=[c.length for c in contexts], key=keys, opts=self.options)
+            state = prefill(
+                model,
+                tok,
+                msk,
+                [len(t[0]) for t in texts],
+                cache=cache,
+                start=[c.length for c in contexts],
+                key=keys,
+                opts=self.options,
+            )
             for c in compiled:
                 c.result()
 
         stream = self.codec.decode_stream_init(b)
         produced = [0] * b
         finished = [False] * b
-        guards = [None if self.max_silence_ms is None else SilenceGuard(int(self.max_silence_ms // FRAME_MS))
-                  for _ in range(b)]
+        guards = [
+            None if self.max_silence_ms is None else SilenceGuard(int(self.max_silence_ms // FRAME_MS))
+            for _ in range(b)
+        ]
         chunk = first
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max(max_frames) * FRAME_MS / 1000, unit="s", desc="speaking", leave=False,
-                   bar_format="{desc}: {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]",
-                   disable=not self.progress)
+        bar = tqdm(
+            total=max(max_frames) * FRAME_MS / 1000,
+            unit="s",
+            desc="speaking",
+            leave=False,
+            bar_format="{desc}: {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]",
+            disable=not self.progress,
+        )
         while not all(finished):
             state, frames, emitted = decode_chunk(model, state, sampler, chunk, opts=self.options)
             # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048). A sampled code
@@ -335,21 +380,59 @@ class TTS:
         max_audio_ms = validation.number("max_audio_ms", max_audio_ms, low=FRAME_MS)  # the fit is checked later
         if not isinstance(context, Context):
             context = as_segments(context)
-        return Request(text=text, speaker=int(speaker), context=context, seed=validation.seed(seed),
-                       max_audio_ms=max_audio_ms)
+        return Request(
+            text=text, speaker=int(speaker), context=context, seed=validation.seed(seed), max_audio_ms=max_audio_ms
+        )
 
-    def stream(self, text: str, speaker: int | None = None, context=None, *, voice: str | None = None,
-               max_audio_ms: float = 90_000,
-               temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
-               seed: int | None = None, long_form: bool = False) -> Iterator[np.ndarray]:
+    def stream(
+        self,
+        text: str,
+        speaker: int | None = None,
+        context=None,
+        *,
+        voice: str | None = None,
+        max_audio_ms: float = 90_000,
+        temperature: float = 0.9,
+        top_k: int = 50,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        long_form: bool = False,
+    ) -> Iterator[np.ndarray]:
         """Yield float32 PCM chunks as frames are generated (the first after `first_chunk_frames`).
 
         Arguments are checked before anything runs (see `generate`)."""
-        return self._stream(text, speaker, context, voice=voice, max_audio_ms=max_audio_ms, temperature=temperature,
-                            top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, long_form=long_form, streaming=True)
+        return self._stream(
+            text,
+            speaker,
+            context,
+            voice=voice,
+            max_audio_ms=max_audio_ms,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=seed,
+            long_form=long_form,
+            streaming=True,
+        )
 
-    def _stream(self, text, speaker, context, *, voice, max_audio_ms, temperature, top_k, top_p, min_p, seed,
-                long_form, streaming: bool) -> Iterator[np.ndarray]:
+    def _stream(
+        self,
+        text,
+        speaker,
+        context,
+        *,
+        voice,
+        max_audio_ms,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        seed,
+        long_form,
+        streaming: bool,
+    ) -> Iterator[np.ndarray]:
         sampler = self._sampler(temperature, top_k, top_p, min_p)
         if voice is not None:  # a stored voice: its speaker (unless given) and its turns before `context`
             from jaxtts.voices import with_voice
@@ -362,15 +445,27 @@ class TTS:
             validation.number("max_audio_ms", max_audio_ms, low=FRAME_MS)
             if isinstance(context, Context):
                 raise JaxttsError("long_form needs the context as Segments, not a prepared Context")
-            return self._long_form(text, speaker, as_segments(context), max_audio_ms, sampler, validation.seed(seed),
-                                   streaming)
+            return self._long_form(
+                text, speaker, as_segments(context), max_audio_ms, sampler, validation.seed(seed), streaming
+            )
         req = self._request(text, speaker, context, seed, max_audio_ms)
         return (pieces[0][0] for pieces in self._run([req], sampler, streaming=streaming) if len(pieces[0][0]))
 
-    def generate(self, text: str, speaker: int | None = None, context=None, *, voice: str | None = None,
-                 max_audio_ms: float = 90_000,
-                 temperature: float = 0.9, top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
-                 seed: int | None = None, long_form: bool = False) -> np.ndarray:
+    def generate(
+        self,
+        text: str,
+        speaker: int | None = None,
+        context=None,
+        *,
+        voice: str | None = None,
+        max_audio_ms: float = 90_000,
+        temperature: float = 0.9,
+        top_k: int = 50,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        long_form: bool = False,
+    ) -> np.ndarray:
         """Speak `text` as `speaker`, continuing `context`: float32 mono PCM at 24 kHz.
 
         voice: a stored voice (`jaxtts voice add`): its speaker unless `speaker` is given, and its
@@ -379,14 +474,34 @@ class TTS:
         None for a random one. temperature 0 (or top_k 1) is greedy. max_audio_ms: at least one
         80 ms frame; context + text + audio must fit the model's 2048 positions.
         """
-        chunks = list(self._stream(text, speaker, context, voice=voice, max_audio_ms=max_audio_ms, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, long_form=long_form,
-                                   streaming=False))
+        chunks = list(
+            self._stream(
+                text,
+                speaker,
+                context,
+                voice=voice,
+                max_audio_ms=max_audio_ms,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                seed=seed,
+                long_form=long_form,
+                streaming=False,
+            )
+        )
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
-    def generate_batch(self, requests: Sequence[Request | dict | str], *, temperature: float = 0.9,
-                       top_k: int = 50, top_p: float | None = None, min_p: float | None = None,
-                       return_frames: bool = False) -> list:
+    def generate_batch(
+        self,
+        requests: Sequence[Request | dict | str],
+        *,
+        temperature: float = 0.9,
+        top_k: int = 50,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        return_frames: bool = False,
+    ) -> list:
         """Many requests at once (different lengths and contexts); each row as it would be alone.
 
         Returns one PCM array per request, or (PCM, Mimi frames [F, 32]) pairs with return_frames.
@@ -402,8 +517,10 @@ class TTS:
             elif isinstance(r, dict):
                 unknown = sorted(set(r) - set(Request.__dataclass_fields__))
                 if unknown:
-                    raise JaxttsError(f"requests[{i}]: unknown field {unknown[0]!r}; "
-                                      f"allowed: {', '.join(Request.__dataclass_fields__)}")
+                    raise JaxttsError(
+                        f"requests[{i}]: unknown field {unknown[0]!r}; "
+                        f"allowed: {', '.join(Request.__dataclass_fields__)}"
+                    )
                 r = Request(**r)
             elif not isinstance(r, Request):
                 raise JaxttsError(f"requests[{i}] must be a Request, dict or str, got {type(r).__name__}")
@@ -426,8 +543,13 @@ class TTS:
         base = [self.encode_segment(s) for s in context]  # the voice prompt is encoded once
         previous: list[Segment] = []
         for n, sentence in enumerate(split_sentences(text)):
-            req = self._request(sentence, speaker, base + previous,
-                                None if seed is None else (seed + n) % (validation.SEED_MAX + 1), max_audio_ms)
+            req = self._request(
+                sentence,
+                speaker,
+                base + previous,
+                None if seed is None else (seed + n) % (validation.SEED_MAX + 1),
+                max_audio_ms,
+            )
             frames = []
             for pieces in self._run([req], sampler, streaming=streaming):
                 pcm, new_frames = pieces[0]
@@ -456,8 +578,9 @@ def as_segments(context) -> list[Segment]:
             if not isinstance(s, Segment):
                 raise JaxttsError(f"context[{i}] must be a jaxtts.Segment, got {type(s).__name__}")
         return list(context)
-    raise JaxttsError(f"context must be a jaxtts.Segment, a list of them or a prepared Context, "
-                      f"got {type(context).__name__}")
+    raise JaxttsError(
+        f"context must be a jaxtts.Segment, a list of them or a prepared Context, got {type(context).__name__}"
+    )
 
 
 def mimi_codes(frames, cardinality: int = 2048):

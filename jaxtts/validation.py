@@ -26,8 +26,15 @@ def integer(name: str, value, *, low: int | None = None, high: int | None = None
     return value
 
 
-def number(name: str, value, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False) -> float:
+def number(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """`value` as a finite Python float within the range (open ends where asked)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise JaxttsError(f"{name} must be a number, got {_show(value)}")

@@ -54,8 +54,10 @@ def default_root() -> Path:
 
 def validate_name(name) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise JaxttsError(f"voice name must be 1-64 letters, digits, '.', '_' or '-' (not starting with "
-                          f"'.', '_' or '-'), got {name!r}")
+        raise JaxttsError(
+            f"voice name must be 1-64 letters, digits, '.', '_' or '-' (not starting with "
+            f"'.', '_' or '-'), got {name!r}"
+        )
     return name
 
 
@@ -119,8 +121,15 @@ class VoiceStore:
     def path(self, name: str) -> Path:
         return self.root / validate_name(name)
 
-    def add(self, name: str, segments: Sequence[Segment] | Segment, speaker: int | None = None, *, codec=None,
-            overwrite: bool = False) -> Voice:
+    def add(
+        self,
+        name: str,
+        segments: Sequence[Segment] | Segment,
+        speaker: int | None = None,
+        *,
+        codec=None,
+        overwrite: bool = False,
+    ) -> Voice:
         """Store a voice: segments' audio is encoded with `codec` (needed unless every segment
         has codes). speaker defaults to the first segment's."""
         path = self.path(name)
@@ -136,11 +145,18 @@ class VoiceStore:
         if path.exists() and not overwrite:
             raise JaxttsError(f"voice {name!r} already exists in {self.root}; remove it first or pass overwrite=True")
         codes = [s.codes if s.codes is not None else encode_codes(codec, s.audio) for s in segments]
-        meta = {"format": VOICE_FORMAT, "version": VERSION, "name": name, "speaker": int(speaker),
-                "created": datetime.datetime.now(datetime.UTC).isoformat(),
-                "codec": {"fingerprint": codec_fingerprint(codec), "config": codec.config.to_dict()},
-                "segments": [{"speaker": int(s.speaker), "text": s.text, "codes": f"segment-{i}.npy",
-                              "frames": int(c.shape[1])} for i, (s, c) in enumerate(zip(segments, codes))]}
+        meta = {
+            "format": VOICE_FORMAT,
+            "version": VERSION,
+            "name": name,
+            "speaker": int(speaker),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(),
+            "codec": {"fingerprint": codec_fingerprint(codec), "config": codec.config.to_dict()},
+            "segments": [
+                {"speaker": int(s.speaker), "text": s.text, "codes": f"segment-{i}.npy", "frames": int(c.shape[1])}
+                for i, (s, c) in enumerate(zip(segments, codes))
+            ],
+        }
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_directory(path, overwrite=True) as tmp:
             for i, c in enumerate(codes):
@@ -161,19 +177,26 @@ class VoiceStore:
         except JaxttsError as e:
             raise JaxttsError(f"{path}: corrupt voice ({e}); remove it with `jaxtts voice rm {name}`") from None
         except (KeyError, TypeError, ValueError) as e:
-            raise JaxttsError(f"{path}: corrupt voice (bad voice.json: {type(e).__name__} {e}); "
-                              f"remove it with `jaxtts voice rm {name}`") from None
+            raise JaxttsError(
+                f"{path}: corrupt voice (bad voice.json: {type(e).__name__} {e}); "
+                f"remove it with `jaxtts voice rm {name}`"
+            ) from None
         if codec is not None and fingerprint != codec_fingerprint(codec):
-            raise JaxttsError(f"voice {name!r} was encoded by another Mimi codec (fingerprint {fingerprint}, this one "
-                              f"{codec_fingerprint(codec)}); add it again with this codec")
+            raise JaxttsError(
+                f"voice {name!r} was encoded by another Mimi codec (fingerprint {fingerprint}, this one "
+                f"{codec_fingerprint(codec)}); add it again with this codec"
+            )
         return Voice(name, speaker, segments, fingerprint, created, path)
 
     def list(self) -> list[str]:
         """Names of the stored voices (directories being written are not listed)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and NAME_PATTERN.fullmatch(p.name) and (p / "voice.json").is_file())
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and NAME_PATTERN.fullmatch(p.name) and (p / "voice.json").is_file()
+        )
 
     def remove(self, name: str) -> None:
         path = self.path(name)
@@ -200,8 +223,9 @@ def with_voice(name: str, speaker: int | None, context, *, codec, store=None) ->
     elif isinstance(context, (list, tuple)) and all(isinstance(s, Segment) for s in context):
         context = list(context)
     else:
-        raise JaxttsError(f"with a voice, the context must be Segments (they follow the voice's), "
-                          f"got {type(context).__name__}")
+        raise JaxttsError(
+            f"with a voice, the context must be Segments (they follow the voice's), got {type(context).__name__}"
+        )
     return (voice.speaker if speaker is None else speaker), voice.segments + context
 
 
@@ -229,8 +253,10 @@ def _read_json(file: Path, fmt: str, *, what: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise JaxttsError(f"{file.parent}: not a jaxtts {what} ({file.name} is not of format {fmt!r})")
     if meta.get("version") != VERSION:
-        raise JaxttsError(f"{file.parent}: {what} format version {meta.get('version')!r}; this jaxtts reads "
-                          f"version {VERSION} (written by another jaxtts version?)")
+        raise JaxttsError(
+            f"{file.parent}: {what} format version {meta.get('version')!r}; this jaxtts reads "
+            f"version {VERSION} (written by another jaxtts version?)"
+        )
     return meta
 
 
@@ -242,15 +268,21 @@ def save_context(path: str | os.PathLike, context, *, overwrite: bool = False) -
     It only means something to the model (same weights) that prepared it."""
     tokens, mask, cache = np.asarray(context.tokens), np.asarray(context.mask, bool), context.cache
     layers = [] if cache is None else [(np.asarray(k), np.asarray(v)) for k, v in zip(cache.k, cache.v)]
-    meta = {"format": CONTEXT_FORMAT, "version": VERSION, "rows": len(tokens), "layers": len(layers),
-            "dtype": layers[0][0].dtype.name if layers else None,
-            "cache_shape": list(layers[0][0].shape) if layers else None}
+    meta = {
+        "format": CONTEXT_FORMAT,
+        "version": VERSION,
+        "rows": len(tokens),
+        "layers": len(layers),
+        "dtype": layers[0][0].dtype.name if layers else None,
+        "cache_shape": list(layers[0][0].shape) if layers else None,
+    }
     with atomic_directory(path, overwrite=overwrite) as tmp:
         np.save(tmp / "tokens.npy", tokens.astype(np.int32))
         np.save(tmp / "mask.npy", mask)
         # Raw bits: .npy has no bfloat16; the dtype is in context.json.
-        arrays = {f"{kv}{i}": a.view(f"u{a.dtype.itemsize}") for i, pair in enumerate(layers)
-                  for kv, a in zip("kv", pair)}
+        arrays = {
+            f"{kv}{i}": a.view(f"u{a.dtype.itemsize}") for i, pair in enumerate(layers) for kv, a in zip("kv", pair)
+        }
         np.savez(tmp / "cache.npz", **arrays)
         (tmp / "context.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(path)
@@ -310,7 +342,9 @@ def run_voice(args) -> int:
         for name in store.list():
             try:
                 v = store.load(name)
-                print(f"{name}\tspeaker {v.speaker}\t{len(v.segments)} segment(s)\t{v.frames * 0.08:.2f} s\t{v.created}")
+                print(
+                    f"{name}\tspeaker {v.speaker}\t{len(v.segments)} segment(s)\t{v.frames * 0.08:.2f} s\t{v.created}"
+                )
             except JaxttsError as e:
                 print(f"{name}\tunreadable: {e}")
         return 0
@@ -324,8 +358,10 @@ def run_voice(args) -> int:
         raise JaxttsError("--random-weights builds its own codec: drop --codec, or drop --random-weights")
     segment = Segment(args.speaker, args.text, audio=load_audio(args.audio))
     voice = store.add(args.name, [segment], args.speaker, codec=_cli_codec(args), overwrite=args.overwrite)
-    print(f"stored voice {voice.name} ({voice.frames * 0.08:.2f} s, speaker {voice.speaker}) in {voice.path}",
-          file=sys.stderr)
+    print(
+        f"stored voice {voice.name} ({voice.frames * 0.08:.2f} s, speaker {voice.speaker}) in {voice.path}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -33,8 +33,19 @@ def pow2_at_least(n: int, floor: int = MIN_DOT_DIM) -> int:
     return max(floor, pl.next_power_of_2(max(int(n), 1)))
 
 
-def pallas_call(kernel, *, grid, in_specs, out_specs, out_shape, interpret: bool, num_warps: int,
-                num_stages: int, name: str, input_output_aliases=None):
+def pallas_call(
+    kernel,
+    *,
+    grid,
+    in_specs,
+    out_specs,
+    out_shape,
+    interpret: bool,
+    num_warps: int,
+    num_stages: int,
+    name: str,
+    input_output_aliases=None,
+):
     return pl.pallas_call(
         kernel,
         input_output_aliases=input_output_aliases or {},

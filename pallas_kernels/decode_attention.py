@@ -108,12 +108,20 @@ def _decode_kernel(*refs, scale, block_k, num_splits, group, rows, seq_len, has_
         be.store(l_ref.at[pl.ds(0, rows)], l, mask=row_ok)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_k", "num_splits", "num_warps", "num_stages", "interpret")
-)
-def decode_attention(q, k, v, lengths, q_start=None, *, block_k: int | None = None,
-                     num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                     interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("block_k", "num_splits", "num_warps", "num_stages", "interpret"))
+def decode_attention(
+    q,
+    k,
+    v,
+    lengths,
+    q_start=None,
+    *,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
     """Attention of one query per row over a ragged KV cache.
 
     q [B, H, D] is the query at position `lengths[b] - 1` (or `q_start[b]` when given: keys
@@ -132,11 +140,15 @@ def decode_attention(q, k, v, lengths, q_start=None, *, block_k: int | None = No
     qg = q.reshape(b, hkv, group, d)  # free: heads of one group are adjacent
     scalar = pl.BlockSpec((None,), lambda bi, hi, si: (bi,))
     kv_spec = pl.BlockSpec((None, s, None, d), lambda bi, hi, si: (bi, 0, hi, 0))
-    in_specs = [scalar] + ([scalar] if q_start is not None else []) + [
-        pl.BlockSpec((None, None, group, d), lambda bi, hi, si: (bi, hi, 0, 0)),
-        kv_spec,
-        kv_spec,
-    ]
+    in_specs = (
+        [scalar]
+        + ([scalar] if q_start is not None else [])
+        + [
+            pl.BlockSpec((None, None, group, d), lambda bi, hi, si: (bi, hi, 0, 0)),
+            kv_spec,
+            kv_spec,
+        ]
+    )
     args = [lengths.astype(jnp.int32)]
     if q_start is not None:
         args.append(q_start.astype(jnp.int32))
@@ -158,12 +170,24 @@ def decode_attention(q, k, v, lengths, q_start=None, *, block_k: int | None = No
         )
 
     kernel = functools.partial(
-        _decode_kernel, scale=1.0 / d**0.5, block_k=block_k, num_splits=num_splits, group=group,
-        rows=rows, seq_len=s, has_q_start=q_start is not None,
+        _decode_kernel,
+        scale=1.0 / d**0.5,
+        block_k=block_k,
+        num_splits=num_splits,
+        group=group,
+        rows=rows,
+        seq_len=s,
+        has_q_start=q_start is not None,
     )
     out = be.pallas_call(
-        kernel, grid=(b, hkv, num_splits), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+        kernel,
+        grid=(b, hkv, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
         name="decode_attention",
     )(*args)
 

@@ -28,7 +28,6 @@ program) instead of an XLA fusion after a plain gate_up projection.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -40,6 +39,7 @@ from pallas_kernels.decode_attention import fold_key_block
 from pallas_kernels.matvec import MatvecConfig, default_config, default_k_splits
 
 # --- references -----------------------------------------------------------------------------------
+
 
 def add_residual(x, parts):
     """x + (sum of parts, rounded to x's dtype), in x's dtype; x itself when parts is None."""
@@ -80,12 +80,11 @@ def attention_step_reference(qkv, k_cache, v_cache, pos, *, num_heads):
     _, s, hkv, d = k_cache.shape
     dtype = k_cache.dtype
     qkv = qkv.astype(dtype).reshape(m, num_heads + 2 * hkv, d)
-    q, k, v = qkv[:, :num_heads], qkv[:, num_heads:num_heads + hkv], qkv[:, num_heads + hkv:]
+    q, k, v = qkv[:, :num_heads], qkv[:, num_heads : num_heads + hkv], qkv[:, num_heads + hkv :]
     write = jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n[None], (p, 0, 0)))
     k_cache, v_cache = write(k_cache, k, pos), write(v_cache, v, pos)
     qg = q.reshape(m, hkv, num_heads // hkv, d)
-    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache, preferred_element_type=jnp.float32) / jnp.sqrt(
-        jnp.float32(d))
+    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
     visible = jnp.arange(s)[None, :] <= pos[:, None]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     p = jax.nn.softmax(scores, axis=-1)
@@ -104,8 +103,10 @@ def _select(flag, a, b):
 
 # --- norm_matvec ------------------------------------------------------------------------------------
 
-def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, half, rope_heads, has_index,
-                        norm_rows, norm_chunk):
+
+def _norm_matvec_kernel(
+    *refs, m, k, rows, block_n, block_k, per_split, rope, half, rope_heads, has_index, norm_rows, norm_chunk
+):
     it = iter(refs)
     x_ref = next(it)
     xs_ref = next(it)
@@ -146,8 +147,7 @@ def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, ha
     def body(i, accs):
         start = pl.multiple_of(i * block_k, block_k)
         k_ok = start + jnp.arange(block_k) < k
-        xs = be.load(xs_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=row_ok[:, None] & k_ok[None, :],
-                     other=0)
+        xs = be.load(xs_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=row_ok[:, None] & k_ok[None, :], other=0)
         out = []
         for (c0, width), acc in zip(tiles, accs):
             wmask = k_ok[:, None] & (c0 + jnp.arange(width) < n)[None, :]
@@ -180,12 +180,37 @@ def _norm_matvec_kernel(*refs, m, k, rows, block_n, block_k, per_split, rope, ha
         store(n0, block_n, accs[0], n)
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim", "rope_heads", "config", "k_splits", "block_n", "block_k",
-                                             "num_warps", "num_stages", "interpret"))
-def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_heads: int = 0, w_index=None,
-                config: MatvecConfig | None = None,
-                k_splits: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "head_dim",
+        "rope_heads",
+        "config",
+        "k_splits",
+        "block_n",
+        "block_k",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
+)
+def norm_matvec(
+    x,
+    scale,
+    w,
+    *,
+    rope=None,
+    head_dim: int | None = None,
+    rope_heads: int = 0,
+    w_index=None,
+    config: MatvecConfig | None = None,
+    k_splits: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+):
     """The matmul of rmsnorm(x) * scale @ w, leaving the norm's row factor to the consumer.
 
     x [M, K] (M <= 64), scale [K], w [K, N] or [L, K, N] with w_index an int32 [1] picking one.
@@ -223,7 +248,7 @@ def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_hea
     rows = be.pow2_at_least(m)
     num_warps, num_stages = num_warps or cfg.num_warps, num_stages or cfg.num_stages
 
-    full = lambda shape: pl.BlockSpec(shape, lambda j, s, nd=len(shape): (0,) * nd)  # noqa: E731
+    full = lambda shape: pl.BlockSpec(shape, lambda j, s, nd=len(shape): (0,) * nd)  # noqa: E731, B008
     # x * scale, rounded as the norm's output is: under jit XLA fuses it into x's producer.
     xs = (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
     args, in_specs = [x, xs], [full(x.shape), full(x.shape)]
@@ -237,17 +262,34 @@ def norm_matvec(x, scale, w, *, rope=None, head_dim: int | None = None, rope_hea
         args += [cos, sin]
         in_specs += [full(cos.shape), full(sin.shape)]
 
-    out_shape = [jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32),
-                 jax.ShapeDtypeStruct((k_splits, m), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32), jax.ShapeDtypeStruct((k_splits, m), jnp.float32)]
     out_specs = [pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0)), pl.BlockSpec((None, m), lambda j, s: (s, 0))]
     kernel = functools.partial(
-        _norm_matvec_kernel, m=m, k=k, rows=rows, block_n=block_n, block_k=block_k, per_split=per_split,
-        rope=rope is not None, half=half, rope_heads=rope_heads, has_index=w_index is not None,
-        norm_rows=be.pow2_at_least(m, 1), norm_chunk=min(NORM_CHUNK, be.pow2_at_least(per_split * block_k, 1)),
+        _norm_matvec_kernel,
+        m=m,
+        k=k,
+        rows=rows,
+        block_n=block_n,
+        block_k=block_k,
+        per_split=per_split,
+        rope=rope is not None,
+        half=half,
+        rope_heads=rope_heads,
+        has_index=w_index is not None,
+        norm_rows=be.pow2_at_least(m, 1),
+        norm_chunk=min(NORM_CHUNK, be.pow2_at_least(per_split * block_k, 1)),
     )
-    y, sumsq = be.pallas_call(kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
-                              out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                              name="norm_matvec")(*args)
+    y, sumsq = be.pallas_call(
+        kernel,
+        grid=(n_blocks, k_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name="norm_matvec",
+    )(*args)
     return y, sumsq
 
 
@@ -260,8 +302,10 @@ def finish(parts, sumsq, k: int, eps: float):
 
 # --- attention_step -------------------------------------------------------------------------------
 
-def _attention_step_kernel(*refs, n_parts, has_norm, num_heads, kv_heads, group, rows, block_k, num_splits,
-                           seq_len, scale, model_dim, eps):
+
+def _attention_step_kernel(
+    *refs, n_parts, has_norm, num_heads, kv_heads, group, rows, block_k, num_splits, seq_len, scale, model_dim, eps
+):
     it = iter(refs)
     pos_ref, qkv_ref = next(it), next(it)
     ss_ref = next(it) if has_norm else None
@@ -304,8 +348,9 @@ def _attention_step_kernel(*refs, n_parts, has_norm, num_heads, kv_heads, group,
     first = split == 0
     m0 = _select(first, s_new, jnp.full((rows,), be.NEG_INF, jnp.float32))
     l0 = _select(first, 1.0, jnp.zeros((rows,), jnp.float32))
-    acc0 = _select(first, jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], q.shape),
-                   jnp.zeros(q.shape, jnp.float32))
+    acc0 = _select(
+        first, jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], q.shape), jnp.zeros(q.shape, jnp.float32)
+    )
 
     def body(i, carry):
         acc, m_run, l_run = carry
@@ -338,12 +383,26 @@ def default_step_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) -
     return max(1, min(want, pl.cdiv(seq_len, block_k)))
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "model_dim", "eps", "block_k", "num_splits", "num_warps", "num_stages",
-                                             "interpret"))
-def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, model_dim: int, eps: float,
-                   block_k: int | None = None,
-                   num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                   interpret: bool = False):
+@functools.partial(
+    jax.jit,
+    static_argnames=("num_heads", "model_dim", "eps", "block_k", "num_splits", "num_warps", "num_stages", "interpret"),
+)
+def attention_step(
+    qkv_parts,
+    sumsq,
+    k_cache,
+    v_cache,
+    pos,
+    *,
+    num_heads: int,
+    model_dim: int,
+    eps: float,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
     """One decode step of attention, fed straight from the qkv projection's partial sums.
 
     qkv_parts float32 [P, M, (H + 2 Hkv) * D] and sumsq [P, M] from norm_matvec (q and k
@@ -365,8 +424,7 @@ def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, m
 
     kv_spec = pl.BlockSpec((None, s, None, d), lambda b, g, sp: (b, 0, g, 0))
     has_norm = sumsq is not None
-    in_specs = [pl.BlockSpec((None,), lambda b, g, sp: (b,)),
-                pl.BlockSpec(parts.shape, lambda b, g, sp: (0, 0, 0, 0))]
+    in_specs = [pl.BlockSpec((None,), lambda b, g, sp: (b,)), pl.BlockSpec(parts.shape, lambda b, g, sp: (0, 0, 0, 0))]
     args = [pos.astype(jnp.int32), parts]
     if has_norm:
         in_specs.append(pl.BlockSpec(sumsq.shape, lambda b, g, sp: (0, 0)))
@@ -377,23 +435,45 @@ def attention_step(qkv_parts, sumsq, k_cache, v_cache, pos, *, num_heads: int, m
         out_shape = [jax.ShapeDtypeStruct((m, hkv, group, d), k_cache.dtype)]
         out_specs = [pl.BlockSpec((None, None, group, d), lambda b, g, sp: (b, g, 0, 0))]
     else:
-        out_shape = [jax.ShapeDtypeStruct((m, hkv, num_splits, group, d), jnp.float32),
-                     jax.ShapeDtypeStruct((m, hkv, num_splits, group), jnp.float32),
-                     jax.ShapeDtypeStruct((m, hkv, num_splits, group), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, None, group, d), lambda b, g, sp: (b, g, sp, 0, 0)),
-                     pl.BlockSpec((None, None, None, group), lambda b, g, sp: (b, g, sp, 0)),
-                     pl.BlockSpec((None, None, None, group), lambda b, g, sp: (b, g, sp, 0))]
+        out_shape = [
+            jax.ShapeDtypeStruct((m, hkv, num_splits, group, d), jnp.float32),
+            jax.ShapeDtypeStruct((m, hkv, num_splits, group), jnp.float32),
+            jax.ShapeDtypeStruct((m, hkv, num_splits, group), jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, None, group, d), lambda b, g, sp: (b, g, sp, 0, 0)),
+            pl.BlockSpec((None, None, None, group), lambda b, g, sp: (b, g, sp, 0)),
+            pl.BlockSpec((None, None, None, group), lambda b, g, sp: (b, g, sp, 0)),
+        ]
     out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2
     out_specs += [kv_spec, kv_spec]
     n_out = len(out_shape)
     kernel = functools.partial(
-        _attention_step_kernel, n_parts=n_parts, has_norm=has_norm, num_heads=num_heads, kv_heads=hkv, group=group,
-        rows=rows, block_k=block_k, num_splits=num_splits, seq_len=s, scale=1.0 / d**0.5, model_dim=model_dim,
-        eps=float(eps))
+        _attention_step_kernel,
+        n_parts=n_parts,
+        has_norm=has_norm,
+        num_heads=num_heads,
+        kv_heads=hkv,
+        group=group,
+        rows=rows,
+        block_k=block_k,
+        num_splits=num_splits,
+        seq_len=s,
+        scale=1.0 / d**0.5,
+        model_dim=model_dim,
+        eps=float(eps),
+    )
     outs = be.pallas_call(
-        kernel, grid=(m, hkv, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        input_output_aliases={len(args) - 2: n_out - 2, len(args) - 1: n_out - 1}, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, name="attention_step",
+        kernel,
+        grid=(m, hkv, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases={len(args) - 2: n_out - 2, len(args) - 1: n_out - 1},
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name="attention_step",
     )(*args)
     if num_splits == 1:
         o = outs[0]

@@ -56,8 +56,7 @@ def matvec_reference(x, w):
     return out.astype(x.dtype)
 
 
-def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int,
-                     target: int = TARGET_PROGRAMS) -> int:
+def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int, target: int = TARGET_PROGRAMS) -> int:
     """The fewest splits (a power of two) giving >= `target` programs.
 
     Capped at one K block per split, and so that the float32 partials (written once, read once:
@@ -89,8 +88,7 @@ def default_config(m: int, k: int, n: int) -> MatvecConfig:
     return MatvecConfig(block_n, block_k, splits, num_warps=4, num_stages=3, method="dot")
 
 
-def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_split, method,
-                   compute_dtype):
+def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_split, method, compute_dtype):
     k_blocks = pl.cdiv(k, block_k)
     lo = pl.program_id(1) * per_split
     # Every split gets `per_split` blocks when they divide evenly (a static trip count, which
@@ -117,28 +115,47 @@ def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_
         k_ok = start + jnp.arange(block_k) < k if k % block_k else None
         x_mask = both(row_ok, None if k_ok is None else k_ok[None, :])
         w_mask = both(None if k_ok is None else k_ok[:, None], col_ok)
-        xt = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=x_mask,
-                     other=None if x_mask is None else 0)
-        wt = be.load(w_ref.at[pl.ds(start, block_k), pl.ds(n0, block_n)], mask=w_mask,
-                     other=None if w_mask is None else 0)
+        xt = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=x_mask, other=None if x_mask is None else 0)
+        wt = be.load(
+            w_ref.at[pl.ds(start, block_k), pl.ds(n0, block_n)], mask=w_mask, other=None if w_mask is None else 0
+        )
         if method == "dot":
             return acc + be.dot(xt.astype(compute_dtype), wt.astype(compute_dtype))
         prod = xt.astype(jnp.float32)[:, :, None] * wt.astype(jnp.float32)[None, :, :]
         return acc + jnp.sum(prod, axis=1)
 
     acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((rows, block_n), jnp.float32))
-    be.store(o_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], acc.astype(o_ref.dtype),
-             mask=both(row_ok, col_ok))
+    be.store(o_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask=both(row_ok, col_ok))
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "method", "partials",
-                     "interpret"),
+    static_argnames=(
+        "config",
+        "block_n",
+        "block_k",
+        "k_splits",
+        "num_warps",
+        "num_stages",
+        "method",
+        "partials",
+        "interpret",
+    ),
 )
-def matvec(x, w, *, config: MatvecConfig | None = None, block_n: int | None = None, block_k: int | None = None, k_splits: int | None = None,
-           num_warps: int | None = None, num_stages: int | None = None, method: str | None = None,
-           partials: bool = False, interpret: bool = False):
+def matvec(
+    x,
+    w,
+    *,
+    config: MatvecConfig | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    k_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    method: str | None = None,
+    partials: bool = False,
+    interpret: bool = False,
+):
     """`x @ w` for x [..., K] with at most 64 rows in all, w [K, N]; returns [..., N] in x's dtype.
 
     Accumulates in float32 (float32 inputs stay true float32: no TF32). Mixed dtypes are computed
@@ -183,8 +200,16 @@ def matvec(x, w, *, config: MatvecConfig | None = None, block_n: int | None = No
     n_blocks = pl.cdiv(n, block_n)
     compute_dtype = jnp.promote_types(x2.dtype, w.dtype)
     kernel = functools.partial(
-        _matvec_kernel, m=m, k=k, n=n, rows=rows, block_n=block_n, block_k=block_k,
-        per_split=per_split, method=method, compute_dtype=compute_dtype,
+        _matvec_kernel,
+        m=m,
+        k=k,
+        n=n,
+        rows=rows,
+        block_n=block_n,
+        block_k=block_k,
+        per_split=per_split,
+        method=method,
+        compute_dtype=compute_dtype,
     )
     in_specs = [pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec((k, n), lambda j, s: (0, 0))]
     if partials and len(lead) != 1:
@@ -196,8 +221,14 @@ def matvec(x, w, *, config: MatvecConfig | None = None, block_n: int | None = No
         out_shape = jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32)
         out_specs = pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0))
     out = be.pallas_call(
-        kernel, grid=(n_blocks, k_splits), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+        kernel,
+        grid=(n_blocks, k_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
         name="matvec",
     )(x2, w)
     if partials:

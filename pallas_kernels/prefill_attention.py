@@ -46,8 +46,7 @@ def default_blocks(head_dim: int) -> tuple[int, int]:
     return (64, 64) if head_dim <= 64 else (64, 32)
 
 
-def _prefill_kernel(len_ref, qs_ref, q_ref, k_ref, v_ref, o_ref, *, scale, block_q, block_k,
-                    q_len, seq_len):
+def _prefill_kernel(len_ref, qs_ref, q_ref, k_ref, v_ref, o_ref, *, scale, block_q, block_k, q_len, seq_len):
     t0 = pl.program_id(2) * block_q
     q_start = qs_ref[()]
     length = jnp.clip(len_ref[()], 0, seq_len)  # never read past the cache, whatever lengths says
@@ -103,12 +102,20 @@ def _prefill_kernel(len_ref, qs_ref, q_ref, k_ref, v_ref, o_ref, *, scale, block
     be.store(o_ref.at[pl.ds(t0, block_q), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_q", "block_k", "num_warps", "num_stages", "interpret")
-)
-def prefill_attention(q, k, v, q_start, lengths, *, block_q: int | None = None,
-                      block_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                      interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "num_warps", "num_stages", "interpret"))
+def prefill_attention(
+    q,
+    k,
+    v,
+    q_start,
+    lengths,
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
     """Causal attention of T queries per row over a KV cache that already holds their keys.
 
     q [B, T, H, D]; k, v [B, S, Hkv, D]; q_start, lengths [B] int32. Returns [B, T, H, D] in q's
@@ -130,8 +137,13 @@ def prefill_attention(q, k, v, q_start, lengths, *, block_q: int | None = None,
         _prefill_kernel, scale=1.0 / d**0.5, block_q=block_q, block_k=block_k, q_len=t, seq_len=s
     )
     return be.pallas_call(
-        kernel, grid=(b, h, pl.cdiv(t, block_q)),
-        in_specs=[scalar, scalar, q_spec, kv_spec, kv_spec], out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, name="prefill_attention",
+        kernel,
+        grid=(b, h, pl.cdiv(t, block_q)),
+        in_specs=[scalar, scalar, q_spec, kv_spec, kv_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name="prefill_attention",
     )(lengths.astype(jnp.int32), q_start.astype(jnp.int32), q, k, v)

@@ -44,8 +44,9 @@ def _sum_parts(parts, sumsq, norm_dim, eps):
     return logits
 
 
-def sample_top_k_reference(parts, noise, step, temperature, *, top_k: int, sumsq=None, norm_dim: int = 1,
-                           eps: float = 0.0):
+def sample_top_k_reference(
+    parts, noise, step, temperature, *, top_k: int, sumsq=None, norm_dim: int = 1, eps: float = 0.0
+):
     """Token ids [M] int32: argmax over the top-k entries of logits / temperature of (that + noise).
 
     parts float32 [P, M, V] (P = 1: plain logits), noise float32 [S, M, V] of which row `step` is
@@ -104,11 +105,34 @@ def _kernel(*refs, n_parts, has_norm, vocab, lanes, top_k, norm_dim, eps, radix_
     out_ref[0] = first.astype(jnp.int32)
 
 
-def sample_top_k(parts, noise, step, temperature, *, top_k: int, sumsq=None, norm_dim: int = 1, eps: float = 0.0,
-                 num_warps: int | None = None, radix_bits: int | None = None, interpret: bool = False):
+def sample_top_k(
+    parts,
+    noise,
+    step,
+    temperature,
+    *,
+    top_k: int,
+    sumsq=None,
+    norm_dim: int = 1,
+    eps: float = 0.0,
+    num_warps: int | None = None,
+    radix_bits: int | None = None,
+    interpret: bool = False,
+):
     """`sample_top_k_reference` as one Pallas kernel (grid: one program per row)."""
-    return _sample_top_k(parts, noise, step, temperature, top_k=top_k, sumsq=sumsq, norm_dim=norm_dim, eps=eps,
-                         num_warps=num_warps or NUM_WARPS, radix_bits=radix_bits or RADIX_BITS, interpret=interpret)
+    return _sample_top_k(
+        parts,
+        noise,
+        step,
+        temperature,
+        top_k=top_k,
+        sumsq=sumsq,
+        norm_dim=norm_dim,
+        eps=eps,
+        num_warps=num_warps or NUM_WARPS,
+        radix_bits=radix_bits or RADIX_BITS,
+        interpret=interpret,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "norm_dim", "eps", "num_warps", "radix_bits", "interpret"))
@@ -122,14 +146,33 @@ def _sample_top_k(parts, noise, step, temperature, *, top_k, sumsq, norm_dim, ep
         raise ValueError(f"noise {noise.shape} does not match logits [{m}, {vocab}]")
     lanes = be.pow2_at_least(vocab)
     full = lambda a: pl.BlockSpec(a.shape, lambda b, nd=a.ndim: (0,) * nd)  # noqa: E731
-    args = [jnp.asarray(step, jnp.int32).reshape(1), jnp.asarray(temperature, jnp.float32).reshape(1),
-            parts.astype(jnp.float32)]
+    args = [
+        jnp.asarray(step, jnp.int32).reshape(1),
+        jnp.asarray(temperature, jnp.float32).reshape(1),
+        parts.astype(jnp.float32),
+    ]
     if sumsq is not None:
         args.append(sumsq.astype(jnp.float32))
     args.append(noise.astype(jnp.float32))
-    kernel = functools.partial(_kernel, n_parts=n_parts, has_norm=sumsq is not None, vocab=vocab, lanes=lanes,
-                               top_k=top_k, norm_dim=norm_dim, eps=float(eps), radix_bits=radix_bits)
-    return be.pallas_call(kernel, grid=(m,), in_specs=[full(a) for a in args],
-                          out_specs=pl.BlockSpec((1,), lambda b: (b,)),
-                          out_shape=jax.ShapeDtypeStruct((m,), jnp.int32), interpret=interpret,
-                          num_warps=num_warps, num_stages=1, name="sample_top_k")(*args)
+    kernel = functools.partial(
+        _kernel,
+        n_parts=n_parts,
+        has_norm=sumsq is not None,
+        vocab=vocab,
+        lanes=lanes,
+        top_k=top_k,
+        norm_dim=norm_dim,
+        eps=float(eps),
+        radix_bits=radix_bits,
+    )
+    return be.pallas_call(
+        kernel,
+        grid=(m,),
+        in_specs=[full(a) for a in args],
+        out_specs=pl.BlockSpec((1,), lambda b: (b,)),
+        out_shape=jax.ShapeDtypeStruct((m,), jnp.int32),
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=1,
+        name="sample_top_k",
+    )(*args)

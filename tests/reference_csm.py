@@ -33,10 +33,28 @@ BOS, EOS = 128_000, 128_001
 # several layers, grouped-query attention (kv heads < heads), head dims 16 and 12 (both have a
 # frequency in the smoothed band of the Llama-3 RoPE scaling).
 PARITY_ARGS = {
-    "backbone": {"num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 64, "intermediate_dim": 160,
-                 "max_seq_len": 256, "norm_eps": 1e-5, "rope_base": 500_000.0, "scale_factor": 32.0},
-    "decoder": {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 48, "intermediate_dim": 96,
-                "max_seq_len": 32, "norm_eps": 1e-5, "rope_base": 500_000.0, "scale_factor": 32.0},
+    "backbone": {
+        "num_layers": 3,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "embed_dim": 64,
+        "intermediate_dim": 160,
+        "max_seq_len": 256,
+        "norm_eps": 1e-5,
+        "rope_base": 500_000.0,
+        "scale_factor": 32.0,
+    },
+    "decoder": {
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "embed_dim": 48,
+        "intermediate_dim": 96,
+        "max_seq_len": 32,
+        "norm_eps": 1e-5,
+        "rope_base": 500_000.0,
+        "scale_factor": 32.0,
+    },
     "text_vocab_size": 128_256,
     "audio_vocab_size": 2051,
     "audio_num_codebooks": 32,
@@ -45,10 +63,28 @@ PARITY_ARGS = {
 # The released model's builder arguments (Sesame's llama3_2_1B / llama3_2_100M flavours, whose
 # token embedding and output are discarded; the depth decoder only ever sees 32 positions).
 CSM_1B_ARGS = {
-    "backbone": {"num_layers": 16, "num_heads": 32, "num_kv_heads": 8, "embed_dim": 2048, "intermediate_dim": 8192,
-                 "max_seq_len": 2048, "norm_eps": 1e-5, "rope_base": 500_000.0, "scale_factor": 32.0},
-    "decoder": {"num_layers": 4, "num_heads": 8, "num_kv_heads": 2, "embed_dim": 1024, "intermediate_dim": 8192,
-                "max_seq_len": 32, "norm_eps": 1e-5, "rope_base": 500_000.0, "scale_factor": 32.0},
+    "backbone": {
+        "num_layers": 16,
+        "num_heads": 32,
+        "num_kv_heads": 8,
+        "embed_dim": 2048,
+        "intermediate_dim": 8192,
+        "max_seq_len": 2048,
+        "norm_eps": 1e-5,
+        "rope_base": 500_000.0,
+        "scale_factor": 32.0,
+    },
+    "decoder": {
+        "num_layers": 4,
+        "num_heads": 8,
+        "num_kv_heads": 2,
+        "embed_dim": 1024,
+        "intermediate_dim": 8192,
+        "max_seq_len": 32,
+        "norm_eps": 1e-5,
+        "rope_base": 500_000.0,
+        "scale_factor": 32.0,
+    },
     "text_vocab_size": 128_256,
     "audio_vocab_size": 2051,
     "audio_num_codebooks": 32,
@@ -166,7 +202,8 @@ class OriginalCSM(nn.Module):
         offsets = self.audio_vocab_size * torch.arange(self.audio_num_codebooks, device=tokens.device)
         audio_ids = tokens[:, :, :-1] + offsets
         audio = self.audio_embeddings(audio_ids.reshape(-1)).reshape(
-            tokens.size(0), tokens.size(1), self.audio_num_codebooks, -1)
+            tokens.size(0), tokens.size(1), self.audio_num_codebooks, -1
+        )
         return torch.cat([audio, text], dim=-2)
 
     def backbone_hidden(self, tokens, tokens_mask, input_pos) -> torch.Tensor:
@@ -256,8 +293,9 @@ def audio_rows(codes) -> tuple[np.ndarray, np.ndarray]:
     return tokens, mask
 
 
-def parity_prompt(seed: int = 0, *, num_audio_frames: int = 40, text_vocab: int = 128_000,
-                  codebooks: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def parity_prompt(
+    seed: int = 0, *, num_audio_frames: int = 40, text_vocab: int = 128_000, codebooks: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """A context segment (text + audio with its EOS frame), then the text to speak."""
     rng = np.random.default_rng(seed)
     segs = [
@@ -272,8 +310,9 @@ def parity_prompt(seed: int = 0, *, num_audio_frames: int = 40, text_vocab: int 
 
 @single_thread
 @torch.inference_mode()
-def reference_frames(model: OriginalCSM, tokens, mask, *, max_frames: int, temperature: float = 0.9,
-                     topk: int = 1, seed: int = 0) -> np.ndarray:
+def reference_frames(
+    model: OriginalCSM, tokens, mask, *, max_frames: int, temperature: float = 0.9, topk: int = 1, seed: int = 0
+) -> np.ndarray:
     """`Generator.generate` without text/audio tokenizers: frames [F, 32], stopping before the
     first all-zero frame."""
     torch.manual_seed(seed)
@@ -322,15 +361,32 @@ def hf_rope_parameters(stack: dict, original_max_position_embeddings: int) -> di
     (wavelength bounds 8192/low and 8192/high are unchanged), so that it stays below
     `max_position_embeddings`. sesame/csm-1b: 1024, 0.125, 0.5 (backbone), 16, 1/512, 1/128 (decoder)."""
     ratio = original_max_position_embeddings / 8192
-    return {"rope_type": "llama3", "rope_theta": float(stack["rope_base"]), "factor": float(stack["scale_factor"]),
-            "low_freq_factor": 1.0 * ratio, "high_freq_factor": 4.0 * ratio,
-            "original_max_position_embeddings": original_max_position_embeddings}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": float(stack["rope_base"]),
+        "factor": float(stack["scale_factor"]),
+        "low_freq_factor": 1.0 * ratio,
+        "high_freq_factor": 4.0 * ratio,
+        "original_max_position_embeddings": original_max_position_embeddings,
+    }
 
 
 # A small Mimi: the converter ignores `codec_model.*`, only its presence in the file matters.
-_SMALL_CODEC = dict(model_type="mimi", hidden_size=16, num_filters=4, num_hidden_layers=1, intermediate_size=32,
-                    num_attention_heads=2, num_key_value_heads=2, head_dim=8, codebook_size=16, codebook_dim=8,
-                    vector_quantization_hidden_dimension=8, upsample_groups=16, num_quantizers=32)
+_SMALL_CODEC = dict(
+    model_type="mimi",
+    hidden_size=16,
+    num_filters=4,
+    num_hidden_layers=1,
+    intermediate_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    codebook_size=16,
+    codebook_dim=8,
+    vector_quantization_hidden_dimension=8,
+    upsample_groups=16,
+    num_quantizers=32,
+)
 
 
 def hf_config(args: dict):
@@ -338,19 +394,34 @@ def hf_config(args: dict):
 
     b, d = args["backbone"], args["decoder"]
     dec_positions = max(d["max_seq_len"], args["audio_num_codebooks"] + 1)  # transformers' csm-1b: 33
-    depth = dict(num_codebooks=args["audio_num_codebooks"], backbone_hidden_size=b["embed_dim"],
-                 vocab_size=args["audio_vocab_size"], hidden_size=d["embed_dim"],
-                 intermediate_size=d["intermediate_dim"], num_hidden_layers=d["num_layers"],
-                 num_attention_heads=d["num_heads"], num_key_value_heads=d["num_kv_heads"],
-                 max_position_embeddings=dec_positions, rms_norm_eps=d["norm_eps"],
-                 rope_parameters=hf_rope_parameters(d, 16))
-    cfg = CsmConfig(num_codebooks=args["audio_num_codebooks"], vocab_size=args["audio_vocab_size"],
-                    text_vocab_size=args["text_vocab_size"], hidden_size=b["embed_dim"],
-                    intermediate_size=b["intermediate_dim"], num_hidden_layers=b["num_layers"],
-                    num_attention_heads=b["num_heads"], num_key_value_heads=b["num_kv_heads"],
-                    max_position_embeddings=b["max_seq_len"], rms_norm_eps=b["norm_eps"],
-                    rope_parameters=hf_rope_parameters(b, b["max_seq_len"] // 2),
-                    depth_decoder_config=depth, codec_config=dict(_SMALL_CODEC))
+    depth = dict(
+        num_codebooks=args["audio_num_codebooks"],
+        backbone_hidden_size=b["embed_dim"],
+        vocab_size=args["audio_vocab_size"],
+        hidden_size=d["embed_dim"],
+        intermediate_size=d["intermediate_dim"],
+        num_hidden_layers=d["num_layers"],
+        num_attention_heads=d["num_heads"],
+        num_key_value_heads=d["num_kv_heads"],
+        max_position_embeddings=dec_positions,
+        rms_norm_eps=d["norm_eps"],
+        rope_parameters=hf_rope_parameters(d, 16),
+    )
+    cfg = CsmConfig(
+        num_codebooks=args["audio_num_codebooks"],
+        vocab_size=args["audio_vocab_size"],
+        text_vocab_size=args["text_vocab_size"],
+        hidden_size=b["embed_dim"],
+        intermediate_size=b["intermediate_dim"],
+        num_hidden_layers=b["num_layers"],
+        num_attention_heads=b["num_heads"],
+        num_key_value_heads=b["num_kv_heads"],
+        max_position_embeddings=b["max_seq_len"],
+        rms_norm_eps=b["norm_eps"],
+        rope_parameters=hf_rope_parameters(b, b["max_seq_len"] // 2),
+        depth_decoder_config=depth,
+        codec_config=dict(_SMALL_CODEC),
+    )
     cfg._attn_implementation = "eager"
     cfg.depth_decoder_config._attn_implementation = "eager"
     return cfg
@@ -399,8 +470,10 @@ def save_hf(model, directory: Path, **kwargs) -> Path:
 
 
 def hf_rope_inv_freq(model) -> tuple[np.ndarray, np.ndarray]:
-    return (model.backbone_model.rotary_emb.inv_freq.numpy().copy(),
-            model.depth_decoder.model.rotary_emb.inv_freq.numpy().copy())
+    return (
+        model.backbone_model.rotary_emb.inv_freq.numpy().copy(),
+        model.depth_decoder.model.rotary_emb.inv_freq.numpy().copy(),
+    )
 
 
 def torchtune_rope_theta(original: OriginalCSM) -> tuple[np.ndarray, np.ndarray]:
@@ -491,7 +564,7 @@ def hf_to_original_state_dict(hf_state: dict, args: dict) -> dict[str, torch.Ten
             continue
         for hf_prefix, orig_prefix in _STACK_HF_TO_ORIG.items():
             if name.startswith(hf_prefix):
-                idx, rest = name[len(hf_prefix):].split(".", 1)
+                idx, rest = name[len(hf_prefix) :].split(".", 1)
                 stack = args["backbone" if orig_prefix.startswith("backbone") else "decoder"]
                 if rest == "self_attn.q_proj.weight":
                     t = halves_to_interleaved(t, stack["num_heads"])
@@ -527,10 +600,17 @@ def save_original(model: OriginalCSM, path: Path) -> Path:
 def _layer_shapes(stack: dict) -> dict[str, tuple]:
     d, h, hkv = stack["embed_dim"], stack["num_heads"], stack["num_kv_heads"]
     hd, i = d // h, stack["intermediate_dim"]
-    return {"attn.q_proj.weight": (h * hd, d), "attn.k_proj.weight": (hkv * hd, d),
-            "attn.v_proj.weight": (hkv * hd, d), "attn.output_proj.weight": (d, h * hd),
-            "mlp.w1.weight": (i, d), "mlp.w2.weight": (d, i), "mlp.w3.weight": (i, d),
-            "sa_norm.scale": (d,), "mlp_norm.scale": (d,)}
+    return {
+        "attn.q_proj.weight": (h * hd, d),
+        "attn.k_proj.weight": (hkv * hd, d),
+        "attn.v_proj.weight": (hkv * hd, d),
+        "attn.output_proj.weight": (d, h * hd),
+        "mlp.w1.weight": (i, d),
+        "mlp.w2.weight": (d, i),
+        "mlp.w3.weight": (i, d),
+        "sa_norm.scale": (d,),
+        "mlp_norm.scale": (d,),
+    }
 
 
 def original_shapes(args: dict) -> dict[str, tuple]:
@@ -542,11 +622,15 @@ def original_shapes(args: dict) -> dict[str, tuple]:
             for k, s in _layer_shapes(stack).items():
                 out[f"{prefix}.layers.{n}.{k}"] = s
         out[f"{prefix}.norm.scale"] = (stack["embed_dim"],)
-    out.update({"text_embeddings.weight": (args["text_vocab_size"], b["embed_dim"]),
-                "audio_embeddings.weight": (nb * v, b["embed_dim"]),
-                "projection.weight": (d["embed_dim"], b["embed_dim"]),
-                "codebook0_head.weight": (v, b["embed_dim"]),
-                "audio_head": (nb - 1, d["embed_dim"], v)})
+    out.update(
+        {
+            "text_embeddings.weight": (args["text_vocab_size"], b["embed_dim"]),
+            "audio_embeddings.weight": (nb * v, b["embed_dim"]),
+            "projection.weight": (d["embed_dim"], b["embed_dim"]),
+            "codebook0_head.weight": (v, b["embed_dim"]),
+            "audio_head": (nb - 1, d["embed_dim"], v),
+        }
+    )
     return out
 
 

@@ -21,18 +21,39 @@ def weights(tmp_path_factory, tiny_csm, mimi):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("xla-cache")
-    return dict(os.environ, JAXTTS_COMPILE_CACHE=str(cache), JAXTTS_CACHE=str(cache / "empty"),
-                HF_HUB_CACHE=str(cache / "no-hub"))
+    return dict(
+        os.environ,
+        JAXTTS_COMPILE_CACHE=str(cache),
+        JAXTTS_CACHE=str(cache / "empty"),
+        HF_HUB_CACHE=str(cache / "no-hub"),
+    )
 
 
 def jaxtts(*args, env, stdin=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "jaxtts.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, input=stdin, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxtts.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=timeout,
+    )
 
 
 def speak_args(weights, out, *extra):
-    return ["speak", "--model", weights / "csm", "--codec", weights / "mimi", "--dtype", "float32", "--quiet",
-            "-o", out, *extra]
+    return [
+        "speak",
+        "--model",
+        weights / "csm",
+        "--codec",
+        weights / "mimi",
+        "--dtype",
+        "float32",
+        "--quiet",
+        "-o",
+        out,
+        *extra,
+    ]
 
 
 def test_speak_writes_reproducible_wav(weights, env, tmp_path):
@@ -52,8 +73,11 @@ def test_speak_writes_reproducible_wav(weights, env, tmp_path):
 
 def test_interactive_speaks_each_line(weights, env, tmp_path):
     out = tmp_path / "line.wav"
-    r = jaxtts(*speak_args(weights, out, "--interactive", "--seed", 1, "--max-audio-ms", 240), env=env,
-               stdin="First line.\nSecond line.\n\n")
+    r = jaxtts(
+        *speak_args(weights, out, "--interactive", "--seed", 1, "--max-audio-ms", 240),
+        env=env,
+        stdin="First line.\nSecond line.\n\n",
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["line-001.wav", "line-002.wav"]
 
@@ -131,8 +155,9 @@ def test_stdout_bytes_equal_the_file(weights, env, tmp_path):
     r = jaxtts(*speak_args(weights, out, "Same words.", "--seed", 4, "--max-audio-ms", 320), env=env)
     assert r.returncode == 0, r.stderr
     args = [a if a != out else "-" for a in speak_args(weights, out, "Same words.", "--seed", 4, "--max-audio-ms", 320)]
-    piped = subprocess.run([sys.executable, "-m", "jaxtts.cli", *map(str, args)], capture_output=True, env=env,
-                           timeout=600)
+    piped = subprocess.run(
+        [sys.executable, "-m", "jaxtts.cli", *map(str, args)], capture_output=True, env=env, timeout=600
+    )
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout == out.read_bytes() and piped.stdout[:4] == b"RIFF"
 
@@ -156,17 +181,21 @@ def test_internal_error_is_one_line_and_debug_shows_the_traceback(weights, env, 
     """An exception jaxtts did not foresee (here: loading raises RuntimeError) is the CLI's last line
     of defence: one line, exit 1, no output file; --debug shows the traceback."""
     out = tmp_path / "out.wav"
-    boom = ("import sys, jaxtts.tts as t\n"
-            "def load(*a, **k): raise RuntimeError('simulated failure\\nsecond line')\n"
-            "t.TTS.load = load\n"
-            "from jaxtts.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
+    boom = (
+        "import sys, jaxtts.tts as t\n"
+        "def load(*a, **k): raise RuntimeError('simulated failure\\nsecond line')\n"
+        "t.TTS.load = load\n"
+        "from jaxtts.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     args = [sys.executable, "-c", boom, *map(str, speak_args(weights, out, "Hi."))]
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
-    assert lines[0] == ("jaxtts: internal error: RuntimeError: simulated failure second line "
-                        "(run with --debug or JAXTTS_DEBUG=1 for the traceback)"), r.stderr
+    assert lines[0] == (
+        "jaxtts: internal error: RuntimeError: simulated failure second line "
+        "(run with --debug or JAXTTS_DEBUG=1 for the traceback)"
+    ), r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
     r = subprocess.run([*args[:3], "--debug", *args[3:]], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 1 and "Traceback" in r.stderr and "simulated failure" in r.stderr
@@ -191,10 +220,27 @@ def test_voice_add_then_speak_with_it(weights, env, tmp_path):
     a, b = tmp_path / "a.wav", tmp_path / "b.wav"
     r = jaxtts(*speak_args(weights, a, "Hello again.", "--voice", "me", "--seed", 5, "--max-audio-ms", 320), env=env)
     assert r.returncode == 0, r.stderr
-    r = jaxtts(*speak_args(weights, b, "Hello again.", "--context", wav, "This is me.", 3, "--speaker", 3,
-                           "--seed", 5, "--max-audio-ms", 320), env=env)
+    r = jaxtts(
+        *speak_args(
+            weights,
+            b,
+            "Hello again.",
+            "--context",
+            wav,
+            "This is me.",
+            3,
+            "--speaker",
+            3,
+            "--seed",
+            5,
+            "--max-audio-ms",
+            320,
+        ),
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(sf.read(str(a))[0], sf.read(str(b))[0])
     r = jaxtts(*speak_args(weights, tmp_path / "c.wav", "Hi.", "--voice", "nobody"), env=env)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: no voice named 'nobody' (`jaxtts voice list` shows the stored ones)"], r.stderr
+        "error: no voice named 'nobody' (`jaxtts voice list` shows the stored ones)"
+    ], r.stderr

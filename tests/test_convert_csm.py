@@ -98,10 +98,14 @@ FORMATS = {
 
 # Per-layer tensor (original-layout name) → (our parameter, its column block in a fused matrix).
 _LAYER_PARTS = {
-    "attn.q_proj.weight": ("attn.qkv", "q"), "attn.k_proj.weight": ("attn.qkv", "k"),
-    "attn.v_proj.weight": ("attn.qkv", "v"), "attn.output_proj.weight": ("attn.out", None),
-    "mlp.w1.weight": ("mlp.gate_up", "gate"), "mlp.w3.weight": ("mlp.gate_up", "up"),
-    "mlp.w2.weight": ("mlp.down", None), "sa_norm.scale": ("attn_norm.scale", None),
+    "attn.q_proj.weight": ("attn.qkv", "q"),
+    "attn.k_proj.weight": ("attn.qkv", "k"),
+    "attn.v_proj.weight": ("attn.qkv", "v"),
+    "attn.output_proj.weight": ("attn.out", None),
+    "mlp.w1.weight": ("mlp.gate_up", "gate"),
+    "mlp.w3.weight": ("mlp.gate_up", "up"),
+    "mlp.w2.weight": ("mlp.down", None),
+    "sa_norm.scale": ("attn_norm.scale", None),
     "mlp_norm.scale": ("mlp_norm.scale", None),
 }
 
@@ -118,8 +122,11 @@ def test_csm_1b_recognised_and_dims_inferred(fmt):
     assert dims["text_vocab_size"] == 128_256 and dims["audio_vocab_size"] == 2051 and dims["audio_num_codebooks"] == 32
     for stack in ("backbone", "decoder"):
         c = getattr(CSM_1B, stack)
-        assert dims[stack] == {"num_layers": c.num_layers, "embed_dim": c.embed_dim,
-                               "intermediate_dim": c.intermediate_dim}
+        assert dims[stack] == {
+            "num_layers": c.num_layers,
+            "embed_dim": c.embed_dim,
+            "intermediate_dim": c.intermediate_dim,
+        }
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
@@ -144,18 +151,26 @@ def test_csm_1b_conversion_at_real_shapes(monkeypatch, fmt):
     tag = lambda orig_name: fake.tag[_source_name(fmt, orig_name)]  # noqa: E731
     for stack, c in (("backbone", CSM_1B.backbone), ("decoder", CSM_1B.decoder)):
         hd = c.head_dim
-        blocks = {"q": slice(0, c.num_heads * hd), "k": slice(c.num_heads * hd, (c.num_heads + c.num_kv_heads) * hd),
-                  "v": slice((c.num_heads + c.num_kv_heads) * hd, None),
-                  "gate": slice(0, c.intermediate_dim), "up": slice(c.intermediate_dim, None)}
+        blocks = {
+            "q": slice(0, c.num_heads * hd),
+            "k": slice(c.num_heads * hd, (c.num_heads + c.num_kv_heads) * hd),
+            "v": slice((c.num_heads + c.num_kv_heads) * hd, None),
+            "gate": slice(0, c.intermediate_dim),
+            "up": slice(c.intermediate_dim, None),
+        }
         for src, (leaf, block) in _LAYER_PARTS.items():
             a = got[f"{stack}.layers.0.{leaf}"]
             a = a[..., blocks[block]] if block else a
             sample = np.asarray(a[(slice(None, None, 97),) * a.ndim])
             assert (sample == tag(f"{stack}.layers.0.{src}")).all(), (stack, src)
         assert (np.asarray(got[f"{stack}.norm.scale"]) == tag(f"{stack}.norm.scale")).all()
-    for leaf, src in (("text_embeddings", "text_embeddings.weight"), ("audio_embeddings", "audio_embeddings.weight"),
-                      ("projection", "projection.weight"), ("codebook0_head", "codebook0_head.weight"),
-                      ("audio_head", "audio_head")):
+    for leaf, src in (
+        ("text_embeddings", "text_embeddings.weight"),
+        ("audio_embeddings", "audio_embeddings.weight"),
+        ("projection", "projection.weight"),
+        ("codebook0_head", "codebook0_head.weight"),
+        ("audio_head", "audio_head"),
+    ):
         a = got[leaf]
         assert (np.asarray(a[(slice(None, None, 997),) * a.ndim]) == tag(src)).all(), leaf
 
@@ -175,8 +190,10 @@ def test_older_transformers_names_recognised(monkeypatch):
     one_layer_per_stack(monkeypatch, shapes)
     cfg, params = ccsm.read_csm_checkpoint("old-export")
     assert cfg == CSM_1B
-    assert (np.asarray(params["text_embeddings"][:3, :3]) ==
-            fake.tag["backbone_model.embed_tokens.embed_text_tokens.weight"]).all()
+    assert (
+        np.asarray(params["text_embeddings"][:3, :3])
+        == fake.tag["backbone_model.embed_tokens.embed_text_tokens.weight"]
+    ).all()
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
@@ -200,7 +217,9 @@ def test_shape_mismatch_names_the_tensor_at_real_size(monkeypatch):
 
 def test_mimi_checkpoint_is_pointed_elsewhere():
     with pytest.raises(JaxttsError, match="(?i)mimi"):
-        ccsm.detect_format(["encoder.model.0.conv.conv.weight", "quantizer.rvq_first.vq.layers.0._codebook.embedding_sum"])
+        ccsm.detect_format(
+            ["encoder.model.0.conv.conv.weight", "quantizer.rvq_first.vq.layers.0._codebook.embedding_sum"]
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,8 +245,9 @@ def small(tmp_path_factory):
 
 
 def test_bfloat16_conversion(small, tmp_path):
-    out = ccsm.convert_csm(small["good"], tmp_path / "bf16", config=CSMConfig.from_dict(SMALL_ARGS),
-                           dtype="bfloat16", progress=False)
+    out = ccsm.convert_csm(
+        small["good"], tmp_path / "bf16", config=CSMConfig.from_dict(SMALL_ARGS), dtype="bfloat16", progress=False
+    )
     assert read_meta(out)["dtype"] == "bfloat16"
     model = CSM.load(out, dtype="float32")
     import ml_dtypes
@@ -312,8 +332,14 @@ def _bad_inputs(small) -> dict[str, tuple[list[str], str]]:
 
 # The cases the brief names run through `python -m convert` in subprocesses (side by side); the
 # rest go through the same CLI entry point in-process, which is much cheaper.
-SUBPROCESS_CASES = ["missing file", "unrelated names", "truncated", "garbage bytes", "shape mismatch",
-                    "unknown size without --config"]
+SUBPROCESS_CASES = [
+    "missing file",
+    "unrelated names",
+    "truncated",
+    "garbage bytes",
+    "shape mismatch",
+    "unknown size without --config",
+]
 
 
 @pytest.fixture(scope="module")
@@ -330,9 +356,19 @@ def subprocess_results(cases, tmp_path_factory):
         argv, pattern = cases[name]
         parent = tmp_path_factory.mktemp(f"bad{i}")
         out = parent / "out"
-        runs[name] = (parent, out, pattern, subprocess.Popen(
-            [sys.executable, "-m", "convert", "csm", argv[0], str(out), *argv[1:]],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        runs[name] = (
+            parent,
+            out,
+            pattern,
+            subprocess.Popen(
+                [sys.executable, "-m", "convert", "csm", argv[0], str(out), *argv[1:]],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     results = {}
     for name, (parent, out, pattern, proc) in runs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -364,8 +400,16 @@ def run_main(argv, capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-IN_PROCESS_CASES = ["missing directory", "header cut", "empty file", "tensor missing", "pickle without --allow-pickle",
-                    "config not JSON", "config unknown key", "config file missing"]
+IN_PROCESS_CASES = [
+    "missing directory",
+    "header cut",
+    "empty file",
+    "tensor missing",
+    "pickle without --allow-pickle",
+    "config not JSON",
+    "config unknown key",
+    "config file missing",
+]
 
 
 @pytest.mark.parametrize("case", IN_PROCESS_CASES)

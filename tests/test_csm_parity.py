@@ -133,8 +133,9 @@ def _prompt_logits(graphdef, state, tokens, mask, impl):
 def jax_logits(model: CSM, tokens, mask, impl: str = "xla") -> np.ndarray:
     """Codebook-0 logits [T, vocab] with the backbone run over the whole prompt at once."""
     graphdef, state = nnx.split(model)
-    return np.asarray(_prompt_logits(graphdef, state, jnp.asarray(tokens[None], jnp.int32),
-                                     jnp.asarray(mask[None], bool), impl))
+    return np.asarray(
+        _prompt_logits(graphdef, state, jnp.asarray(tokens[None], jnp.int32), jnp.asarray(mask[None], bool), impl)
+    )
 
 
 def assert_frames_equal(got, want):
@@ -143,8 +144,10 @@ def assert_frames_equal(got, want):
     assert got.shape == want.shape, f"{got.shape[0]} frames vs reference {want.shape[0]}"
     if not np.array_equal(got, want):
         f, c = np.argwhere(got != want)[0]
-        raise AssertionError(f"first mismatch at frame {f}, codebook {c}: {got[f, c]} vs reference {want[f, c]}; "
-                             f"{int((got != want).sum())} of {got.size} tokens differ")
+        raise AssertionError(
+            f"first mismatch at frame {f}, codebook {c}: {got[f, c]} vs reference {want[f, c]}; "
+            f"{int((got != want).sum())} of {got.size} tokens differ"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,8 +245,7 @@ def eos_case(torch_side, prompt, cfg):
     assert 1 <= frames.shape[0] < MAX_FRAMES, "the edited weights did not end speech early"
     root = torch_side["root"] / "eos"
     root.mkdir()
-    out = convert_csm(R.save_original(original, root / "model.safetensors"), root / "jax", config=cfg,
-                      progress=False)
+    out = convert_csm(R.save_original(original, root / "model.safetensors"), root / "jax", config=cfg, progress=False)
     return CSM.load(out, dtype="float32"), frames
 
 
@@ -291,13 +293,32 @@ def test_cli_converts_both_layouts(torch_side, model_hf):
     root = torch_side["root"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     runs = {
-        "module_original": [sys.executable, "-m", "convert", "csm", str(torch_side["orig_file"]),
-                            str(root / "cli_original"), "--config", str(torch_side["cfg_json"])],
-        "module_hf_inline_json": [sys.executable, "-m", "convert", "csm", str(torch_side["hf_dir"]),
-                                  str(root / "cli_hf"), "--config", json.dumps(R.PARITY_ARGS), "--quiet"],
+        "module_original": [
+            sys.executable,
+            "-m",
+            "convert",
+            "csm",
+            str(torch_side["orig_file"]),
+            str(root / "cli_original"),
+            "--config",
+            str(torch_side["cfg_json"]),
+        ],
+        "module_hf_inline_json": [
+            sys.executable,
+            "-m",
+            "convert",
+            "csm",
+            str(torch_side["hf_dir"]),
+            str(root / "cli_hf"),
+            "--config",
+            json.dumps(R.PARITY_ARGS),
+            "--quiet",
+        ],
     }
-    procs = {k: subprocess.Popen(v, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, v in runs.items()}
+    procs = {
+        k: subprocess.Popen(v, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k, v in runs.items()
+    }
     want = flat(param_dict(model_hf))
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)

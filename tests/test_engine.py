@@ -31,8 +31,16 @@ def tts(tiny_csm, mimi):
 
 @pytest.fixture(scope="module")
 def engine(tts):
-    eng = Engine(tts, max_batch=4, pool_sizes=(1, 4), chunk_frames=2, first_chunk_frames=2, max_prefill=2,
-                 queue_limit=16, shrink_after=1)
+    eng = Engine(
+        tts,
+        max_batch=4,
+        pool_sizes=(1, 4),
+        chunk_frames=2,
+        first_chunk_frames=2,
+        max_prefill=2,
+        queue_limit=16,
+        shrink_after=1,
+    )
     eng.warmup_report = eng.warmup(text_tokens=32, context_rows=32, encode=False)
     eng.compiled_at_warmup = eng.compilations
     yield eng
@@ -241,8 +249,14 @@ def test_silence_hold_equals_the_guard_on_the_whole_utterance():
         limit = int(rng.integers(1, 12))
         keep = SilenceGuard(limit).frames_to_keep(pcm)
         one_by_one = SilenceGuard(limit)
-        stop = next((f for f in range(len(loud)) if one_by_one.frames_to_keep(pcm[f * FRAME_SIZE : (f + 1) * FRAME_SIZE])
-                     is not None), None)
+        stop = next(
+            (
+                f
+                for f in range(len(loud))
+                if one_by_one.frames_to_keep(pcm[f * FRAME_SIZE : (f + 1) * FRAME_SIZE]) is not None
+            ),
+            None,
+        )
         # (With limit < pause, SilenceGuard would keep frames after the one that stops the row.)
         expected = len(loud) if keep is None else min(keep, stop + 1)
         hold, sent, start = _SilenceHold(limit), [], 0
@@ -258,18 +272,21 @@ def test_silence_hold_equals_the_guard_on_the_whole_utterance():
         np.testing.assert_array_equal(np.concatenate(sent), frames[:expected], err_msg=f"trial {trial}")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(text="  "), "text is empty"),
-    (dict(text="hi", speaker=-1), "speaker must be"),
-    (dict(text="hi", seed=-5), "seed must be"),
-    (dict(text="hi", temperature=-1), "temperature"),
-    (dict(text="hi", deadline_s=0), "deadline_s must be"),
-    (dict(text="hi", context="nope"), "context must be"),
-    (dict(text="hi", voice=3), "voice must be"),
-    (dict(text="word " * 300, max_audio_ms=800), r"more than the model's 256; shorten the text"),
-    (dict(text="hi", max_audio_ms=30_000), r"\+ 375 frames of 80 ms"),
-    (dict(text="Fine. " + "word " * 300, long_form=True, max_audio_ms=800), r"sentence 2 of the text needs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(text="  "), "text is empty"),
+        (dict(text="hi", speaker=-1), "speaker must be"),
+        (dict(text="hi", seed=-5), "seed must be"),
+        (dict(text="hi", temperature=-1), "temperature"),
+        (dict(text="hi", deadline_s=0), "deadline_s must be"),
+        (dict(text="hi", context="nope"), "context must be"),
+        (dict(text="hi", voice=3), "voice must be"),
+        (dict(text="word " * 300, max_audio_ms=800), r"more than the model's 256; shorten the text"),
+        (dict(text="hi", max_audio_ms=30_000), r"\+ 375 frames of 80 ms"),
+        (dict(text="Fine. " + "word " * 300, long_form=True, max_audio_ms=800), r"sentence 2 of the text needs"),
+    ],
+)
 def test_bad_arguments_are_refused_at_submit(engine, kwargs, message):
     with pytest.raises(JaxttsError, match=message) as e:
         engine.submit(**kwargs)
@@ -284,8 +301,12 @@ def test_a_failing_request_fails_alone(engine, tts):
     wrong = jax.numpy.zeros((1, 16, 2, 8), jax.numpy.float32)  # another model's head size
     alien = Context(ctx.tokens, ctx.mask, KVCache(k=[wrong] * 3, v=[wrong] * 3))
     fine = [dict(text="Fine one.", seed=11, max_audio_ms=320), dict(text="Fine two.", seed=14, max_audio_ms=240)]
-    handles = [engine.submit(**fine[0]), engine.submit("Poisoned.", context=poisoned, seed=12, max_audio_ms=320),
-               engine.submit("From elsewhere.", context=alien, seed=13, max_audio_ms=320), engine.submit(**fine[1])]
+    handles = [
+        engine.submit(**fine[0]),
+        engine.submit("Poisoned.", context=poisoned, seed=12, max_audio_ms=320),
+        engine.submit("From elsewhere.", context=alien, seed=13, max_audio_ms=320),
+        engine.submit(**fine[1]),
+    ]
     for h in handles:
         h.wait(120)
     assert handles[1].status == "failed" and "non-finite" in str(handles[1].error)

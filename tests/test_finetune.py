@@ -71,8 +71,14 @@ def test_rows_match_generation_prompt(data, mimi):
     codes_a = ex["a"].tokens[ex["a"].target][:-1, :32].T
     assert codes_a.shape == (32, 13)
     codes_b = ex["b"].tokens[ex["b"].target][:-1, :32].T
-    expected = concat_rows([text_rows(tok.encode_segment("Hello there.", 0)), audio_rows(codes_a),
-                            text_rows(tok.encode_segment("How are you?", 1)), audio_rows(codes_b)])
+    expected = concat_rows(
+        [
+            text_rows(tok.encode_segment("Hello there.", 0)),
+            audio_rows(codes_a),
+            text_rows(tok.encode_segment("How are you?", 1)),
+            audio_rows(codes_b),
+        ]
+    )
     np.testing.assert_array_equal(ex["b"].tokens, expected[0])
     np.testing.assert_array_equal(ex["b"].mask, expected[1])
     # Only b's own frames (and its end-of-audio frame) are targets, not its context.
@@ -87,9 +93,20 @@ def test_overfit_one_utterance_then_generate_it(data, mimi, tmp_path):
 
     (ex,) = load_examples(data / "one.jsonl", mimi)
     codes = ex.tokens[ex.target][:-1, :32]
-    res = finetune(data / "one.jsonl", tmp_path / "run", model=CSM.random(SMALL, seed=1), codec=mimi, steps=100,
-                   batch_size=1, lr=1e-2, depth_fraction=1.0, eval_fraction=0, save_every=1000, progress=False,
-                   export=False)
+    res = finetune(
+        data / "one.jsonl",
+        tmp_path / "run",
+        model=CSM.random(SMALL, seed=1),
+        codec=mimi,
+        steps=100,
+        batch_size=1,
+        lr=1e-2,
+        depth_fraction=1.0,
+        eval_fraction=0,
+        save_every=1000,
+        progress=False,
+        export=False,
+    )
     first, last = res.history[0]["loss"], res.history[-1]["loss"]
     assert last <= 0.1 * first, (first, last)
     prompt = text_rows(default_tokenizer().encode_segment("Hello there.", 0))
@@ -99,8 +116,20 @@ def test_overfit_one_utterance_then_generate_it(data, mimi, tmp_path):
 
 # Two micro-batches per step, a random depth subset, a held-out utterance (evaluated at the end only,
 # so that the killed run compiles just the train step).
-RESUME = dict(steps=6, batch_size=2, grad_accum=2, lr=3e-3, depth_fraction=0.25, eval_fraction=0.34, save_every=2,
-              eval_every=6, keep=2, seed=3, progress=False, export=False)
+RESUME = dict(
+    steps=6,
+    batch_size=2,
+    grad_accum=2,
+    lr=3e-3,
+    depth_fraction=0.25,
+    eval_fraction=0.34,
+    save_every=2,
+    eval_every=6,
+    keep=2,
+    seed=3,
+    progress=False,
+    export=False,
+)
 
 KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys
@@ -124,8 +153,13 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(data, mimi, tmp_p
 
     run = tmp_path / "killed"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(data / "train.jsonl"), str(run), SMALL.to_json(),
-                           json.dumps(RESUME)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(data / "train.jsonl"), str(run), SMALL.to_json(), json.dumps(RESUME)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = run / "checkpoints"
     complete = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
@@ -148,18 +182,49 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(data, mimi, tmp_p
 
 
 def test_resume_refuses_different_settings(data, mimi, tmp_path):
-    finetune(data / "one.jsonl", tmp_path / "run", model=CSM.random(SMALL, seed=1), codec=mimi, steps=1,
-             batch_size=1, depth_fraction=1.0, eval_fraction=0, progress=False, export=False)
+    finetune(
+        data / "one.jsonl",
+        tmp_path / "run",
+        model=CSM.random(SMALL, seed=1),
+        codec=mimi,
+        steps=1,
+        batch_size=1,
+        depth_fraction=1.0,
+        eval_fraction=0,
+        progress=False,
+        export=False,
+    )
     with pytest.raises(JaxttsError, match="different batch_size"):
-        finetune(data / "one.jsonl", tmp_path / "run", model=CSM.random(SMALL, seed=1), codec=mimi, steps=2,
-                 batch_size=2, depth_fraction=1.0, eval_fraction=0, progress=False, export=False)
+        finetune(
+            data / "one.jsonl",
+            tmp_path / "run",
+            model=CSM.random(SMALL, seed=1),
+            codec=mimi,
+            steps=2,
+            batch_size=2,
+            depth_fraction=1.0,
+            eval_fraction=0,
+            progress=False,
+            export=False,
+        )
 
 
 def test_lora_trains_only_adapters_and_export_merges_them(data, mimi, tmp_path):
     base = CSM.random(SMALL, seed=1)
     before = flat_params(base)
-    res = finetune(data / "train.jsonl", tmp_path / "run", model=base, codec=mimi, steps=4, batch_size=2, lr=1e-2,
-                   lora_rank=4, eval_fraction=0, save_every=2, progress=False)
+    res = finetune(
+        data / "train.jsonl",
+        tmp_path / "run",
+        model=base,
+        codec=mimi,
+        steps=4,
+        batch_size=2,
+        lr=1e-2,
+        lora_rank=4,
+        eval_fraction=0,
+        save_every=2,
+        progress=False,
+    )
     targets = set(target_names(SMALL))
     assert set(res.adapters) == {f"{t}.{m}" for t in targets for m in "ab"}
     assert all(np.abs(res.adapters[f"{t}.b"]).max() > 0 for t in targets)  # B starts at zero: it trained
@@ -176,14 +241,17 @@ def test_lora_trains_only_adapters_and_export_merges_them(data, mimi, tmp_path):
             np.testing.assert_array_equal(exported[name], w, err_msg=name)  # frozen, bit for bit
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no such audio file"),
-    ("corrupt", "cannot read audio"),
-    ("empty-audio", "audio is empty"),
-    ("empty-text", "text is empty"),
-    ("bad-json", "not valid JSON"),
-    ("bad-context", "context id 'zz'"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such audio file"),
+        ("corrupt", "cannot read audio"),
+        ("empty-audio", "audio is empty"),
+        ("empty-text", "text is empty"),
+        ("bad-json", "not valid JSON"),
+        ("bad-context", "context id 'zz'"),
+    ],
+)
 def test_data_errors_name_the_line(data, mimi, tmp_path, case, message):
     good = {"audio": str(data / "a.wav"), "text": "Fine."}
     bad = {"audio": str(tmp_path / "x.wav"), "text": "Fine."}
@@ -218,9 +286,29 @@ def test_cli_finetunes_a_folder_and_exports_a_loadable_model(data, mimi, tmp_pat
     parser = argparse.ArgumentParser()
     add_finetune_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "run"
-    args = parser.parse_args(["finetune", "--data", str(data / "folder"), "--out", str(out), "--model",
-                              str(tmp_path / "start"), "--random-weights", "--steps", "2", "--batch-size", "1",
-                              "--depth-fraction", "1", "--eval-fraction", "0", "--dtype", "float32", "--quiet"])
+    args = parser.parse_args(
+        [
+            "finetune",
+            "--data",
+            str(data / "folder"),
+            "--out",
+            str(out),
+            "--model",
+            str(tmp_path / "start"),
+            "--random-weights",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--depth-fraction",
+            "1",
+            "--eval-fraction",
+            "0",
+            "--dtype",
+            "float32",
+            "--quiet",
+        ]
+    )
     assert run_finetune(args) == 0  # --random-weights fills in only the codec: a random Mimi
     assert str(out / "model") in capsys.readouterr().out
     loaded = CSM.load(out / "model", dtype="float32")

@@ -56,10 +56,10 @@ def test_jaxtts_cache_then_advice(caches):
 
 def test_mimi_from_hf_cache_is_converted_once(caches):
     torch = pytest.importorskip("torch")
-    from mimi_reference import moshi_file_state_dict, moshi_mimi
     from safetensors.torch import save_file
 
     from jaxtts.mimi import Mimi
+    from mimi_reference import moshi_file_state_dict, moshi_mimi
 
     model = moshi_mimi(seed=0)
     src = hub_file(caches, MIMI_REPO, MIMI_FILE)

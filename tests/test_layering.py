@@ -28,8 +28,10 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 # `from pkg import submodule` depends on the submodule; `from mod import name` on mod
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                           for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                ]
             deps |= {t for t in targets if t in modules and t != name}
         graph[name] = deps
     return graph
@@ -80,7 +82,13 @@ assert frames.shape[1] == 32
 loaded = sorted(m for m in sys.modules if m.startswith(("jax.experimental.pallas", "pallas_kernels", "jax._src.pallas.triton")))
 print("LOADED", loaded)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "LOADED []" in out.stdout, out.stdout

@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("moshi")
 pytest.importorskip("transformers")
 
-import mimi_reference as ref  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
+import mimi_reference as ref  # noqa: E402
 from convert.mimi import convert_mimi, read_mimi_checkpoint  # noqa: E402
 from jaxtts.errors import JaxttsError  # noqa: E402
 from jaxtts.mimi import Mimi  # noqa: E402
@@ -158,12 +158,12 @@ def test_streaming_equals_whole_decode(ours, codes, ours_decoded, chunk):
     state = ours.decode_stream_init(2)
     pieces = []
     for start in range(0, frames, chunk):
-        part = codes[:, :, start:min(start + chunk, frames)]
+        part = codes[:, :, start : min(start + chunk, frames)]
         state, pcm = ours.decode_stream_step(state, part)
         assert pcm.shape == (2, 1, FRAME * part.shape[2])
         pieces.append(np.asarray(pcm))
     assert int(state["transformer"]["offset"]) == 2 * frames
-    assert rel_err(np.concatenate(pieces, axis=-1), ours_decoded[..., :FRAME * frames]) < 1e-5
+    assert rel_err(np.concatenate(pieces, axis=-1), ours_decoded[..., : FRAME * frames]) < 1e-5
 
 
 def test_stream_state_is_a_fixed_shape_pytree(ours):
@@ -192,8 +192,13 @@ def test_long_sequence_attention_blocks_match_direct(ours):
     pos = offset + jnp.arange(t)
     q, k = model.rope(q, pos, MIMI.max_period), model.rope(k, pos, MIMI.max_period)
     direct = model._windowed_softmax_attention(
-        q, jnp.concatenate([cache["k"], k], 1), jnp.concatenate([cache["v"], v], 1),
-        pos, offset - w + jnp.arange(w + t), w)
+        q,
+        jnp.concatenate([cache["k"], k], 1),
+        jnp.concatenate([cache["v"], v], 1),
+        pos,
+        offset - w + jnp.arange(w + t),
+        w,
+    )
     assert rel_err(got, direct.reshape(2, t, 512) @ p["out"]) < 1e-6
 
 
@@ -201,16 +206,19 @@ def test_long_sequence_attention_blocks_match_direct(ours):
 # Bad input
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((32, 4), np.int32), "shape"),
-    (np.zeros((1, 33, 4), np.int32), "codebooks"),
-    (np.zeros((1, 0, 4), np.int32), "codebooks"),
-    (np.zeros((1, 32, 0), np.int32), "empty"),
-    (np.zeros((0, 32, 4), np.int32), "empty"),
-    (np.full((1, 32, 4), 2048), "2048"),
-    (np.full((1, 32, 4), -1), "-1"),
-    (np.zeros((1, 32, 4), np.float32), "integers"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((32, 4), np.int32), "shape"),
+        (np.zeros((1, 33, 4), np.int32), "codebooks"),
+        (np.zeros((1, 0, 4), np.int32), "codebooks"),
+        (np.zeros((1, 32, 0), np.int32), "empty"),
+        (np.zeros((0, 32, 4), np.int32), "empty"),
+        (np.full((1, 32, 4), 2048), "2048"),
+        (np.full((1, 32, 4), -1), "-1"),
+        (np.zeros((1, 32, 4), np.float32), "integers"),
+    ],
+)
 def test_decode_rejects_bad_codes(ours, bad, message):
     with pytest.raises(JaxttsError, match=message):
         ours.decode(bad)
@@ -225,15 +233,18 @@ def test_stream_rejects_batch_mismatch(ours):
         ours.decode_stream_init(0)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((1, 1920), np.float32), "shape"),
-    (np.zeros((1, 2, 1920), np.float32), "mono"),
-    (np.zeros((1, 1, 0), np.float32), "empty"),
-    (np.zeros((0, 1, 1920), np.float32), "empty"),
-    (np.zeros((1, 1, 1920), np.int16), "floating"),
-    (np.full((1, 1, 1920), np.nan, np.float32), "NaN"),
-    (np.full((1, 1, 1920), np.inf, np.float32), "infinite"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((1, 1920), np.float32), "shape"),
+        (np.zeros((1, 2, 1920), np.float32), "mono"),
+        (np.zeros((1, 1, 0), np.float32), "empty"),
+        (np.zeros((0, 1, 1920), np.float32), "empty"),
+        (np.zeros((1, 1, 1920), np.int16), "floating"),
+        (np.full((1, 1, 1920), np.nan, np.float32), "NaN"),
+        (np.full((1, 1, 1920), np.inf, np.float32), "infinite"),
+    ],
+)
 def test_encode_rejects_bad_audio(ours, bad, message):
     with pytest.raises(JaxttsError, match=message):
         ours.encode(bad)
@@ -255,16 +266,30 @@ def test_convert_missing_file(tmp_path):
     _assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("tensors, message", [
-    ({"backbone.layers.0.attn.q_proj.weight": np.zeros((4, 4), np.float32),
-      "audio_head": np.zeros((31, 4, 4), np.float32)}, "CSM"),
-    ({"some.random.tensor": np.zeros(3, np.float32)}, "not a Mimi checkpoint"),
-    ({"quantizer.rvq_first.input_proj.weight": np.zeros((256, 512, 1), np.float32)},
-     "missing tensor 'encoder.model.0.conv.conv.weight'"),
-    ({"quantizer.rvq_first.input_proj.weight": np.zeros((256, 512, 1), np.float32),
-      "encoder.model.0.conv.conv.weight": np.zeros((64, 1, 5), np.float32)},
-     r"'encoder.model.0.conv.conv.weight' has shape \(64, 1, 5\), expected \(64, 1, 7\)"),
-])
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        (
+            {
+                "backbone.layers.0.attn.q_proj.weight": np.zeros((4, 4), np.float32),
+                "audio_head": np.zeros((31, 4, 4), np.float32),
+            },
+            "CSM",
+        ),
+        ({"some.random.tensor": np.zeros(3, np.float32)}, "not a Mimi checkpoint"),
+        (
+            {"quantizer.rvq_first.input_proj.weight": np.zeros((256, 512, 1), np.float32)},
+            "missing tensor 'encoder.model.0.conv.conv.weight'",
+        ),
+        (
+            {
+                "quantizer.rvq_first.input_proj.weight": np.zeros((256, 512, 1), np.float32),
+                "encoder.model.0.conv.conv.weight": np.zeros((64, 1, 5), np.float32),
+            },
+            r"'encoder.model.0.conv.conv.weight' has shape \(64, 1, 5\), expected \(64, 1, 7\)",
+        ),
+    ],
+)
 def test_convert_foreign_or_broken_checkpoint(tmp_path, tensors, message):
     src, out = tmp_path / "model.safetensors", tmp_path / "out"
     save_file(tensors, str(src))

@@ -66,8 +66,11 @@ def test_committed_without_outputs(path):
 
     nbformat.validate(nbformat.read(path, as_version=4))
     nb = json.loads(path.read_text())
-    dirty = [i for i, c in enumerate(nb["cells"])
-             if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+    dirty = [
+        i
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None)
+    ]
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; {STRIP_HINT}"
 
 
@@ -82,11 +85,15 @@ def notebook_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebooks")
     spec_dir = root / "jupyter" / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": f"jaxtts tests ({sys.executable})",
-        "language": "python",
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": f"jaxtts tests ({sys.executable})",
+                "language": "python",
+            }
+        )
+    )
     for d in ("hf_hub", "jaxtts_cache", "xla"):
         (root / d).mkdir()
     env = {
@@ -124,7 +131,9 @@ def _cell_seconds(nb) -> list[tuple[int, float]]:
         ex = cell.metadata.get("execution", {})
         start, end = ex.get("iopub.execute_input"), ex.get("shell.execute_reply")
         if start and end:
-            t = (datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00")))
+            t = datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(
+                start.replace("Z", "+00:00")
+            )
             out.append((n, t.total_seconds()))
     return out
 
@@ -144,8 +153,13 @@ def test_notebook_runs(path, notebook_env):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME, allow_errors=False,
-                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name=KERNEL_NAME,
+        allow_errors=False,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     t0 = time.perf_counter()
     client.execute()  # raises CellExecutionError (with the cell's traceback) when a cell fails
     wall = time.perf_counter() - t0
@@ -154,8 +168,9 @@ def test_notebook_runs(path, notebook_env):
     assert not _error_outputs(nb)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code_cells), "not every cell ran"
-    assert wall < WALL_LIMIT_S, (f"{path.name} took {wall:.0f} s; notebooks must run in under {WALL_LIMIT_S} s on "
-                                 f"CPU (code cells, s: {cells})")
+    assert wall < WALL_LIMIT_S, (
+        f"{path.name} took {wall:.0f} s; notebooks must run in under {WALL_LIMIT_S} s on CPU (code cells, s: {cells})"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,17 @@ def model():
 def test_frames_unchanged_by_the_options_refactor(model, attention, top_k):
     """Frames recorded with the code before DecodeOptions (module switches), same model and seed."""
     golden = np.load(GOLDEN)
-    got = generate_frames(model, golden["tokens"], golden["mask"], max_frames=10, temperature=0.9, top_k=top_k,
-                          seed=3, chunk_frames=4, options=DecodeOptions(attention=attention))
+    got = generate_frames(
+        model,
+        golden["tokens"],
+        golden["mask"],
+        max_frames=10,
+        temperature=0.9,
+        top_k=top_k,
+        seed=3,
+        chunk_frames=4,
+        options=DecodeOptions(attention=attention),
+    )
     np.testing.assert_array_equal(got, golden[f"{attention}_k{top_k}"])
 
 
@@ -40,8 +49,13 @@ def _lowered_text(model, opts):
 
 def test_two_options_are_two_programs(model):
     a = DecodeOptions(attention="pallas_interpret")
-    variants = [a.replace(matvec=False), a.replace(fused_step=False), a.replace(top_k_method="rank"),
-                a.replace(sample_kernel_min_rows=1), a.replace(depth_unroll=2)]
+    variants = [
+        a.replace(matvec=False),
+        a.replace(fused_step=False),
+        a.replace(top_k_method="rank"),
+        a.replace(sample_kernel_min_rows=1),
+        a.replace(depth_unroll=2),
+    ]
     base = _lowered_text(model, a)
     for v in variants:
         assert _lowered_text(model, v) != base, v

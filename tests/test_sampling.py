@@ -41,8 +41,9 @@ def test_top_p_and_min_p_filters():
     assert set(np.unique(min_p)) == {0, 1}
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=0), dict(temperature=-1), dict(top_k=0), dict(top_p=1.5),
-                                    dict(min_p=1.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=0), dict(temperature=-1), dict(top_k=0), dict(top_p=1.5), dict(min_p=1.0)]
+)
 def test_invalid_settings(kwargs):
     with pytest.raises(JaxttsError):
         Sampler.create(**kwargs)

@@ -26,8 +26,9 @@ def reference():
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    converter = TikTokenConverter(vocab_file=str(tokenizer_model_path()), pattern=SPLIT_PATTERN,
-                                  extra_special_tokens=special_token_names())
+    converter = TikTokenConverter(
+        vocab_file=str(tokenizer_model_path()), pattern=SPLIT_PATTERN, extra_special_tokens=special_token_names()
+    )
     return PreTrainedTokenizerFast(tokenizer_object=converter.converted())
 
 

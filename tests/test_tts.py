@@ -21,12 +21,16 @@ def tts(tiny_csm, mimi):
 @pytest.fixture(scope="module")
 def voice():
     rng = np.random.default_rng(0)
-    return Segment(speaker=1, text="This is my voice.", audio=(0.1 * rng.standard_normal(3 * 1920 + 500)).astype(np.float32))
+    return Segment(
+        speaker=1, text="This is my voice.", audio=(0.1 * rng.standard_normal(3 * 1920 + 500)).astype(np.float32)
+    )
 
 
 def test_batch_rows_equal_alone(tts):
-    reqs = [dict(text="Hello there.", seed=1, max_audio_ms=640),
-            dict(text="A much longer sentence, to give this row a longer prompt.", speaker=2, seed=2, max_audio_ms=480)]
+    reqs = [
+        dict(text="Hello there.", seed=1, max_audio_ms=640),
+        dict(text="A much longer sentence, to give this row a longer prompt.", speaker=2, seed=2, max_audio_ms=480),
+    ]
     together = tts.generate_batch(reqs, return_frames=True)
     for req, (audio, frames) in zip(reqs, together):
         alone_audio, alone_frames = tts.generate_batch([req], return_frames=True)[0]
@@ -62,8 +66,9 @@ def test_greedy_equals_generate_frames(tts):
     ids = tts.tokenizer.encode_segment("Greedy check.", 0)
     tokens, mask = text_rows(ids)
     expected = generate_frames(tts.model, tokens, mask, max_frames=7, top_k=1, seed=0)
-    _, frames = tts.generate_batch([dict(text="Greedy check.", seed=9, max_audio_ms=7 * 80)], top_k=1,
-                                   return_frames=True)[0]
+    _, frames = tts.generate_batch(
+        [dict(text="Greedy check.", seed=9, max_audio_ms=7 * 80)], top_k=1, return_frames=True
+    )[0]
     np.testing.assert_array_equal(frames, expected)
 
 
@@ -72,13 +77,16 @@ def test_too_long_is_a_clear_error(tts):
         tts.generate("word " * 300, max_audio_ms=800)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(text="   "), "text is empty"),
-    (dict(text="hi", speaker=-1), "speaker must be"),
-    (dict(text="hi", speaker=1.5), "speaker must be"),
-    (dict(text="hi", temperature=-1), "temperature"),
-    (dict(text="hi", top_k=0), "top_k"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(text="   "), "text is empty"),
+        (dict(text="hi", speaker=-1), "speaker must be"),
+        (dict(text="hi", speaker=1.5), "speaker must be"),
+        (dict(text="hi", temperature=-1), "temperature"),
+        (dict(text="hi", top_k=0), "top_k"),
+    ],
+)
 def test_bad_arguments(tts, kwargs, message):
     text = kwargs.pop("text")
     with pytest.raises(JaxttsError, match=message):

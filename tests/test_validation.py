@@ -78,8 +78,15 @@ def test_bad_batch_and_constructor_arguments(tts):
 
 def test_numpy_scalars_and_one_segment_are_accepted(tts):
     voice = Segment(np.int64(1), "This is me.", codes=np.arange(32 * 3).reshape(32, 3) % 2048)
-    a = tts.generate("Hi.", speaker=np.int32(1), context=voice, seed=np.uint32(5), temperature=np.float32(0.8),
-                     top_k=np.int64(40), max_audio_ms=np.float64(240))
+    a = tts.generate(
+        "Hi.",
+        speaker=np.int32(1),
+        context=voice,
+        seed=np.uint32(5),
+        temperature=np.float32(0.8),
+        top_k=np.int64(40),
+        max_audio_ms=np.float64(240),
+    )
     b = tts.generate("Hi.", speaker=1, context=[voice], seed=5, temperature=0.8, top_k=40, max_audio_ms=240)
     np.testing.assert_array_equal(a, b)
     assert len(a) > 0
@@ -98,8 +105,7 @@ def test_mixed_context_and_text_lengths_at_the_position_limit(tts):
     rng = np.random.default_rng(0)
     voice = Segment(0, "Context.", codes=rng.integers(0, 2048, (32, limit - 110)))
     long_text = " ".join(["word"] * 90)
-    reqs = [Request("Short.", context=[voice], seed=3, max_audio_ms=240),
-            Request(long_text, seed=4, max_audio_ms=240)]
+    reqs = [Request("Short.", context=[voice], seed=3, max_audio_ms=240), Request(long_text, seed=4, max_audio_ms=240)]
     together = tts.generate_batch(reqs, return_frames=True)
     for req, (audio, frames) in zip(reqs, together):
         alone_audio, alone_frames = tts.generate_batch([req], return_frames=True)[0]
@@ -122,8 +128,9 @@ def test_codes_past_mimi_are_zero_everywhere_they_leave_the_model():
         if (raw >= 2048).any():
             break
     assert (raw >= 2048).any()
-    audio, frames = tts.generate_batch([Request("Odd codes.", seed=seed, max_audio_ms=12 * 80)], temperature=1.0,
-                                       top_k=None, return_frames=True)[0]
+    audio, frames = tts.generate_batch(
+        [Request("Odd codes.", seed=seed, max_audio_ms=12 * 80)], temperature=1.0, top_k=None, return_frames=True
+    )[0]
     np.testing.assert_array_equal(frames, np.where(raw < 2048, raw, 0)[: len(frames)])
     seg = Segment(0, "Odd codes.", codes=frames.T)  # accepted as a context
     pcm = np.asarray(tts.codec.decode(frames.T[None]))[0, 0]

@@ -49,10 +49,12 @@ def test_voice_round_trip_speaks_as_its_segments(store, tts, segment, monkeypatc
     prefilled once however many requests use it."""
     voice = store.add("alice", [segment], codec=tts.codec)
     assert store.list() == ["alice"] and voice.speaker == 1 and voice.frames == 4
-    np.testing.assert_array_equal(store.load("alice", codec=tts.codec).segments[0].codes,
-                                  tts.encode_segment(segment).codes)
-    expected = tts.generate_batch([dict(text="And now me.", speaker=1, context=[segment], seed=4, max_audio_ms=480)],
-                                  return_frames=True)[0]
+    np.testing.assert_array_equal(
+        store.load("alice", codec=tts.codec).segments[0].codes, tts.encode_segment(segment).codes
+    )
+    expected = tts.generate_batch(
+        [dict(text="And now me.", speaker=1, context=[segment], seed=4, max_audio_ms=480)], return_frames=True
+    )[0]
 
     prepared = []
     original = tts.prepare_context
@@ -68,8 +70,9 @@ def test_voice_round_trip_speaks_as_its_segments(store, tts, segment, monkeypatc
 
     speaker, segments = resolve_voice(store, "alice", codec=tts.codec)
     direct = tts.generate("And now me.", speaker=speaker, context=segments, seed=4, max_audio_ms=480)
-    np.testing.assert_array_equal(direct, tts.generate("And now me.", speaker=1, context=[segment], seed=4,
-                                                       max_audio_ms=480))
+    np.testing.assert_array_equal(
+        direct, tts.generate("And now me.", speaker=1, context=[segment], seed=4, max_audio_ms=480)
+    )
     store.remove("alice")
     assert store.list() == []
 
@@ -100,18 +103,21 @@ def _damage(path, how):
         (path / "voice.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("how, message", [
-    ("no json", "not a jaxtts voice"),
-    ("bad json", "corrupt voice"),
-    ("foreign", "not a jaxtts voice"),
-    ("newer", "format version 99"),
-    ("missing codes", "corrupt voice .missing codes file"),
-    ("garbage codes", "corrupt voice .unreadable segment-0.npy"),
-    ("codes out of range", r"corrupt voice .Segment codes must be in \[0, 2047\]"),
-    ("frame count", "holds 3 frames, voice.json says 4"),
-    ("missing field", "corrupt voice .bad voice.json: KeyError"),
-    ("other codec", "encoded by another Mimi codec"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("no json", "not a jaxtts voice"),
+        ("bad json", "corrupt voice"),
+        ("foreign", "not a jaxtts voice"),
+        ("newer", "format version 99"),
+        ("missing codes", "corrupt voice .missing codes file"),
+        ("garbage codes", "corrupt voice .unreadable segment-0.npy"),
+        ("codes out of range", r"corrupt voice .Segment codes must be in \[0, 2047\]"),
+        ("frame count", "holds 3 frames, voice.json says 4"),
+        ("missing field", "corrupt voice .bad voice.json: KeyError"),
+        ("other codec", "encoded by another Mimi codec"),
+    ],
+)
 def test_damaged_or_foreign_voice_is_one_line(store, tts, how, message):
     store.add("v", [Segment(0, "Hello.", codes=np.zeros((32, 4), np.int32))], codec=tts.codec)
     _damage(store.path("v"), how)
@@ -167,8 +173,9 @@ def test_saved_context_round_trip(tmp_path, tts, segment):
     for a, b in zip(loaded.cache.k + loaded.cache.v, ctx.cache.k + ctx.cache.v):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     kw = dict(seed=4, max_audio_ms=480)
-    np.testing.assert_array_equal(tts.generate("And now me.", context=loaded, **kw),
-                                  tts.generate("And now me.", context=ctx, **kw))
+    np.testing.assert_array_equal(
+        tts.generate("And now me.", context=loaded, **kw), tts.generate("And now me.", context=ctx, **kw)
+    )
     (tmp_path / "ctx" / "cache.npz").write_bytes(b"garbage")
     with pytest.raises(JaxttsError, match="corrupt context") as e:
         load_context(tmp_path / "ctx")
@@ -183,8 +190,25 @@ def test_voice_commands(tmp_path, capsys, segment):
     root = str(tmp_path / "voices")
     wav = tmp_path / "bob.wav"
     write_audio(wav, segment.audio, 24_000)
-    assert run_voice(parser.parse_args(["voice", "add", "bob", str(wav), "Hello, I am Bob.", "--speaker", "2",
-                                        "--random-weights", "--voices", root])) == 0
+    assert (
+        run_voice(
+            parser.parse_args(
+                [
+                    "voice",
+                    "add",
+                    "bob",
+                    str(wav),
+                    "Hello, I am Bob.",
+                    "--speaker",
+                    "2",
+                    "--random-weights",
+                    "--voices",
+                    root,
+                ]
+            )
+        )
+        == 0
+    )
     assert run_voice(parser.parse_args(["voice", "list", "--voices", root])) == 0
     assert capsys.readouterr().out.startswith("bob\tspeaker 2\t1 segment(s)\t0.32 s\t")
     assert run_voice(parser.parse_args(["voice", "rm", "bob", "--voices", root])) == 0
@@ -207,5 +231,6 @@ def test_tts_generate_with_a_stored_voice(tmp_path, monkeypatch, tts, segment):
         tts.generate("Hi there.", voice="nobody", **kw)
     ctx = tts.prepare_context([segment])
     ctx.save(tmp_path / "ctx")
-    np.testing.assert_array_equal(tts.generate("Hi there.", speaker=1, context=Context.load(tmp_path / "ctx"), **kw),
-                                  want)
+    np.testing.assert_array_equal(
+        tts.generate("Hi there.", speaker=1, context=Context.load(tmp_path / "ctx"), **kw), want
+    )

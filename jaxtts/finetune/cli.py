@@ -7,13 +7,19 @@ import sys
 
 def add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune CSM on your own recordings (resumable; LoRA optional)")
-    p.add_argument("--data", required=True,
-                   help="JSONL manifest (audio, text, speaker, context) or a folder of audio + same-stem .txt files")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="JSONL manifest (audio, text, speaker, context) or a folder of audio + same-stem .txt files",
+    )
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics, and the exported model/")
     p.add_argument("--model", help="CSM to start from: converted directory or checkpoint (default: the cache)")
     p.add_argument("--codec", help="Mimi to encode the audio: converted directory or checkpoint (default: the cache)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights for whichever of --model / --codec is not given: for trying the pipeline")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights for whichever of --model / --codec is not given: for trying the pipeline",
+    )
     p.add_argument("--preset", default="csm-1b", help="model size of a random CSM (csm-1b, tiny)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -24,10 +30,18 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="gradient global-norm clip")
     p.add_argument("--lora-rank", type=int, default=0, help="train rank-r LoRA adapters instead of all weights")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 × rank)")
-    p.add_argument("--depth-fraction", type=float, default=1 / 16,
-                   help="share of frames the depth decoder trains on (default 1/16, as in the CSM paper)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                   help="compute dtype (default bfloat16 on GPU, float32 on CPU); master weights stay float32")
+    p.add_argument(
+        "--depth-fraction",
+        type=float,
+        default=1 / 16,
+        help="share of frames the depth decoder trains on (default 1/16, as in the CSM paper)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float32"],
+        help="compute dtype (default bfloat16 on GPU, float32 on CPU); master weights stay float32",
+    )
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of utterances held out for eval loss")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evals (default --save-every)")
@@ -55,12 +69,31 @@ def run_finetune(args) -> int:
 
         print("note: --random-weights: audio is encoded with a random Mimi", file=sys.stderr)
         codec = Mimi.random(seed=0)
-    result = finetune(args.data, args.out, model=model, codec=codec, cache_dir=args.cache_dir, progress=not args.quiet,
-                      steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                      warmup_steps=args.warmup, weight_decay=args.weight_decay, clip_norm=args.clip,
-                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, depth_fraction=args.depth_fraction,
-                      compute_dtype=args.dtype, remat=args.remat, eval_fraction=args.eval_fraction,
-                      eval_every=args.eval_every, seed=args.seed, save_every=args.save_every, keep=args.keep)
+    result = finetune(
+        args.data,
+        args.out,
+        model=model,
+        codec=codec,
+        cache_dir=args.cache_dir,
+        progress=not args.quiet,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        depth_fraction=args.depth_fraction,
+        compute_dtype=args.dtype,
+        remat=args.remat,
+        eval_fraction=args.eval_fraction,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        save_every=args.save_every,
+        keep=args.keep,
+    )
     last = result.history[-1] if result.history else None
     summary = f"step {result.step}"
     if last is not None:

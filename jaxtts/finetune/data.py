@@ -90,22 +90,23 @@ def _read_manifest(path: Path) -> list[Utterance]:
         except ValueError as e:
             raise JaxttsError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(entry, dict):
-            raise JaxttsError(f"{where}: expected a JSON object with \"audio\" and \"text\"")
+            raise JaxttsError(f'{where}: expected a JSON object with "audio" and "text"')
         unknown = set(entry) - {"audio", "text", "speaker", "context", "id"}
         if unknown:
             raise JaxttsError(f"{where}: unknown keys {sorted(unknown)} (allowed: audio, text, speaker, context, id)")
         audio, text = entry.get("audio"), entry.get("text")
         if not isinstance(audio, str) or not audio:
-            raise JaxttsError(f"{where}: \"audio\" must be a path to an audio file")
+            raise JaxttsError(f'{where}: "audio" must be a path to an audio file')
         uid = str(entry.get("id", n))
         if uid in ids:
             raise JaxttsError(f"{where}: id {uid!r} is used by an earlier line")
         ids.add(uid)
         context = entry.get("context", [])
         if not isinstance(context, list):
-            raise JaxttsError(f"{where}: \"context\" must be a list of ids of other lines")
-        out.append(_utterance(where, uid, path.parent / audio, text, entry.get("speaker", 0),
-                              tuple(str(c) for c in context)))
+            raise JaxttsError(f'{where}: "context" must be a list of ids of other lines')
+        out.append(
+            _utterance(where, uid, path.parent / audio, text, entry.get("speaker", 0), tuple(str(c) for c in context))
+        )
     if not out:
         raise JaxttsError(f"{path}: the manifest has no entries")
     for u in out:
@@ -135,8 +136,11 @@ def _read_folder(folder: Path) -> list[Utterance]:
         txt = audio.with_suffix(".txt")
         if not txt.is_file():
             raise JaxttsError(f"{audio}: no transcript {txt.name} beside it")
-        out.append(_utterance(str(audio), audio.stem, audio, txt.read_text(encoding="utf-8").strip(),
-                              speakers.get(audio.stem, 0)))
+        out.append(
+            _utterance(
+                str(audio), audio.stem, audio, txt.read_text(encoding="utf-8").strip(), speakers.get(audio.stem, 0)
+            )
+        )
     return out
 
 
@@ -202,14 +206,16 @@ def cached_codes(utt: Utterance, codec, cache_dir: Path) -> np.ndarray:
         np.save(tmp, codes)
         os.replace(tmp, path)  # never a half-written cache entry
     except OSError as e:
-        raise JaxttsError(f"cannot write the code cache in {cache_dir} ({e.strerror}); choose another with "
-                          f"--cache-dir") from None
+        raise JaxttsError(
+            f"cannot write the code cache in {cache_dir} ({e.strerror}); choose another with --cache-dir"
+        ) from None
     return codes
 
 
 # --- rows ---------------------------------------------------------------------------------------------
-def build_example(utt: Utterance, codes: dict[str, np.ndarray], by_id: dict[str, Utterance], tokenizer,
-                  max_positions: int) -> Example:
+def build_example(
+    utt: Utterance, codes: dict[str, np.ndarray], by_id: dict[str, Utterance], tokenizer, max_positions: int
+) -> Example:
     parts, target = [], []
     for uid in (*utt.context, utt.id):
         u = by_id[uid]
@@ -219,13 +225,22 @@ def build_example(utt: Utterance, codes: dict[str, np.ndarray], by_id: dict[str,
         target += [np.zeros(len(text[0]), bool), np.full(len(audio[0]), uid == utt.id)]
     tokens, mask = concat_rows(parts)
     if len(tokens) > max_positions:
-        raise JaxttsError(f"{utt.where}: {len(tokens)} rows (text, audio and context) exceed the model's "
-                          f"{max_positions} positions; use a shorter clip or less context")
+        raise JaxttsError(
+            f"{utt.where}: {len(tokens)} rows (text, audio and context) exceed the model's "
+            f"{max_positions} positions; use a shorter clip or less context"
+        )
     return Example(name=utt.id, tokens=tokens, mask=mask, target=np.concatenate(target))
 
 
-def load_examples(data: str | os.PathLike, codec, *, tokenizer=None, max_positions: int = 2048,
-                  cache_dir: str | os.PathLike | None = None, progress: bool = False) -> list[Example]:
+def load_examples(
+    data: str | os.PathLike,
+    codec,
+    *,
+    tokenizer=None,
+    max_positions: int = 2048,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> list[Example]:
     """Read a manifest or folder, encode (or fetch cached) codes, and build one Example per utterance."""
     from tqdm.auto import tqdm
 
@@ -237,8 +252,10 @@ def load_examples(data: str | os.PathLike, codec, *, tokenizer=None, max_positio
     if cache_dir is None:
         cache_dir = (data if data.is_dir() else data.parent) / CACHE_DIRNAME
     cache_dir = Path(cache_dir)
-    codes = {u.id: cached_codes(u, codec, cache_dir)
-             for u in tqdm(utts, desc="encoding audio", unit="clip", disable=not progress, leave=False)}
+    codes = {
+        u.id: cached_codes(u, codec, cache_dir)
+        for u in tqdm(utts, desc="encoding audio", unit="clip", disable=not progress, leave=False)
+    }
     by_id = {u.id: u for u in utts}
     return [build_example(u, codes, by_id, tokenizer, max_positions) for u in utts]
 

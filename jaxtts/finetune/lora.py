@@ -34,9 +34,12 @@ class LoraConfig:
 
 def target_names(cfg: CSMConfig) -> list[str]:
     """Flat parameter names of every adapted projection, e.g. `backbone.layers.0.attn.qkv`."""
-    return [f"{stack}.layers.{i}.{proj}"
-            for stack, llama in (("backbone", cfg.backbone), ("decoder", cfg.decoder))
-            for i in range(llama.num_layers) for proj in PROJECTIONS]
+    return [
+        f"{stack}.layers.{i}.{proj}"
+        for stack, llama in (("backbone", cfg.backbone), ("decoder", cfg.decoder))
+        for i in range(llama.num_layers)
+        for proj in PROJECTIONS
+    ]
 
 
 def init_adapters(params: dict, cfg: CSMConfig, lora: LoraConfig, key) -> dict:
@@ -58,7 +61,10 @@ def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
             continue
         name = key[:-2]
         w = params[name]
-        delta = jnp.dot(adapters[f"{name}.a"].astype(jnp.float32), adapters[f"{name}.b"].astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.dot(
+            adapters[f"{name}.a"].astype(jnp.float32),
+            adapters[f"{name}.b"].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
         out[name] = (w.astype(jnp.float32) + delta * lora.scale).astype(w.dtype)
     return out

@@ -22,9 +22,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +33,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxtts.buckets import train_rows
 from jaxtts.csm import CSM, resolve_dtype
 from jaxtts.errors import JaxttsError
 from jaxtts.finetune import lora as lora_lib
-from jaxtts.buckets import train_rows
 from jaxtts.finetune.data import Example, Stream, collate, dataset_fingerprint, load_examples, split_eval
 from jaxtts.finetune.loss import LossConfig, combine, csm_loss, loss_terms
 
@@ -68,7 +69,7 @@ class FinetuneConfig:
     seed: int = 0
     export_dtype: str = "float32"
 
-    def resolved(self) -> "FinetuneConfig":
+    def resolved(self) -> FinetuneConfig:
         """Defaults filled in and everything checked."""
         c = self
         if c.compute_dtype is None:
@@ -95,8 +96,10 @@ class FinetuneConfig:
         for name in ("compute_dtype", "export_dtype"):
             resolve_dtype(getattr(c, name))
         if c.compute_dtype == "bfloat16" and jax.default_backend() == "cpu":
-            raise JaxttsError("bfloat16 compute needs a GPU or TPU (XLA's CPU backend lacks bfloat16 matmuls with "
-                              "float32 accumulation); use float32 on CPU, the default there")
+            raise JaxttsError(
+                "bfloat16 compute needs a GPU or TPU (XLA's CPU backend lacks bfloat16 matmuls with "
+                "float32 accumulation); use float32 on CPU, the default there"
+            )
         return c
 
     @property
@@ -124,7 +127,7 @@ class Layout:
     names: tuple[str, ...]
 
     @classmethod
-    def split(cls, model: CSM) -> tuple["Layout", dict, Any]:
+    def split(cls, model: CSM) -> tuple[Layout, dict, Any]:
         """(layout, flat params, constants such as RoPE tables)."""
         graphdef, params, consts = nnx.split(model, nnx.Param, ...)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -175,22 +178,31 @@ class StepSpec:
     grad_accum: int
 
     @classmethod
-    def of(cls, c: FinetuneConfig) -> "StepSpec":
-        return cls(c.compute_dtype, c.lora, LossConfig(c.depth_fraction, c.depth_weight), c.remat, c.weight_decay,
-                   c.clip_norm, c.grad_accum)
+    def of(cls, c: FinetuneConfig) -> StepSpec:
+        return cls(
+            c.compute_dtype,
+            c.lora,
+            LossConfig(c.depth_fraction, c.depth_weight),
+            c.remat,
+            c.weight_decay,
+            c.clip_norm,
+            c.grad_accum,
+        )
 
     def optimizer(self) -> optax.GradientTransformation:
         """Clipping + AdamW at unit learning rate (the step scales the update by the scheduled lr)."""
         decay = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # not the norms' scales
-        tx = optax.chain(optax.clip_by_global_norm(self.clip_norm),
-                         optax.adamw(1.0, weight_decay=self.weight_decay, mask=decay))
+        tx = optax.chain(
+            optax.clip_by_global_norm(self.clip_norm), optax.adamw(1.0, weight_decay=self.weight_decay, mask=decay)
+        )
         return optax.MultiSteps(tx, every_k_schedule=self.grad_accum) if self.grad_accum > 1 else tx
 
 
 def lr_schedule(c: FinetuneConfig) -> optax.Schedule:
     """Linear warm-up from 0, then cosine decay to lr × min_lr_ratio at the last step."""
-    return optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps, max(c.steps, c.warmup_steps + 1),
-                                              end_value=c.lr * c.min_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, c.lr, c.warmup_steps, max(c.steps, c.warmup_steps + 1), end_value=c.lr * c.min_lr_ratio
+    )
 
 
 def compute_model(spec: StepSpec, layout: Layout, trainable: dict, frozen: dict, consts) -> CSM:
@@ -204,6 +216,7 @@ def compute_model(spec: StepSpec, layout: Layout, trainable: dict, frozen: dict,
 @functools.lru_cache(maxsize=16)
 def train_step_fn(spec: StepSpec, layout: Layout) -> Callable:
     """jit(state, frozen, consts, batch, lr) → (state, metrics); `state` is donated."""
+
     def forward(trainable, frozen, consts, batch, key):
         return csm_loss(compute_model(spec, layout, trainable, frozen, consts), batch, key, spec.loss)
 
@@ -236,8 +249,16 @@ def eval_step_fn(spec: StepSpec, layout: Layout) -> Callable:
     return step
 
 
-def evaluate(spec: StepSpec, layout: Layout, state: TrainState, frozen, consts, examples: list[Example],
-             batch_size: int, limit: int) -> float:
+def evaluate(
+    spec: StepSpec,
+    layout: Layout,
+    state: TrainState,
+    frozen,
+    consts,
+    examples: list[Example],
+    batch_size: int,
+    limit: int,
+) -> float:
     """Mean loss over held-out examples (batches padded with unscored copies to keep one shape)."""
     fn = eval_step_fn(spec, layout)
     totals = None
@@ -260,23 +281,34 @@ class Checkpoints:
 
         self.ocp = ocp
         self.manager = ocp.CheckpointManager(
-            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True))
+            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+        )
 
     def save(self, step: int, state: TrainState, meta: dict) -> None:
         # Returns once the arrays are copied off the device; the files are written in the background.
-        self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
-                                                             meta=self.ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state), meta=self.ocp.args.JsonSave(meta)),
+            force=True,
+        )
 
     def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
         abstract = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, template)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                got = self.manager.restore(step, args=self.ocp.args.Composite(
-                    state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()))
+                got = self.manager.restore(
+                    step,
+                    args=self.ocp.args.Composite(
+                        state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()
+                    ),
+                )
                 return got["state"], got["meta"]
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                print(f"warning: checkpoint step {step} cannot be restored ({str(e).splitlines()[0][:200]}); "
-                      f"deleting it and trying the one before", file=sys.stderr)
+                print(
+                    f"warning: checkpoint step {step} cannot be restored ({str(e).splitlines()[0][:200]}); "
+                    f"deleting it and trying the one before",
+                    file=sys.stderr,
+                )
                 self.manager.delete(step)
         return None
 
@@ -340,8 +372,10 @@ def _check_run(out: Path, run: dict) -> None:
     diffs = [k for k in ("model_config", "data_fingerprint") if old.get(k) != run[k]]
     diffs += [k for k in FIXED_SETTINGS if old["settings"].get(k) != run["settings"][k]]
     if diffs:
-        raise JaxttsError(f"{out} holds a run with different {', '.join(diffs)}; resume with the same "
-                          f"data/model/settings or choose another --out")
+        raise JaxttsError(
+            f"{out} holds a run with different {', '.join(diffs)}; resume with the same "
+            f"data/model/settings or choose another --out"
+        )
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -357,10 +391,19 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model=None, codec=None,
-             config: FinetuneConfig | None = None, cache_dir: str | os.PathLike | None = None, export: bool = True,
-             progress: bool = True, callback: Callable[[int, dict], None] | None = None,
-             **settings) -> FinetuneResult:
+def finetune(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model=None,
+    codec=None,
+    config: FinetuneConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    export: bool = True,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+    **settings,
+) -> FinetuneResult:
     """Fine-tune CSM on a manifest or folder of utterances (see jaxtts/finetune/data.py).
 
     `model`: a CSM, a converted directory / checkpoint path, or None for the cached CSM-1B.
@@ -374,9 +417,16 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model=None, cod
     limit = base.cfg.backbone.max_seq_len
     examples = load_examples(data, _load_codec(codec), max_positions=limit, cache_dir=cache_dir, progress=progress)
     train, held = split_eval(examples, cfg.eval_fraction, cfg.seed)
-    run = {"format": RUN_FORMAT, "model": source, "model_config": base.cfg.to_dict(), "data": str(data),
-           "data_fingerprint": dataset_fingerprint(examples), "train_examples": len(train),
-           "eval_examples": len(held), "settings": asdict(cfg)}
+    run = {
+        "format": RUN_FORMAT,
+        "model": source,
+        "model_config": base.cfg.to_dict(),
+        "data": str(data),
+        "data_fingerprint": dataset_fingerprint(examples),
+        "train_examples": len(train),
+        "eval_examples": len(held),
+        "settings": asdict(cfg),
+    }
     _check_run(out, run)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "run.json", run)
@@ -401,8 +451,9 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model=None, cod
 
     history, eval_loss = [], None
     try:
-        state, history, eval_loss = _train(cfg, spec, layout, state, frozen, consts, train, held, limit, start,
-                                          position, ckpt, out, progress, callback)
+        state, history, eval_loss = _train(
+            cfg, spec, layout, state, frozen, consts, train, held, limit, start, position, ckpt, out, progress, callback
+        )
     finally:
         ckpt.close()
 
@@ -416,16 +467,32 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, *, model=None, cod
     return FinetuneResult(result_model, cfg.steps, history, eval_loss, export_dir, adapters)
 
 
-def _train(cfg: FinetuneConfig, spec: StepSpec, layout: Layout, state: TrainState, frozen, consts, train, held,
-           limit: int, start: int, position: int, ckpt: Checkpoints, out: Path, progress: bool, callback):
+def _train(
+    cfg: FinetuneConfig,
+    spec: StepSpec,
+    layout: Layout,
+    state: TrainState,
+    frozen,
+    consts,
+    train,
+    held,
+    limit: int,
+    start: int,
+    position: int,
+    ckpt: Checkpoints,
+    out: Path,
+    progress: bool,
+    callback,
+):
     from tqdm.auto import tqdm
 
     step_fn = train_step_fn(spec, layout)
     schedule = lr_schedule(cfg)
     stream = Stream(train, cfg.batch_size, cfg.seed, limit)
     history, eval_loss = [], None
-    bar = tqdm(total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not progress, dynamic_ncols=True
+    )
     with bar, open(out / "metrics.jsonl", "a") as log:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -438,24 +505,42 @@ def _train(cfg: FinetuneConfig, spec: StepSpec, layout: Layout, state: TrainStat
             micro = jax.device_get(micro)  # waits for the step: timings below are real
             seconds = time.perf_counter() - t0
             frames = int(sum(m["frames"] for m in micro))
-            record = {"step": step, **{k: float(np.mean([m[k] for m in micro]))
-                                       for k in ("loss", "loss_c0", "loss_depth", "grad_norm")},
-                      "lr": float(lr), "frames": frames, "frames_per_s": frames / seconds,
-                      "seconds": seconds}
+            record = {
+                "step": step,
+                **{k: float(np.mean([m[k] for m in micro])) for k in ("loss", "loss_c0", "loss_depth", "grad_norm")},
+                "lr": float(lr),
+                "frames": frames,
+                "frames_per_s": frames / seconds,
+                "seconds": seconds,
+            }
             if held and (step % cfg.eval_every == 0 or step == cfg.steps):
                 eval_loss = evaluate(spec, layout, state, frozen, consts, held, cfg.batch_size, limit)
                 record["eval_loss"] = eval_loss
             if not math.isfinite(record["loss"]):
-                raise JaxttsError(f"the loss became {record['loss']} at step {step}; lower --lr "
-                                  f"(checkpoints up to the last save are kept)")
+                raise JaxttsError(
+                    f"the loss became {record['loss']} at step {step}; lower --lr "
+                    f"(checkpoints up to the last save are kept)"
+                )
             if step % cfg.save_every == 0 or step == cfg.steps:
-                ckpt.save(step, state, {"step": step, "position": position, "epoch": position // len(train),
-                                        "loss": record["loss"], "eval_loss": eval_loss})
+                ckpt.save(
+                    step,
+                    state,
+                    {
+                        "step": step,
+                        "position": position,
+                        "epoch": position // len(train),
+                        "loss": record["loss"],
+                        "eval_loss": eval_loss,
+                    },
+                )
             log.write(json.dumps(record) + "\n")
             log.flush()
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", fps=f"{record['frames_per_s']:.0f}",
-                            **({"eval": f"{eval_loss:.3f}"} if eval_loss is not None else {}))
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                fps=f"{record['frames_per_s']:.0f}",
+                **({"eval": f"{eval_loss:.3f}"} if eval_loss is not None else {}),
+            )
             bar.update(1)
             if callback is not None:
                 callback(step, record)

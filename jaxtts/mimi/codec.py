@@ -30,8 +30,9 @@ class Mimi:
     GPUs, which would otherwise use TF32; None leaves XLA's default).
     """
 
-    def __init__(self, params: dict, config: MimiConfig = MIMI, *, dtype=jnp.float32,
-                 matmul_precision: str | None = "highest"):
+    def __init__(
+        self, params: dict, config: MimiConfig = MIMI, *, dtype=jnp.float32, matmul_precision: str | None = "highest"
+    ):
         config.validate()
         self.config = config
         self.dtype = jnp.dtype(dtype)
@@ -42,7 +43,7 @@ class Mimi:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, dtype=jnp.float32, **kwargs) -> "Mimi":
+    def load(cls, path: str | os.PathLike, *, dtype=jnp.float32, **kwargs) -> Mimi:
         """From a directory written by `jaxtts-convert mimi`, or straight from a moshi
         (`tokenizer-….safetensors`) or transformers (`kyutai/mimi`) checkpoint file or directory."""
         path = Path(path)
@@ -59,7 +60,7 @@ class Mimi:
         return cls(params, cfg, dtype=dtype, **kwargs)
 
     @classmethod
-    def random(cls, seed: int = 0, *, config: MimiConfig = MIMI, dtype=jnp.float32, **kwargs) -> "Mimi":
+    def random(cls, seed: int = 0, *, config: MimiConfig = MIMI, dtype=jnp.float32, **kwargs) -> Mimi:
         """Random weights of the real sizes (tests, benchmarks, `--random-weights`)."""
         return cls(model.init_params(config, seed), config, dtype=dtype, **kwargs)
 
@@ -130,17 +131,25 @@ class Mimi:
         if batch not in self._state_init:
             shapes = streaming.state_shapes(self.params, batch, cfg=self.config)
             # One program for the whole state (eagerly, each zeros buffer is its own dispatch).
-            self._state_init[batch] = jax.jit(lambda: streaming.init_state(self.params, batch, cfg=self.config,
-                                                                           shapes=shapes))
+            self._state_init[batch] = jax.jit(
+                lambda: streaming.init_state(self.params, batch, cfg=self.config, shapes=shapes)
+            )
         return self._state_init[batch]()
 
     def lower_stream_step(self, batch: int, frames: int) -> jax.stages.Lowered:
         """The streaming-decode program for `batch` streams and `frames` frames per step, lowered:
         `.compile()` it ahead of its first use (in a thread) and the step reuses it."""
-        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                             jax.eval_shape(lambda: streaming.init_state(
-                                 self.params, batch, cfg=self.config,
-                                 shapes=streaming.state_shapes(self.params, batch, cfg=self.config))))
+        state = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+            jax.eval_shape(
+                lambda: streaming.init_state(
+                    self.params,
+                    batch,
+                    cfg=self.config,
+                    shapes=streaming.state_shapes(self.params, batch, cfg=self.config),
+                )
+            ),
+        )
         codes = jax.ShapeDtypeStruct((batch, self.config.n_q, frames), jnp.int32)
         with self._precision():
             return _decode_step.lower(self.params, state, codes, cfg=self.config)

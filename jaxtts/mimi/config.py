@@ -76,7 +76,7 @@ class MimiConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MimiConfig":
+    def from_dict(cls, d: dict) -> MimiConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:

@@ -71,16 +71,25 @@ def _convtr_spec(cin, cout, k, stride, groups=1, bias=True):
 
 def _res_spec(cfg: MimiConfig, dim: int) -> dict:
     hidden = dim // cfg.compress
-    return {j: {"conv1": _conv_spec(dim, hidden, cfg.residual_kernel_size),
-                "conv2": _conv_spec(hidden, dim, 1)} for j in range(cfg.n_residual_layers)}
+    return {
+        j: {"conv1": _conv_spec(dim, hidden, cfg.residual_kernel_size), "conv2": _conv_spec(hidden, dim, 1)}
+        for j in range(cfg.n_residual_layers)
+    }
 
 
 def _transformer_spec(cfg: MimiConfig) -> dict:
     d, f = cfg.dimension, cfg.dim_feedforward
     norm = {"scale": Leaf((d,), mean=1.0), "bias": Leaf((d,))}
-    layer = {"norm1": norm, "qkv": Leaf((d, 3 * d), d**-0.5), "out": Leaf((d, d), d**-0.5),
-             "norm2": norm, "ff1": Leaf((d, f), d**-0.5), "ff2": Leaf((f, d), f**-0.5),
-             "scale1": Leaf((d,), mean=0.1), "scale2": Leaf((d,), mean=0.1)}
+    layer = {
+        "norm1": norm,
+        "qkv": Leaf((d, 3 * d), d**-0.5),
+        "out": Leaf((d, d), d**-0.5),
+        "norm2": norm,
+        "ff1": Leaf((d, f), d**-0.5),
+        "ff2": Leaf((f, d), f**-0.5),
+        "scale1": Leaf((d,), mean=0.1),
+        "scale2": Leaf((d,), mean=0.1),
+    }
     return {i: layer for i in range(cfg.num_layers)}
 
 
@@ -89,24 +98,34 @@ def param_specs(cfg: MimiConfig) -> dict:
     nf, d = cfg.n_filters, cfg.dimension
     enc_blocks, mult = {}, 1
     for i, ratio in enumerate(reversed(cfg.ratios)):
-        enc_blocks[i] = {"res": _res_spec(cfg, mult * nf),
-                         "down": _conv_spec(mult * nf, 2 * mult * nf, 2 * ratio)}
+        enc_blocks[i] = {"res": _res_spec(cfg, mult * nf), "down": _conv_spec(mult * nf, 2 * mult * nf, 2 * ratio)}
         mult *= 2
-    encoder = {"conv_in": _conv_spec(cfg.channels, nf, cfg.kernel_size), "blocks": enc_blocks,
-               "conv_out": _conv_spec(mult * nf, d, cfg.last_kernel_size)}
+    encoder = {
+        "conv_in": _conv_spec(cfg.channels, nf, cfg.kernel_size),
+        "blocks": enc_blocks,
+        "conv_out": _conv_spec(mult * nf, d, cfg.last_kernel_size),
+    }
     dec_blocks = {}
     for i, ratio in enumerate(cfg.ratios):
-        dec_blocks[i] = {"up": _convtr_spec(mult * nf, mult * nf // 2, 2 * ratio, ratio),
-                         "res": _res_spec(cfg, mult * nf // 2)}
+        dec_blocks[i] = {
+            "up": _convtr_spec(mult * nf, mult * nf // 2, 2 * ratio, ratio),
+            "res": _res_spec(cfg, mult * nf // 2),
+        }
         mult //= 2
-    decoder = {"conv_in": _conv_spec(d, (2 ** len(cfg.ratios)) * nf, cfg.kernel_size), "blocks": dec_blocks,
-               # small, so that random-weight audio stays mostly within [-1, 1]
-               "conv_out": _conv_spec(nf, cfg.channels, cfg.last_kernel_size, gain=0.05)}
+    decoder = {
+        "conv_in": _conv_spec(d, (2 ** len(cfg.ratios)) * nf, cfg.kernel_size),
+        "blocks": dec_blocks,
+        # small, so that random-weight audio stays mostly within [-1, 1]
+        "conv_out": _conv_spec(nf, cfg.channels, cfg.last_kernel_size, gain=0.05),
+    }
     s, q = cfg.resample_stride, cfg.codebook_dim
 
     def rvq(n):
-        return {"in_proj": Leaf((d, q), d**-0.5), "out_proj": Leaf((q, d), q**-0.5),
-                "codebooks": Leaf((n, cfg.bins, q), 1.0)}
+        return {
+            "in_proj": Leaf((d, q), d**-0.5),
+            "out_proj": Leaf((q, d), q**-0.5),
+            "codebooks": Leaf((n, cfg.bins, q), 1.0),
+        }
 
     return {
         "encoder": encoder,
@@ -156,11 +175,12 @@ def conv1d(p, x, history, *, stride=1, dilation=1, replicate=False):
         first = x[:, :1] if replicate else jnp.zeros_like(x[:, :1])
         history = jnp.broadcast_to(first, (x.shape[0], context, x.shape[2]))
     xx = jnp.concatenate([history.astype(x.dtype), x], axis=1)
-    y = lax.conv_general_dilated(xx, p["w"], (stride,), "VALID", rhs_dilation=(dilation,),
-                                 dimension_numbers=("NWC", "WIO", "NWC"))
+    y = lax.conv_general_dilated(
+        xx, p["w"], (stride,), "VALID", rhs_dilation=(dilation,), dimension_numbers=("NWC", "WIO", "NWC")
+    )
     if "b" in p:
         y = y + p["b"]
-    return y, xx[:, xx.shape[1] - context:]
+    return y, xx[:, xx.shape[1] - context :]
 
 
 def conv_transpose1d(p, x, overlap, *, stride, groups=1):
@@ -186,11 +206,11 @@ def conv_transpose1d(p, x, overlap, *, stride, groups=1):
     full = sum(jnp.pad(z[:, :, i], ((0, 0), (i, taps - 1 - i), (0, 0), (0, 0))) for i in range(taps))
     full = full.reshape(b, (t + taps - 1) * stride, -1)
     if overlap is not None:
-        full = full.at[:, :overlap.shape[1]].add(overlap.astype(full.dtype))
-    y = full[:, :t * stride]
+        full = full.at[:, : overlap.shape[1]].add(overlap.astype(full.dtype))
+    y = full[:, : t * stride]
     if "b" in p:
         y = y + p["b"]
-    return y, full[:, t * stride:]
+    return y, full[:, t * stride :]
 
 
 def resblock(p, x, state, *, dilation):
@@ -295,8 +315,13 @@ def self_attention(p, cfg: MimiConfig, x, cache, offset):
 
         kpos = (offset - window + jnp.arange((n + 1) * window)).reshape(1, n + 1, window)
         out = _windowed_softmax_attention(
-            blocks(q, n), pairs(blocks(keys, n + 1)), pairs(blocks(values, n + 1)),
-            (offset + jnp.arange(n * window)).reshape(n, window), pairs(kpos)[0], window)
+            blocks(q, n),
+            pairs(blocks(keys, n + 1)),
+            pairs(blocks(values, n + 1)),
+            (offset + jnp.arange(n * window)).reshape(n, window),
+            pairs(kpos)[0],
+            window,
+        )
         out = out.reshape(b, n * window, h, hd)[:, :t]
     return out.reshape(b, t, d) @ p["out"], {"k": keys[:, t:], "v": values[:, t:]}
 
@@ -307,8 +332,9 @@ def transformer(p, cfg: MimiConfig, x, state):
     caches = {}
     for i in range(cfg.num_layers):
         lp = p[i]
-        h, caches[i] = self_attention(lp, cfg, layer_norm(lp["norm1"], x, cfg.norm_eps),
-                                      _get(state, "layers", i), offset)
+        h, caches[i] = self_attention(
+            lp, cfg, layer_norm(lp["norm1"], x, cfg.norm_eps), _get(state, "layers", i), offset
+        )
         x = x + lp["scale1"] * h
         h = jax.nn.gelu(layer_norm(lp["norm2"], x, cfg.norm_eps) @ lp["ff1"], approximate=False) @ lp["ff2"]
         x = x + lp["scale2"] * h
@@ -373,8 +399,9 @@ def decode_step(params, state, codes, *, cfg: MimiConfig):
     transposed conv's overlap, each conv's input tail, and each transformer layer's key/value window.
     """
     x = quantizer_decode(params["quantizer"], cfg, codes)
-    x, up = conv_transpose1d(params["upsample"], x, _get(state, "upsample"),
-                             stride=cfg.resample_stride, groups=cfg.dimension)
+    x, up = conv_transpose1d(
+        params["upsample"], x, _get(state, "upsample"), stride=cfg.resample_stride, groups=cfg.dimension
+    )
     x, tr = transformer(params["decoder_transformer"], cfg, x, _get(state, "transformer"))
     pcm, sea = seanet_decoder(params["decoder"], cfg, x, _get(state, "seanet"))
     return {"upsample": up, "transformer": tr, "seanet": sea}, pcm
