@@ -129,7 +129,8 @@ class SilenceGuard:
             else:
                 self.silent_run += 1
             if self.heard_speech and self.silent_run >= self.limit:
-                return max(0, f + 1 - (self.silent_run - self.pause))
+                # keep up to `pause` silent frames, never frames after this one (limit < pause)
+                return min(f + 1, max(0, f + 1 - (self.silent_run - self.pause)))
         return None
 
 

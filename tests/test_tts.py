@@ -142,3 +142,13 @@ def test_long_form_continues_each_sentence(tts):
 def test_public_api_exports():
     for name in ("load", "TTS", "Segment", "CSM", "Mimi", "generate_frames", "Context"):
         assert hasattr(jaxtts, name)
+
+
+def test_silence_guard_never_keeps_frames_it_has_not_seen():
+    """A limit shorter than the kept pause stops at the frame that reached the limit."""
+    from jaxtts.tts import SilenceGuard
+
+    loud, quiet = np.full(FRAME_SIZE, 0.5, np.float32), np.zeros(FRAME_SIZE, np.float32)
+    guard = SilenceGuard(limit=2, pause=5)
+    piece = np.concatenate([loud, quiet, quiet, quiet, loud])
+    assert guard.frames_to_keep(piece) == 3  # loud + the two silent frames that hit the limit
