@@ -10,21 +10,26 @@ from jaxtts.sampling import Sampler
 from jaxtts.tts import TTS, Context, Request, load
 
 
-def __getattr__(name):
-    # Mimi is imported lazily: `import jaxtts` stays light for users of the CSM parts alone.
-    if name == "Mimi":
-        from jaxtts.mimi import Mimi
+_LAZY = {"Mimi": "jaxtts.mimi", "Engine": "jaxtts.engine", "Busy": "jaxtts.engine", "VoiceStore": "jaxtts.voices"}
 
-        return Mimi
+
+def __getattr__(name):
+    # Imported on first use: `import jaxtts` stays light for users of the CSM parts alone.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)
 
 
 __all__ = [
+    "Busy",
     "CSM",
     "CSM_1B",
     "CSMConfig",
     "Context",
     "DecodeOptions",
+    "Engine",
     "JaxttsError",
     "LlamaConfig",
     "Mimi",
@@ -32,6 +37,7 @@ __all__ = [
     "Sampler",
     "Segment",
     "TTS",
+    "VoiceStore",
     "default_options",
     "generate_frames",
     "load",
