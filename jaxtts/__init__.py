@@ -9,7 +9,6 @@ from jaxtts.prompt import Segment
 from jaxtts.sampling import Sampler
 from jaxtts.tts import TTS, Context, Request, load
 
-
 _LAZY = {"Mimi": "jaxtts.mimi", "Engine": "jaxtts.engine", "Busy": "jaxtts.engine", "VoiceStore": "jaxtts.voices"}
 
 
