@@ -68,7 +68,11 @@ def test_speak_writes_reproducible_wav(weights, env, tmp_path):
     assert a.read_bytes() == b.read_bytes()
     r = jaxtts(*speak_args(weights, s, "Hello from jaxtts.", "--seed", 7, "--max-audio-ms", 480, "--stream"), env=env)
     assert r.returncode == 0, r.stderr
-    np.testing.assert_array_equal(sf.read(str(s))[0], sf.read(str(a))[0])
+    # --stream decodes a first 1-frame chunk then 8-frame chunks, the plain file 8-frame chunks only:
+    # the same frames, the audio equal up to Mimi's rounding (at most one 16-bit step)
+    streamed, whole = sf.read(str(s))[0], sf.read(str(a))[0]
+    assert len(streamed) == len(whole)
+    np.testing.assert_allclose(streamed, whole, rtol=0, atol=1.01 / 32768)
 
 
 def test_interactive_speaks_each_line(weights, env, tmp_path):
