@@ -33,6 +33,7 @@ from jaxtts.config import CSM_1B, CSMConfig
 from jaxtts.csm import CSM, param_dict
 from jaxtts.generation import generate_frames
 from jaxtts.llama import rope_frequencies
+from jaxtts.options import DecodeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FRAMES = 12
@@ -122,19 +123,25 @@ def model_original(converted_original):
     return CSM.load(converted_original, dtype="float32")
 
 
-@partial(jax.jit, static_argnames=("graphdef", "impl"))
-def _prompt_logits(graphdef, state, tokens, mask, impl):
+@partial(jax.jit, static_argnames=("graphdef", "opts"))
+def _prompt_logits(graphdef, state, tokens, mask, opts):
     model = nnx.merge(graphdef, state)
     cache = model.backbone_cache(1, tokens.shape[1])
-    hidden, _ = model.run_backbone(tokens, mask, jnp.zeros((1,), jnp.int32), cache, impl=impl)
+    hidden, _ = model.run_backbone(tokens, mask, jnp.zeros((1,), jnp.int32), cache, opts=opts)
     return model.codebook0_logits(hidden)[0]
 
 
-def jax_logits(model: CSM, tokens, mask, impl: str = "xla") -> np.ndarray:
+def jax_logits(model: CSM, tokens, mask, attention: str = "xla") -> np.ndarray:
     """Codebook-0 logits [T, vocab] with the backbone run over the whole prompt at once."""
     graphdef, state = nnx.split(model)
     return np.asarray(
-        _prompt_logits(graphdef, state, jnp.asarray(tokens[None], jnp.int32), jnp.asarray(mask[None], bool), impl)
+        _prompt_logits(
+            graphdef,
+            state,
+            jnp.asarray(tokens[None], jnp.int32),
+            jnp.asarray(mask[None], bool),
+            DecodeOptions(attention=attention),
+        )
     )
 
 
@@ -369,6 +376,6 @@ def test_pallas_interpret_parity(model_hf, prompt, reference):
     if fn is None:
         pytest.skip(why)
     tokens, mask = prompt
-    assert rel_err(jax_logits(model_hf, tokens, mask, impl="pallas_interpret"), reference["logits"]) < LOGITS_RTOL
+    assert rel_err(jax_logits(model_hf, tokens, mask, attention="pallas_interpret"), reference["logits"]) < LOGITS_RTOL
     frames = generate_frames(model_hf, tokens, mask, max_frames=MAX_FRAMES, top_k=1, attention="pallas_interpret")
     assert_frames_equal(frames, reference["frames"])

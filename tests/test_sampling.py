@@ -42,8 +42,16 @@ def test_top_p_and_min_p_filters():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(temperature=0), dict(temperature=-1), dict(top_k=0), dict(top_p=1.5), dict(min_p=1.0)]
+    "kwargs",
+    [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=1.5), dict(min_p=1.0)],
 )
 def test_invalid_settings(kwargs):
     with pytest.raises(JaxttsError):
         Sampler.create(**kwargs)
+
+
+def test_temperature_zero_is_greedy():
+    s = Sampler.create(0, 50)
+    assert s.greedy and s.top_k == 1
+    logits = jnp.array([[0.1, 2.0, -1.0, 1.9]])
+    assert int(s(jax.random.key(0), logits)[0]) == 1

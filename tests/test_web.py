@@ -143,8 +143,11 @@ def test_record_a_voice_from_the_microphone_and_use_it(page):
     page.wait_for_function(
         "document.getElementById('voice-status').textContent.startsWith('Added voice')", timeout=TIMEOUT_MS
     )
-    assert "mic-voice" in page.inner_text("#voice-list")
-    assert page.input_value("#voice") == "mic-voice"
+    # the list and the picker refresh after the status line: wait for them, bounded
+    page.wait_for_function(
+        "document.getElementById('voice-list').textContent.includes('mic-voice')", timeout=TIMEOUT_MS
+    )
+    page.wait_for_function("document.getElementById('voice').value === 'mic-voice'", timeout=TIMEOUT_MS)
     settings(page, seed=3, max_audio_ms=400)
     page.fill("#text", "Now in the recorded voice.")
     state = speak_and_wait(page)
