@@ -18,6 +18,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--config", help="JSON file (or inline JSON) with the sizes; required unless the checkpoint is CSM-1B"
     )
     csm.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored parameter dtype")
+    csm.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8"],
+        help="store the projections and heads as int8 with per-column float32 scales (--dtype: the rest)",
+    )
     csm.add_argument("--allow-pickle", action="store_true", help="read .pt pickles with torch (weights_only=True)")
     mimi = sub.add_parser("mimi", help="convert a Mimi codec checkpoint (moshi or transformers kyutai/mimi format)")
     mimi.add_argument("src", help="moshi tokenizer-*.safetensors, or a transformers kyutai/mimi file/directory")
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             allow_pickle=args.allow_pickle,
+            quantize=args.quantize,
         )
     else:
         from convert.mimi import convert_mimi

@@ -243,25 +243,41 @@ def convert_csm(
     overwrite: bool = False,
     progress: bool = True,
     allow_pickle: bool = False,
+    quantize: str | None = None,
 ) -> Path:
-    """Convert SRC into a jaxtts directory OUT (config.json + Orbax params), atomically."""
+    """Convert SRC into a jaxtts directory OUT (config.json + Orbax params), atomically.
+
+    quantize="int8": the projections and heads are stored as int8 with float32 column scales
+    (`jaxtts.quantize`), quantized from the float32 values read; `dtype` is then the dtype of
+    the rest (embeddings, norms)."""
     import ml_dtypes
 
+    from jaxtts import quantize as quant
     from jaxtts.checkpoint import atomic_directory, write_checkpoint
 
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
     if np_dtype is None:
         raise JaxttsError(f"unknown dtype {dtype!r}; choose float32 or bfloat16")
+    quant.check_method(quantize)
     if not Path(src).exists():
         raise JaxttsError(f"{src}: no such file or directory")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         cfg, params = read_csm_checkpoint(src, config, allow_pickle=allow_pickle, progress=progress)
+        extra = {}
+        if quantize:
+            params = quant.quantize_params(params, quantize)
+            extra["quantization"] = quant.meta(quantize)
         params = _cast(params, np_dtype)
-        write_checkpoint(tmp, model="csm", config=cfg.to_dict(), dtype=dtype, params=params)
+        write_checkpoint(tmp, model="csm", config=cfg.to_dict(), dtype=dtype, params=params, **extra)
     return Path(out)
 
 
 def _cast(tree, dtype):
+    """Floating-point arrays to `dtype`; int8 weights and their float32 scales as they are."""
+    from jaxtts.quantize import SCALE_SUFFIX
+
     if isinstance(tree, dict):
-        return {k: _cast(v, dtype) for k, v in tree.items()}
+        return {k: (v if str(k).endswith(SCALE_SUFFIX) else _cast(v, dtype)) for k, v in tree.items()}
+    if np.asarray(tree).dtype == np.int8:
+        return np.ascontiguousarray(tree)
     return np.ascontiguousarray(tree, dtype=dtype)

@@ -29,10 +29,13 @@ PEERS = ("transformers", "original")
 
 
 def add_bench_parser(sub) -> None:
+    from jaxtts.quantize import add_quantize_argument
+
     p = sub.add_parser("bench", help="measure ms per frame, real-time factor, first-audio latency, batch throughput")
     p.add_argument("--model", help="converted CSM directory (default: random full-size weights)")
     p.add_argument("--codec", help="converted Mimi directory (default: random full-size weights)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    add_quantize_argument(p)
     p.add_argument(
         "--attention",
         default=None,
@@ -83,8 +86,8 @@ def _model(args):
     if args.model:
         from jaxtts.hub import resolve
 
-        return CSM.load(resolve("csm", args.model), dtype=args.dtype)
-    return CSM.random(preset(args.preset), dtype=args.dtype)
+        return CSM.load(resolve("csm", args.model), dtype=args.dtype, quantize=args.quantize)
+    return CSM.random(preset(args.preset), dtype=args.dtype, quantize=args.quantize)
 
 
 def _options(args):
@@ -276,6 +279,8 @@ def _compile_times(args) -> dict:
         ]
         if args.model:
             cmd += ["--model", args.model]
+        if args.quantize:
+            cmd += ["--quantize", args.quantize]
         if args.attention:
             cmd += ["--attention", args.attention]
         for name in ("cold", "cached"):
@@ -348,6 +353,7 @@ def run_bench(args) -> int:
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "attention": opts.attention,
         "options": dataclasses.asdict(opts),
         "weights": args.model or f"random {args.preset}",

@@ -3,6 +3,7 @@
 Layout of a directory written by `jaxtts-convert` (or the fine-tuning export):
 
     OUT/config.json   {"format": "jaxtts", "model": "csm" | "mimi", "dtype": ..., "config": {...}}
+                      (+ "quantization": {"method": "int8", ...} for int8 weights: jaxtts/quantize.py)
     OUT/params/       Orbax StandardCheckpointer tree (nested dicts of arrays, string keys)
 
 Directories are written to a temporary sibling and renamed at the end, so an interrupted
@@ -59,11 +60,16 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False):
     os.replace(tmp, out)
 
 
-def write_checkpoint(directory: Path, *, model: str, config: dict, dtype: str, params: dict) -> None:
-    """Write config.json and params/ into an (already temporary) directory."""
+def write_checkpoint(
+    directory: Path, *, model: str, config: dict, dtype: str, params: dict, quantization: dict | None = None
+) -> None:
+    """Write config.json and params/ into an (already temporary) directory. `dtype` is the model
+    dtype; `quantization` (config.json's entry, `jaxtts.quantize.meta`) says which weights are int8."""
     import orbax.checkpoint as ocp
 
     meta = {"format": FORMAT, "model": model, "dtype": dtype, "config": config}
+    if quantization is not None:
+        meta["quantization"] = quantization
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save((directory / "params").absolute(), _stringify_keys(params))
@@ -99,6 +105,24 @@ def read_params(directory: str | os.PathLike, abstract: dict, dtype=None) -> dic
     except Exception as e:
         raise JaxttsError(f"{directory}: cannot restore parameters ({str(e).splitlines()[0]})") from None
     return _restore_int_keys(restored)
+
+
+def read_param_dtypes(directory: str | os.PathLike) -> dict:
+    """The stored parameter tree's dtypes (nested dicts, string keys), read from Orbax's metadata
+    without restoring anything: a restore casts to the dtypes asked for, so a caller that must
+    know what is stored (int8 or not) asks here first."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            meta = ckpt.metadata((Path(directory) / "params").absolute())
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        return jax.tree.map(lambda m: np.dtype(m.dtype), dict(tree))
+    except Exception as e:
+        raise JaxttsError(
+            f"{directory}: cannot read the parameters' metadata ({(str(e).splitlines() or [type(e).__name__])[0]})"
+        ) from None
 
 
 def to_numpy_tree(tree):

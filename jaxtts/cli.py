@@ -7,6 +7,7 @@ import sys
 
 from jaxtts import defaults
 from jaxtts.errors import ArgumentParser, JaxttsError, cli_entry
+from jaxtts.quantize import add_quantize_argument
 
 
 def _add_speak(sub):
@@ -43,6 +44,7 @@ def _add_speak(sub):
         choices=["bfloat16", "float32"],
         help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)",
     )
+    add_quantize_argument(p)
     p.add_argument(
         "--attention",
         default=None,
@@ -123,6 +125,7 @@ def _speak(args) -> int:
         args.model,
         args.codec,
         dtype=args.dtype,
+        quantize=args.quantize,
         random_weights=args.random_weights,
         progress=not args.quiet,
         attention=args.attention,

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from jaxtts import quantize as quant
 from jaxtts.config import CSMConfig
 from jaxtts.errors import JaxttsError
-from jaxtts.llama import XLA, KVCache, Llama, _init, dense, fused_step_applies, matvec_config
+from jaxtts.llama import XLA, KVCache, Llama, _init, dense, dot_f32, fused_step_applies, norm_gemv
 from jaxtts.options import DecodeOptions
+from jaxtts.quantize import weight
 from jaxtts.sampling import SplitLogits
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,13 +34,17 @@ def resolve_dtype(dtype) -> jnp.dtype:
 @functools.partial(jax.jit, static_argnames="blocks")
 def _project(table, w, blocks: int):
     # One block of rows at a time (a codebook's), so the temporaries (float32 products, the GEMM
-    # autotuner's scratch) stay small next to the 134 MB result.
+    # autotuner's scratch) stay small next to the 134 MB result. w: an array or a QuantizedWeight.
     rows = table.reshape(blocks, -1, table.shape[-1])
-    out = jax.lax.map(lambda t: jnp.dot(t, w, preferred_element_type=jnp.float32).astype(table.dtype), rows)
+    out = jax.lax.map(lambda t: dot_f32(t, w).astype(table.dtype), rows)
     return out.reshape(-1, w.shape[-1])
 
 
 class CSM(nnx.Module):
+    """The model. With int8 weights (`jaxtts.quantize`: `CSM.load(..., quantize="int8")`, an int8
+    checkpoint, or `quantize_model`), each projection and head holds int8 beside a `<name>_scale`
+    Param of float32 column scales; `quantization` says which ("int8" or None)."""
+
     def __init__(self, cfg: CSMConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         cfg.validate()
@@ -54,7 +61,13 @@ class CSM(nnx.Module):
 
     @property
     def dtype(self):
+        """The model dtype: embeddings, norms, activations (and the weights unless quantized)."""
         return self.text_embeddings[...].dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """ "int8" when the projections and heads hold int8 weights with column scales, else None."""
+        return "int8" if hasattr(self, "codebook0_head" + quant.SCALE_SUFFIX) else None
 
     # --- embeddings -------------------------------------------------------------------------
     def embed_rows(self, tokens, mask):
@@ -77,12 +90,12 @@ class CSM(nnx.Module):
             return self.backbone(self.embed_rows(tokens, mask), start, cache, lengths=lengths, opts=opts)
 
     def codebook0_logits(self, hidden):
-        return jnp.dot(hidden, self.codebook0_head[...], preferred_element_type=jnp.float32)
+        return dot_f32(hidden, weight(self, "codebook0_head"))
 
     def run_decoder(self, inputs, start, cache: KVCache, *, opts: DecodeOptions = XLA):
         """Depth decoder over backbone-width inputs [B,T,D_bb] (projected here)."""
         with jax.named_scope("depth"):
-            return self.decoder(dense(inputs, self.projection[...], opts), start, cache, opts=opts)
+            return self.decoder(dense(inputs, weight(self, "projection"), opts), start, cache, opts=opts)
 
     def decoder_step_logits(
         self, inputs, start, cache: KVCache, codebook, *, opts: DecodeOptions = XLA, projected=False
@@ -94,20 +107,16 @@ class CSM(nnx.Module):
         partial sums with the final norm folded in, one kernel instead of two) for the sampling
         kernel to finish."""
         with jax.named_scope("depth"):
-            x = inputs if projected else dense(inputs, self.projection[...], opts)
-            if fused_step_applies(x, None, opts):
-                from pallas_kernels.fused_decode import norm_matvec
-
-                dec = self.decoder
+            x = inputs if projected else dense(inputs, weight(self, "projection"), opts)
+            dec = self.decoder
+            if fused_step_applies(x, None, opts, dec.quantized):
                 h, cache = dec.fused_step(x, start, cache, opts, final_norm=False)
-                head = self.audio_head[...]
-                parts, ss = norm_matvec(
+                parts, ss = norm_gemv(
                     h,
                     dec.norm.scale[...],
-                    head,
+                    weight(self, "audio_head"),
+                    opts,
                     w_index=jnp.reshape(codebook - 1, (1,)).astype(jnp.int32),
-                    config=matvec_config(opts, h.shape[0], head),
-                    interpret=opts.interpret,
                 )
                 return SplitLogits(parts, ss, dec.cfg.embed_dim, dec.cfg.norm_eps), cache
             h, cache = self.decoder(x, start, cache, opts=opts)
@@ -116,11 +125,13 @@ class CSM(nnx.Module):
     def projected_audio_embeddings(self):
         """The audio embeddings through the decoder's input projection, [32·V, D_dec] in the model
         dtype: a table lookup then replaces one matvec per depth step (generation.audio_table)."""
-        return _project(self.audio_embeddings[...], self.projection[...], self.cfg.audio_num_codebooks)
+        return _project(self.audio_embeddings[...], weight(self, "projection"), self.cfg.audio_num_codebooks)
 
     def codebook_logits(self, decoder_hidden, codebook: int | jax.Array):
         """Logits of codebook i ≥ 1 from the depth decoder's hidden state."""
-        return jnp.dot(decoder_hidden, self.audio_head[...][codebook - 1], preferred_element_type=jnp.float32)
+        head = weight(self, "audio_head")
+        head = head.select(codebook - 1) if isinstance(head, quant.QuantizedWeight) else head[codebook - 1]
+        return dot_f32(decoder_hidden, head)
 
     def backbone_cache(self, batch: int, length: int | None = None) -> KVCache:
         return KVCache.zeros(self.cfg.backbone, batch, length or self.cfg.backbone.max_seq_len, self.dtype)
@@ -130,25 +141,44 @@ class CSM(nnx.Module):
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def random(cls, cfg: CSMConfig, *, dtype="float32", seed: int = 0) -> CSM:
-        """Random weights (for tests, benchmarks and checking an install without weights).
+    def random(cls, cfg: CSMConfig, *, dtype="float32", seed: int = 0, quantize: str | None = None) -> CSM:
+        """Random weights (for tests, benchmarks and checking an install without weights);
+        `quantize="int8"`: those weights quantized (`jaxtts.quantize`).
 
         Built inside one jit: eagerly, each parameter's draw would be its own small compilation.
         """
-        return nnx.jit(lambda: cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed)))()
+        quant.check_method(quantize)
+
+        def build():
+            model = cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed))
+            return quant.quantize_modules_(model, quantize) if quantize else model
+
+        return nnx.jit(build)()
 
     @classmethod
-    def abstract(cls, cfg: CSMConfig, dtype="float32") -> CSM:
-        """The model with ShapeDtypeStructs instead of arrays (no memory allocated)."""
-        return nnx.eval_shape(lambda: cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(0)))
+    def abstract(cls, cfg: CSMConfig, dtype="float32", quantization: str | None = None) -> CSM:
+        """The model with ShapeDtypeStructs instead of arrays (no memory allocated); with
+        quantization="int8", the int8 layout (int8 weights and their float32 `_scale` siblings)."""
+        quant.check_method(quantization)
+
+        def build():
+            model = cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(0))
+            return quant.quantize_modules_(model, quantization) if quantization else model
+
+        return nnx.eval_shape(build)
 
     @classmethod
     def from_params(cls, cfg: CSMConfig, params: dict, dtype="float32") -> CSM:
-        """Build from a nested dict of arrays shaped like `param_dict(model)`; shapes are checked."""
+        """Build from a nested dict of arrays shaped like `param_dict(model)`; shapes are checked.
+
+        Params holding int8 weights with their `_scale` siblings (`quantize.quantize_params`, an
+        int8 checkpoint) build an int8 model: those stay int8 and float32, the rest take `dtype`."""
         target = resolve_dtype(dtype)
-        model = cls.abstract(cfg, target)
-        expected = dict(_flat(param_dict(model)))
         given = dict(_flat(params))
+        method = "int8" if any(quant.is_scale_name(n) for n in given) else None
+        quant.check_layout({n: a.dtype for n, a in given.items()}, method, "parameters", "the parameter set")
+        model = cls.abstract(cfg, target, quantization=method)
+        expected = dict(_flat(param_dict(model)))
         for name, spec in expected.items():
             if name not in given:
                 raise JaxttsError(f"parameter {name} is missing")
@@ -156,8 +186,11 @@ class CSM(nnx.Module):
                 raise JaxttsError(
                     f"parameter {name} has shape {tuple(given[name].shape)}, expected {tuple(spec.shape)}"
                 )
+        if method:
+            quant.check_scales({n: given[n] for n in expected if quant.is_scale_name(n)})
         state = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, dtype=target), params))
+        dtypes = {name: spec.dtype for name, spec in expected.items()}  # int8 and scales keep theirs
+        nnx.replace_by_pure_dict(state, _cast_tree(params, dtypes, target))
         nnx.update(model, state)
         _fill_constants(model)
         return model
@@ -166,14 +199,18 @@ class CSM(nnx.Module):
         return save_csm(self, out, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, dtype=None) -> CSM:
+    def load(cls, path: str | os.PathLike, dtype=None, *, quantize: str | None = None) -> CSM:
         """Load a directory written by jaxtts-convert, or an original / transformers checkpoint.
 
-        dtype: "bfloat16" / "float32" (default: `jaxtts.defaults.default_dtype()`, float32 on CPU)."""
-        from jaxtts.checkpoint import is_converted_dir, read_meta, read_params
+        dtype: "bfloat16" / "float32" (default: `jaxtts.defaults.default_dtype()`, float32 on CPU);
+        an int8 checkpoint keeps its int8 weights and scales, the rest takes `dtype`.
+        quantize="int8": quantize a bfloat16 / float32 checkpoint's weights at load time (a no-op
+        for an int8 checkpoint)."""
+        from jaxtts.checkpoint import is_converted_dir, read_meta, read_param_dtypes, read_params
         from jaxtts.defaults import default_dtype
 
         dtype = default_dtype() if dtype is None else dtype
+        quant.check_method(quantize)
 
         path = Path(path)
         if not path.exists():
@@ -183,24 +220,31 @@ class CSM(nnx.Module):
             if meta["model"] != "csm":
                 raise JaxttsError(f"{path}: holds a {meta['model']} checkpoint, not CSM")
             cfg = CSMConfig.from_dict(meta["config"])
-            abstract = param_dict(cls.abstract(cfg, dtype))
-            return cls.from_params(cfg, read_params(path, abstract), dtype)
-        from convert.csm import read_csm_checkpoint
+            stored = quant.method_from_meta(meta.get("quantization"), f"{path}/config.json")
+            # Orbax casts to the dtype asked for: a config that does not match the stored tensors
+            # must be caught before the restore (int8 read as floats would be a garbage model).
+            quant.check_layout(dict(_flat(read_param_dtypes(path))), stored, str(path), "config.json")
+            abstract = param_dict(cls.abstract(cfg, dtype, quantization=stored))
+            model = cls.from_params(cfg, read_params(path, abstract), dtype)
+        else:
+            from convert.csm import read_csm_checkpoint
 
-        cfg, params = read_csm_checkpoint(path)
-        return cls.from_params(cfg, params, dtype)
+            cfg, params = read_csm_checkpoint(path)
+            model = cls.from_params(cfg, params, dtype)
+        if quantize and model.quantization != quantize:
+            model = quant.quantize_modules_(model, quantize)  # a new model: nothing has split it yet
+        return model
 
 
 def save_csm(model: CSM, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `model` as a jaxtts directory (what `CSM.load`, `jaxtts.load` and `--model` accept)."""
-    import numpy as np
-
     from jaxtts.checkpoint import atomic_directory, write_checkpoint
 
     dtype = "bfloat16" if model.dtype == jnp.bfloat16 else "float32"
     params = jax.tree.map(np.asarray, param_dict(model))
+    extra = {"quantization": quant.meta(model.quantization)} if model.quantization else {}
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_checkpoint(tmp, model="csm", config=model.cfg.to_dict(), dtype=dtype, params=params)
+        write_checkpoint(tmp, model="csm", config=model.cfg.to_dict(), dtype=dtype, params=params, **extra)
     return Path(out)
 
 
@@ -217,6 +261,17 @@ def _fill_constants(model: CSM) -> None:
 def param_dict(model: CSM) -> dict:
     """The parameters as a nested dict of arrays (what converters produce and Orbax stores)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _cast_tree(tree, dtypes: dict, default, prefix=""):
+    """Each array of a nested dict to its dtype in the flat {name: dtype} (else `default`)."""
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        out[k] = (
+            _cast_tree(v, dtypes, default, name) if isinstance(v, dict) else jnp.asarray(v, dtypes.get(name, default))
+        )
+    return out
 
 
 def _flat(tree, prefix=""):

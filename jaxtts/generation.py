@@ -163,18 +163,23 @@ def _decode_chunk(
 # The depth decoder's projected code embeddings, looked up in a precomputed table (134 MB for
 # CSM-1B in bf16) when `DecodeOptions.audio_table` and the Pallas kernels are on; on CPU building
 # the table costs more than it saves.
-_AUDIO_TABLES = weakref.WeakKeyDictionary()  # model → (embeddings, projection, table)
+_AUDIO_TABLES = weakref.WeakKeyDictionary()  # model → ((embeddings, projection, its int8 scales), table)
 
 
 def audio_table(model: CSM):
     """`model.projected_audio_embeddings()`, computed once per set of weights (new weights, e.g.
     after fine-tuning, are new arrays and get a new table)."""
-    emb, proj = model.audio_embeddings.get_value(), model.projection.get_value()
+    scale = getattr(model, "projection_scale", None)  # int8 weights: the column scales
+    key = (
+        model.audio_embeddings.get_value(),
+        model.projection.get_value(),
+        None if scale is None else scale.get_value(),
+    )
     hit = _AUDIO_TABLES.get(model)
-    if hit is None or hit[0] is not emb or hit[1] is not proj:
-        hit = (emb, proj, model.projected_audio_embeddings())
+    if hit is None or any(a is not b for a, b in zip(hit[0], key)):
+        hit = (key, model.projected_audio_embeddings())
         _AUDIO_TABLES[model] = hit
-    return hit[2]
+    return hit[1]
 
 
 def decode_chunk(

@@ -21,6 +21,7 @@ from flax import nnx
 from jaxtts.attention import attention
 from jaxtts.config import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_OLD_CONTEXT_LEN, LlamaConfig
 from jaxtts.options import DecodeOptions
+from jaxtts.quantize import SCALE_SUFFIX, QuantizedWeight, weight
 
 
 def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
@@ -99,20 +100,41 @@ XLA = DecodeOptions()  # plain XLA: what a call without options compiles
 
 def dense(x, w, opts: DecodeOptions = XLA):
     """x [..., K] @ w [K, N], float32 accumulation, result in x's dtype: through the Pallas GEMV
-    kernel where `opts` sends this shape there (skinny decode-step matmuls), else XLA's dot."""
+    kernel where `opts` sends this shape there (skinny decode-step matmuls), else XLA's dot.
+    w may be a `QuantizedWeight` (int8 + column scales): the kernel dequantizes in registers and
+    scales in its epilogue; XLA's dot takes the int8 weight converted to x's dtype (`dot_f32`)."""
     rows = math.prod(x.shape[:-1])
-    if opts.uses_matvec(rows, *w.shape):
-        from pallas_kernels import matvec
+    quantized = isinstance(w, QuantizedWeight)
+    if opts.uses_matvec(rows, *w.shape, quantized=quantized):
+        return gemv(x, w, opts)
+    return dot_f32(x, w).astype(x.dtype)
 
-        return matvec(x, w, config=matvec_config(opts, rows, w), interpret=opts.interpret)
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+def dot_f32(x, w):
+    """x @ w accumulated and returned in float32; for a `QuantizedWeight`,
+    (x @ q.astype(x.dtype)) * scale: the column scale applied after the sum over K (exact up to
+    rounding), so the int8 → x.dtype convert is the only thing in front of the dot."""
+    if isinstance(w, QuantizedWeight):
+        return jnp.dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale.astype(jnp.float32)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def fused_step_applies(x, lengths, opts: DecodeOptions) -> bool:
+def gemv(x, w, opts: DecodeOptions, *, partials: bool = False):
+    """`pallas_kernels.matvec` of x [..., K] (≤ 64 rows) and w (an array or a `QuantizedWeight`)
+    with this device's tuned config for the shape."""
+    from pallas_kernels import matvec
+
+    rows = math.prod(x.shape[:-1])
+    q, scale = (w.q, w.scale) if isinstance(w, QuantizedWeight) else (w, None)
+    return matvec(x, q, w_scale=scale, partials=partials, config=matvec_config(opts, rows, q), interpret=opts.interpret)
+
+
+def fused_step_applies(x, lengths, opts: DecodeOptions, quantized: bool = False) -> bool:
     """Whether a call on x [B, T, D] takes `Llama.fused_step`: one new position per row, default
-    lengths, and `opts` sending that many rows to the fused kernels."""
+    lengths, and `opts` sending that many rows (of a model with int8 weights or not) to the fused
+    kernels."""
     b, t = x.shape[:2]
-    return t == 1 and lengths is None and opts.uses_fused_step(b)
+    return t == 1 and lengths is None and opts.uses_fused_step(b, quantized=quantized)
 
 
 def matvec_config(opts: DecodeOptions, rows: int, w):
@@ -168,7 +190,7 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         with jax.named_scope("qkv"):
-            qkv = dense(x, self.qkv[...], opts)
+            qkv = dense(x, weight(self, "qkv"), opts)
         if step:
             from pallas_kernels.fused_decode import attention_step
 
@@ -184,7 +206,7 @@ class Attention(nnx.Module):
                 eps=0.0,
                 interpret=opts.interpret,
             )
-            return dense(o[:, None], self.out[...], opts), k_cache, v_cache
+            return dense(o[:, None], weight(self, "out"), opts), k_cache, v_cache
         q = qkv[..., : h * hd].reshape(b, t, h, hd)
         k = qkv[..., h * hd : (h + hkv) * hd].reshape(b, t, hkv, hd)
         v = qkv[..., (h + hkv) * hd :].reshape(b, t, hkv, hd)
@@ -194,7 +216,7 @@ class Attention(nnx.Module):
         with jax.named_scope("attention"):
             o = attention(q, k_cache, v_cache, start, lengths, impl=opts.attention)
         with jax.named_scope("out"):
-            return dense(o.reshape(b, t, h * hd), self.out[...], opts), k_cache, v_cache
+            return dense(o.reshape(b, t, h * hd), weight(self, "out"), opts), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -204,7 +226,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x, opts: DecodeOptions = XLA):
         with jax.named_scope("mlp"):
-            return dense(swiglu(dense(x, self.gate_up[...], opts)), self.down[...], opts)
+            return dense(swiglu(dense(x, weight(self, "gate_up"), opts)), weight(self, "down"), opts)
 
 
 class Block(nnx.Module):
@@ -232,12 +254,17 @@ class Llama(nnx.Module):
         self.rope_cos = nnx.Variable(jnp.asarray(cos))
         self.rope_sin = nnx.Variable(jnp.asarray(sin))
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the projections hold int8 weights (`jaxtts.quantize`)."""
+        return hasattr(self.layers[0].attn, "qkv" + SCALE_SUFFIX)
+
     def __call__(self, x, start, cache: KVCache, *, lengths=None, opts: DecodeOptions = XLA):
         """x [B,T,D] at positions start[b] + t. Returns (final-normed hidden [B,T,D], new cache).
 
         `lengths` (valid cache slots per row after this call) defaults to start + T.
         """
-        if fused_step_applies(x, lengths, opts):
+        if fused_step_applies(x, lengths, opts, self.quantized):
             return self.fused_step(x, start, cache, opts)
         t = x.shape[1]
         pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -259,12 +286,9 @@ class Llama(nnx.Module):
         (pallas_kernels/fused_decode.py): the same computation in eight kernels per block.
         With final_norm=False, returns the last residual stream [B, D] before the final norm
         (for a caller that folds the norm into its output projection)."""
-        from pallas_kernels import matvec
-        from pallas_kernels.fused_decode import add_residual, attention_step, finish, norm_matvec
+        from pallas_kernels.fused_decode import add_residual, attention_step, finish
 
-        cfg, interpret = self.cfg, opts.interpret
-        rows = x.shape[0]
-        config = lambda w: matvec_config(opts, rows, w)  # noqa: E731
+        cfg = self.cfg
         pos = jnp.minimum(start, cfg.max_seq_len - 1)
         rope = (self.rope_cos[...][pos], self.rope_sin[...][pos])
         h, parts = x[:, 0], None
@@ -273,15 +297,14 @@ class Llama(nnx.Module):
             attn, mlp = layer.attn, layer.mlp
             with jax.named_scope(f"layer{i}"):
                 h = add_residual(h, parts)  # the previous block's MLP output
-                qkv, ss = norm_matvec(
+                qkv, ss = norm_gemv(
                     h,
                     layer.attn_norm.scale[...],
-                    attn.qkv[...],
+                    weight(attn, "qkv"),
+                    opts,
                     rope=rope,
                     head_dim=cfg.head_dim,
                     rope_heads=cfg.num_heads + cfg.num_kv_heads,
-                    config=config(attn.qkv[...]),
-                    interpret=interpret,
                 )
                 o, kc, vc = attention_step(
                     qkv,
@@ -292,26 +315,26 @@ class Llama(nnx.Module):
                     num_heads=cfg.num_heads,
                     model_dim=cfg.embed_dim,
                     eps=cfg.norm_eps,
-                    interpret=interpret,
+                    interpret=opts.interpret,
                 )
-                h = add_residual(
-                    h, matvec(o, attn.out[...], partials=True, config=config(attn.out[...]), interpret=interpret)
-                )
+                h = add_residual(h, gemv(o, weight(attn, "out"), opts, partials=True))
                 gate_up = finish(
-                    *norm_matvec(
-                        h,
-                        layer.mlp_norm.scale[...],
-                        mlp.gate_up[...],
-                        config=config(mlp.gate_up[...]),
-                        interpret=interpret,
-                    ),
+                    *norm_gemv(h, layer.mlp_norm.scale[...], weight(mlp, "gate_up"), opts),
                     cfg.embed_dim,
                     cfg.norm_eps,
                 ).astype(h.dtype)
-                parts = matvec(
-                    swiglu(gate_up), mlp.down[...], partials=True, config=config(mlp.down[...]), interpret=interpret
-                )
+                parts = gemv(swiglu(gate_up), weight(mlp, "down"), opts, partials=True)
             ks.append(kc)
             vs.append(vc)
         h = add_residual(h, parts)
         return (self.norm(h)[:, None] if final_norm else h), KVCache(k=ks, v=vs)
+
+
+def norm_gemv(x, norm_scale, w, opts: DecodeOptions, **kwargs):
+    """`pallas_kernels.fused_decode.norm_matvec` of x [M, K] and w (an array or a
+    `QuantizedWeight`, [K, N] or a stack [L, K, N] with w_index=) with the tuned config."""
+    from pallas_kernels.fused_decode import norm_matvec
+
+    q, scale = (w.q, w.scale) if isinstance(w, QuantizedWeight) else (w, None)
+    config = matvec_config(opts, x.shape[0], q)
+    return norm_matvec(x, norm_scale, q, w_scale=scale, config=config, interpret=opts.interpret, **kwargs)

@@ -54,6 +54,9 @@ class DecodeOptions:
     depth_unroll          depth-decoder steps unrolled per loop iteration
     audio_table           depth-decoder inputs from a precomputed projected-embedding table
     matvec_tuned          measured GEMV configs for this device: ((rows, K, N), config) pairs
+    int8_kernels          a model with int8 weights (jaxtts.quantize) takes the GEMV and fused
+                          kernels above, dequantizing in registers; False: its matmuls all go
+                          to XLA's convert+dot and its decode steps to the unfused path
     """
 
     attention: str = "xla"
@@ -68,6 +71,7 @@ class DecodeOptions:
     depth_unroll: int = 1
     audio_table: bool = True
     matvec_tuned: tuple = ()
+    int8_kernels: bool = True
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
@@ -100,11 +104,15 @@ class DecodeOptions:
                 return cfg
         return None
 
-    def uses_matvec(self, m: int, k: int, n: int) -> bool:
-        """Whether x [m, k] @ w [k, n] goes to the GEMV kernel."""
+    def uses_matvec(self, m: int, k: int, n: int, *, quantized: bool = False) -> bool:
+        """Whether x [m, k] @ w [k, n] (an int8 w when `quantized`) goes to the GEMV kernel."""
+        if quantized and not self.int8_kernels:
+            return False
         return self.pallas and self.matvec and (m <= self.matvec_max_rows or self.tuned_matvec(m, k, n) is not None)
 
-    def uses_fused_step(self, rows: int) -> bool:
+    def uses_fused_step(self, rows: int, *, quantized: bool = False) -> bool:
+        if quantized and not self.int8_kernels:
+            return False
         return self.pallas and self.fused_step and rows <= self.fused_step_max_rows
 
     def uses_sample_kernel(self, rows: int) -> bool:

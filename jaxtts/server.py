@@ -38,6 +38,7 @@ import numpy as np
 from jaxtts import defaults, validation
 from jaxtts.audio import SAMPLE_RATE, _samples, to_mono_24k
 from jaxtts.errors import JaxttsError
+from jaxtts.quantize import add_quantize_argument
 
 log = logging.getLogger("jaxtts.server")
 
@@ -1157,6 +1158,7 @@ def add_serve_parser(subparsers):
         choices=["bfloat16", "float32"],
         help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)",
     )
+    add_quantize_argument(p)
     p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="where to run (default: GPU if JAX has one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -1206,7 +1208,12 @@ def run_serve(args) -> int:
     if args.random_weights:
         print("note: --random-weights: full-size random weights, the output is noise", file=sys.stderr)
     tts = TTS.load(
-        args.model, args.codec, dtype=args.dtype, random_weights=args.random_weights, progress=not args.quiet
+        args.model,
+        args.codec,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        random_weights=args.random_weights,
+        progress=not args.quiet,
     )
     engine = make_engine(tts, max_batch=args.max_batch, voices_dir=args.voices)
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -172,30 +172,37 @@ class TTS:
         codec: str | os.PathLike | None = None,
         *,
         dtype: str | None = None,
+        quantize: str | None = None,
         random_weights: bool = False,
         progress: bool = True,
         **kwargs,
     ) -> TTS:
         """Load CSM and Mimi. With no paths, look in the jaxtts cache, then the Hugging Face cache.
 
-        `random_weights=True` builds full-size CSM-1B and Mimi with random weights: the whole
-        pipeline runs, but the output is noise (for checking an install or benchmarking).
+        `quantize="int8"`: the projections and heads as int8 weights with per-column scales
+        (`jaxtts.quantize`; quantized at load time unless the checkpoint already is; `dtype` is
+        then that of the activations, embeddings and norms). An int8 checkpoint loads as int8
+        either way. `random_weights=True` builds full-size CSM-1B and Mimi with random weights:
+        the whole pipeline runs, but the output is noise (for checking an install or benchmarking).
         """
         from jaxtts.hub import resolve
         from jaxtts.mimi import Mimi
+        from jaxtts.quantize import check_method
 
         enable_compilation_cache()
         dtype = defaults.default_dtype() if dtype is None else dtype
         if dtype not in ("float32", "bfloat16"):
             raise JaxttsError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+        check_method(quantize)
         random_weights = validation.boolean("random_weights", random_weights)
         if random_weights and (model is not None or codec is not None):
             raise JaxttsError("random_weights=True builds its own weights: give it without model/codec paths")
         if random_weights:
             from jaxtts.config import CSM_1B
 
-            return cls(CSM.random(CSM_1B, dtype=dtype), Mimi.random(), progress=progress, **kwargs)
-        csm = CSM.load(resolve("csm", model, progress=progress), dtype=dtype)
+            csm = CSM.random(CSM_1B, dtype=dtype, quantize=quantize)
+            return cls(csm, Mimi.random(), progress=progress, **kwargs)
+        csm = CSM.load(resolve("csm", model, progress=progress), dtype=dtype, quantize=quantize)
         mimi = Mimi.load(resolve("mimi", codec, progress=progress))
         return cls(csm, mimi, progress=progress, **kwargs)
 

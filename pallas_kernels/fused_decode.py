@@ -23,6 +23,10 @@ Measured slower and dropped (docs/PERF.md): adding the residual's split partials
 consumer's prologue instead of an XLA fusion, and a SwiGLU epilogue (gate and up tiles in one
 program) instead of an XLA fusion after a plain gate_up projection.
 
+int8 weights: norm_matvec and matvec take `w_scale` (one float32 scale per output column, per
+matrix of a stack) and scale each split's float32 partial in their epilogue, before RoPE (which
+mixes columns); everything downstream sees dequantized partial sums.
+
 `norm_matvec_reference` and `attention_step_reference` are the pure-jnp definitions.
 """
 
@@ -54,12 +58,19 @@ def rms_norm_reference(h, scale, eps):
     return (y * scale.astype(jnp.float32)).astype(h.dtype)
 
 
-def norm_matvec_reference(x, scale, w, *, eps, rope=None, head_dim=None, rope_heads=0, w_index=None):
+def norm_matvec_reference(x, scale, w, *, eps, rope=None, head_dim=None, rope_heads=0, w_index=None, w_scale=None):
     """y = rmsnorm(x) @ w in float32 (compare with `finish` of norm_matvec's outputs), then RoPE
-    on the first `rope_heads` heads of y (cos/sin [M, head_dim/2], halves layout)."""
+    on the first `rope_heads` heads of y (cos/sin [M, head_dim/2], halves layout).
+    With w_scale (w int8): y = (rmsnorm(x) @ w.astype(x.dtype)) * w_scale, per column."""
     if w_index is not None:
         w = w[w_index]
-    y = jnp.dot(rms_norm_reference(x, scale, eps), w, precision="highest", preferred_element_type=jnp.float32)
+        w_scale = None if w_scale is None else w_scale[w_index]
+    xn = rms_norm_reference(x, scale, eps)
+    if w_scale is not None:
+        w = w.astype(x.dtype)
+    y = jnp.dot(xn, w, precision="highest", preferred_element_type=jnp.float32)
+    if w_scale is not None:
+        y = y * w_scale.astype(jnp.float32)
     if rope is not None:
         cos, sin = rope
         m, n = y.shape
@@ -105,13 +116,14 @@ def _select(flag, a, b):
 
 
 def _norm_matvec_kernel(
-    *refs, m, k, rows, block_n, block_k, per_split, rope, half, rope_heads, has_index, norm_rows, norm_chunk
+    *refs, m, k, rows, block_n, block_k, per_split, rope, half, rope_heads, has_index, scaled, norm_rows, norm_chunk
 ):
     it = iter(refs)
     x_ref = next(it)
     xs_ref = next(it)
     idx_ref = next(it) if has_index else None
     w_ref = next(it)
+    s_ref = next(it) if scaled else None
     cos_ref, sin_ref = (next(it), next(it)) if rope else (None, None)
     out_ref, ss_ref = next(it), next(it)
     n = out_ref.shape[-1]
@@ -156,6 +168,11 @@ def _norm_matvec_kernel(
         return tuple(out)
 
     accs = jax.lax.fori_loop(lo, hi, body, tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
+    if s_ref is not None:  # int8 W: each tile's column scales, before RoPE mixes the halves
+        accs = tuple(
+            acc * be.load(s_ref.at[(*w_lead, pl.ds(c0, width))], mask=c0 + jnp.arange(width) < n, other=0)[None, :]
+            for (c0, width), acc in zip(tiles, accs)
+        )
 
     @pl.when(column_zero)  # the consumer normalises: it gets this split's sum of squares
     def _():
@@ -203,6 +220,7 @@ def norm_matvec(
     head_dim: int | None = None,
     rope_heads: int = 0,
     w_index=None,
+    w_scale=None,
     config: MatvecConfig | None = None,
     k_splits: int | None = None,
     block_n: int | None = None,
@@ -214,6 +232,8 @@ def norm_matvec(
     """The matmul of rmsnorm(x) * scale @ w, leaving the norm's row factor to the consumer.
 
     x [M, K] (M <= 64), scale [K], w [K, N] or [L, K, N] with w_index an int32 [1] picking one.
+    w_scale [N] (or [L, N] for a stack) with w int8: the weight is w * w_scale per column; the
+    int8 tiles are converted to x's dtype in registers and the partials come back scaled.
     rope=(cos, sin) ([M, head_dim/2] float32) rotates the halves of each of the first
     `rope_heads` heads of the result (heads of `head_dim` columns).
     Returns (y, sumsq): float32 partial sums y [splits, M, N] of (x * scale) @ w and sumsq
@@ -227,6 +247,8 @@ def norm_matvec(
         raise ValueError(f"x {x.shape}, scale {scale.shape} and w {w.shape} do not match")
     if (w.ndim == 3) != (w_index is not None):
         raise ValueError("pass w_index exactly when w is a stack [L, K, N]")
+    if w_scale is not None and w_scale.shape != (*w.shape[:-2], n):
+        raise ValueError(f"w_scale {w_scale.shape} does not match w {w.shape}: one scale per column")
     cfg = config or default_config(m, k, n)
     block_k = block_k or cfg.block_k
     half = 0
@@ -257,6 +279,9 @@ def norm_matvec(
         in_specs.append(full((1,)))
     args.append(w)
     in_specs.append(full(w.shape))
+    if w_scale is not None:
+        args.append(w_scale.astype(jnp.float32))
+        in_specs.append(full(w_scale.shape))
     if rope is not None:
         cos, sin = (jnp.asarray(t, jnp.float32) for t in rope)
         args += [cos, sin]
@@ -276,6 +301,7 @@ def norm_matvec(
         half=half,
         rope_heads=rope_heads,
         has_index=w_index is not None,
+        scaled=w_scale is not None,
         norm_rows=be.pow2_at_least(m, 1),
         norm_chunk=min(NORM_CHUNK, be.pow2_at_least(per_split * block_k, 1)),
     )

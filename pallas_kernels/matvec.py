@@ -20,6 +20,12 @@ With one split the kernel writes the output (x's dtype) itself. With several it 
 partials [splits, M, N] and a jnp sum reduces them; under jit XLA fuses that sum with whatever
 consumes the result.
 
+int8 weights (`w_scale=`, one float32 scale per output column): each W tile is loaded as int8
+(half the bytes of bf16), converted to x's dtype in registers (exact: |q| <= 127) and fed to
+the same dot; the epilogue multiplies the float32 accumulator by the tile's column scales, so
+every split's partial (and the output) is already dequantized. The scale commutes with the sum
+over K: the result is `(x @ q) * scale` up to float32 rounding.
+
 Shapes need not be multiples of the blocks: ragged N and K tails use masked loads and stores (no
 memory past the arrays is touched), and the masks are left out when the shape divides evenly.
 """
@@ -50,10 +56,16 @@ class MatvecConfig(NamedTuple):
     method: str
 
 
-def matvec_reference(x, w):
-    """Plain `x @ w` with float32 accumulation, in x's dtype. x [..., K], w [K, N]."""
-    out = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
+def matvec_reference(x, w, w_scale=None):
+    """Plain `x @ w` with float32 accumulation, in x's dtype. x [..., K], w [K, N].
+
+    With w_scale [N] (w int8): `(x @ w.astype(x.dtype)) * w_scale`, the scale applied to the
+    float32 sum before the result is rounded to x's dtype."""
+    if w_scale is None:
+        out = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        return out.astype(x.dtype)
+    out = jnp.dot(x, w.astype(x.dtype), precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return (out * w_scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int, target: int = TARGET_PROGRAMS) -> int:
@@ -88,7 +100,11 @@ def default_config(m: int, k: int, n: int) -> MatvecConfig:
     return MatvecConfig(block_n, block_k, splits, num_warps=4, num_stages=3, method="dot")
 
 
-def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_split, method, compute_dtype):
+def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, compute_dtype, scaled):
+    if scaled:
+        x_ref, w_ref, s_ref, o_ref = refs
+    else:
+        (x_ref, w_ref, o_ref), s_ref = refs, None
     k_blocks = pl.cdiv(k, block_k)
     lo = pl.program_id(1) * per_split
     # Every split gets `per_split` blocks when they divide evenly (a static trip count, which
@@ -125,6 +141,9 @@ def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_
         return acc + jnp.sum(prod, axis=1)
 
     acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((rows, block_n), jnp.float32))
+    if s_ref is not None:  # int8 W: dequantize the accumulator (the column scales, [block_n])
+        s_mask = None if col_ok is None else col_ok[0]
+        acc = acc * be.load(s_ref.at[pl.ds(n0, block_n)], mask=s_mask, other=None if s_mask is None else 0)[None, :]
     be.store(o_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask=both(row_ok, col_ok))
 
 
@@ -145,6 +164,7 @@ def _matvec_kernel(x_ref, w_ref, o_ref, *, m, k, n, rows, block_n, block_k, per_
 def matvec(
     x,
     w,
+    w_scale=None,
     *,
     config: MatvecConfig | None = None,
     block_n: int | None = None,
@@ -166,11 +186,16 @@ def matvec(
 
     partials=True returns the float32 split partial sums [splits, M, N] unsummed (x must be
     2-D), for a consumer that adds them up itself (pallas_kernels.fused_decode).
+
+    w_scale [N] float32 with w int8 [K, N]: the weight is q * w_scale per column (`x @ q` is
+    computed in x's dtype, then scaled in float32; the partials come back scaled).
     """
     *lead, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
         raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
     n = w.shape[1]
+    if w_scale is not None and w_scale.shape != (n,):
+        raise ValueError(f"w_scale {w_scale.shape} does not match w {w.shape}: one scale per column")
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if not 1 <= m <= MAX_ROWS:
@@ -198,7 +223,8 @@ def matvec(
 
     rows = be.pow2_at_least(m, floor)
     n_blocks = pl.cdiv(n, block_n)
-    compute_dtype = jnp.promote_types(x2.dtype, w.dtype)
+    # int8 weights are converted to x's dtype in registers (exact: |q| <= 127 fits in bf16)
+    compute_dtype = x2.dtype if w_scale is not None else jnp.promote_types(x2.dtype, w.dtype)
     kernel = functools.partial(
         _matvec_kernel,
         m=m,
@@ -210,8 +236,13 @@ def matvec(
         per_split=per_split,
         method=method,
         compute_dtype=compute_dtype,
+        scaled=w_scale is not None,
     )
     in_specs = [pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec((k, n), lambda j, s: (0, 0))]
+    args = [x2, w]
+    if w_scale is not None:
+        in_specs.append(pl.BlockSpec((n,), lambda j, s: (0,)))
+        args.append(w_scale.astype(jnp.float32))
     if partials and len(lead) != 1:
         raise ValueError(f"partials=True takes x [M, K], got {x.shape}")
     if k_splits == 1 and not partials:
@@ -230,7 +261,7 @@ def matvec(
         num_warps=num_warps,
         num_stages=num_stages,
         name="matvec",
-    )(x2, w)
+    )(*args)
     if partials:
         return out
     if k_splits > 1:

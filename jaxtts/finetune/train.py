@@ -324,6 +324,11 @@ def init_training(model: CSM, cfg: FinetuneConfig, *, copy: bool = False):
     Full fine-tuning trains float32 copies of every parameter. LoRA trains float32 adapters and
     keeps the base frozen in the compute dtype (no master copy needed for weights that never change).
     """
+    if model.quantization:
+        raise JaxttsError(
+            f"fine-tuning needs bfloat16 / float32 weights, not {model.quantization}: fine-tune the original "
+            "checkpoint, then quantize the result"
+        )
     layout, flat, consts = Layout.split(model)
     key = jax.random.key(cfg.seed)
     if cfg.lora:
