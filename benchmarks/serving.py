@@ -3,6 +3,7 @@
     python -m benchmarks.serving --clients 1,64,256 --audio-s 10                 # CSM-1B from the caches
     python -m benchmarks.serving --clients 1,64,256 --audio-s 10 --random-weights
     python -m benchmarks.serving --clients 1,4 --audio-s 1 --preset tiny         # CPU smoke run
+    python -m benchmarks.serving --clients 1,64 --random-weights --http          # and through HTTP
 
 For each N, N requests arrive as a Poisson process (mean gap ramp_s / N, the first at once),
 each streamed by its own client thread. Reported per N:
@@ -12,6 +13,11 @@ each streamed by its own client thread. Reported per N:
                     its seconds of audio (< 1: faster than real time, including its wait)
   aggregate ×RT     seconds of audio delivered / wall seconds from the first submit to the last chunk
   compiles          XLA programs compiled on the engine thread during the run (0 after warmup)
+
+With --http, each N runs twice on the same warm engine: clients calling the engine directly,
+then clients of `jaxtts serve`'s app (uvicorn in this process on 127.0.0.1, an ephemeral port)
+streaming `POST /v1/audio/speech` with response_format pcm through httpx, first audio being the
+first body byte. The difference between the two rows is what HTTP adds.
 
 The engine is warmed up first (its report is in the JSON). A table goes to stdout, the numbers
 to --out as JSON.
@@ -30,6 +36,7 @@ import numpy as np
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest to find its friends."
 COLUMNS = [
     ("clients", "clients", "{:d}"),
+    ("via", "via", "{}"),
     ("TTFA p50", "ttfa_p50_s", "{:.3f} s"),
     ("TTFA p95", "ttfa_p95_s", "{:.3f} s"),
     ("slowest RTF", "slowest_rtf", "{:.3f}"),
@@ -65,8 +72,47 @@ def _client(engine, delay_s: float, start: float, request: dict, record: dict) -
     record.update(submitted=submitted, first=first, last=last, audio_s=samples / 24_000)
 
 
-def run_clients(engine, n: int, *, audio_s: float, ramp_s: float, seed: int, text: str = TEXT) -> dict:
-    """One run of n clients; returns its row of the table."""
+def _http_client(url: str, delay_s: float, start: float, request: dict, record: dict) -> None:
+    """As _client, through the server: POST /v1/audio/speech (pcm: 24 kHz s16le), streamed."""
+    import httpx
+
+    body = dict(
+        model="csm-1b",
+        input=request["text"],
+        voice="alloy",
+        response_format="pcm",
+        seed=request["seed"],
+        max_audio_ms=request["max_audio_ms"],
+    )
+    time.sleep(max(0.0, start + delay_s - time.monotonic()))
+    submitted = time.monotonic()
+    first = last = None
+    size = 0
+    try:
+        with httpx.Client(timeout=600) as client:
+            while True:
+                with client.stream("POST", url, json=body) as r:
+                    if r.status_code == 429:  # queue full: retry as an OpenAI client would
+                        time.sleep(float(r.headers.get("retry-after", "0.05")))
+                        continue
+                    if r.status_code != 200:
+                        record["error"] = f"HTTP {r.status_code}: {r.read()[:200]!r}"
+                        return
+                    for data in r.iter_bytes():
+                        if data:
+                            last = time.monotonic()
+                            first = first or last
+                            size += len(data)
+                break
+    except Exception as e:  # counted as failed; the benchmark goes on
+        record["error"] = f"{type(e).__name__}: {e}"
+    record.update(submitted=submitted, first=first, last=last, audio_s=size / 2 / 24_000)
+
+
+def run_clients(
+    engine, n: int, *, audio_s: float, ramp_s: float, seed: int, text: str = TEXT, url: str | None = None
+) -> dict:
+    """One run of n clients (through the HTTP server at `url` if given); returns its row of the table."""
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(ramp_s / n, n)
     delays = np.cumsum(gaps) - gaps[0]
@@ -75,9 +121,9 @@ def run_clients(engine, n: int, *, audio_s: float, ramp_s: float, seed: int, tex
     start = time.monotonic()
     threads = [
         threading.Thread(
-            target=_client,
+            target=_client if url is None else _http_client,
             args=(
-                engine,
+                engine if url is None else url,
                 float(d),
                 start,
                 dict(text=text, seed=seed * 100_003 + i, max_audio_ms=audio_s * 1000),
@@ -96,6 +142,7 @@ def run_clients(engine, n: int, *, audio_s: float, ramp_s: float, seed: int, tex
     end = max((r["last"] for r in ok), default=start)
     return {
         "clients": n,
+        "via": "engine" if url is None else "HTTP",
         "completed": len(ok),
         "failed": n - len(ok),
         "ttfa_p50_s": float(np.percentile(ttfa, 50)),
@@ -111,11 +158,48 @@ def run_clients(engine, n: int, *, audio_s: float, ramp_s: float, seed: int, tex
     }
 
 
-def measure(engine, clients, *, audio_s: float, ramp_s: float = 1.0, seed: int = 0, text: str = TEXT) -> list[dict]:
-    """A row per client count (runs one after another on the same warm engine)."""
-    return [
-        run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text) for k, n in enumerate(clients)
-    ]
+def measure(
+    engine, clients, *, audio_s: float, ramp_s: float = 1.0, seed: int = 0, text: str = TEXT, url: str | None = None
+) -> list[dict]:
+    """A row per client count (runs one after another on the same warm engine); with `url`, each
+    count a second time through the HTTP server there."""
+    rows = []
+    for k, n in enumerate(clients):
+        rows.append(run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text))
+        if url is not None:
+            rows.append(run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text, url=url))
+    return rows
+
+
+class HttpServer:
+    """`jaxtts serve`'s app over `engine` (already warm), served by uvicorn in a thread on
+    127.0.0.1 at an ephemeral port; `url` is its speech endpoint."""
+
+    def __init__(self, engine):
+        import socket
+
+        import uvicorn
+
+        from jaxtts.server import create_app
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        app = create_app(engine, warmup=False)
+        config = uvicorn.Config(app, host="127.0.0.1", log_level="warning", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[sock]), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the HTTP server did not start within 30 s")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}/v1/audio/speech"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -152,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the largest client count)")
     p.add_argument("--chunk-frames", type=int, default=8, help="frames per decode call once audio flows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--http", action="store_true", help="also run each client count through the HTTP server")
     p.add_argument("--out", default="serving.json", help="JSON results (default serving.json)")
     return p
 
@@ -183,7 +268,13 @@ def main(argv=None) -> int:
         print(f"warming up (pool sizes {engine.pool_sizes})...", file=sys.stderr, flush=True)
         warm = engine.warmup(text_tokens=text_tokens, context_rows=1, encode=False)
         print(f"warmup: {warm['compilations']} programs in {warm['seconds']:.1f} s", file=sys.stderr, flush=True)
-        rows = measure(engine, args.clients, audio_s=args.audio_s, ramp_s=args.ramp_s, seed=args.seed)
+        server = HttpServer(engine) if args.http else None
+        try:
+            url = server.url if server else None
+            rows = measure(engine, args.clients, audio_s=args.audio_s, ramp_s=args.ramp_s, seed=args.seed, url=url)
+        finally:
+            if server:
+                server.close()
     finally:
         engine.close()
     print(format_table(rows))

@@ -318,13 +318,21 @@ def test_a_failing_request_fails_alone(engine, tts):
 
 
 def test_serving_benchmark_smoke(engine, tmp_path):
-    from benchmarks.serving import format_table, measure
+    pytest.importorskip("uvicorn")
+    from benchmarks.serving import HttpServer, format_table, measure
 
-    rows = measure(engine, clients=[1, 3], audio_s=0.32, ramp_s=0.2, seed=0)
-    assert [r["clients"] for r in rows] == [1, 3]
+    server = HttpServer(engine)
+    try:
+        rows = measure(engine, clients=[1, 3], audio_s=0.32, ramp_s=0.2, seed=0, url=server.url)
+    finally:
+        server.close()
+    assert [(r["clients"], r["via"]) for r in rows] == [(1, "engine"), (1, "HTTP"), (3, "engine"), (3, "HTTP")]
     for r in rows:
-        assert r["completed"] == r["clients"] and r["compilations"] == 0
+        assert r["completed"] == r["clients"] and r["compilations"] == 0, r["errors"]
         assert 0 < r["ttfa_p50_s"] <= r["ttfa_p95_s"] and r["slowest_rtf"] > 0 and r["aggregate_x_realtime"] > 0
+    # The same requests through HTTP deliver the same amount of audio (pcm: 2 bytes per sample).
+    assert rows[0]["audio_s_total"] == pytest.approx(rows[1]["audio_s_total"], abs=1e-6)
+    assert rows[2]["audio_s_total"] == pytest.approx(rows[3]["audio_s_total"], abs=1e-6)
     table = format_table(rows)
     assert "TTFA p50" in table and len(table.splitlines()) == 2 + len(rows)
     out = tmp_path / "serving.json"
