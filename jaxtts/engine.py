@@ -35,6 +35,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxtts import buckets, defaults, validation
 from jaxtts.audio import SAMPLE_RATE, load_audio
@@ -45,6 +46,7 @@ from jaxtts.mimi import streaming
 from jaxtts.options import DecodeOptions
 from jaxtts.prompt import Segment, text_rows, validate_speaker, validate_text
 from jaxtts.sampling import Sampler, SplitLogits, gumbel_noise, top_p_filter  # rows filter exactly as TTS does
+from jaxtts.sharding import BatchMesh, batch_mesh
 from jaxtts.tts import (
     FRAME_MS,
     FRAME_SIZE,
@@ -310,8 +312,9 @@ class _SamplerTable:
     DTYPES = (np.float32, np.int32, np.float32, np.float32, bool, bool)
     FREE = (1.0, 0, 1.0, 0.0, False, False)
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, mesh: BatchMesh | None = None):
         self.columns = {f: np.full(size, v, d) for f, d, v in zip(self.FIELDS, self.DTYPES, self.FREE)}
+        self.mesh = mesh
         self._device: RowSampler | None = None
 
     def set(self, slot: int, s: Sampler) -> None:
@@ -320,13 +323,14 @@ class _SamplerTable:
         self._device = None
 
     def gather(self, index: list[int]) -> _SamplerTable:
-        out = _SamplerTable(len(index))
+        out = _SamplerTable(len(index), self.mesh)
         out.columns = {name: col[index] for name, col in self.columns.items()}
         return out
 
     def device(self) -> RowSampler:
         if self._device is None:
-            self._device = RowSampler(**{name: jax.device_put(col) for name, col in self.columns.items()})
+            put = jax.device_put if self.mesh is None else self.mesh.put_rows
+            self._device = RowSampler(**{name: put(col) for name, col in self.columns.items()})
         return self._device
 
 
@@ -334,27 +338,43 @@ class _SamplerTable:
 # Module-level jitted functions: every engine over the same model shares their compilations.
 
 
-@partial(jax.jit, static_argnames=("cfg", "size", "length", "dtype"))
-def _blank_state(cfg, size: int, length: int, dtype) -> DecodeState:
-    """A pool of `size` free rows (done: a free row never advances)."""
+@partial(jax.jit, static_argnames=("cfg", "size", "length", "dtype", "mesh", "axis"))
+def _blank_state(
+    cfg, size: int, length: int, dtype, mesh: BatchMesh | None = None, axis: int | None = 0
+) -> DecodeState:
+    """A pool of `size` free rows (done: a free row never advances). Under a `mesh`, made in place
+    on its devices: rows split (axis 0), or replicated (axis None: prompt rows)."""
     shape = (size, length, cfg.num_kv_heads, cfg.head_dim)
     cache = KVCache(
         k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
         v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
     )
-    return DecodeState(
+    state = DecodeState(
         cache=cache,
         hidden=jnp.zeros((size, cfg.embed_dim), dtype),
         position=jnp.zeros((size,), jnp.int32),
         key=jax.vmap(jax.random.key)(jnp.zeros(size, jnp.uint32)),
         done=jnp.ones((size,), bool),
     )
+    return state if mesh is None else mesh.constrain(state, axis)
 
 
-@partial(jax.jit, static_argnames="size")
-def _blank_mimi(row_state, size: int):
+@partial(jax.jit, static_argnames=("size", "mesh"))
+def _blank_mimi(row_state, size: int, mesh: BatchMesh | None = None):
     """`size` fresh Mimi streams, each with its own state (including its own time offset)."""
-    return jax.tree.map(lambda a: jnp.zeros((size, *a.shape), a.dtype), row_state)
+    mimi = jax.tree.map(lambda a: jnp.zeros((size, *a.shape), a.dtype), row_state)
+    return mimi if mesh is None else mesh.constrain(mimi)
+
+
+@partial(jax.jit, static_argnames=("cfg", "length", "dtype", "mesh"))
+def _blank_row(cfg, length: int, dtype, mesh: BatchMesh):
+    """`CSM.backbone_cache(1, length)` made replicated on the mesh's devices (a prompt row)."""
+    shape = (1, length, cfg.num_kv_heads, cfg.head_dim)
+    cache = KVCache(
+        k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+    )
+    return mesh.constrain(cache, None)
 
 
 @partial(jax.jit, static_argnames="length")
@@ -369,10 +389,11 @@ def _stack_caches(rows: list[KVCache]) -> KVCache:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows)
 
 
-@partial(jax.jit, donate_argnames=("pool", "mimi"))
-def _insert(pool: DecodeState, mimi, rows: DecodeState, slots):
+@partial(jax.jit, static_argnames="mesh", donate_argnames=("pool", "mimi"))
+def _insert(pool: DecodeState, mimi, rows: DecodeState, slots, mesh: BatchMesh | None = None):
     """Write prefilled rows into the pool at `slots` (an index ≥ the pool size drops that row)
-    and start a fresh Mimi stream in each of those slots."""
+    and start a fresh Mimi stream in each of those slots. (Under a `mesh` the prefilled rows are
+    replicated and each device writes those that land in its own rows.)"""
     length = pool.cache.k[0].shape[1]
     put = lambda dst, src: dst.at[slots].set(src, mode="drop")
     cache = jax.tree.map(lambda d, s: put(d, s[:, :length]), pool.cache, rows.cache)
@@ -384,31 +405,40 @@ def _insert(pool: DecodeState, mimi, rows: DecodeState, slots):
         done=put(pool.done, rows.done),
     )
     mimi = jax.tree.map(lambda a: a.at[slots].set(jnp.zeros((), a.dtype), mode="drop"), mimi)
-    return state, mimi
+    return (state, mimi) if mesh is None else mesh.constrain((state, mimi))
 
 
-@jax.jit
-def _gather(pool: DecodeState, mimi, index, live):
-    """A pool whose row i is row index[i] of `pool` (exact copies); rows not `live` are free."""
+@partial(jax.jit, static_argnames="mesh")
+def _gather(pool: DecodeState, mimi, index, live, mesh: BatchMesh | None = None):
+    """A pool whose row i is row index[i] of `pool` (exact copies); rows not `live` are free.
+    (Under a `mesh`, XLA moves the rows between devices.)"""
     state = jax.tree.map(lambda a: a[index], pool)
-    return dataclasses.replace(state, done=state.done | ~live), jax.tree.map(lambda a: a[index], mimi)
+    out = dataclasses.replace(state, done=state.done | ~live), jax.tree.map(lambda a: a[index], mimi)
+    return out if mesh is None else mesh.constrain(out)
 
 
-@partial(jax.jit, static_argnames=("cfg", "cardinality"), donate_argnames="mimi")
-def _decode_audio(params, mimi, frames, *, cfg, cardinality: int):
+@partial(jax.jit, static_argnames=("cfg", "cardinality", "mesh"), donate_argnames="mimi")
+def _decode_audio(params, mimi, frames, *, cfg, cardinality: int, mesh: BatchMesh | None = None):
     """Frames [N, B, 32] of a chunk → (Mimi state, frames as Mimi codes, PCM [B, N·1920]).
 
     Each row decodes in its own stream (vmap over rows): Mimi's state keeps one time offset per
-    stream, and a row that joined the pool later is at an earlier point of its stream."""
-    frames = mimi_codes(frames, cardinality)
-    codes = jnp.transpose(frames, (1, 2, 0))  # [B, 32, N]
+    stream, and a row that joined the pool later is at an earlier point of its stream. Under a
+    `mesh` each device decodes its own rows."""
 
-    def one_row(state, row_codes):
-        state, pcm = streaming.decode_step(params, state, row_codes[None], cfg=cfg)
-        return state, pcm[0, :, 0].astype(jnp.float32)
+    def rows(params, mimi, frames):
+        frames = mimi_codes(frames, cardinality)
+        codes = jnp.transpose(frames, (1, 2, 0))  # [B, 32, N]
 
-    mimi, pcm = jax.vmap(one_row)(mimi, codes)
-    return mimi, frames, pcm
+        def one_row(state, row_codes):
+            state, pcm = streaming.decode_step(params, state, row_codes[None], cfg=cfg)
+            return state, pcm[0, :, 0].astype(jnp.float32)
+
+        mimi, pcm = jax.vmap(one_row)(mimi, codes)
+        return mimi, frames, pcm
+
+    if mesh is not None:
+        rows = mesh.per_row(rows, in_axes=(None, 0, 1), out_axes=(0, 1, 0))
+    return rows(params, mimi, frames)
 
 
 def _precision(codec):
@@ -496,10 +526,12 @@ class _Pool:
     """`size` decode rows on the device (state, Mimi streams, sampling settings) and the job
     holding each row (None: free)."""
 
-    def __init__(self, size: int, state: DecodeState, mimi, table: _SamplerTable | None = None):
-        self.size, self.state, self.mimi = size, state, mimi
+    def __init__(
+        self, size: int, state: DecodeState, mimi, table: _SamplerTable | None = None, mesh: BatchMesh | None = None
+    ):
+        self.size, self.state, self.mimi, self.mesh = size, state, mimi, mesh
         self.jobs: list[_Job | None] = [None] * size
-        self.table = table or _SamplerTable(size)
+        self.table = table or _SamplerTable(size, mesh)
 
     @property
     def live(self) -> int:
@@ -517,7 +549,7 @@ class _Pool:
                 slots[i] = job.slot = next(free)
                 self.jobs[job.slot] = job
                 self.table.set(job.slot, job.sampler)
-        self.state, self.mimi = _insert(self.state, self.mimi, rows, jax.device_put(slots))
+        self.state, self.mimi = _insert(self.state, self.mimi, rows, self._put(slots), self.mesh)
 
     def release(self, job: _Job) -> None:
         # The row keeps computing (ignored) until a new prompt overwrites it: rows never interact.
@@ -529,12 +561,16 @@ class _Pool:
         live = [s for s, j in enumerate(self.jobs) if j is not None]
         index = live + [0] * (size - len(live))
         mask = np.arange(size) < len(live)
-        state, mimi = _gather(self.state, self.mimi, jax.device_put(np.asarray(index, np.int32)), jax.device_put(mask))
-        pool = _Pool(size, state, mimi, self.table.gather(index))
+        state, mimi = _gather(self.state, self.mimi, self._put(np.asarray(index, np.int32)), self._put(mask), self.mesh)
+        pool = _Pool(size, state, mimi, self.table.gather(index), self.mesh)
         for new_slot, old_slot in enumerate(live):
             pool.jobs[new_slot] = self.jobs[old_slot]
             pool.jobs[new_slot].slot = new_slot
         return pool
+
+    def _put(self, a: np.ndarray) -> jax.Array:
+        """A small host array (slot indices) on the device, or on every device of the mesh."""
+        return jax.device_put(a) if self.mesh is None else self.mesh.replicate(a)
 
 
 class _ContextLRU:
@@ -565,8 +601,13 @@ class _ContextLRU:
         return sum(map(self.size, self.entries.values()))
 
 
-def _pool_sizes(sizes, max_batch: int) -> tuple[int, ...]:
-    out = sorted({int(s) for s in sizes if 1 <= int(s) <= max_batch} | {max_batch})
+def _pool_sizes(sizes, max_batch: int, mesh: BatchMesh | None = None) -> tuple[int, ...]:
+    """The compiled pool sizes up to max_batch (always one). Over a mesh each size is rounded up
+    to a multiple of the device count: a pool's rows are split evenly over the devices (each
+    holds size / devices rows; `jax.shard_map` and a rows-split NamedSharding need an even split),
+    so (1, 8, 32, 64) on 3 devices is (3, 9, 33, 66), on 8 devices (8, 32, 64)."""
+    up = (lambda n: n) if mesh is None else mesh.round_up
+    out = sorted({up(int(s)) for s in sizes if 1 <= int(s) <= max_batch} | {up(max_batch)})
     return tuple(out)
 
 
@@ -595,6 +636,12 @@ class Engine:
     prepared voice contexts kept on the device. long_form_history: previous sentences a long-form
     sentence hears (newest first, as many as fit). shrink_after: chunk boundaries a smaller pool
     must suffice before the pool shrinks.
+    devices: None (the default device), "all" (every local device), a count N (the first N local
+    devices) or a list of `jax.Device`s. Over several devices the weights are replicated onto each
+    (in place: the TTS given then computes on all of them) and every pool's rows are split evenly
+    over them (`jaxtts.sharding`), each device decoding its own rows; max_batch and the pool
+    sizes are rounded up to multiples of the device count. A request's frames are the same as on
+    one device.
     """
 
     def __init__(
@@ -613,10 +660,15 @@ class Engine:
         shrink_after: int = 8,
         options: DecodeOptions | None = None,
         max_silence_ms: float | None = defaults.MAX_SILENCE_MS,
+        devices=None,
     ):
         self.tts = _as_tts(tts_or_model_parts, options, max_silence_ms)
+        self.mesh = batch_mesh(devices)
         self.max_batch = validation.integer("max_batch", max_batch, low=1, high=4096)
-        self.pool_sizes = _pool_sizes(pool_sizes, self.max_batch)
+        if self.mesh is not None:
+            self.max_batch = self.mesh.round_up(self.max_batch)  # see _pool_sizes
+            _replicate_weights(self.tts, self.mesh)
+        self.pool_sizes = _pool_sizes(pool_sizes, self.max_batch, self.mesh)
         self.queue_limit = validation.integer("queue_limit", queue_limit, low=0)
         self.chunk_frames = validation.integer("chunk_frames", chunk_frames, low=1, high=256)
         self.first_chunk_frames = validation.integer("first_chunk_frames", first_chunk_frames, low=1, high=256)
@@ -710,6 +762,7 @@ class Engine:
             queued = len(self._queue)
         pool = self._pool
         return {
+            "devices": 1 if self.mesh is None else self.mesh.size,
             "pool_size": pool.size if pool else 0,
             "live": pool.live if pool else 0,
             "queued": queued,
@@ -964,8 +1017,8 @@ class Engine:
 
     def _blank_pool(self, size: int) -> _Pool:
         model = self.tts.model
-        state = _blank_state(model.cfg.backbone, size, self.limit, model.dtype)
-        return _Pool(size, state, _blank_mimi(self._mimi_row, size))
+        state = _blank_state(model.cfg.backbone, size, self.limit, model.dtype, self.mesh)
+        return _Pool(size, state, _blank_mimi(self._mimi_row, size, self.mesh), mesh=self.mesh)
 
     def _prepare(self, job: _Job) -> bool:
         """The job's context as a prepared Context (a stored voice's from the cache). A failure
@@ -1036,12 +1089,18 @@ class Engine:
         rows = [self._context_row(ctx) for _, _, ctx, _ in items]
         rows += [self._context_row(None)] * (g - len(items))
         cache = _stack_caches(rows)
-        return prefill(
+        rows = prefill(
             self.tts.model, tok, msk, lengths, cache=cache, start=starts, key=row_keys(seeds), opts=self.tts.options
         )
+        # Under a mesh: all of it replicated (positions, keys and flags are made outside the
+        # program), as the rows `_insert` was compiled for.
+        return rows if self.mesh is None else self.mesh.replicate(rows)
 
     def _context_row(self, ctx: Context | None) -> KVCache:
         if ctx is None or ctx.cache is None:
+            if self.mesh is not None:  # replicated like the prompt rows of a context
+                model = self.tts.model
+                return _blank_row(model.cfg.backbone, self._prefill_len, model.dtype, self.mesh)
             return self.tts.model.backbone_cache(1, self._prefill_len)
         return _pad_cache(ctx.cache, self._prefill_len)
 
@@ -1057,13 +1116,14 @@ class Engine:
         """n frames for every row of the pool, and their audio: host arrays frames [n, B, 32]
         (as Mimi codes), emitted [n, B], PCM [B, n·1920]."""
         pool.state, frames, emitted = decode_chunk(
-            self.tts.model, pool.state, pool.table.device(), n, opts=self.tts.options
+            self.tts.model, pool.state, pool.table.device(), n, opts=self.tts.options, mesh=self.mesh
         )
         self.frame_steps += n
         codec = self.tts.codec
         with _precision(codec):
+            sharded = {} if self.mesh is None else {"mesh": self.mesh}
             pool.mimi, frames, pcm = _decode_audio(
-                codec.params, pool.mimi, frames, cfg=codec.config, cardinality=codec.cardinality
+                codec.params, pool.mimi, frames, cfg=codec.config, cardinality=codec.cardinality, **sharded
             )
         return np.asarray(frames), np.asarray(emitted), np.asarray(pcm)
 
@@ -1187,17 +1247,23 @@ class Engine:
 
     def _lower_pool_programs(self) -> list:
         """Each pool size's decode chunk and Mimi step programs, lowered for `.compile()`."""
-        model, codec, lowered = self.tts.model, self.tts.codec, []
+        model, codec, mesh, lowered = self.tts.model, self.tts.codec, self.mesh, []
+        # Under a mesh the shapes carry the shardings the pool's arrays will have.
+        rows, frame_rows = (None, None) if mesh is None else (mesh.rows, mesh.sharding(1))
         for size in self.pool_sizes:
-            state = jax.eval_shape(lambda size=size: _blank_state(model.cfg.backbone, size, self.limit, model.dtype))
-            mimi = jax.eval_shape(lambda size=size: _blank_mimi(self._mimi_row, size))
-            sampler = _SamplerTable(size).device()
+            state = _abstract(
+                jax.eval_shape(lambda size=size: _blank_state(model.cfg.backbone, size, self.limit, model.dtype)), rows
+            )
+            mimi = _abstract(jax.eval_shape(lambda size=size: _blank_mimi(self._mimi_row, size)), rows)
+            sampler = _SamplerTable(size, mesh).device()
             for n in sorted({self.first_chunk_frames, self.chunk_frames}):
-                lowered.append(lower_decode_chunk(model, state, sampler, n, opts=self.tts.options))
-                frames = jax.ShapeDtypeStruct((n, size, model.cfg.audio_num_codebooks), jnp.int32)
+                lowered.append(lower_decode_chunk(model, state, sampler, n, opts=self.tts.options, mesh=mesh))
+                frames = jax.ShapeDtypeStruct((n, size, model.cfg.audio_num_codebooks), jnp.int32, sharding=frame_rows)
                 with _precision(codec):
                     lowered.append(
-                        _decode_audio.lower(codec.params, mimi, frames, cfg=codec.config, cardinality=codec.cardinality)
+                        _decode_audio.lower(
+                            codec.params, mimi, frames, cfg=codec.config, cardinality=codec.cardinality, mesh=mesh
+                        )
                     )
         return lowered
 
@@ -1217,7 +1283,7 @@ class Engine:
 
     def _blank_rows(self, g: int) -> DecodeState:
         model = self.tts.model
-        return _blank_state(model.cfg.backbone, g, self._prefill_len, model.dtype)
+        return _blank_state(model.cfg.backbone, g, self._prefill_len, model.dtype, self.mesh, None)
 
     def _warm_prefills(self, text_tokens: int) -> None:
         """Prompt prefills of every group size × text bucket up to `text_tokens` tokens."""
@@ -1244,6 +1310,17 @@ class Engine:
             jax.block_until_ready(self._context_row(ctx).k[0])
             if encode:
                 self.tts.encode_segment(Segment(0, "warm", audio=np.zeros(frames * FRAME_SIZE, np.float32)))
+
+
+def _abstract(tree, sharding):
+    """ShapeDtypeStructs of `tree`'s arrays with `sharding` (None: as on one device)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _replicate_weights(tts: TTS, mesh: BatchMesh) -> None:
+    """The model's and the codec's weights copied onto every device of the mesh, in place."""
+    nnx.update(tts.model, mesh.replicate(nnx.state(tts.model)))
+    tts.codec.params = mesh.replicate(tts.codec.params)
 
 
 def _as_tts(parts, options, max_silence_ms) -> TTS:

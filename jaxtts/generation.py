@@ -24,6 +24,7 @@ from jaxtts.errors import JaxttsError
 from jaxtts.llama import KVCache
 from jaxtts.options import DecodeOptions, resolve_options
 from jaxtts.sampling import Sampler
+from jaxtts.sharding import BatchMesh
 
 
 @jax.tree_util.register_dataclass
@@ -132,9 +133,25 @@ def frame_rows(frames):
     return tokens, mask
 
 
-@partial(jax.jit, static_argnames=("graphdef", "num_frames", "opts"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("graphdef", "num_frames", "opts", "mesh"), donate_argnames=("state",))
 def _decode_chunk(
-    graphdef, weights, state: DecodeState, sampler: Sampler, num_frames: int, opts: DecodeOptions, audio_table
+    graphdef,
+    weights,
+    state: DecodeState,
+    sampler: Sampler,
+    num_frames: int,
+    opts: DecodeOptions,
+    audio_table,
+    mesh: BatchMesh | None = None,
+):
+    run = partial(_decode_frames, graphdef, num_frames=num_frames, opts=opts)
+    if mesh is not None:  # each device decodes its own rows with the single-device program
+        run = mesh.per_row(run, in_axes=(None, 0, 0, None), out_axes=(0, 1, 1))
+    return run(weights, state, sampler, audio_table)
+
+
+def _decode_frames(
+    graphdef, weights, state: DecodeState, sampler: Sampler, audio_table, *, num_frames: int, opts: DecodeOptions
 ):
     model = nnx.merge(graphdef, weights)
 
@@ -183,29 +200,49 @@ def audio_table(model: CSM):
 
 
 def decode_chunk(
-    model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, opts: DecodeOptions | None = None
+    model: CSM,
+    state: DecodeState,
+    sampler: Sampler,
+    num_frames: int,
+    *,
+    opts: DecodeOptions | None = None,
+    mesh: BatchMesh | None = None,
 ):
     """Generate `num_frames` frames for every row. Returns (state, frames [N,B,32], emitted [N,B]).
 
     `emitted[n, b]` is False from the row's end-of-speech frame on (that frame included).
+    `mesh`: the rows are split over its devices (state and sampler rows-split, weights
+    replicated: `jaxtts.sharding`), each device decoding its own.
     """
     opts = resolve_options(opts)
     table = audio_table(model) if opts.audio_table and opts.pallas else None
     graphdef, weights = split_model(model)
-    return _decode_chunk(graphdef, weights, state, sampler, num_frames, opts, table)
+    return _decode_chunk(graphdef, weights, state, sampler, num_frames, opts, table, mesh)
 
 
 def lower_decode_chunk(
-    model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, opts: DecodeOptions | None = None
+    model: CSM,
+    state: DecodeState,
+    sampler: Sampler,
+    num_frames: int,
+    *,
+    opts: DecodeOptions | None = None,
+    mesh: BatchMesh | None = None,
 ) -> jax.stages.Lowered:
     """`decode_chunk`'s program for this state's shapes, lowered: `.compile()` it ahead of the first
     call (in a thread, while the prompt is prefilled) and the call reuses it. `state` may hold
-    jax.ShapeDtypeStructs. Call from the main thread: it touches the model's split and table caches."""
+    jax.ShapeDtypeStructs (with the shardings the call's arrays will have, under a `mesh`).
+    Call from the main thread: it touches the model's split and table caches."""
     opts = resolve_options(opts)
     table = audio_table(model) if opts.audio_table and opts.pallas else None
     graphdef, weights = split_model(model)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    return _decode_chunk.lower(graphdef, weights, abstract, sampler, num_frames, opts, table)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_sharding(a)), state)
+    return _decode_chunk.lower(graphdef, weights, abstract, sampler, num_frames, opts, table, mesh)
+
+
+def _sharding(a):
+    s = getattr(a, "sharding", None)
+    return s if isinstance(s, jax.sharding.NamedSharding) else None
 
 
 def check_length(model: CSM, prompt_len: int, max_frames: int) -> None:

@@ -197,13 +197,14 @@ class EngineAdapter:
             self.store.remove(name)
 
 
-def make_engine(tts, *, max_batch: int, voices_dir: str | None):
-    """The engine `jaxtts serve` runs (the engine's constructor, known here only)."""
+def make_engine(tts, *, max_batch: int, voices_dir: str | None, devices=None):
+    """The engine `jaxtts serve` runs (the engine's constructor, known here only). devices: the
+    engine's `devices` (None: the default device; "all" / N / a list: the pool split over them)."""
     from jaxtts.engine import Engine
     from jaxtts.voices import VoiceStore
 
     store = VoiceStore(voices_dir) if voices_dir else VoiceStore()
-    return Engine(tts, max_batch=max_batch, voices=store, queue_limit=max(256, 4 * max_batch))
+    return Engine(tts, max_batch=max_batch, voices=store, queue_limit=max(256, 4 * max_batch), devices=devices)
 
 
 # --------------------------------------------------------------------------- streaming encoders
@@ -1160,6 +1161,12 @@ def add_serve_parser(subparsers):
     )
     add_quantize_argument(p)
     p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="where to run (default: GPU if JAX has one)")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="'all' or N: one engine over this host's devices (or the first N), the batch split over them, "
+        "weights replicated (default: one device); --max-batch is rounded up to a multiple of the count",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=64, help="most requests decoded together (default 64)")
@@ -1202,6 +1209,11 @@ def run_serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it may use it", file=sys.stderr)
     select_device(args.device)
+    devices = None
+    if args.devices is not None:  # checked before the weights load
+        from jaxtts.sharding import resolve_devices
+
+        devices = resolve_devices(args.devices, what="--devices")
 
     from jaxtts.tts import TTS
 
@@ -1215,7 +1227,7 @@ def run_serve(args) -> int:
         random_weights=args.random_weights,
         progress=not args.quiet,
     )
-    engine = make_engine(tts, max_batch=args.max_batch, voices_dir=args.voices)
+    engine = make_engine(tts, max_batch=args.max_batch, voices_dir=args.voices, devices=devices)
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def ready():

@@ -49,10 +49,37 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--cache-dir", default=None, help="where encoded audio is cached (default DATA_DIR/.jaxtts-codes)")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="'all' or N: data parallel over the devices (the batch split over them; default: one device, "
+        "or all with --distributed); --batch-size must be a multiple of the count",
+    )
+    p.add_argument("--fsdp", action="store_true", help="with --devices: split parameters and optimizer state too")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one process of a multi-host run: jax.distributed.initialize() (cluster detected, or the three "
+        "options below); run the same command on every host, --out on a shared file system",
+    )
+    p.add_argument("--coordinator", default=None, help="with --distributed: process 0's HOST:PORT")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed: processes in the run")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_finetune(args) -> int:
+    from jaxtts.errors import JaxttsError
+
+    distributed = False
+    hosts = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in hosts) and not args.distributed:
+        raise JaxttsError("--coordinator / --num-processes / --process-id go with --distributed")
+    if args.distributed:  # first: jax.distributed.initialize() must come before any device is used
+        from jaxtts.sharding import initialize_distributed
+
+        initialize_distributed(*hosts)
+        distributed = True
     from jaxtts.finetune.train import finetune
     from jaxtts.tts import enable_compilation_cache
 
@@ -93,6 +120,8 @@ def run_finetune(args) -> int:
         seed=args.seed,
         save_every=args.save_every,
         keep=args.keep,
+        devices=args.devices if args.devices is not None or not distributed else "all",
+        fsdp=args.fsdp,
     )
     last = result.history[-1] if result.history else None
     summary = f"step {result.step}"

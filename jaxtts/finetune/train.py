@@ -12,6 +12,13 @@ Restarting the same command resumes from the newest complete checkpoint. Orbax w
 into a temporary directory and renames it when complete, so a run killed mid-save leaves only a
 temporary directory, which is ignored (and cleaned up); a step that fails to restore is deleted and
 the one before it used.
+
+Several devices (`devices="all"` / N; `jaxtts.sharding`): data parallel, the global batch split
+over the devices by rows, the parameters and optimizer state replicated (or with `fsdp=True` split
+along one axis each), gradients reduced by XLA. Across hosts (`finetune(distributed=True)`, one
+process per host, `jax.distributed.initialize()`), every process reads the same data and feeds its
+own devices' rows; checkpoints are written by all processes into one (shared) directory, files
+such as run.json, metrics.jsonl and model/ by process 0.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from jaxtts.errors import JaxttsError
 from jaxtts.finetune import lora as lora_lib
 from jaxtts.finetune.data import Example, Stream, collate, dataset_fingerprint, load_examples, split_eval
 from jaxtts.finetune.loss import LossConfig, combine, csm_loss, loss_terms
+from jaxtts.sharding import BatchMesh, batch_mesh, initialize_distributed, to_host
 
 RUN_FORMAT = "jaxtts-finetune"
 # Settings a resumed run must share with the run that wrote the checkpoints (they decide the shapes
@@ -68,6 +76,8 @@ class FinetuneConfig:
     keep: int = 3  # checkpoints kept
     seed: int = 0
     export_dtype: str = "float32"
+    devices: int | str | None = None  # None: the default device; "all" / N: data parallel over jax.devices()
+    fsdp: bool = False  # with devices: parameters and optimizer state split over them too
 
     def resolved(self) -> FinetuneConfig:
         """Defaults filled in and everything checked."""
@@ -100,7 +110,20 @@ class FinetuneConfig:
                 "bfloat16 compute needs a GPU or TPU (XLA's CPU backend lacks bfloat16 matmuls with "
                 "float32 accumulation); use float32 on CPU, the default there"
             )
+        if not isinstance(c.fsdp, bool):
+            raise JaxttsError(f"fsdp must be True or False, got {c.fsdp!r}")
+        c.mesh()
         return c
+
+    def mesh(self) -> BatchMesh | None:
+        """The devices the run is spread over (None: the default device alone)."""
+        mesh = batch_mesh(self.devices, what="devices", local=False)
+        if mesh is not None and self.batch_size % mesh.size:
+            raise JaxttsError(
+                f"batch size {self.batch_size} does not split evenly over {mesh.size} devices: give a multiple "
+                f"of {mesh.size} (each device takes batch size / devices rows)"
+            )
+        return mesh
 
     @property
     def lora(self) -> lora_lib.LoraConfig | None:
@@ -214,8 +237,13 @@ def compute_model(spec: StepSpec, layout: Layout, trainable: dict, frozen: dict,
 
 
 @functools.lru_cache(maxsize=16)
-def train_step_fn(spec: StepSpec, layout: Layout) -> Callable:
-    """jit(state, frozen, consts, batch, lr) → (state, metrics); `state` is donated."""
+def train_step_fn(spec: StepSpec, layout: Layout, mesh: BatchMesh | None = None, fsdp: bool = False) -> Callable:
+    """jit(state, frozen, consts, batch, lr) → (state, metrics); `state` is donated.
+
+    With a `mesh` (the arguments placed by `place_training` and `BatchMesh.put_batch`), XLA runs
+    the step data parallel: each device's rows forward and backward, the gradients (and the loss
+    sums) reduced across devices; the new state keeps the layout of the old (replicated, or
+    `fsdp`-split)."""
 
     def forward(trainable, frozen, consts, batch, key):
         return csm_loss(compute_model(spec, layout, trainable, frozen, consts), batch, key, spec.loss)
@@ -231,7 +259,10 @@ def train_step_fn(spec: StepSpec, layout: Layout) -> Callable:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return TrainState(params, opt_state, jax.random.key_data(key), state.step + 1), metrics
+        new = TrainState(params, opt_state, jax.random.key_data(key), state.step + 1)
+        if mesh is not None:
+            new = jax.lax.with_sharding_constraint(new, mesh.param_shardings(new, fsdp))
+        return new, metrics
 
     return step
 
@@ -258,6 +289,7 @@ def evaluate(
     examples: list[Example],
     batch_size: int,
     limit: int,
+    mesh: BatchMesh | None = None,
 ) -> float:
     """Mean loss over held-out examples (batches padded with unscored copies to keep one shape)."""
     fn = eval_step_fn(spec, layout)
@@ -267,7 +299,9 @@ def evaluate(
         blank = Example(group[0].name, group[0].tokens, group[0].mask, np.zeros_like(group[0].target))
         group = group + [blank] * (batch_size - len(group))
         batch = collate(group, train_rows(max(len(e) for e in group), limit))
-        terms = jax.device_get(fn(state.params, frozen, consts, batch))
+        if mesh is not None:
+            batch = mesh.put_batch(batch)
+        terms = to_host(fn(state.params, frozen, consts, batch))
         totals = terms if totals is None else {k: totals[k] + terms[k] for k in terms}
     return float(combine(totals, spec.loss)["loss"])
 
@@ -342,6 +376,17 @@ def init_training(model: CSM, cfg: FinetuneConfig, *, copy: bool = False):
     return layout, state, frozen, consts
 
 
+def place_training(mesh: BatchMesh, fsdp: bool, state: TrainState, frozen: dict, consts):
+    """`init_training`'s state, frozen weights and constants as global arrays on the mesh: each
+    array replicated, or with `fsdp` split along its largest axis the device count divides
+    (`BatchMesh.param_spec`; the optimizer state's moments as their parameters); the constants
+    replicated. From host copies (the same on every process), so this works across hosts."""
+    state, frozen, consts = to_host((state, frozen, consts))
+    state = mesh.put_global(state, mesh.param_shardings(state, fsdp))
+    frozen = mesh.put_global(frozen, mesh.param_shardings(frozen, fsdp))
+    return state, frozen, mesh.put_global(consts, mesh.replicated)
+
+
 def _load_model(model) -> tuple[CSM, str]:
     if isinstance(model, CSM):
         return model, "given in Python"
@@ -407,16 +452,28 @@ def finetune(
     export: bool = True,
     progress: bool = True,
     callback: Callable[[int, dict], None] | None = None,
+    distributed: bool | dict = False,
     **settings,
 ) -> FinetuneResult:
     """Fine-tune CSM on a manifest or folder of utterances (see jaxtts/finetune/data.py).
 
     `model`: a CSM, a converted directory / checkpoint path, or None for the cached CSM-1B.
     `codec`: a Mimi, a path, or None for the cached Mimi. `settings` override fields of
-    FinetuneConfig. Resumes from `out/checkpoints` if a previous run left any. `callback(step,
+    FinetuneConfig (`devices="all"` / N: data parallel; `fsdp=True`: parameters and optimizer
+    state split too). Resumes from `out/checkpoints` if a previous run left any. `callback(step,
     record)` is called after every optimizer step (and after its checkpoint is saved).
+    `distributed`: one process of a run over several hosts: True calls `jax.distributed.initialize()`
+    (cluster detected), a dict gives its coordinator_address / num_processes / process_id; before
+    anything else touches JAX. `devices` then defaults to "all" (every device of every host).
     """
+    if distributed:
+        initialize_distributed(**(distributed if isinstance(distributed, dict) else {}))
+        if "devices" not in settings and (config is None or config.devices is None):
+            settings["devices"] = "all"
     cfg = replace(config or FinetuneConfig(), **settings).resolved()
+    mesh = cfg.mesh()
+    writer = jax.process_index() == 0  # files other than checkpoints: process 0 only
+    progress = progress and writer
     out = Path(out)
     base, source = _load_model(model)
     limit = base.cfg.backbone.max_seq_len
@@ -434,11 +491,14 @@ def finetune(
     }
     _check_run(out, run)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "run.json", run)
+    if writer:
+        _write_json(out / "run.json", run)
 
     model_cfg = base.cfg
     # The step donates its state: copy the weights of a model the caller still holds.
     layout, state, frozen, consts = init_training(base, cfg, copy=isinstance(model, CSM))
+    if mesh is not None:
+        state, frozen, consts = place_training(mesh, cfg.fsdp, state, frozen, consts)
     spec = StepSpec.of(cfg)
     del base
 
@@ -450,7 +510,8 @@ def finetune(
         start, position = int(meta["step"]), int(meta["position"])
         if progress:
             print(f"resuming {out} from step {start}", file=sys.stderr)
-    _trim_log(out / "metrics.jsonl", start)
+    if writer:
+        _trim_log(out / "metrics.jsonl", start)
     if start > cfg.steps:
         raise JaxttsError(f"{out} is already at step {start}, past --steps {cfg.steps}")
 
@@ -462,13 +523,18 @@ def finetune(
     finally:
         ckpt.close()
 
-    params = state.params
+    params = to_host(state.params)
     adapters = None
     if cfg.lora:
         adapters = {n: np.asarray(a) for n, a in params.items()}
-        params = lora_lib.merge({n: p.astype(jnp.float32) for n, p in frozen.items()}, params, cfg.lora)
-    result_model = CSM.from_params(model_cfg, nested(jax.device_get(params)), cfg.export_dtype)
-    export_dir = result_model.save(out / "model", overwrite=True) if export else None
+        frozen = {n: np.asarray(p, np.float32) for n, p in to_host(frozen).items()}
+        params = jax.device_get(lora_lib.merge(frozen, params, cfg.lora))
+    result_model = CSM.from_params(model_cfg, nested(params), cfg.export_dtype)
+    export_dir = None
+    if export:
+        export_dir = out / "model"
+        if writer:
+            result_model.save(export_dir, overwrite=True)
     return FinetuneResult(result_model, cfg.steps, history, eval_loss, export_dir, adapters)
 
 
@@ -491,23 +557,27 @@ def _train(
 ):
     from tqdm.auto import tqdm
 
-    step_fn = train_step_fn(spec, layout)
+    mesh = cfg.mesh()
+    step_fn = train_step_fn(spec, layout, mesh, cfg.fsdp)
     schedule = lr_schedule(cfg)
     stream = Stream(train, cfg.batch_size, cfg.seed, limit)
     history, eval_loss = [], None
     bar = tqdm(
         total=cfg.steps, initial=start, desc="fine-tuning", unit="step", disable=not progress, dynamic_ncols=True
     )
-    with bar, open(out / "metrics.jsonl", "a") as log:
+    log_path = out / "metrics.jsonl" if jax.process_index() == 0 else os.devnull  # process 0 writes the log
+    with bar, open(log_path, "a") as log:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             micro = []
             lr = np.float32(schedule(step - 1))
             for _ in range(cfg.grad_accum):
                 batch, position = stream.batch(position)
+                if mesh is not None:
+                    batch = mesh.put_batch(batch)
                 state, metrics = step_fn(state, frozen, consts, batch, lr)
                 micro.append(metrics)
-            micro = jax.device_get(micro)  # waits for the step: timings below are real
+            micro = to_host(micro)  # waits for the step: timings below are real
             seconds = time.perf_counter() - t0
             frames = int(sum(m["frames"] for m in micro))
             record = {
@@ -519,7 +589,7 @@ def _train(
                 "seconds": seconds,
             }
             if held and (step % cfg.eval_every == 0 or step == cfg.steps):
-                eval_loss = evaluate(spec, layout, state, frozen, consts, held, cfg.batch_size, limit)
+                eval_loss = evaluate(spec, layout, state, frozen, consts, held, cfg.batch_size, limit, mesh)
                 record["eval_loss"] = eval_loss
             if not math.isfinite(record["loss"]):
                 raise JaxttsError(
