@@ -2,7 +2,7 @@
 
     python -m benchmarks.quant_accuracy --model parity [--frames 50] [--json FILE]
     python -m benchmarks.quant_accuracy --model csm-1b --group 128 [--json FILE]
-    python -m benchmarks.quant_accuracy --model csm-1b --disk      # checkpoint sizes, bf16 vs int8
+    python -m benchmarks.quant_accuracy --model csm-1b --disk      # sizes: bf16 safetensors / checkpoint vs int8
 
 Models (random weights: there is no trained checkpoint on this machine):
   parity   the PyTorch parity model of tests/reference_csm.py (`random_original(PARITY_ARGS)`: every
@@ -16,12 +16,15 @@ Models (random weights: there is no trained checkpoint on this machine):
 Variants, all built from the same float32 weights:
   fp32       the float32 model
   bf16       the weights in bfloat16 (what a GPU runs by default)
-  int8       `quantize_model(bf16)`: int8 weights, bf16 activations (`--quantize int8` on a GPU)
-  int8_f32   `quantize_model(fp32)`: int8 weights, float32 activations (the weights' error alone;
-             what `--quantize int8` gives on a CPU)
-  gG_f32     group-wise int8 (one scale per G input rows and output column), dequantized into a
-             float32 model: what group-wise scales would buy over per-channel ones (a K that G
-             does not divide keeps one group: per-channel)
+  int8       `quantize_model(bf16)`: int8 weights and embedding tables, bf16 activations
+             (`--quantize int8` on a GPU)
+  int8_bf16_tables  `quantize_model(bf16, embeddings=False)`: int8 weights, the embedding tables
+             in bf16 (the tables' share of int8's error: int8 vs this)
+  int8_f32   `quantize_model(fp32)`: int8 weights and tables, float32 activations (the weights'
+             error alone; what `--quantize int8` gives on a CPU)
+  gG_f32     group-wise int8 (one scale per G input rows and output column; the tables per row,
+             as int8's), dequantized into a float32 model: what group-wise scales would buy over
+             per-channel ones (a K that G does not divide keeps one group: per-channel)
 
 Measurements:
   teacher-forced  one sequence (a prompt of text rows, 40 audio frames + EOS, text rows, then F frames
@@ -54,7 +57,7 @@ from jaxtts.config import CSM_1B, CSMConfig, preset
 from jaxtts.csm import CSM, param_dict
 from jaxtts.generation import _SPLITS, generate_frames
 from jaxtts.llama import XLA, dense
-from jaxtts.quantize import QUANTIZED, quantize_model, weight
+from jaxtts.quantize import EMBEDDINGS, QUANTIZED, quantize_model, weight
 
 ROOT = Path(__file__).resolve().parents[1]
 BOS, EOS = 128_000, 128_001
@@ -98,7 +101,8 @@ def cast(model: CSM, dtype: str) -> CSM:
 def group_fake_quant_(model: CSM, group: int) -> CSM:
     """Make a float32 model's quantized weights int8 with one scale per `group` input rows and
     output column, dequantized, in place (the weights' error of group-wise scales, in a float32
-    model; in place, so that CSM-1B does not need a second float32 copy)."""
+    model; in place, so that CSM-1B does not need a second float32 copy). The embedding tables
+    get int8's per-row scales, dequantized, so that only the weights' granularity differs."""
 
     @jax.jit
     def fq(w):
@@ -109,12 +113,18 @@ def group_fake_quant_(model: CSM, group: int) -> CSM:
         s = jnp.where(s > 0, s, 1)
         return (jnp.clip(jnp.round(wg / s), -127, 127) * s).reshape(w.shape).astype(w.dtype)
 
+    @jax.jit
+    def fq_rows(t):
+        s = jnp.max(jnp.abs(t.astype(jnp.float32)), axis=-1, keepdims=True) / 127
+        s = jnp.where(s > 0, s, 1)
+        return (jnp.clip(jnp.round(t / s), -127, 127) * s).astype(t.dtype)
+
     _SPLITS.pop(model, None)  # the split cache would keep the old weights alive
     for _, node in nnx.iter_graph(model):
-        for name in QUANTIZED:
+        for name in QUANTIZED + EMBEDDINGS:
             param = getattr(node, name, None) if isinstance(node, nnx.Module) else None
             if isinstance(param, nnx.Param):
-                param.set_value(fq(param.get_value()))
+                param.set_value((fq_rows if name in EMBEDDINGS else fq)(param.get_value()))
     return model
 
 
@@ -165,14 +175,14 @@ def _stack(llama, x, start, cache):
 @partial(jax.jit, static_argnames=("graphdef", "prompt_len"))
 def _teacher_forced(graphdef, weights, tokens, mask, prompt_len: int):
     model = nnx.merge(graphdef, weights)
-    nb, vocab = model.cfg.audio_num_codebooks, model.cfg.audio_vocab_size
+    nb = model.cfg.audio_num_codebooks
     t = tokens.shape[0]
     x = model.embed_rows(tokens[None], mask[None])
     hidden, bb_layers = _stack(model.backbone, x, jnp.zeros((1,), jnp.int32), model.backbone_cache(1, t))
     h = hidden[0, prompt_len - 1 : t - 1].astype(model.dtype)  # the row before each frame: [F, D]
     frames = tokens[prompt_len:, :nb]  # [F, 32]
     f = frames.shape[0]
-    emb = model.audio_embeddings[...][frames[:, : nb - 1] + vocab * jnp.arange(nb - 1)]  # [F, 31, D]
+    emb = model.embed_audio(jnp.arange(nb - 1), frames[:, : nb - 1])  # [F, 31, D]
     dec_in = dense(jnp.concatenate([h[:, None], emb], axis=1), weight(model, "projection"))
     dec_hidden, dec_layers = _stack(model.decoder, dec_in, jnp.zeros((f,), jnp.int32), model.decoder_cache(f))
     dh = dec_hidden.astype(model.dtype)
@@ -296,7 +306,7 @@ def run(name: str, num_frames: int, group: int, seed: int, free: bool) -> dict:
     # variant made from fp32 in place, last; bf16 and int8 are kept for the free-running part.
     _SPLITS.pop(fp32, None)  # generate_frames' split of fp32
     outputs, keep = {}, {}
-    for variant in ["fp32", "int8_f32", "bf16", "int8", f"g{group}_f32"]:
+    for variant in ["fp32", "int8_f32", "bf16", "int8", "int8_bf16_tables", f"g{group}_f32"]:
         t = time.perf_counter()
         if variant == "fp32":
             model = fp32
@@ -306,6 +316,8 @@ def run(name: str, num_frames: int, group: int, seed: int, free: bool) -> dict:
             model = cast(fp32, "bfloat16")
         elif variant == "int8":
             model = quantize_model(keep["bf16"])
+        elif variant == "int8_bf16_tables":
+            model = quantize_model(keep["bf16"], embeddings=False)
         else:
             model = group_fake_quant_(fp32, group)
         outputs[variant] = teacher_forced(model, tokens, mask, plen)
@@ -327,6 +339,7 @@ def run(name: str, num_frames: int, group: int, seed: int, free: bool) -> dict:
             "int8_vs_fp32": compare(outputs["int8"], outputs["fp32"]),
             "int8_vs_bf16": compare(outputs["int8"], outputs["bf16"]),
             "bf16_vs_fp32": compare(outputs["bf16"], outputs["fp32"]),
+            "int8_bf16_tables_vs_fp32": compare(outputs["int8_bf16_tables"], outputs["fp32"]),
             "int8_f32_vs_fp32": compare(outputs["int8_f32"], outputs["fp32"]),
             f"g{group}_f32_vs_fp32": compare(outputs[f"g{group}_f32"], outputs["fp32"]),
         },
@@ -343,9 +356,13 @@ def run(name: str, num_frames: int, group: int, seed: int, free: bool) -> dict:
 
 
 def disk_sizes(name: str, seed: int = 0) -> dict:
-    """Bytes of the model's bf16 checkpoint and of its int8 one (`save`, Orbax with its zstd), and
-    of their tensors uncompressed. Random models are drawn in bf16 (a checkpoint is read as bf16)."""
+    """Bytes of the model's bf16 weights as a safetensors file (the format CSM is distributed in:
+    its tensors and a header) and as a converted checkpoint (`save`: Orbax, with its zstd), of the
+    int8 checkpoint (every projection, head and embedding table int8) and of the int8 checkpoint
+    with bf16 tables, and of their tensors uncompressed. Random models are drawn in bf16."""
     import tempfile
+
+    from safetensors.numpy import save_file
 
     if name in ("tiny", "csm-1b"):
         bf16 = CSM.random(CSM_1B if name == "csm-1b" else preset(name), dtype="bfloat16", seed=seed)
@@ -358,16 +375,28 @@ def disk_sizes(name: str, seed: int = 0) -> dict:
     def du(path):
         return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
+    def flat(tree, prefix=""):
+        for k, v in tree.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            yield from flat(v, key) if isinstance(v, dict) else [(key, np.asarray(v))]
+
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         out["bf16_tensor_bytes"] = tensor_bytes(bf16)
+        save_file(dict(flat(param_dict(bf16))), str(Path(tmp) / "model.safetensors"))
+        out["bf16_safetensors_bytes"] = (Path(tmp) / "model.safetensors").stat().st_size
         out["bf16_disk_bytes"] = du(bf16.save(Path(tmp) / "bf16"))
-        int8 = quantize_model(bf16)
-        del bf16
-        out["int8_tensor_bytes"] = tensor_bytes(int8)
-        out["int8_disk_bytes"] = du(int8.save(Path(tmp) / "int8"))
-    out["tensor_ratio"] = round(out["int8_tensor_bytes"] / out["bf16_tensor_bytes"], 4)
-    out["disk_ratio"] = round(out["int8_disk_bytes"] / out["bf16_disk_bytes"], 4)
+        for variant, tables in (("int8_bf16_tables", False), ("int8", True)):
+            int8 = quantize_model(bf16, embeddings=tables)
+            out[f"{variant}_tensor_bytes"] = tensor_bytes(int8)
+            out[f"{variant}_disk_bytes"] = du(int8.save(Path(tmp) / variant))
+            del int8
+    for variant in ("int8", "int8_bf16_tables"):
+        out[f"{variant}_tensor_ratio"] = round(out[f"{variant}_tensor_bytes"] / out["bf16_tensor_bytes"], 4)
+        out[f"{variant}_disk_ratio_vs_safetensors"] = round(
+            out[f"{variant}_disk_bytes"] / out["bf16_safetensors_bytes"], 4
+        )
+        out[f"{variant}_disk_ratio_vs_orbax"] = round(out[f"{variant}_disk_bytes"] / out["bf16_disk_bytes"], 4)
     return out
 
 
@@ -413,7 +442,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="weights seed")
     p.add_argument("--no-free-running", action="store_true", help="skip the free-running / Mimi SNR part")
     p.add_argument("--json", help="write the figures here")
-    p.add_argument("--disk", action="store_true", help="only the checkpoint sizes: bf16 vs int8, on disk and raw")
+    p.add_argument(
+        "--disk",
+        action="store_true",
+        help="only the checkpoint sizes: bf16 (safetensors file, converted) vs int8, on disk and raw",
+    )
     p.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json result and exit")
     args = p.parse_args(argv)
     if args.from_json:

@@ -22,7 +22,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--quantize",
         default=None,
         choices=["int8"],
-        help="store the projections and heads as int8 with per-column float32 scales (--dtype: the rest)",
+        help="store the projections and heads as int8 with per-column float32 scales and the embedding "
+        "tables as int8 with per-row scales (--dtype: the rest)",
     )
     csm.add_argument("--allow-pickle", action="store_true", help="read .pt pickles with torch (weights_only=True)")
     mimi = sub.add_parser("mimi", help="convert a Mimi codec checkpoint (moshi or transformers kyutai/mimi format)")

@@ -247,9 +247,9 @@ def convert_csm(
 ) -> Path:
     """Convert SRC into a jaxtts directory OUT (config.json + Orbax params), atomically.
 
-    quantize="int8": the projections and heads are stored as int8 with float32 column scales
-    (`jaxtts.quantize`), quantized from the float32 values read; `dtype` is then the dtype of
-    the rest (embeddings, norms)."""
+    quantize="int8": the projections and heads are stored as int8 with float32 column scales,
+    the embedding tables as int8 with float32 row scales (`jaxtts.quantize`), quantized from the
+    float32 values read; `dtype` is then the dtype of the rest (the norms)."""
     import ml_dtypes
 
     from jaxtts import quantize as quant

@@ -31,19 +31,25 @@ def resolve_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames="blocks")
-def _project(table, w, blocks: int):
+@functools.partial(jax.jit, static_argnames=("blocks", "dtype"))
+def _project(table, w, blocks: int, dtype):
     # One block of rows at a time (a codebook's), so the temporaries (float32 products, the GEMM
-    # autotuner's scratch) stay small next to the 134 MB result. w: an array or a QuantizedWeight.
-    rows = table.reshape(blocks, -1, table.shape[-1])
-    out = jax.lax.map(lambda t: dot_f32(t, w).astype(table.dtype), rows)
+    # autotuner's scratch, an int8 table's dequantized block) stay small next to the 134 MB
+    # result. table: an array or a QuantizedTable; w: an array or a QuantizedWeight.
+    if isinstance(table, quant.QuantizedTable):
+        rows = (table.q.reshape(blocks, -1, table.shape[-1]), table.scale.reshape(blocks, -1))
+        block = lambda qs: quant.dequantize_rows(*qs, dtype)  # noqa: E731
+    else:
+        rows, block = table.reshape(blocks, -1, table.shape[-1]), lambda t: t
+    out = jax.lax.map(lambda r: dot_f32(block(r), w).astype(dtype), rows)
     return out.reshape(-1, w.shape[-1])
 
 
 class CSM(nnx.Module):
     """The model. With int8 weights (`jaxtts.quantize`: `CSM.load(..., quantize="int8")`, an int8
     checkpoint, or `quantize_model`), each projection and head holds int8 beside a `<name>_scale`
-    Param of float32 column scales; `quantization` says which ("int8" or None)."""
+    Param of float32 column scales, and each embedding table int8 beside float32 row scales;
+    `quantization` says which ("int8" or None), `quantized_embeddings` whether the tables are."""
 
     def __init__(self, cfg: CSMConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
@@ -61,27 +67,34 @@ class CSM(nnx.Module):
 
     @property
     def dtype(self):
-        """The model dtype: embeddings, norms, activations (and the weights unless quantized)."""
-        return self.text_embeddings[...].dtype
+        """The model dtype: norms, activations (and the weights and embeddings unless quantized)."""
+        return self.backbone.norm.scale[...].dtype
 
     @property
     def quantization(self) -> str | None:
         """ "int8" when the projections and heads hold int8 weights with column scales, else None."""
         return "int8" if hasattr(self, "codebook0_head" + quant.SCALE_SUFFIX) else None
 
+    @property
+    def quantized_embeddings(self) -> bool:
+        """Whether the embedding tables hold int8 rows with row scales (`jaxtts.quantize`)."""
+        return hasattr(self, "text_embeddings" + quant.SCALE_SUFFIX)
+
     # --- embeddings -------------------------------------------------------------------------
     def embed_rows(self, tokens, mask):
         """Masked sum of the 33 embeddings of each row: tokens/mask [B,T,33] → [B,T,D]."""
         nb, vocab = self.cfg.audio_num_codebooks, self.cfg.audio_vocab_size
         audio_ids = tokens[..., :nb] + vocab * jnp.arange(nb, dtype=tokens.dtype)
-        audio = self.audio_embeddings[...][audio_ids]  # [B,T,32,D]
-        text = self.text_embeddings[...][tokens[..., nb]]  # [B,T,D]
+        audio = quant.lookup(quant.table(self, "audio_embeddings"), audio_ids, self.dtype)  # [B,T,32,D]
+        text = quant.lookup(quant.table(self, "text_embeddings"), tokens[..., nb], self.dtype)  # [B,T,D]
         m = mask.astype(audio.dtype)
         return jnp.sum(audio * m[..., :nb, None], axis=-2) + text * m[..., nb, None]
 
     def embed_audio(self, codebook: int | jax.Array, codes):
-        """Embedding of codes [B] of one codebook: [B, D_backbone]."""
-        return self.audio_embeddings[...][codes + codebook * self.cfg.audio_vocab_size]
+        """Embedding of codes [B] of one codebook: [B, D_backbone] (codebook may be an array
+        broadcasting against codes: [..., D_backbone])."""
+        ids = codes + codebook * self.cfg.audio_vocab_size
+        return quant.lookup(quant.table(self, "audio_embeddings"), ids, self.dtype)
 
     # --- the two transformers ------------------------------------------------------------------
     def run_backbone(self, tokens, mask, start, cache: KVCache, *, lengths=None, opts: DecodeOptions = XLA):
@@ -125,7 +138,8 @@ class CSM(nnx.Module):
     def projected_audio_embeddings(self):
         """The audio embeddings through the decoder's input projection, [32·V, D_dec] in the model
         dtype: a table lookup then replaces one matvec per depth step (generation.audio_table)."""
-        return _project(self.audio_embeddings[...], weight(self, "projection"), self.cfg.audio_num_codebooks)
+        table = quant.table(self, "audio_embeddings")
+        return _project(table, weight(self, "projection"), self.cfg.audio_num_codebooks, self.dtype)
 
     def codebook_logits(self, decoder_hidden, codebook: int | jax.Array):
         """Logits of codebook i ≥ 1 from the depth decoder's hidden state."""
@@ -143,7 +157,7 @@ class CSM(nnx.Module):
     @classmethod
     def random(cls, cfg: CSMConfig, *, dtype="float32", seed: int = 0, quantize: str | None = None) -> CSM:
         """Random weights (for tests, benchmarks and checking an install without weights);
-        `quantize="int8"`: those weights quantized (`jaxtts.quantize`).
+        `quantize="int8"`: those weights and tables quantized (`jaxtts.quantize`).
 
         Built inside one jit: eagerly, each parameter's draw would be its own small compilation.
         """
@@ -156,14 +170,19 @@ class CSM(nnx.Module):
         return nnx.jit(build)()
 
     @classmethod
-    def abstract(cls, cfg: CSMConfig, dtype="float32", quantization: str | None = None) -> CSM:
+    def abstract(
+        cls, cfg: CSMConfig, dtype="float32", quantization: str | None = None, *, embeddings: bool = True
+    ) -> CSM:
         """The model with ShapeDtypeStructs instead of arrays (no memory allocated); with
-        quantization="int8", the int8 layout (int8 weights and their float32 `_scale` siblings)."""
+        quantization="int8", the int8 layout (int8 weights and their float32 `_scale` siblings;
+        the embedding tables too unless `embeddings` is False)."""
         quant.check_method(quantization)
 
         def build():
             model = cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(0))
-            return quant.quantize_modules_(model, quantization) if quantization else model
+            if quantization:
+                return quant.quantize_modules_(model, quantization, embeddings=embeddings)
+            return model
 
         return nnx.eval_shape(build)
 
@@ -172,12 +191,15 @@ class CSM(nnx.Module):
         """Build from a nested dict of arrays shaped like `param_dict(model)`; shapes are checked.
 
         Params holding int8 weights with their `_scale` siblings (`quantize.quantize_params`, an
-        int8 checkpoint) build an int8 model: those stay int8 and float32, the rest take `dtype`."""
+        int8 checkpoint) build an int8 model: those stay int8 and float32, the rest take `dtype`.
+        The embedding tables are int8 too when their `_scale` siblings are given."""
         target = resolve_dtype(dtype)
         given = dict(_flat(params))
         method = "int8" if any(quant.is_scale_name(n) for n in given) else None
-        quant.check_layout({n: a.dtype for n, a in given.items()}, method, "parameters", "the parameter set")
-        model = cls.abstract(cfg, target, quantization=method)
+        tables = any(quant.is_scale_name(n) and quant.is_embedding_name(n[: -len(quant.SCALE_SUFFIX)]) for n in given)
+        dtypes = {n: a.dtype for n, a in given.items()}
+        quant.check_layout(dtypes, method, "parameters", "the parameter set", embeddings=tables)
+        model = cls.abstract(cfg, target, quantization=method, embeddings=tables)
         expected = dict(_flat(param_dict(model)))
         for name, spec in expected.items():
             if name not in given:
@@ -204,8 +226,9 @@ class CSM(nnx.Module):
 
         dtype: "bfloat16" / "float32" (default: `jaxtts.defaults.default_dtype()`, float32 on CPU);
         an int8 checkpoint keeps its int8 weights and scales, the rest takes `dtype`.
-        quantize="int8": quantize a bfloat16 / float32 checkpoint's weights at load time (a no-op
-        for an int8 checkpoint)."""
+        quantize="int8": quantize a bfloat16 / float32 checkpoint's weights and tables at load
+        time (a no-op for an int8 checkpoint; one stored with float embedding tables gets them
+        quantized)."""
         from jaxtts.checkpoint import is_converted_dir, read_meta, read_param_dtypes, read_params
         from jaxtts.defaults import default_dtype
 
@@ -220,18 +243,20 @@ class CSM(nnx.Module):
             if meta["model"] != "csm":
                 raise JaxttsError(f"{path}: holds a {meta['model']} checkpoint, not CSM")
             cfg = CSMConfig.from_dict(meta["config"])
-            stored = quant.method_from_meta(meta.get("quantization"), f"{path}/config.json")
+            scheme = quant.scheme_from_meta(meta.get("quantization"), f"{path}/config.json")
+            stored, tables = (scheme.method, scheme.embeddings) if scheme else (None, False)
             # Orbax casts to the dtype asked for: a config that does not match the stored tensors
             # must be caught before the restore (int8 read as floats would be a garbage model).
-            quant.check_layout(dict(_flat(read_param_dtypes(path))), stored, str(path), "config.json")
-            abstract = param_dict(cls.abstract(cfg, dtype, quantization=stored))
+            dtypes = dict(_flat(read_param_dtypes(path)))
+            quant.check_layout(dtypes, stored, str(path), "config.json", embeddings=tables)
+            abstract = param_dict(cls.abstract(cfg, dtype, quantization=stored, embeddings=tables))
             model = cls.from_params(cfg, read_params(path, abstract), dtype)
         else:
             from convert.csm import read_csm_checkpoint
 
             cfg, params = read_csm_checkpoint(path)
             model = cls.from_params(cfg, params, dtype)
-        if quantize and model.quantization != quantize:
+        if quantize and (model.quantization != quantize or not model.quantized_embeddings):
             model = quant.quantize_modules_(model, quantize)  # a new model: nothing has split it yet
         return model
 
@@ -242,7 +267,9 @@ def save_csm(model: CSM, out: str | os.PathLike, *, overwrite: bool = False) -> 
 
     dtype = "bfloat16" if model.dtype == jnp.bfloat16 else "float32"
     params = jax.tree.map(np.asarray, param_dict(model))
-    extra = {"quantization": quant.meta(model.quantization)} if model.quantization else {}
+    extra = {}
+    if model.quantization:
+        extra["quantization"] = quant.meta(model.quantization, embeddings=model.quantized_embeddings)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_checkpoint(tmp, model="csm", config=model.cfg.to_dict(), dtype=dtype, params=params, **extra)
     return Path(out)

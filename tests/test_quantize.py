@@ -1,5 +1,5 @@
-"""8-bit weights (jaxtts/quantize.py): the arithmetic, the int8 checkpoint (converter, load, save,
-bad input), `jaxtts speak --quantize int8`, accuracy against float32 on the parity model, and the
+"""8-bit weights (jaxtts/quantize.py): the arithmetic (per-column weights, per-row embedding
+tables and their lookup), the int8 checkpoint (converter, load, save, size, bad input), `jaxtts speak --quantize int8`, accuracy against float32 on the parity model, and the
 int8 GEMV / norm_matvec kernels and decode loop against XLA.
 
 The kernel tests are written once for both devices (tests/conftest.py): the Pallas interpreter on
@@ -26,14 +26,20 @@ from jaxtts.errors import JaxttsError
 from jaxtts.llama import dense
 from jaxtts.options import DecodeOptions
 from jaxtts.quantize import (
+    QuantizedTable,
     QuantizedWeight,
     check_method,
     dequantize,
+    dequantize_rows,
+    is_embedding_name,
     is_quantized_name,
     is_scale_name,
+    lookup,
     quantize_array,
     quantize_model,
     quantize_numpy,
+    quantize_rows_array,
+    quantize_rows_numpy,
 )
 from pallas_kernels.fused_decode import finish, norm_matvec, norm_matvec_reference
 from pallas_kernels.matvec import matvec, matvec_reference
@@ -75,6 +81,34 @@ def test_quantize_dequantize_error_is_at_most_half_a_step_per_channel():
     np.testing.assert_array_equal(np.asarray(quantize_array(wb)[0]), quantize_numpy(np.asarray(wb, np.float32))[0])
 
 
+def test_embedding_rows_quantize_per_row_and_lookup_dequantizes_only_the_gathered_rows():
+    rng = np.random.default_rng(4)
+    t = rng.standard_normal((300, 48)).astype(np.float32) * rng.uniform(0.01, 5, (300, 1)).astype(np.float32)
+    t[7] = 0  # an all-zero row
+    t[11, 5] = 80.0  # an outlier: its row's scale grows, the other rows' do not
+    q, s = quantize_rows_numpy(t, block=64)  # in blocks of 64 rows: the same bytes as one pass
+    assert q.dtype == np.int8 and s.dtype == np.float32 and q.shape == t.shape and s.shape == (300,)
+    amax = np.abs(t).max(1)
+    np.testing.assert_allclose(s, np.where(amax > 0, amax / 127, 1), rtol=2e-7)  # × float32(1/127): an ulp off
+    err = np.abs(t - np.asarray(dequantize_rows(q, s)))
+    assert np.all(err <= s[:, None] / 2 * (1 + 1e-5)), (err / s[:, None]).max()
+    assert np.all(q[7] == 0) and np.all(np.abs(q).max(1)[amax > 0] == 127)
+    qj, sj = quantize_rows_array(jnp.asarray(t))
+    np.testing.assert_array_equal(np.asarray(qj), q)
+    np.testing.assert_array_equal(np.asarray(sj), s)
+    # lookup: the rows of the dequantized table, in the asked dtype, for ids of any shape.
+    table = QuantizedTable(jnp.asarray(q), jnp.asarray(s))
+    ids = jnp.asarray([[3, 7, 11], [299, 0, 3]], jnp.int32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = lookup(table, ids, dtype)
+        assert got.shape == (2, 3, 48) and got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(dequantize_rows(q, s, dtype))[np.asarray(ids)])
+    # ... gathering int8 rows and their scales: nothing of the table's size but the table itself.
+    jaxpr = jax.make_jaxpr(lambda t, i: lookup(t, i, jnp.bfloat16))(table, ids)
+    big = [e for e in jaxpr.eqns for v in e.outvars if np.prod(v.aval.shape) >= t.size]
+    assert not big, [str(e.primitive) for e in big]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_applies_the_scale_after_the_dot(dtype):
     rng = np.random.default_rng(1)
@@ -101,7 +135,7 @@ def test_quantize_model_layout_and_the_original_untouched(random_csm):
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     params = flat(param_dict(q))
     int8 = sorted(k for k, v in params.items() if v.dtype == np.int8)
-    assert len(int8) == 4 * (model.cfg.backbone.num_layers + model.cfg.decoder.num_layers) + 3
+    assert len(int8) == 4 * (model.cfg.backbone.num_layers + model.cfg.decoder.num_layers) + 3 + 2
     assert {k.rsplit(".", 1)[-1] for k in int8} == {
         "qkv",
         "out",
@@ -110,15 +144,23 @@ def test_quantize_model_layout_and_the_original_untouched(random_csm):
         "projection",
         "codebook0_head",
         "audio_head",
+        "text_embeddings",
+        "audio_embeddings",
     }
-    for k in int8:
-        assert params[k + "_scale"].dtype == np.float32 and params[k + "_scale"].shape == (
-            *params[k].shape[:-2],
-            params[k].shape[-1],
-        )
-    # Embeddings and norms stay in the model dtype, untouched.
-    for k in ("text_embeddings", "audio_embeddings", "backbone.norm.scale", "decoder.layers.0.mlp_norm.scale"):
+    for k in int8:  # a scale per output column of a weight, per row of a table
+        lead = params[k].shape[:-1] if is_embedding_name(k) else (*params[k].shape[:-2], params[k].shape[-1])
+        assert params[k + "_scale"].dtype == np.float32 and params[k + "_scale"].shape == lead, k
+    assert q.quantized_embeddings and q.dtype == jnp.float32  # the model dtype: norms, activations
+    # Norms stay in the model dtype, untouched.
+    for k in ("backbone.norm.scale", "decoder.layers.0.mlp_norm.scale"):
         assert params[k].dtype == np.float32 and np.array_equal(params[k], before[k])
+    # embeddings=False keeps the tables (the layout of int8 checkpoints from before the tables were
+    # quantized); quantizing that model again quantizes only the tables.
+    keep = quantize_model(model, embeddings=False)
+    assert keep.quantization == "int8" and not keep.quantized_embeddings
+    assert np.array_equal(keep.text_embeddings[...], before["text_embeddings"])
+    again = flat(param_dict(quantize_model(keep)))
+    assert again.keys() == params.keys() and all(np.array_equal(again[k], params[k]) for k in params)
     # CSM.random(quantize=) is the same model (up to a few ties rounded the other way: the draws
     # and the quantization are fused into one program there).
     same = flat(param_dict(CSM.random(model.cfg, dtype="float32", seed=2, quantize="int8")))
@@ -154,7 +196,9 @@ SIZE_ARGS = {
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """One random original-layout checkpoint converted three ways: float32, bfloat16, int8."""
+    """One random original-layout checkpoint, a bfloat16 `model.safetensors` (the file format
+    CSM is distributed in), converted three ways: float32, bfloat16, int8."""
+    import ml_dtypes
     from safetensors.numpy import save_file
 
     import reference_csm as R
@@ -163,7 +207,8 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant_convert")
     rng = np.random.default_rng(0)
     tensors = {
-        k: (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32) for k, s in R.original_shapes(SIZE_ARGS).items()
+        k: (rng.standard_normal(s) / np.sqrt(s[-1])).astype(ml_dtypes.bfloat16)
+        for k, s in R.original_shapes(SIZE_ARGS).items()
     }
     save_file(tensors, str(root / "model.safetensors"))
     (root / "cfg.json").write_text(json.dumps(SIZE_ARGS))
@@ -182,10 +227,11 @@ def du(path: Path) -> int:
 
 
 def test_int8_checkpoint_size(converted):
-    """The quantized weights take half of their bf16 bytes (int8 + a float32 scale per column);
-    on disk the whole checkpoint is ~67 % of the bf16 one here, not ≤ 55 %: Orbax compresses
-    (zstd) random bf16 weights to ~78 % but int8 to only ~92 % (their bits are nearly all
-    entropy), and the embeddings stay bf16 (docs/QUANTIZATION.md has CSM-1B's figures)."""
+    """The converted int8 checkpoint (Orbax) is ≤ 55 % of the bf16 safetensors file it was
+    converted from: every tensor is int8 (projections with a float32 scale per column, tables per
+    row). Against a converted bf16 checkpoint it is ~63 % here: Orbax compresses (zstd) random bf16
+    weights to ~78 % but int8 to only ~90 % (their bits are nearly all entropy), so the tensors'
+    50 % does not survive compression (docs/QUANTIZATION.md has CSM-1B's figures)."""
     from jaxtts.checkpoint import read_param_dtypes
 
     def tensor_bytes(name, quantization):
@@ -195,40 +241,48 @@ def test_int8_checkpoint_size(converted):
         return {k: int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for k, a in abstract.items()}
 
     bf16, int8 = tensor_bytes("bf16", None), tensor_bytes("int8", "int8")
-    linear = [k for k in bf16 if is_quantized_name(k)]
-    assert sum(int8[k] + int8[k + "_scale"] for k in linear) / sum(bf16[k] for k in linear) < 0.51
-    assert sum(int8.values()) / sum(bf16.values()) < 0.6  # the embeddings are 15 % of the parameters here
-    ratio = du(converted / "int8") / du(converted / "bf16")
-    assert ratio < 0.7, ratio
+    assert sum(int8.values()) / sum(bf16.values()) < 0.51  # int8 + scales, every tensor but the norms
+    source = (converted / "model.safetensors").stat().st_size
+    assert abs(source / sum(bf16.values()) - 1) < 0.01  # the bf16 file: its tensors and a header
+    ratio = du(converted / "int8") / source
+    assert ratio <= 0.55, ratio
+    assert du(converted / "int8") / du(converted / "bf16") < 0.7
 
 
 def test_csm_1b_int8_bytes():
-    """CSM-1B's layout, counted from the shapes: the int8 weights are half of their bf16 bytes, but
-    the embeddings (396M of the 1.55B parameters) stay bf16, so the whole is ~63 %."""
+    """CSM-1B's layout, counted from the shapes: every projection, head and embedding table in int8
+    with its float32 scales is half of its bf16 bytes."""
 
-    def nbytes(quantization):
-        abstract = flat(param_dict(CSM.abstract(CSM_1B, "bfloat16", quantization)))
+    def nbytes(quantization, embeddings=True):
+        abstract = flat(param_dict(CSM.abstract(CSM_1B, "bfloat16", quantization, embeddings=embeddings)))
         return {k: int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for k, a in abstract.items()}
 
     bf16, int8 = nbytes(None), nbytes("int8")
     ratio = sum(int8.values()) / sum(bf16.values())
-    assert 0.62 < ratio < 0.64, ratio
+    assert 0.5 < ratio < 0.501, ratio
     linear = [k for k in bf16 if is_quantized_name(k)]
     linear_ratio = sum(int8[k] + int8[k + "_scale"] for k in linear) / sum(bf16[k] for k in linear)
     assert 0.5 < linear_ratio < 0.501, linear_ratio
+    # With the tables in bf16 (int8 checkpoints written before they were quantized): ~63 %.
+    assert 0.62 < sum(nbytes("int8", embeddings=False).values()) / sum(bf16.values()) < 0.64
 
 
 def test_int8_checkpoint_loads_as_the_load_time_quantization(converted):
     meta = json.loads((converted / "int8" / "config.json").read_text())
-    assert meta["quantization"] == {"method": "int8", "granularity": "per_channel", "scale_dtype": "float32"}
+    assert meta["quantization"] == {
+        "method": "int8",
+        "granularity": "per_channel",
+        "embeddings": "per_row",
+        "scale_dtype": "float32",
+    }
     assert meta["dtype"] == "bfloat16"
     stored = CSM.load(converted / "int8", dtype="float32")
     assert stored.quantization == "int8" and stored.dtype == jnp.float32
     at_load = CSM.load(converted / "f32", dtype="float32", quantize="int8")
     a, b = flat(param_dict(stored)), flat(param_dict(at_load))
     assert a.keys() == b.keys()
-    for k in a:  # int8 weights and scales, both from the float32 values (the rest was stored bf16)
-        if is_quantized_name(k) or is_scale_name(k):
+    for k in a:  # int8 weights, tables and scales, all from the same values (the norms were stored bf16)
+        if is_quantized_name(k) or is_embedding_name(k) or is_scale_name(k):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # An int8 checkpoint loads as int8 with quantize="int8" too (nothing to do).
     assert CSM.load(converted / "int8", dtype="float32", quantize="int8").quantization == "int8"
@@ -241,6 +295,14 @@ def test_save_and_load_round_trip(random_csm, tmp_path):
     back = CSM.load(tmp_path / "q", dtype="float32")
     a, b = flat(param_dict(model)), flat(param_dict(back))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # An int8 checkpoint with the tables in the model dtype (no "embeddings" entry: written before
+    # the tables were quantized) loads as it is; quantize="int8" quantizes its tables.
+    quantize_model(random_csm("tiny", seed=2), embeddings=False).save(tmp_path / "old")
+    assert "embeddings" not in json.loads((tmp_path / "old" / "config.json").read_text())["quantization"]
+    old = CSM.load(tmp_path / "old", dtype="float32")
+    assert old.quantization == "int8" and not old.quantized_embeddings
+    new = flat(param_dict(CSM.load(tmp_path / "old", dtype="float32", quantize="int8")))
+    assert new.keys() == a.keys() and all(np.array_equal(a[k], new[k]) for k in a)
 
 
 def _edit_config(src: Path, dst: Path, edit) -> Path:
@@ -260,6 +322,12 @@ def _one_line_error(call, pattern):
 def test_mismatched_config_is_one_line(converted, tmp_path):
     no_quant = _edit_config(converted / "int8", tmp_path / "a", lambda m: m.pop("quantization"))
     _one_line_error(lambda: CSM.load(no_quant), r"stored as int8, but config.json names no quantization")
+    no_tables = _edit_config(converted / "int8", tmp_path / "f", lambda m: m["quantization"].pop("embeddings"))
+    _one_line_error(
+        lambda: CSM.load(no_tables), r"audio_embeddings is stored as int8, but .* tables in the model dtype"
+    )
+    tables = _edit_config(converted / "int8", tmp_path / "g", lambda m: m["quantization"].update(embeddings="g64"))
+    _one_line_error(lambda: CSM.load(tables), r"unsupported embedding quantization 'g64'")
     claims = _edit_config(converted / "bf16", tmp_path / "b", lambda m: m.update(quantization={"method": "int8"}))
     _one_line_error(lambda: CSM.load(claims), r"config.json says int8 quantization, but parameter .* bfloat16")
     unknown = _edit_config(converted / "int8", tmp_path / "c", lambda m: m["quantization"].update(method="int4"))
@@ -299,6 +367,15 @@ def test_corrupt_or_missing_scales_are_one_line(random_csm, tmp_path):
     missing = jax.tree.map(lambda a: a, params)
     del missing["backbone"]["layers"][0]["attn"]["qkv_scale"]
     _one_line_error(lambda: CSM.load(write("missing", missing)), r"backbone\.layers\.0\.attn\.qkv_scale .* missing")
+    # The embedding tables' row scales: the same checks.
+    inf = jax.tree.map(lambda a: a.copy(), params)
+    inf["text_embeddings_scale"][1234] = np.inf
+    _one_line_error(lambda: CSM.load(write("inf", inf)), r"text_embeddings_scale holds non-finite or non-positive")
+    no_rows = jax.tree.map(lambda a: a, params)
+    del no_rows["audio_embeddings_scale"]
+    _one_line_error(
+        lambda: CSM.load(write("no_rows", no_rows)), r"audio_embeddings_scale \(the int8 row scales\) is missing"
+    )
     # A hand-made parameter dict: the same checks.
     _one_line_error(lambda: CSM.from_params(model.cfg, nan), r"down_scale holds non-finite")
     _one_line_error(lambda: CSM.from_params(model.cfg, missing), r"qkv_scale .* missing")
