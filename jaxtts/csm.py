@@ -68,7 +68,7 @@ class CSM(nnx.Module):
     @property
     def dtype(self):
         """The model dtype: norms, activations (and the weights and embeddings unless quantized)."""
-        return self.backbone.norm.scale[...].dtype
+        return self.backbone.norm.scale.get_value().dtype
 
     @property
     def quantization(self) -> str | None:

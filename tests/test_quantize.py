@@ -634,6 +634,32 @@ def test_int8_pallas_loop_matches_xla_loop(random_csm, check_preset, kernel_opti
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
 
 
+def test_int8_frame_takes_the_bf16_kernels_reading_int8():
+    """At batch 1 with the Pallas kernels, an int8 frame runs the kernels a bf16 frame runs, one
+    for one: every GEMV and norm_matvec (the fused step's projections, the audio head) reads the
+    int8 weight; the only XLA dots on weights are those bf16 has in XLA too (codebook 0's head and
+    codebook 1's, before the depth loop); no whole int8 weight or table is converted except into a
+    dot (the jaxpr of one frame, traced with abstract weights: `benchmarks.int8_kernel_path`)."""
+    from benchmarks.int8_kernel_path import compare
+
+    cfg = CSMConfig.from_dict(SIZE_ARGS)
+    paths = compare(cfg, DecodeOptions(attention="pallas_interpret"), batch=1)
+    bf16, int8 = paths["bf16"], paths["int8"]
+    assert int8["kernels"] == bf16["kernels"] and int8["kernels_total"] > 0
+    assert not bf16["kernels_reading_int8"]
+    for name in ("matvec", "norm_matvec"):
+        assert int8["kernels_reading_int8"][name] == int8["kernels"][name] > 0, name
+    d, v = cfg.decoder.embed_dim, cfg.audio_vocab_size
+    b = cfg.backbone.embed_dim
+    assert bf16["xla_dots_on_weights"] == {f"({d}, {v}) bfloat16": 1, f"({b}, {v}) bfloat16": 1}
+    assert int8["xla_dots_on_weights"] == {f"({d}, {v}) int8": 1, f"({b}, {v}) int8": 1}
+    assert not int8["whole_int8_converts_not_into_a_dot"]
+    # Without the int8 kernels (the A/B lever) every projection is an XLA dot on the int8 weight.
+    off = compare(cfg, DecodeOptions(attention="pallas_interpret", int8_kernels=False), batch=1)["int8"]
+    assert "matvec" not in off["kernels"] and "norm_matvec" not in off["kernels"]
+    assert all(k.endswith("int8") for k in off["xla_dots_on_weights"]) and not off["whole_int8_converts_not_into_a_dot"]
+
+
 def test_int8_kernels_option_keeps_int8_weights_off_the_kernels():
     opts = DecodeOptions(attention="pallas_interpret")
     assert opts.uses_matvec(1, 64, 64, quantized=True) and opts.uses_fused_step(1, quantized=True)
