@@ -121,13 +121,23 @@ def smem_bytes(a_rows: int, out_itemsize: int, block_n: int, block_k: int, stage
     )
 
 
+def _top_bf16(x):
+    """x's top 16 bits (sign, exponent, 7 mantissa bits) as float32: exactly a bf16 value.
+
+    Truncating by mask rather than rounding through `astype(bfloat16)`: XLA on the GPU may drop
+    an f32 -> bf16 -> f32 round trip as excess precision (`xla_allow_excess_precision`), which
+    made `x - hi` zero there and left float32 x rounded to bf16 (measured on the H200)."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _split3(x):
     """float32 x as three bf16 parts stacked on rows: hi + mid + lo == x to ~2^-24 relative."""
-    hi = x.astype(jnp.bfloat16)
-    r1 = x - hi.astype(jnp.float32)
-    mid = r1.astype(jnp.bfloat16)
-    lo = (r1 - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-    return jnp.concatenate([hi, mid, lo], axis=0)
+    hi = _top_bf16(x)
+    r1 = x - hi  # exact: hi holds x's leading bits
+    mid = _top_bf16(r1)
+    lo = r1 - mid
+    return jnp.concatenate([hi, mid, lo], axis=0).astype(jnp.bfloat16)  # hi, mid exact; lo rounded
 
 
 def _kernel(
