@@ -9,12 +9,18 @@ attention implementation from --attention); every variant the breakdown times is
 (`opts.replace(...)`), hence another compiled program. This module uses the library's public
 pieces only; the PyTorch peers (--compare) and the CUPTI profile (--kernels) live in the
 `benchmarks` package, imported only when asked for.
+
+`--quantize none,int8` times each weight format in turn in one process (the model built, timed,
+then freed before the next), and prints them side by side. Peak device memory is measured per
+phase (`MemoryPhase`: loading, batch 1, each batch of the sweep), each phase's own peak, although
+JAX's `peak_bytes_in_use` only ever grows.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -26,16 +32,22 @@ import time
 import numpy as np
 
 PEERS = ("transformers", "original")
+NO_QUANTIZATION = "none"
 
 
 def add_bench_parser(sub) -> None:
-    from jaxtts.quantize import add_quantize_argument
-
     p = sub.add_parser("bench", help="measure ms per frame, real-time factor, first-audio latency, batch throughput")
     p.add_argument("--model", help="converted CSM directory (default: random full-size weights)")
     p.add_argument("--codec", help="converted Mimi directory (default: random full-size weights)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    add_quantize_argument(p)
+    p.add_argument(
+        "--quantize",
+        default=NO_QUANTIZATION,
+        metavar="LIST",
+        help="weight formats to time, comma list of: none (--dtype weights), int8 (8-bit weights and "
+        "embedding tables, quantized at load time; an int8 --model is int8 either way). Several "
+        "(none,int8) are timed in turn in this process and printed side by side (default: none)",
+    )
     p.add_argument(
         "--attention",
         default=None,
@@ -79,15 +91,32 @@ def _sync(x):
     return x
 
 
-def _model(args):
+def parse_quantize(text: str | None) -> list[str | None]:
+    """--quantize's comma list as the `quantize=` values to time in turn (None: no quantization)."""
+    from jaxtts.errors import JaxttsError
+    from jaxtts.quantize import METHODS
+
+    names = [n.strip() for n in (text or NO_QUANTIZATION).split(",") if n.strip()] or [NO_QUANTIZATION]
+    unknown = [n for n in names if n != NO_QUANTIZATION and n not in METHODS]
+    if unknown:
+        choices = ", ".join((NO_QUANTIZATION, *METHODS))
+        raise JaxttsError(f"--quantize: unknown {', '.join(unknown)}; choose from {choices} (comma list)")
+    return [None if n == NO_QUANTIZATION else n for n in dict.fromkeys(names)]
+
+
+def _variant_name(quantize: str | None) -> str:
+    return quantize or NO_QUANTIZATION
+
+
+def _model(args, quantize: str | None = None):
     from jaxtts.config import preset
     from jaxtts.csm import CSM
 
     if args.model:
         from jaxtts.hub import resolve
 
-        return CSM.load(resolve("csm", args.model), dtype=args.dtype, quantize=args.quantize)
-    return CSM.random(preset(args.preset), dtype=args.dtype, quantize=args.quantize)
+        return CSM.load(resolve("csm", args.model), dtype=args.dtype, quantize=quantize)
+    return CSM.random(preset(args.preset), dtype=args.dtype, quantize=quantize)
 
 
 def _options(args):
@@ -232,11 +261,83 @@ def breakdown(model, opts, prompt_tokens, chunk) -> dict:
 
 
 def peak_memory_gb():
+    """The process's peak device memory so far (GB), or None (no statistics, e.g. on a CPU)."""
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 1e9
+
+
+def _device_stats():
+    import jax
+
+    return jax.devices()[0].memory_stats()
+
+
+def _allocate_ballast(nbytes: int, chunk: int = 1 << 30) -> list:
+    """Device buffers of `nbytes` in all (in chunks, so no single huge allocation is needed)."""
+    import jax
+    import jax.numpy as jnp
+
+    out = [jnp.zeros((min(chunk, nbytes - i),), jnp.uint8) for i in range(0, nbytes, chunk)]
+    jax.block_until_ready(out)
+    return out
+
+
+class MemoryPhase:
+    """The peak device memory of one phase (a `with` block): the most bytes in use at any time
+    during it, whatever earlier phases reached.
+
+    JAX's `peak_bytes_in_use` is the process's peak so far and cannot be reset, so a phase that
+    stays below an earlier peak (a second model's batch-1 run after the first model's batch-64
+    sweep) would not move it. On entering, a ballast buffer lifts the bytes in use to that peak;
+    every allocation of the phase then raises the peak, and the phase's own peak is the new peak
+    less the ballast. `start` is the bytes in use on entering (what the phase inherits: the
+    weights), `peak` the phase's peak (both bytes, None without statistics: a CPU; `peak` is also
+    None if the ballast could not be allocated and the phase stayed below the old peak).
+    `stats` and `allocate` are for tests."""
+
+    def __init__(self, stats=_device_stats, allocate=_allocate_ballast):
+        self._stats, self._allocate = stats, allocate
+        self.start = self.peak = None
+
+    def __enter__(self):
+        stats = self._stats()
+        self._ballast, self._offset = [], 0
+        if not stats or "peak_bytes_in_use" not in stats:
+            self._floor = None
+            return self
+        self.start = stats["bytes_in_use"]
+        gap = stats["peak_bytes_in_use"] - self.start
+        if gap > 0:
+            try:
+                self._ballast = self._allocate(gap)
+            except Exception:  # out of memory: measure what can still be seen
+                self._ballast = []
+        after = self._stats()
+        self._offset = after["bytes_in_use"] - self.start  # the ballast as allocated (rounded up)
+        self._floor = after["peak_bytes_in_use"]
+        return self
+
+    def __exit__(self, *exc):
+        if self._floor is None:
+            return False
+        peak = self._stats()["peak_bytes_in_use"]
+        for buf in self._ballast:
+            buf.delete()
+        self._ballast = []
+        reached = self.start + self._offset >= self._floor  # the ballast lifted the bytes in use to the old peak
+        self.peak = peak - self._offset if reached or peak > self._floor else None
+        return False
+
+    @property
+    def peak_gb(self):
+        return None if self.peak is None else self.peak / 1e9
+
+    @property
+    def start_gb(self):
+        return None if self.start is None else self.start / 1e9
 
 
 def _compile_probe(args) -> dict:
@@ -248,7 +349,7 @@ def _compile_probe(args) -> dict:
     from jaxtts.testing import prompt_state
 
     opts = _options(args)
-    model = _model(args)
+    model = _model(args, parse_quantize(args.quantize)[0])
     _sync(model.text_embeddings[...])
     t = time.perf_counter()
     state = prompt_state(model, 1, args.prompt_tokens, 2048 if args.preset == "csm-1b" else 256, opts)
@@ -257,7 +358,7 @@ def _compile_probe(args) -> dict:
     return {"compile_s": time.perf_counter() - t, "backend": jax.default_backend()}
 
 
-def _compile_times(args) -> dict:
+def _compile_times(args, quantize: str | None = None) -> dict:
     """Cold compile (empty persistent cache) and warm (cache filled by the first run), each in a fresh process."""
     out = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -279,8 +380,7 @@ def _compile_times(args) -> dict:
         ]
         if args.model:
             cmd += ["--model", args.model]
-        if args.quantize:
-            cmd += ["--quantize", args.quantize]
+        cmd += ["--quantize", _variant_name(quantize)]
         if args.attention:
             cmd += ["--attention", args.attention]
         for name in ("cold", "cached"):
@@ -334,6 +434,7 @@ def run_bench(args) -> int:
         if getattr(args, name) < 1:
             raise JaxttsError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     peers = parse_peers(args.compare)
+    variants = parse_quantize(args.quantize)
     if args.compile_probe:
         from jaxtts.tts import enable_compilation_cache
 
@@ -341,8 +442,6 @@ def run_bench(args) -> int:
         print(json.dumps(_compile_probe(args)))
         return 0
     import jax
-
-    from jaxtts.sampling import Sampler
 
     skip = set(filter(None, args.skip.split(",")))
     batches = [int(x) for x in args.batches.split(",") if x]
@@ -353,57 +452,28 @@ def run_bench(args) -> int:
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "dtype": args.dtype,
-        "quantize": args.quantize,
+        "quantize": _variant_name(variants[0]) if len(variants) == 1 else [_variant_name(q) for q in variants],
         "attention": opts.attention,
         "options": dataclasses.asdict(opts),
         "weights": args.model or f"random {args.preset}",
         "date": time.strftime("%Y-%m-%d"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "memory_note": "peak_memory_gb_*: each phase's own peak of device bytes in use (jaxtts.bench.MemoryPhase); "
+        "memory_loaded_gb: bytes in use once the model is built",
     }
-    if "compile" not in skip:
-        res.update(_compile_times(args))
-    model = _model(args)
-    sampler = Sampler.create(0.9, 50)
-    reps = max(1, -(-args.frames // args.chunk))
-    ms = 1000 * time_decode(
-        model, sampler, batch=1, chunk=args.chunk, reps=reps, prompt_tokens=args.prompt_tokens, opts=opts
-    )
-    res.update(ms_per_frame=ms, rtf=ms / 80.0, frames_timed=reps * args.chunk)
-    res["peak_memory_gb_batch1"] = peak_memory_gb()
-    if args.kernels:
-        try:
-            from benchmarks.profile import kernel_profile
-
-            res.update(
-                kernel_profile(
-                    model,
-                    sampler,
-                    chunk=args.chunk,
-                    prompt_tokens=args.prompt_tokens,
-                    opts=opts,
-                    batch=args.kernels_batch,
-                )
-            )
-            res["kernels_batch"] = args.kernels_batch
-        except Exception as e:  # no CUPTI on this machine, or no benchmarks package installed
-            res["kernels_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    if args.breakdown:
-        res.update(breakdown(model, opts, args.prompt_tokens, args.chunk))
-    if "latency" not in skip:
-        res["first_audio_ms"] = 1000 * time_first_audio(model, _codec(args), opts, prompt_tokens=args.prompt_tokens)
-    if "sweep" not in skip:
-        sweep = {}
-        for b in batches:
-            try:
-                step = time_decode(
-                    model, sampler, batch=b, chunk=args.chunk, reps=3, prompt_tokens=args.prompt_tokens, opts=opts
-                )
-                sweep[b] = {"ms_per_step": 1000 * step, "x_realtime": b * 0.080 / step}
-            except Exception as e:
-                sweep[b] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-        res["batch_sweep"] = sweep
-    res["peak_memory_gb"] = peak_memory_gb()
+    results, cfg = {}, None
+    for quantize in variants:  # one model at a time: built, timed, freed
+        model = _model_in(args, quantize, results.setdefault(_variant_name(quantize), {}))
+        cfg = model.cfg
+        _time_variant(args, model, opts, skip, batches, results[_variant_name(quantize)])
+        del model
+        gc.collect()
+    if len(variants) == 1:
+        res.update(results[_variant_name(variants[0])])
+    else:
+        res["variants"] = results
     if peers:
+        first = results[_variant_name(variants[0])]
         try:
             from benchmarks.peers import compare
         except ImportError as e:
@@ -413,15 +483,12 @@ def run_bench(args) -> int:
             )
         else:
             res.update(
-                compare(
-                    peers,
-                    model.cfg,
-                    dtype=args.dtype,
-                    prompt_tokens=args.prompt_tokens,
-                    jaxtts_ms=ms,
-                )
+                compare(peers, cfg, dtype=args.dtype, prompt_tokens=args.prompt_tokens, jaxtts_ms=first["ms_per_frame"])
             )
-    _print_table(res)
+    if len(variants) == 1:
+        _print_table(res)
+    else:
+        _print_variants(res)
     if args.json:
         text = json.dumps(res, indent=2, default=str)
         if args.json == "-":
@@ -430,6 +497,76 @@ def run_bench(args) -> int:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
     return 0
+
+
+def _model_in(args, quantize: str | None, out: dict):
+    """Build the model of one variant, measuring its load (compile times first, in subprocesses)."""
+    if "compile" not in set(filter(None, args.skip.split(","))):
+        out.update(_compile_times(args, quantize))
+    import jax
+    from flax import nnx
+
+    with MemoryPhase() as load:
+        model = _model(args, quantize)
+        _sync(jax.tree.leaves(nnx.state(model)))
+    stats = _device_stats() or {}
+    out["quantize"] = _variant_name(quantize)
+    out["memory_before_load_gb"] = load.start_gb  # what the previous variant left behind (≈ 0)
+    out["memory_loaded_gb"] = stats["bytes_in_use"] / 1e9 if "bytes_in_use" in stats else None
+    out["peak_memory_gb_load"] = load.peak_gb
+    return model
+
+
+def _time_variant(args, model, opts, skip: set, batches: list, out: dict) -> None:
+    """Time one model: batch 1, the optional profile and breakdown, first audio, the batch sweep."""
+    from jaxtts.sampling import Sampler
+
+    sampler = Sampler.create(0.9, 50)
+    reps = max(1, -(-args.frames // args.chunk))
+    with MemoryPhase() as b1:
+        ms = 1000 * time_decode(
+            model, sampler, batch=1, chunk=args.chunk, reps=reps, prompt_tokens=args.prompt_tokens, opts=opts
+        )
+    out.update(ms_per_frame=ms, rtf=ms / 80.0, frames_timed=reps * args.chunk)
+    out["peak_memory_gb_batch1"] = b1.peak_gb
+    if args.kernels:
+        try:
+            from benchmarks.profile import kernel_profile
+
+            out.update(
+                kernel_profile(
+                    model,
+                    sampler,
+                    chunk=args.chunk,
+                    prompt_tokens=args.prompt_tokens,
+                    opts=opts,
+                    batch=args.kernels_batch,
+                )
+            )
+            out["kernels_batch"] = args.kernels_batch
+        except Exception as e:  # no CUPTI on this machine, or no benchmarks package installed
+            out["kernels_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    if args.breakdown:
+        out.update(breakdown(model, opts, args.prompt_tokens, args.chunk))
+    if "latency" not in skip:
+        out["first_audio_ms"] = 1000 * time_first_audio(model, _codec(args), opts, prompt_tokens=args.prompt_tokens)
+    peaks = [out["peak_memory_gb_load"], b1.peak_gb]
+    if "sweep" not in skip:
+        sweep = {}
+        for b in batches:
+            try:
+                with MemoryPhase() as phase:
+                    step = time_decode(
+                        model, sampler, batch=b, chunk=args.chunk, reps=3, prompt_tokens=args.prompt_tokens, opts=opts
+                    )
+                sweep[b] = {"ms_per_step": 1000 * step, "x_realtime": b * 0.080 / step}
+                sweep[b]["peak_memory_gb"] = phase.peak_gb
+                peaks.append(phase.peak_gb)
+            except Exception as e:
+                sweep[b] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        out["batch_sweep"] = sweep
+    known = [p for p in peaks if p is not None]
+    out["peak_memory_gb"] = max(known) if known else peak_memory_gb()
 
 
 def _print_table(res: dict) -> None:
@@ -445,3 +582,48 @@ def _print_table(res: dict) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def _print_variants(res: dict) -> None:
+    """The variants side by side: ms per frame at batch 1, the sweep, memory."""
+    variants = res["variants"]
+    names = list(variants)
+
+    def fmt(v, digits=3):
+        if v is None:
+            return "-"
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    rows = [("", names)]
+    for key, label in (
+        ("ms_per_frame", "ms/frame, batch 1"),
+        ("rtf", "RTF, batch 1"),
+        ("first_audio_ms", "first audio ms"),
+        ("compile_cold_s", "compile cold s"),
+    ):
+        if any(key in v for v in variants.values()):
+            rows.append((label, [fmt(v.get(key)) for v in variants.values()]))
+    batches = list(dict.fromkeys(b for v in variants.values() for b in (v.get("batch_sweep") or {})))
+    for b in batches:
+        cells = []
+        for v in variants.values():
+            r = (v.get("batch_sweep") or {}).get(b, {})
+            cells.append(
+                "error" if "error" in r else f"{fmt(r.get('ms_per_step'), 2)} ms, {fmt(r.get('x_realtime'), 0)}× RT"
+            )
+        rows.append((f"batch {b}", cells))
+    for key, label in (
+        ("memory_loaded_gb", "GB in use, loaded"),
+        ("peak_memory_gb_load", "peak GB, loading"),
+        ("peak_memory_gb_batch1", "peak GB, batch-1 timing"),
+        ("peak_memory_gb", "peak GB, any phase"),
+    ):
+        rows.append((label, [fmt(v.get(key)) for v in variants.values()]))
+    for b in batches:
+        cells = [fmt(((v.get("batch_sweep") or {}).get(b) or {}).get("peak_memory_gb")) for v in variants.values()]
+        rows.append((f"peak GB, sweep batch {b}", cells))
+    print(f"{res['device']} · {res['backend']} · jax {res['jax']} · {res['weights']} · {res['dtype']}")
+    width = max(len(label) for label, _ in rows)
+    cols = [max(len(str(c[i])) for _, c in rows) for i in range(len(names))]
+    for label, cells in rows:
+        print(f"{label:<{width}}  " + "  ".join(f"{str(c):>{w}}" for c, w in zip(cells, cols)))

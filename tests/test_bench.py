@@ -89,6 +89,86 @@ def test_bench_cli_writes_json(capsys):
     assert res["options"]["attention"] == "xla"
 
 
+def test_bench_cli_times_several_weight_formats_in_one_run(capsys):
+    """--quantize none,int8: both variants in one process, each with its own timings and memory."""
+    from jaxtts.cli import main
+
+    # batch 1 in the sweep too: its programs are the batch-1 timing's (one compilation per variant)
+    argv = ["bench", "--preset", "tiny", "--dtype", "float32", "--frames", "4", "--chunk", "4", "--batches", "1"]
+    rc = main([*argv, "--skip", "compile,latency", "--prompt-tokens", "12", "--quantize", "none,int8", "--json", "-"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "ms/frame, batch 1" in out and "peak GB, batch-1 timing" in out  # the side-by-side table
+    res = json.loads(out[out.index("\n{\n") + 1 :])
+    assert res["quantize"] == ["none", "int8"] and list(res["variants"]) == ["none", "int8"]
+    for name, r in res["variants"].items():
+        assert r["quantize"] == name and r["ms_per_frame"] > 0 and r["frames_timed"] == 4
+        assert set(r["batch_sweep"]) == {"1"} and r["batch_sweep"]["1"]["ms_per_step"] > 0
+        # CPU: no device memory statistics; the keys are there for a GPU's figures
+        assert {"memory_loaded_gb", "peak_memory_gb_load", "peak_memory_gb_batch1", "peak_memory_gb"} <= set(r)
+    assert "ms_per_frame" not in res  # per variant only
+    with pytest.raises(JaxttsError, match="--quantize: unknown int4"):
+        bench.parse_quantize("none,int4")
+    assert bench.parse_quantize(None) == [None] and bench.parse_quantize("int8, int8") == ["int8"]
+
+
+class FakeDevice:
+    """A device allocator's statistics: bytes in use and the peak, which only grows."""
+
+    def __init__(self, in_use, peak):
+        self.in_use, self.peak = in_use, peak
+
+    def stats(self):
+        return {"bytes_in_use": self.in_use, "peak_bytes_in_use": self.peak}
+
+    def alloc(self, n):
+        n = -(-n // 256) * 256  # rounded up, as an allocator does
+        self.in_use += n
+        self.peak = max(self.peak, self.in_use)
+        dev = self
+
+        class Buf:
+            def delete(self):
+                dev.in_use -= n
+
+        return [Buf()]
+
+    def run(self, extra):
+        """A phase that allocates `extra` bytes at its highest, then frees them."""
+        self.alloc(extra)[0].delete()
+
+
+def test_memory_phase_measures_each_phase_own_peak():
+    gb = 10**9
+    # An earlier phase peaked at 10 GB; this one holds 2 GB and needs 1 GB more at most.
+    dev = FakeDevice(2 * gb, 10 * gb)
+    with bench.MemoryPhase(dev.stats, dev.alloc) as phase:
+        dev.run(1 * gb)
+    assert phase.start == 2 * gb and abs(phase.peak - 3 * gb) < 1024 and dev.in_use == 2 * gb
+    # A phase above the earlier peak, and one that allocates nothing.
+    with bench.MemoryPhase(dev.stats, dev.alloc) as phase:
+        dev.run(20 * gb)
+    assert abs(phase.peak - 22 * gb) < 1024
+    with bench.MemoryPhase(dev.stats, dev.alloc) as phase:
+        pass
+    assert phase.peak == 2 * gb
+
+    def no_memory(n):
+        raise MemoryError
+
+    # No room for the ballast: a phase below the old peak is unknown, one above it is measured.
+    with bench.MemoryPhase(dev.stats, no_memory) as phase:
+        dev.run(1 * gb)
+    assert phase.peak is None
+    with bench.MemoryPhase(dev.stats, no_memory) as phase:
+        dev.run(30 * gb)
+    assert phase.peak == 32 * gb
+    # No statistics (a CPU).
+    with bench.MemoryPhase(lambda: None, dev.alloc) as phase:
+        pass
+    assert phase.peak is None and phase.start is None and phase.peak_gb is None
+
+
 def test_compare_names():
     assert bench.parse_peers("transformers, original,transformers") == ["transformers", "original"]
     assert bench.parse_peers(None) == []
