@@ -1,6 +1,7 @@
 """GPU check for the matvec kernel at CSM's projection shapes: correctness, timings vs XLA, sweeps.
 
     python -m benchmarks.matvec_check [--sweep none|small|wide] [--budget-s 215] [--out FILE]
+    python -m benchmarks.matvec_check --int8 [--budget-s 215] [--out FILE]
 
 1. Correctness: `matvec` (default config, plus a few others) against `matvec_reference` at every
    CSM shape, M = 1 and 8, bf16 (and float32 for some), plus ragged shapes and method="reduce".
@@ -18,6 +19,12 @@
 
 Stops starting new work after --budget-s seconds so the tables still get printed; the wide sweep
 took 150 s in all on an H200.
+
+--int8 (instead of 1-3): int8 weights with column scales (`jaxtts.quantize`, the GEMV's
+`w_scale=`) against bf16 at every shape, M = 1 and 8, GPU kernel time per call: the bf16 GEMV,
+the int8 GEMV with the default config (the one tuned for bf16, which the model uses), and XLA's
+convert + dot on the int8 weight; TB/s of each from its own weight bytes. Then a sweep of int8
+configs at M = 1 on the four bandwidth-bound shapes (wider K tiles: same bytes per tile as bf16).
 """
 
 from __future__ import annotations
@@ -279,6 +286,105 @@ def time_table(budget: Budget):
             log(line)
 
 
+# --------------------------------------------------------------------------- int8
+
+
+def _int8_operands(key, m, k, n, copies):
+    """xs [m, k] bf16 and, per copy, (W bf16, q int8, column scales) of the same weight."""
+    from jaxtts.quantize import quantize_array
+
+    xs, ws = _operands(key, m, k, n, copies)
+    return xs, [(w, *quantize_array(w)) for w in ws]
+
+
+def _int8_fns(configs=()):
+    """The variants of the int8 table (w = (bf16 W, q, scale)), plus int8 GEMV configs."""
+    from jaxtts.llama import dot_f32
+    from jaxtts.quantize import QuantizedWeight
+
+    fns = {
+        "bf16 pallas": lambda x, w: matvec(x, w[0]),
+        "int8 pallas": lambda x, w: matvec(x, w[1], w[2]),
+        "int8 xla": lambda x, w: dot_f32(x, QuantizedWeight(w[1], w[2])).astype(x.dtype),
+    }
+    for meth, bn, bk, sp, nw, st in configs:
+        fns[(meth, bn, bk, sp, nw, st)] = lambda x, w, c=(meth, bn, bk, sp, nw, st): matvec(
+            x, w[1], w[2], method=c[0], block_n=c[1], block_k=c[2], k_splits=c[3], num_warps=c[4], num_stages=c[5]
+        )
+    return fns
+
+
+# int8 configs at M = 1: K tiles of 2x the bf16 default carry the same bytes per tile
+_INT8_1 = [
+    ("dot", 64, 128, None, 4, 3),
+    ("dot", 64, 256, None, 4, 3),
+    ("dot", 64, 256, None, 4, 4),
+    ("dot", 64, 512, None, 4, 3),
+    ("dot", 64, 256, None, 8, 3),
+    ("dot", 128, 256, None, 4, 3),
+    ("dot", 128, 128, None, 4, 3),
+    ("dot", 32, 256, None, 4, 3),
+    ("reduce", 64, 128, None, 4, 2),
+    ("reduce", 64, 256, None, 4, 2),
+    ("reduce", 128, 128, None, 4, 2),
+]
+
+
+def int8_table(budget: Budget, sweep_shapes=("depth gate_up", "depth down", "backbone gate_up", "backbone down")):
+    log(
+        "## int8 weights vs bf16: GPU kernel µs per call (median ±IQR/2) and TB/s (each variant's own weight "
+        "bytes: int8 + scales, or bf16)"
+    )
+    log("| shape | K×N | M | bf16 pallas µs (TB/s) | int8 pallas µs (TB/s) | int8 xla µs (TB/s) | int8 / bf16 pallas |")
+    log("|---|---|---|---|---|---|---|")
+    key = jax.random.key(4)
+    for name, (k, n) in SHAPES.items():
+        for m in (1, 8):
+            if not budget.left():
+                log(f"| {name} | {k}×{n} | {m} | skipped (time budget) | | | |")
+                continue
+            key, sub = jax.random.split(key)
+            xs, ws = _int8_operands(sub, m, k, n, _copies(k, n))
+            try:
+                wall, dev = _measure(_int8_fns(), xs, ws, wall_reps=0)
+                st = {c: v["busy"] for c, v in dev.items()} if dev else wall
+                b16, b8 = 2 * k * n, k * n + 4 * n
+                cells = [
+                    f"{_us(st[v])} ({b / st[v][0] / 1e12:.2f})"
+                    for v, b in (("bf16 pallas", b16), ("int8 pallas", b8), ("int8 xla", b8))
+                ]
+                ratio = st["int8 pallas"][0] / st["bf16 pallas"][0]
+                log(f"| {name} | {k}×{n} | {m} | {' | '.join(cells)} | {ratio:.2f} |{'' if dev else ' (wall)'}")
+            except Exception as e:
+                log(f"| {name} | {k}×{n} | {m} | ERROR {type(e).__name__}: {str(e)[:200]} | | | |")
+                traceback.print_exc(limit=4)
+            del xs, ws
+    log("\n## int8 sweep at M = 1: GPU kernel µs per call and TB/s, fastest first")
+    for name in sweep_shapes:
+        k, n = SHAPES[name]
+        title = f"{name} {k}×{n} M=1"
+        if not budget.left():
+            log(f"- {title}: skipped (time budget)")
+            continue
+        key, sub = jax.random.split(key)
+        xs, ws = _int8_operands(sub, 1, k, n, _copies(k, n, min_bytes=160e6))
+        good = _compiling(_int8_fns(_split_variants(1, k, n, _INT8_1)), xs[:1], ws[:1], title)
+        try:
+            wall, dev = _measure(good, xs, ws, wall_reps=0, dev_reps=10)
+        except Exception as e:
+            log(f"- {title}: ERROR {type(e).__name__}: {str(e)[:200]}")
+            continue
+        st = {c: v["busy"] for c, v in dev.items()} if dev else wall
+        b8 = k * n + 4 * n
+        order = sorted(st, key=lambda c: st[c][0])
+        log(
+            f"- {title} [t={elapsed():.0f} s]{'' if dev else ' (WALL-CLOCK)'} "
+            f"(default {tuple(default_config(1, k, n))}): "
+            + ", ".join(f"{c} {_us(st[c])} ({b8 / st[c][0] / 1e12:.2f})" for c in order[:10])
+        )
+        del xs, ws
+
+
 # --------------------------------------------------------------------------- sweeps
 
 # (method, block_n, block_k, k_splits, num_warps, num_stages); k_splits None = default for the blocks
@@ -491,6 +597,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", choices=("none", "small", "wide"), default="wide")
     p.add_argument("--budget-s", type=float, default=215.0, help="start no new case after this")
     p.add_argument("--out", help="also write the tables (markdown) here")
+    p.add_argument("--int8", action="store_true", help="int8 weights vs bf16 and an int8 config sweep (only)")
     args = p.parse_args(argv)
 
     dev = jax.devices()[0]
@@ -503,6 +610,12 @@ def main(argv=None) -> int:
         log("not a GPU: nothing to check here (tests/test_matvec.py runs the kernel in interpret mode)")
         return 1
     budget = Budget(args.budget_s)
+    if args.int8:
+        int8_table(budget)
+        log(f"\ntotal {elapsed():.0f} s")
+        if args.out:
+            write_log(args.out)
+        return 0
     ok = check_correctness(budget)
     log(f"(correctness done at {elapsed():.0f} s)")
     time_table(budget)
