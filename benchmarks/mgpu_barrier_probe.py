@@ -15,7 +15,9 @@ kernel boundary. This probe measures both on the GPU:
   block: all zeros shows the barrier orders the writes (a block never reads a stale tile).
   Time per barrier = (t(P=256) - t(P=64)) / 192, so the launch and the program's dispatch cancel.
 - kernel chain: the same tile exchange as P separate kernels, each reading the previous one's
-  output (one XLA program): time per boundary = (t(P=256) - t(P=64)) / 192.
+  output (one XLA program, the calls unrolled): time per boundary = (t(P=256) - t(P=64)) / 192.
+  (A first run with the chain in a `lax.fori_loop` measured 13.9 µs per boundary: mostly the
+  while loop's own per-iteration cost, docs/bench/2026-12-03-h200-barrier-probe.md.)
 
 Needs an sm_90 GPU and JAX >= 0.11 (Pallas' Mosaic GPU interpreter has no semaphores, so this
 does not run on a CPU). Timings: median of --reps runs of one jitted program each (wall clock,
@@ -109,7 +111,9 @@ def chain_kernel(phases: int, blocks: int):
     @jax.jit
     def run():
         x = jnp.zeros((blocks, *TILE), jnp.float32)
-        return lax.fori_loop(0, phases, lambda _, x: step(x), x)
+        for _ in range(phases):  # unrolled: an XLA while loop adds its own per-iteration cost
+            x = step(x)
+        return x
 
     return run
 

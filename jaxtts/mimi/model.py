@@ -175,9 +175,16 @@ def conv1d(p, x, history, *, stride=1, dilation=1, replicate=False):
         first = x[:, :1] if replicate else jnp.zeros_like(x[:, :1])
         history = jnp.broadcast_to(first, (x.shape[0], context, x.shape[2]))
     xx = jnp.concatenate([history.astype(x.dtype), x], axis=1)
-    y = lax.conv_general_dilated(
-        xx, p["w"], (stride,), "VALID", rhs_dilation=(dilation,), dimension_numbers=("NWC", "WIO", "NWC")
-    )
+    # As one matmul over the k taps side by side (im2col), not lax.conv: on the GPU, XLA hands
+    # 1-D convolutions of audio length to cuDNN, whose algorithm search planned workspaces of
+    # 129-258 GiB for Mimi (the "Can't reduce memory use below 106 GiB" warnings and a failed
+    # 258 GiB allocation on the H200) and made most of Mimi's compile time.
+    t_out = x.shape[1] // stride
+    span = (t_out - 1) * stride + 1
+    taps = [lax.slice_in_dim(xx, i * dilation, i * dilation + span, stride, axis=1) for i in range(k)]
+    cols = taps[0] if k == 1 else jnp.concatenate(taps, axis=-1)  # [B, T/stride, k·Cin]
+    w = p["w"]
+    y = cols @ w.reshape(k * w.shape[1], w.shape[2])
     if "b" in p:
         y = y + p["b"]
     return y, xx[:, xx.shape[1] - context :]
