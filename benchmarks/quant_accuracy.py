@@ -449,18 +449,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--from-json", metavar="FILE", help="print the tables of a saved --json result and exit")
     args = p.parse_args(argv)
+    command = "python -m benchmarks.quant_accuracy " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.from_json:
         print(table(json.loads(Path(args.from_json).read_text())))
         return 0
     if args.disk:
-        sizes = dict(model=args.model, **disk_sizes(args.model, args.seed))
+        sizes = dict(model=args.model, command=command, jax=jax.__version__, **disk_sizes(args.model, args.seed))
         print(sizes)
         if args.json:
             Path(args.json).write_text(json.dumps(sizes, indent=1) + "\n")
         return 0
     if jax.default_backend() == "gpu":  # fp32 is the reference: true float32 matmuls, not TF32
         jax.config.update("jax_default_matmul_precision", "highest")
-    result = run(args.model, args.frames, args.group, args.seed, free=not args.no_free_running)
+    result = dict(command=command, **run(args.model, args.frames, args.group, args.seed, free=not args.no_free_running))
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

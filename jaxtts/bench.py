@@ -548,9 +548,12 @@ def _time_variant(args, model, opts, skip: set, batches: list, out: dict) -> Non
             out["kernels_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if args.breakdown:
         out.update(breakdown(model, opts, args.prompt_tokens, args.chunk))
-    if "latency" not in skip:
-        out["first_audio_ms"] = 1000 * time_first_audio(model, _codec(args), opts, prompt_tokens=args.prompt_tokens)
     peaks = [out["peak_memory_gb_load"], b1.peak_gb]
+    if "latency" not in skip:
+        with MemoryPhase() as latency:  # Mimi too
+            out["first_audio_ms"] = 1000 * time_first_audio(model, _codec(args), opts, prompt_tokens=args.prompt_tokens)
+        out["peak_memory_gb_first_audio"] = latency.peak_gb
+        peaks.append(latency.peak_gb)
     if "sweep" not in skip:
         sweep = {}
         for b in batches:
@@ -616,6 +619,7 @@ def _print_variants(res: dict) -> None:
         ("memory_loaded_gb", "GB in use, loaded"),
         ("peak_memory_gb_load", "peak GB, loading"),
         ("peak_memory_gb_batch1", "peak GB, batch-1 timing"),
+        ("peak_memory_gb_first_audio", "peak GB, first audio"),
         ("peak_memory_gb", "peak GB, any phase"),
     ):
         rows.append((label, [fmt(v.get(key)) for v in variants.values()]))
