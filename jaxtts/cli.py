@@ -241,6 +241,10 @@ def main(argv=None) -> int:
     if args.command == "env":
         return _env(args)
     if args.command == "serve":
+        if args.ray:
+            from jaxtts.ray_serve import run_ray_serve
+
+            return run_ray_serve(args)
         from jaxtts.server import run_serve
 
         return run_serve(args)

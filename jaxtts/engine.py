@@ -774,6 +774,11 @@ class Engine:
         }
 
     @property
+    def running(self) -> bool:
+        """Whether the engine's thread is serving (False once closed, or if it died)."""
+        return self._thread.is_alive()
+
+    @property
     def compilations(self) -> int:
         """XLA programs compiled on the engine's thread so far (warmup included)."""
         return compilations(self._thread.ident)

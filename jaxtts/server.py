@@ -197,14 +197,16 @@ class EngineAdapter:
             self.store.remove(name)
 
 
-def make_engine(tts, *, max_batch: int, voices_dir: str | None, devices=None):
+def make_engine(tts, *, max_batch: int, voices_dir: str | None, devices=None, **options):
     """The engine `jaxtts serve` runs (the engine's constructor, known here only). devices: the
-    engine's `devices` (None: the default device; "all" / N / a list: the pool split over them)."""
+    engine's `devices` (None: the default device; "all" / N / a list: the pool split over them);
+    options: more of `Engine`'s arguments (pool_sizes, chunk_frames, ...)."""
     from jaxtts.engine import Engine
     from jaxtts.voices import VoiceStore
 
     store = VoiceStore(voices_dir) if voices_dir else VoiceStore()
-    return Engine(tts, max_batch=max_batch, voices=store, queue_limit=max(256, 4 * max_batch), devices=devices)
+    options = {"queue_limit": max(256, 4 * max_batch), **options}
+    return Engine(tts, max_batch=max_batch, voices=store, devices=devices, **options)
 
 
 # --------------------------------------------------------------------------- streaming encoders
@@ -1186,6 +1188,25 @@ def add_serve_parser(subparsers):
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--quiet", action="store_true", help="no progress bars while loading")
+    ray = p.add_argument_group("Ray Serve (--ray; pip install 'jaxtts[ray]'; jaxtts.ray_serve)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: replicas of this server (one per GPU by default) behind Ray's proxy "
+        "on --host/--port",
+    )
+    ray.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas (default 1)")
+    ray.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="Ray Serve autoscaling between MIN and MAX")
+    ray.add_argument(
+        "--target-ongoing",
+        type=int,
+        default=None,
+        help="with --autoscale: requests in flight per replica Ray aims for (default --max-batch)",
+    )
+    ray.add_argument(
+        "--gpus-per-replica", type=float, default=None, help="default 1 if the Ray cluster has GPUs, else 0"
+    )
+    ray.add_argument("--ray-address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else a local one)")
     return p
 
 
@@ -1201,6 +1222,11 @@ def run_serve(args) -> int:
         raise JaxttsError("jaxtts serve needs the serve extra: pip install 'jaxtts[serve]'") from None
     if args.random_weights and (args.model or args.codec):
         raise JaxttsError("--random-weights builds its own weights: drop --model/--codec, or drop --random-weights")
+    ray_only = ("replicas", "autoscale", "target_ongoing", "gpus_per_replica", "ray_address")
+    if any(getattr(args, name, None) is not None for name in ray_only):
+        raise JaxttsError(
+            "--replicas, --autoscale, --target-ongoing, --gpus-per-replica and --ray-address go with --ray"
+        )
     validation.integer("--port", args.port, low=0, high=65535)
     validation.integer("--max-batch", args.max_batch, low=1, high=4096)
     validation.integer("--max-input-chars", args.max_input_chars, low=1)

@@ -139,7 +139,7 @@ def resolve_devices(devices, *, what: str = "devices", local: bool = True) -> li
         n = int(devices)
         if not 1 <= n <= len(available):
             raise JaxttsError(
-                f"{what} {n}: {'this host has' if local else 'there are'} {where}; give 'all' or a number "
+                f"{what} {n}: {'this host has' if local else 'JAX sees'} {where}; give 'all' or a number "
                 f"from 1 to {len(available)}"
             )
         return list(available[:n])

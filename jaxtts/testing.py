@@ -34,3 +34,14 @@ def prompt_state(
         key=row_keys(range(seed, seed + batch)),
         opts=opts,
     )
+
+
+def tiny_tts(seed: int = 1, *, max_silence_ms: float | None = None, **kwargs):
+    """A TTS over the tiny random CSM (float32, seed `seed`: the tests' `tiny_csm`) and the
+    full-size random Mimi (seed 0): a whole pipeline in seconds on a CPU, saying noise. Importable
+    by name ("jaxtts.testing:tiny_tts"), e.g. for Ray Serve replicas in tests."""
+    from jaxtts.config import preset
+    from jaxtts.mimi import Mimi
+    from jaxtts.tts import TTS
+
+    return TTS(CSM.random(preset("tiny"), seed=seed), Mimi.random(seed=0), max_silence_ms=max_silence_ms, **kwargs)

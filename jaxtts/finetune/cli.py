@@ -80,6 +80,10 @@ def run_finetune(args) -> int:
 
         initialize_distributed(*hosts)
         distributed = True
+    if args.devices is not None:  # checked before the data and weights load
+        from jaxtts.sharding import resolve_devices
+
+        resolve_devices(args.devices, what="--devices", local=False)
     from jaxtts.finetune.train import finetune
     from jaxtts.tts import enable_compilation_cache
 

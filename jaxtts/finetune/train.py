@@ -228,12 +228,14 @@ def lr_schedule(c: FinetuneConfig) -> optax.Schedule:
     )
 
 
-def compute_model(spec: StepSpec, layout: Layout, trainable: dict, frozen: dict, consts) -> CSM:
+def compute_model(spec: StepSpec, layout: Layout, trainable: dict, frozen: dict, consts, gather=None) -> CSM:
     """The CSM a step runs: LoRA merged, weights cast to the compute dtype (float32 masters stay
-    in the train state, so their gradients and optimizer state are float32)."""
+    in the train state, so their gradients and optimizer state are float32). `gather`: applied to
+    the compute-dtype weights (FSDP: made whole on every device before use)."""
     params = trainable if spec.lora is None else lora_lib.merge(frozen, trainable, spec.lora)
     compute = resolve_dtype(spec.compute_dtype)
-    return layout.module({n: p.astype(compute) for n, p in params.items()}, consts)
+    params = {n: p.astype(compute) for n, p in params.items()}
+    return layout.module(params if gather is None else gather(params), consts)
 
 
 @functools.lru_cache(maxsize=16)
@@ -245,8 +247,14 @@ def train_step_fn(spec: StepSpec, layout: Layout, mesh: BatchMesh | None = None,
     sums) reduced across devices; the new state keeps the layout of the old (replicated, or
     `fsdp`-split)."""
 
+    # FSDP: the weights are split at rest (masters, optimizer state) and gathered whole, in the
+    # compute dtype, for the forward and backward passes (whose weight gradients XLA then
+    # reduce-scatters back to the split layout). Left to itself, the partitioner would split the
+    # activations along the weights' split axes (heads) and move them around instead.
+    gather = (lambda params: mesh.constrain(params, None)) if mesh is not None and fsdp else None
+
     def forward(trainable, frozen, consts, batch, key):
-        return csm_loss(compute_model(spec, layout, trainable, frozen, consts), batch, key, spec.loss)
+        return csm_loss(compute_model(spec, layout, trainable, frozen, consts, gather), batch, key, spec.loss)
 
     if spec.remat:  # keep only the weight matmuls' outputs; recompute attention and elementwise work
         forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
@@ -268,13 +276,14 @@ def train_step_fn(spec: StepSpec, layout: Layout, mesh: BatchMesh | None = None,
 
 
 @functools.lru_cache(maxsize=16)
-def eval_step_fn(spec: StepSpec, layout: Layout) -> Callable:
+def eval_step_fn(spec: StepSpec, layout: Layout, mesh: BatchMesh | None = None, fsdp: bool = False) -> Callable:
     """jit(params, frozen, consts, batch) → summed loss terms, depth decoder on every frame."""
     loss_cfg = replace(spec.loss, depth_fraction=1.0)
+    gather = (lambda params: mesh.constrain(params, None)) if mesh is not None and fsdp else None  # see train_step_fn
 
     @jax.jit
     def step(trainable, frozen, consts, batch):
-        model = compute_model(spec, layout, trainable, frozen, consts)
+        model = compute_model(spec, layout, trainable, frozen, consts, gather)
         return loss_terms(model, batch, jax.random.key(0), loss_cfg)
 
     return step
@@ -290,9 +299,10 @@ def evaluate(
     batch_size: int,
     limit: int,
     mesh: BatchMesh | None = None,
+    fsdp: bool = False,
 ) -> float:
     """Mean loss over held-out examples (batches padded with unscored copies to keep one shape)."""
-    fn = eval_step_fn(spec, layout)
+    fn = eval_step_fn(spec, layout, mesh, fsdp)
     totals = None
     for i in range(0, len(examples), batch_size):
         group = examples[i : i + batch_size]
@@ -589,7 +599,7 @@ def _train(
                 "seconds": seconds,
             }
             if held and (step % cfg.eval_every == 0 or step == cfg.steps):
-                eval_loss = evaluate(spec, layout, state, frozen, consts, held, cfg.batch_size, limit, mesh)
+                eval_loss = evaluate(spec, layout, state, frozen, consts, held, cfg.batch_size, limit, mesh, cfg.fsdp)
                 record["eval_loss"] = eval_loss
             if not math.isfinite(record["loss"]):
                 raise JaxttsError(
