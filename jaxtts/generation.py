@@ -180,17 +180,16 @@ def _decode_frames(
 # The depth decoder's projected code embeddings, looked up in a precomputed table (134 MB for
 # CSM-1B in bf16) when `DecodeOptions.audio_table` and the Pallas kernels are on; on CPU building
 # the table costs more than it saves.
-_AUDIO_TABLES = weakref.WeakKeyDictionary()  # model → ((embeddings, projection, its int8 scales), table)
+_AUDIO_TABLES = weakref.WeakKeyDictionary()  # model → ((embeddings, projection, their int8 scales), table)
 
 
 def audio_table(model: CSM):
     """`model.projected_audio_embeddings()`, computed once per set of weights (new weights, e.g.
     after fine-tuning, are new arrays and get a new table)."""
-    scale = getattr(model, "projection_scale", None)  # int8 weights: the column scales
-    key = (
-        model.audio_embeddings.get_value(),
-        model.projection.get_value(),
-        None if scale is None else scale.get_value(),
+    key = tuple(
+        None if getattr(model, name, None) is None else getattr(model, name).get_value()
+        # int8: the table's row scales and the projection's column scales too
+        for name in ("audio_embeddings", "projection", "audio_embeddings_scale", "projection_scale")
     )
     hit = _AUDIO_TABLES.get(model)
     if hit is None or any(a is not b for a, b in zip(hit[0], key)):

@@ -660,6 +660,19 @@ def test_int8_frame_takes_the_bf16_kernels_reading_int8():
     assert all(k.endswith("int8") for k in off["xla_dots_on_weights"]) and not off["whole_int8_converts_not_into_a_dot"]
 
 
+def test_int8_audio_table_is_the_projection_of_the_dequantized_rows_and_follows_the_scales(random_csm):
+    from jaxtts.generation import audio_table
+
+    model = quantize_model(random_csm("tiny", seed=2))
+    rows = dequantize_rows(model.audio_embeddings[...], model.audio_embeddings_scale[...])
+    want = np.asarray(dense(rows, QuantizedWeight(model.projection[...], model.projection_scale[...])))
+    table = audio_table(model)
+    np.testing.assert_allclose(np.asarray(table), want, rtol=1e-5, atol=1e-5)
+    assert audio_table(model) is table
+    model.audio_embeddings_scale.set_value(model.audio_embeddings_scale[...] * 2)  # new row scales: a new table
+    np.testing.assert_allclose(np.asarray(audio_table(model)), 2 * want, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_kernels_option_keeps_int8_weights_off_the_kernels():
     opts = DecodeOptions(attention="pallas_interpret")
     assert opts.uses_matvec(1, 64, 64, quantized=True) and opts.uses_fused_step(1, quantized=True)
