@@ -179,9 +179,9 @@ class TTS:
     ) -> TTS:
         """Load CSM and Mimi. With no paths, look in the jaxtts cache, then the Hugging Face cache.
 
-        `quantize="int8"`: the projections and heads as int8 weights with per-column scales
-        (`jaxtts.quantize`; quantized at load time unless the checkpoint already is; `dtype` is
-        then that of the activations, embeddings and norms). An int8 checkpoint loads as int8
+        `quantize="int8"`: the projections and heads as int8 weights with per-column scales, the
+        embedding tables with per-row scales (`jaxtts.quantize`; quantized at load time unless the
+        checkpoint already is; `dtype` is then that of the activations and norms). An int8 checkpoint loads as int8
         either way. `random_weights=True` builds full-size CSM-1B and Mimi with random weights:
         the whole pipeline runs, but the output is noise (for checking an install or benchmarking).
         """
