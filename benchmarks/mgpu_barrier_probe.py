@@ -27,7 +27,6 @@ block_until_ready), after two warm-up runs.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
