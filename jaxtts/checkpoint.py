@@ -71,7 +71,11 @@ def write_checkpoint(
     if quantization is not None:
         meta["quantization"] = quantization
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    with ocp.StandardCheckpointer() as ckpt:
+    options = {}
+    if jax.process_count() > 1:  # one process of several writes (a multi-host fine-tune's export): alone
+        me = jax.process_index()
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(**options) as ckpt:
         ckpt.save((directory / "params").absolute(), _stringify_keys(params))
         ckpt.wait_until_finished()
 

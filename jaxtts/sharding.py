@@ -181,16 +181,28 @@ def initialize_distributed(
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     except (RuntimeError, ValueError) as e:
-        raise JaxttsError(f"jax.distributed.initialize() failed: {' '.join(str(e).split())[:300]}") from None
+        hint = ""
+        if "before any JAX calls" in str(e):
+            hint = (
+                " (call jaxtts.sharding.initialize_distributed() first thing in the process, before building or "
+                "loading a model; then finetune(distributed=True) goes on)"
+            )
+        raise JaxttsError(f"jax.distributed.initialize() failed: {' '.join(str(e).split())[:300]}{hint}") from None
 
 
 def to_host(tree):
-    """Arrays as numpy on this process, also arrays split over other hosts' devices (gathered)."""
+    """Arrays as numpy on this process: this process's own arrays as they are, global arrays
+    spanning other hosts' devices gathered whole."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
 
-    return multihost_utils.process_allgather(tree, tiled=True)
+    def get(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return jax.device_get(a)
+
+    return jax.tree.map(get, tree)
 
 
 __all__ = ["AXIS", "BatchMesh", "batch_mesh", "initialize_distributed", "resolve_devices", "to_host"]
