@@ -247,16 +247,20 @@ def run_ray_serve(args) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"jaxtts serve --ray: ready on http://{host}:{args.port}/", file=sys.stderr, flush=True)
     try:
-        import time
-
-        while True:
-            time.sleep(3600)
+        _wait_for_interrupt()
     except KeyboardInterrupt:
         pass
     finally:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _wait_for_interrupt() -> None:
+    """Block until Ctrl-C (the replicas serve in Ray's processes meanwhile)."""
+    import threading
+
+    threading.Event().wait()
 
 
 __all__ = ["REPLICA_HEADER", "SpeechReplica", "app_builder", "build", "run_ray_serve"]

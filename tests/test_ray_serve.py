@@ -117,3 +117,41 @@ def test_build_arguments_are_checked():
     assert options.autoscaling_config.max_replicas == 4
     assert options.autoscaling_config.target_ongoing_requests == 8
     assert options.max_ongoing_requests == 16
+
+
+def test_serve_ray_command_wiring(monkeypatch, capsys):
+    """`jaxtts serve --ray` checks its options, then starts Serve's proxy on --host/--port and runs
+    the application `build` makes (Ray itself replaced here)."""
+    import jaxtts.ray_serve as rs
+    from jaxtts.cli import main
+
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "go with --ray" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--replicas", "2", "--autoscale", "1:2"]) == 2
+    assert "--replicas or --autoscale" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--autoscale", "4:2"]) == 2
+    assert "MIN:MAX" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--devices", "some"]) == 2
+    assert "'all' or a number" in capsys.readouterr().err
+
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(init=kw))
+    monkeypatch.setattr(ray, "shutdown", lambda: seen.update(ray_down=True))
+    monkeypatch.setattr(serve, "start", lambda **kw: seen.update(start=kw))
+    monkeypatch.setattr(serve, "run", lambda app, **kw: seen.update(app=app, run=kw))
+    monkeypatch.setattr(serve, "shutdown", lambda: seen.update(serve_down=True))
+    monkeypatch.setattr(rs, "build", lambda tts, **kw: seen.update(tts=tts, build=kw) or "app")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rs, "_wait_for_interrupt", interrupted)
+    args = ["serve", "--ray", "--random-weights", "--autoscale", "1:3", "--max-batch", "8", "--port", "8123"]
+    assert main([*args, "--gpus-per-replica", "0.5", "--api-key", "k"]) == 0
+    assert seen["start"]["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    assert seen["tts"] == {"random_weights": True}
+    assert seen["build"]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3}
+    assert seen["build"]["num_replicas"] is None and seen["build"]["gpus_per_replica"] == 0.5
+    assert seen["build"]["max_batch"] == 8 and seen["build"]["app_options"]["api_key"] == "k"
+    assert seen["app"] == "app" and seen["run"] == {"name": "jaxtts", "route_prefix": "/"}
+    assert seen["serve_down"] and seen["ray_down"]
