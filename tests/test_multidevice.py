@@ -5,7 +5,8 @@ round-trips through an Orbax checkpoint. Bad device counts are one-line errors.
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX starts, and this pytest
 process runs on one device: the checks run in one subprocess (tests/multidevice_check.py), which
-writes its findings to a JSON file that the tests below assert on.
+writes its findings to a JSON file that the tests below assert on. A fine-tune over two processes
+(jax.distributed on loopback, tests/multihost_check.py) is opt-in: JAXTTS_TEST_MULTIHOST=1.
 """
 
 import json
@@ -102,3 +103,70 @@ def test_serve_and_finetune_commands_refuse_bad_devices(capsys):
     assert "--devices 2: JAX sees 1 cpu device;" in capsys.readouterr().err
     assert main(["finetune", "--data", "none.jsonl", "--out", "none", "--process-id", "1"]) == 2
     assert "go with --distributed" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not os.environ.get("JAXTTS_TEST_MULTIHOST"),
+    reason="opt-in (about 2 minutes on 2 cores): JAXTTS_TEST_MULTIHOST=1 runs two processes x 2 CPU devices",
+)
+def test_two_processes_fine_tune_like_one_device(tmp_path):
+    """A fine-tune over two processes (jax.distributed on 127.0.0.1, 2 CPU devices each, FSDP)
+    ends with the single-device run's weights; one stopped after 2 steps and resumed on ONE
+    device ends with the uninterrupted 3-step run's weights."""
+    import socket
+
+    import numpy as np
+    import soundfile as sf
+
+    from jaxtts.csm import CSM, _flat, param_dict
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for i in range(8):
+        t = np.arange(int(24_000 * (0.4 + 0.1 * i))) / 24_000
+        sf.write(data / f"c{i}.wav", (0.3 * np.sin(2 * np.pi * (150 + 50 * i) * t)).astype(np.float32), 24_000)
+        lines.append(json.dumps({"id": f"c{i}", "audio": f"c{i}.wav", "text": f"Clip number {i}.", "speaker": i % 2}))
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXTTS_COMPILE_CACHE="0")
+    script = Path(__file__).with_name("multihost_check.py")
+
+    def run(out: str, steps: int, processes: int) -> list[dict]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [str(data / "train.jsonl"), str(tmp_path / out), str(steps)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), *argv, str(i), str(processes), str(port)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(processes)
+        ]
+        results = []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=600)
+            assert p.returncode == 0, stderr[-3000:]
+            results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+        return results
+
+    def weights(out: str) -> dict:
+        return {k: np.asarray(v) for k, v in _flat(param_dict(CSM.load(tmp_path / out / "model")))}
+
+    hosts = run("hosts", 3, 2)
+    assert [(r["processes"], r["devices"]) for r in hosts] == [(2, 4)] * 2
+    assert hosts[0]["losses"] == hosts[1]["losses"] and len(hosts[0]["losses"]) == 3
+    single = run("single", 3, 1)[0]
+    np.testing.assert_allclose(hosts[0]["losses"], single["losses"], rtol=1e-5)
+    a, b = weights("hosts"), weights("single")
+    assert max(float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in a) < 1e-4
+
+    run("resumed", 2, 2)
+    resumed = run("resumed", 3, 1)[0]  # the 2-process checkpoint of step 2, restored on one device
+    assert len(resumed["losses"]) == 1
+    np.testing.assert_allclose(resumed["losses"], hosts[0]["losses"][2:], rtol=1e-5)
+    c = weights("resumed")
+    assert max(float(np.abs(a[k] - c[k]).max() / np.abs(a[k]).max()) for k in a) < 1e-5
