@@ -260,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-frames", type=int, default=8, help="frames per decode call once audio flows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--http", action="store_true", help="also run each client count through the HTTP server")
+    p.add_argument(
+        "--run-ahead",
+        action="store_true",
+        help="Engine(run_ahead=True): the next chunk decodes while one is handed out",
+    )
     p.add_argument("--out", default="serving.json", help="JSON results (default serving.json)")
     return p
 
@@ -280,7 +285,13 @@ def build_engine(args):
         # No silence guard: every request runs its full length (random weights never end on their own).
         tts = jaxtts.load(dtype=args.dtype, random_weights=args.random_weights, progress=False, max_silence_ms=None)
     max_batch = args.max_batch or max(args.clients)
-    return Engine(tts, max_batch=max_batch, queue_limit=4 * max(args.clients), chunk_frames=args.chunk_frames)
+    return Engine(
+        tts,
+        max_batch=max_batch,
+        queue_limit=4 * max(args.clients),
+        chunk_frames=args.chunk_frames,
+        run_ahead=args.run_ahead,
+    )
 
 
 def main(argv=None) -> int:

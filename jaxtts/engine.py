@@ -522,6 +522,16 @@ class _Job:
     started_at: float = 0.0
 
 
+@dataclass
+class _Chunk:
+    """A decode chunk on its way: the job of each row when it was dispatched, and its outputs."""
+
+    jobs: list
+    frames: jax.Array
+    emitted: jax.Array
+    pcm: jax.Array
+
+
 class _Pool:
     """`size` decode rows on the device (state, Mimi streams, sampling settings) and the job
     holding each row (None: free)."""
@@ -642,6 +652,10 @@ class Engine:
     over them (`jaxtts.sharding`), each device decoding its own rows; max_batch and the pool
     sizes are rounded up to multiples of the device count. A request's frames are the same as on
     one device.
+    run_ahead: keep the next chunk decoding on the device while the host hands out the current
+    one (hides the host's share of a chunk; a request joining the batch may then wait for the
+    chunk already on its way). Each request's frames are the same either way. Off by default
+    until measured on a GPU (`python -m benchmarks.serving --run-ahead`).
     """
 
     def __init__(
@@ -661,8 +675,10 @@ class Engine:
         options: DecodeOptions | None = None,
         max_silence_ms: float | None = defaults.MAX_SILENCE_MS,
         devices=None,
+        run_ahead: bool = False,
     ):
         self.tts = _as_tts(tts_or_model_parts, options, max_silence_ms)
+        self.run_ahead = validation.boolean("run_ahead", run_ahead)
         self.mesh = batch_mesh(devices)
         self.max_batch = validation.integer("max_batch", max_batch, low=1, high=4096)
         if self.mesh is not None:
@@ -692,6 +708,7 @@ class Engine:
         self._tasks: list = []
         self._closing = False
         self._pool: _Pool | None = None
+        self._ahead: _Chunk | None = None  # the chunk decoding ahead on the device (see _decode)
         self._admitting: list[_Job] = []  # taken off the queue, not yet in a slot
         self._small_streak = 0
         self._service_s = 1.0  # running mean of request service time (admission to end), for Busy
@@ -1110,16 +1127,46 @@ class Engine:
         return _pad_cache(ctx.cache, self._prefill_len)
 
     def _decode(self, pool: _Pool) -> None:
-        """Decode one chunk for the whole pool and hand each live row its new audio."""
-        fresh = any(j is not None and j.produced == 0 for j in pool.jobs)
-        frames, emitted, pcm = self._run_chunk(pool, self.first_chunk_frames if fresh else self.chunk_frames)
-        for slot, job in enumerate(pool.jobs):
-            if job is not None:
-                self._deliver(job, frames[:, slot], emitted[:, slot], pcm[slot])
+        """Hand each live row its next chunk of audio (with `run_ahead`, keeping one chunk ahead
+        on the device).
 
-    def _run_chunk(self, pool: _Pool, n: int):
-        """n frames for every row of the pool, and their audio: host arrays frames [n, B, 32]
-        (as Mimi codes), emitted [n, B], PCM [B, n·1920]."""
+        The chunk dispatched at the previous boundary (if any) is handed out now; before that the
+        next one is dispatched, so that the device decodes while the host reads, checks and
+        delivers audio (at batch 1 the host's share of a chunk is otherwise device idle time).
+        Nothing runs ahead while requests wait in the queue: they join at the next boundary, and
+        a chunk already on its way would make them wait one chunk longer. A row that ended or was
+        cancelled meanwhile is skipped (its slot's rows are ignored until a new prompt overwrites
+        them), so every request gets exactly the frames it gets without running ahead."""
+        chunk, self._ahead = self._ahead, None
+        if chunk is not None and not any(j is not None and j.slot is not None for j in chunk.jobs):
+            chunk = None  # every row of it has ended: nothing to hand out
+        if chunk is None:
+            fresh = any(j is not None and j.produced == 0 for j in pool.jobs)
+            chunk = self._dispatch(pool, self.first_chunk_frames if fresh else self.chunk_frames)
+        with self._lock:
+            waiting = bool(self._queue)
+        # Nothing to run ahead for when every row of the chunk reaches its frame limit in it.
+        ending = all(
+            j is None or j.slot is None or j.produced + chunk.frames.shape[0] >= j.max_frames for j in chunk.jobs
+        )
+        if self.run_ahead and not waiting and not ending:
+            # Rows admitted after `chunk` was dispatched still wait for their first (short) chunk.
+            in_chunk = {id(j) for j in chunk.jobs}
+            fresh = any(j is not None and j.produced == 0 and id(j) not in in_chunk for j in pool.jobs)
+            self._ahead = self._dispatch(pool, self.first_chunk_frames if fresh else self.chunk_frames)
+        frames, emitted, pcm = (np.asarray(a) for a in (chunk.frames, chunk.emitted, chunk.pcm))
+        for row, job in enumerate(chunk.jobs):
+            if job is not None and job.slot is not None:  # still running (a moved pool keeps its jobs)
+                self._deliver(job, frames[:, row], emitted[:, row], pcm[row])
+
+    def _dispatch(self, pool: _Pool, n: int) -> _Chunk:
+        """Start decoding n frames for every row of the pool, and their audio (device arrays:
+        frames [n, B, 32] as Mimi codes, emitted [n, B], PCM [B, n·1920])."""
+        return _Chunk(list(pool.jobs), *self._run_chunk(pool, n, fetch=False))
+
+    def _run_chunk(self, pool: _Pool, n: int, fetch: bool = True):
+        """n frames for every row of the pool, and their audio: frames [n, B, 32] (as Mimi
+        codes), emitted [n, B], PCM [B, n·1920]; host arrays, or device arrays with fetch=False."""
         pool.state, frames, emitted = decode_chunk(
             self.tts.model, pool.state, pool.table.device(), n, opts=self.tts.options, mesh=self.mesh
         )
@@ -1130,6 +1177,8 @@ class Engine:
             pool.mimi, frames, pcm = _decode_audio(
                 codec.params, pool.mimi, frames, cfg=codec.config, cardinality=codec.cardinality, **sharded
             )
+        if not fetch:
+            return frames, emitted, pcm
         return np.asarray(frames), np.asarray(emitted), np.asarray(pcm)
 
     def _deliver(self, job: _Job, frames: np.ndarray, emitted: np.ndarray, pcm: np.ndarray) -> None:
@@ -1201,7 +1250,7 @@ class Engine:
     def _fail_pool(self, error: Exception) -> None:
         """A chunk boundary failed for the whole batch: its rows (and those being admitted) fail,
         the pool starts afresh."""
-        pool, self._pool = self._pool, None
+        pool, self._pool, self._ahead = self._pool, None, None
         for job in [j for j in (pool.jobs if pool else []) if j is not None] + self._admitting:
             job.slot = None
             job.handle._set_status(
@@ -1225,7 +1274,7 @@ class Engine:
             task()
         for job in queued + [j for j in (self._pool.jobs if self._pool else []) if j is not None]:
             job.handle._set_status(CANCELLED)
-        self._pool = None
+        self._pool, self._ahead = None, None
 
     # --- warmup (engine thread) ----------------------------------------------------------------
     def _warmup(self, text_tokens: int, context_rows: int, encode: bool) -> dict:

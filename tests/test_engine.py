@@ -48,6 +48,25 @@ def engine(tts):
 
 
 @pytest.fixture(scope="module")
+def ahead(tts):
+    """The main engine's configuration, keeping one chunk ahead on the device (`run_ahead`)."""
+    eng = Engine(
+        tts,
+        max_batch=4,
+        pool_sizes=(1, 4),
+        chunk_frames=2,
+        first_chunk_frames=2,
+        max_prefill=2,
+        shrink_after=1,
+        run_ahead=True,
+    )
+    eng.warmup_report = eng.warmup(text_tokens=32, context_rows=32, encode=False)
+    eng.compiled_at_warmup = eng.compilations
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
 def one_slot(tts):
     """A 1-slot engine (its programs are the main engine's 1-row ones, plus a 1-frame first chunk)."""
     eng = Engine(tts, max_batch=1, chunk_frames=2, first_chunk_frames=1, queue_limit=1)
@@ -92,9 +111,12 @@ REQUESTS = [
 ]
 
 
-def test_overlapping_submissions_equal_generate_alone(engine, tts):
+@pytest.mark.parametrize("which", ["engine", "ahead"])
+def test_overlapping_submissions_equal_generate_alone(which, request, tts):
     """Six requests from six threads at staggered times (joining the running batch at chunk
-    boundaries, growing the pool) each stream exactly their audio alone; nothing compiles."""
+    boundaries, growing the pool) each stream exactly their audio alone; nothing compiles.
+    Also with the engine decoding one chunk ahead of the host (`run_ahead`)."""
+    engine = request.getfixturevalue(which)
     results = [None] * len(REQUESTS)
 
     def client(i):
@@ -107,15 +129,19 @@ def test_overlapping_submissions_equal_generate_alone(engine, tts):
         t.start()
     for t in threads:
         t.join()
-    assert engine.warmup_report["compilations"] > 0
+    if which == "engine":  # the first engine compiles; `ahead` shares its programs
+        assert engine.warmup_report["compilations"] > 0
     assert engine.compilations == engine.compiled_at_warmup  # warmup compiled everything this needed
     for req, (streamed, handle) in zip(REQUESTS, results):
         np.testing.assert_array_equal(streamed, handle.result())
         assert_handle_same(handle, tts, **req)
 
 
-def test_pool_grows_and_shrinks_keeping_rows_exact(engine, tts):
-    """A row moves 1 → 4 slots when company arrives and back to 1 when it leaves, unchanged."""
+@pytest.mark.parametrize("which", ["engine", "ahead"])
+def test_pool_grows_and_shrinks_keeping_rows_exact(which, request, tts):
+    """A row moves 1 → 4 slots when company arrives and back to 1 when it leaves, unchanged
+    (with `run_ahead`, while a chunk of the old pool is still on its way)."""
+    engine = request.getfixturevalue(which)
     moves = engine.resize_count
     first = dict(text="I started alone and kept on talking.", seed=21, max_audio_ms=2400)
     company = [dict(text=f"Company number {i}.", seed=30 + i, max_audio_ms=240) for i in range(3)]
