@@ -1124,7 +1124,8 @@ class Engine:
                 model = self.tts.model
                 return _blank_row(model.cfg.backbone, self._prefill_len, model.dtype, self.mesh)
             return self.tts.model.backbone_cache(1, self._prefill_len)
-        return _pad_cache(ctx.cache, self._prefill_len)
+        cache = ctx.cache if self.mesh is None else self.mesh.replicate(ctx.cache)  # e.g. prepared before the engine
+        return _pad_cache(cache, self._prefill_len)
 
     def _decode(self, pool: _Pool) -> None:
         """Hand each live row its next chunk of audio (with `run_ahead`, keeping one chunk ahead
