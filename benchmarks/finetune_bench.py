@@ -38,7 +38,7 @@ def measure(mode: str, args) -> dict:
 
     from jaxtts.config import preset
     from jaxtts.csm import CSM
-    from jaxtts.finetune.train import FinetuneConfig, StepSpec, init_training, train_step_fn
+    from jaxtts.finetune.train import FinetuneConfig, StepSpec, init_training, place_training, train_step_fn
 
     cfg = FinetuneConfig(
         steps=1000,
@@ -47,13 +47,19 @@ def measure(mode: str, args) -> dict:
         depth_fraction=args.depth_fraction,
         compute_dtype=args.dtype,
         remat=args.remat,
+        devices=args.devices,
+        fsdp=args.fsdp,
     ).resolved()
+    mesh = cfg.mesh()
     model = CSM.random(preset(args.preset), dtype="float32")
     layout, state, frozen, consts = init_training(model, cfg)
     del model
+    if mesh is not None:  # data parallel: --batch is the global batch
+        state, frozen, consts = place_training(mesh, cfg.fsdp, state, frozen, consts)
     spec = StepSpec.of(cfg)
-    step = train_step_fn(spec, layout)
-    batch = jax.device_put(synthetic_batch(args.batch, args.seq, args.text))
+    step = train_step_fn(spec, layout, mesh, cfg.fsdp)
+    host_batch = synthetic_batch(args.batch, args.seq, args.text)
+    batch = jax.device_put(host_batch) if mesh is None else mesh.put_batch(host_batch)
     lr = np.float32(1e-5)
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     stored = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
@@ -70,11 +76,14 @@ def measure(mode: str, args) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     frames = int(metrics["frames"])
-    stats = jax.devices()[0].memory_stats() or {}
+    devices = jax.devices()[:1] if mesh is None else mesh.devices
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", float("nan")) for d in devices]
     ms = statistics.median(times) * 1e3
     return {
         "mode": mode,
         "device": jax.devices()[0].device_kind,
+        "devices": len(devices),
+        "fsdp": cfg.fsdp,
         "preset": args.preset,
         "batch": args.batch,
         "seq": args.seq,
@@ -88,7 +97,7 @@ def measure(mode: str, args) -> dict:
         "compile_s": compile_s,
         "step_ms": ms,
         "frames_per_s": frames / (ms / 1e3),
-        "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+        "peak_gib": max(peaks) / 2**30,  # the fullest device's
         "loss": float(metrics["loss"]),
     }
 
@@ -138,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--remat", action="store_true")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    p.add_argument("--devices", default=None, help="'all' or N: data parallel over them (--batch is the global batch)")
+    p.add_argument("--fsdp", action="store_true", help="with --devices: weights and optimizer state split too")
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one mode, print its JSON
     args = p.parse_args(argv)

@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None, help="engine slots (default: the largest client count)")
     p.add_argument("--chunk-frames", type=int, default=8, help="frames per decode call once audio flows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", default=None, help="'all' or N: one engine over this host's devices (Engine(devices=))")
     p.add_argument("--http", action="store_true", help="also run each client count through the HTTP server")
     p.add_argument(
         "--run-ahead",
@@ -291,6 +292,7 @@ def build_engine(args):
         queue_limit=4 * max(args.clients),
         chunk_frames=args.chunk_frames,
         run_ahead=args.run_ahead,
+        devices=args.devices,
     )
 
 
