@@ -1,4 +1,5 @@
-"""The serving engine: one model on one device, many concurrent streaming requests.
+"""The serving engine: one model on one device (or several of one host: `devices=`), many
+concurrent streaming requests.
 
     engine = Engine(jaxtts.load(), max_batch=64)
     engine.warmup()                                     # compile every program up front
@@ -15,7 +16,8 @@ slots, then decodes the next chunk for the whole pool. Pools come in a few compi
 grow or shrink with the load; rows move between pools unchanged. Every row has its own PRNG key
 and sampling settings, so a request's frames do not depend on its slot, the pool size, the
 chunking or its neighbours: with a seed it gets exactly what `TTS.generate` gives alone.
-docs/SERVING.md describes the design.
+Over several devices the pool's rows are split evenly over them (`jaxtts.sharding`), each device
+decoding its own. docs/SERVING.md describes the design.
 """
 
 from __future__ import annotations
