@@ -379,18 +379,6 @@ def _blank_row(cfg, length: int, dtype, mesh: BatchMesh):
     return mesh.constrain(cache, None)
 
 
-@partial(jax.jit, static_argnames="length")
-def _pad_cache(cache: KVCache, length: int) -> KVCache:
-    """A prepared context's batch-1 cache [1, n, ...] as a fresh [1, length, ...] row (its own
-    buffers: a prepared context is reused and must never be donated)."""
-    return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0))), cache)
-
-
-@jax.jit
-def _stack_caches(rows: list[KVCache]) -> KVCache:
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows)
-
-
 @partial(jax.jit, static_argnames="mesh", donate_argnames=("pool", "mimi"))
 def _insert(pool: DecodeState, mimi, rows: DecodeState, slots, mesh: BatchMesh | None = None):
     """Write prefilled rows into the pool at `slots` (an index ≥ the pool size drops that row)
@@ -1112,7 +1100,7 @@ class Engine:
             lengths[i], starts[i], seeds[i] = len(t), ctx.length, seed
         rows = [self._context_row(ctx) for _, _, ctx, _ in items]
         rows += [self._context_row(None)] * (g - len(items))
-        cache = _stack_caches(rows)
+        cache = KVCache.concat(rows)
         rows = prefill(
             self.tts.model, tok, msk, lengths, cache=cache, start=starts, key=row_keys(seeds), opts=self.tts.options
         )
@@ -1127,7 +1115,7 @@ class Engine:
                 return _blank_row(model.cfg.backbone, self._prefill_len, model.dtype, self.mesh)
             return self.tts.model.backbone_cache(1, self._prefill_len)
         cache = ctx.cache if self.mesh is None else self.mesh.replicate(ctx.cache)  # e.g. prepared before the engine
-        return _pad_cache(cache, self._prefill_len)
+        return cache.resized(self._prefill_len)
 
     def _decode(self, pool: _Pool) -> None:
         """Hand each live row its next chunk of audio (with `run_ahead`, keeping one chunk ahead

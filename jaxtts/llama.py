@@ -84,6 +84,31 @@ class KVCache:
     def zeros(cls, cfg: LlamaConfig, batch: int, length: int, dtype) -> KVCache:
         return _zero_cache(cfg, int(batch), int(length), jnp.dtype(dtype))
 
+    def resized(self, length: int) -> KVCache:
+        """This cache with `length` positions (zeros added, or the last ones cut), always in new
+        buffers: a prepared context's cache is reused and must never be donated."""
+        return _resize_cache(self, int(length))
+
+    @staticmethod
+    def concat(rows: list[KVCache]) -> KVCache:
+        """Caches stacked on the batch axis (one program)."""
+        return _concat_caches(rows)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _resize_cache(cache: KVCache, length: int) -> KVCache:
+    def resize(a):
+        if length > a.shape[1]:
+            return jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, 0)))
+        return jnp.copy(a[:, :length])  # a copy even when nothing changes: jit would hand back `a`
+
+    return jax.tree.map(resize, cache)
+
+
+@jax.jit
+def _concat_caches(rows: list[KVCache]) -> KVCache:
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows)
+
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _zero_cache(cfg: LlamaConfig, batch: int, length: int, dtype) -> KVCache:

@@ -374,19 +374,10 @@ class TTS:
         del state
 
     def _stack_caches(self, contexts: list[Context], cache_len: int) -> KVCache:
-        rows = []
-        for c in contexts:
-            if c.cache is None:
-                rows.append(self.model.backbone_cache(1, cache_len))
-            else:
-                pad = cache_len - c.cache.k[0].shape[1]
-                grow = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad > 0 else a[:, :cache_len]
-                rows.append(jax.tree.map(grow, c.cache))
-        if len(rows) == 1:
-            if contexts[0].cache is None:
-                return rows[0]  # fresh zeros: nothing else holds them
-            return jax.tree.map(jnp.copy, rows[0])  # never donate a prepared context's buffers
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows)
+        rows = [
+            self.model.backbone_cache(1, cache_len) if c.cache is None else c.cache.resized(cache_len) for c in contexts
+        ]
+        return rows[0] if len(rows) == 1 else KVCache.concat(rows)
 
     # --- public API ------------------------------------------------------------------------------
     def _sampler(self, temperature, top_k, top_p, min_p) -> Sampler:
