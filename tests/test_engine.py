@@ -29,8 +29,8 @@ def tts(tiny_csm, mimi):
     return TTS(tiny_csm, mimi, max_silence_ms=None, chunk_frames=4, first_chunk_frames=1)
 
 
-@pytest.fixture(scope="module")
-def engine(tts):
+def warm_engine(tts, **kwargs):
+    """The main test engine's configuration (plus kwargs), warmed up; yields it, then closes it."""
     eng = Engine(
         tts,
         max_batch=4,
@@ -40,6 +40,7 @@ def engine(tts):
         max_prefill=2,
         queue_limit=16,
         shrink_after=1,
+        **kwargs,
     )
     eng.warmup_report = eng.warmup(text_tokens=32, context_rows=32, encode=False)
     eng.compiled_at_warmup = eng.compilations
@@ -48,22 +49,14 @@ def engine(tts):
 
 
 @pytest.fixture(scope="module")
+def engine(tts):
+    yield from warm_engine(tts)
+
+
+@pytest.fixture(scope="module")
 def ahead(tts):
     """The main engine's configuration, keeping one chunk ahead on the device (`run_ahead`)."""
-    eng = Engine(
-        tts,
-        max_batch=4,
-        pool_sizes=(1, 4),
-        chunk_frames=2,
-        first_chunk_frames=2,
-        max_prefill=2,
-        shrink_after=1,
-        run_ahead=True,
-    )
-    eng.warmup_report = eng.warmup(text_tokens=32, context_rows=32, encode=False)
-    eng.compiled_at_warmup = eng.compilations
-    yield eng
-    eng.close()
+    yield from warm_engine(tts, run_ahead=True)
 
 
 @pytest.fixture(scope="module")
