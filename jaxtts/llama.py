@@ -311,6 +311,7 @@ class Llama(nnx.Module):
         (pallas_kernels/fused_decode.py): the same computation in eight kernels per block.
         With final_norm=False, returns the last residual stream [B, D] before the final norm
         (for a caller that folds the norm into its output projection)."""
+        from pallas_kernels.block_tail_mgpu import block_tail_mgpu
         from pallas_kernels.fused_decode import add_residual, attention_step, finish
 
         cfg = self.cfg
@@ -342,17 +343,43 @@ class Llama(nnx.Module):
                     eps=cfg.norm_eps,
                     interpret=opts.interpret,
                 )
-                h = add_residual(h, gemv(o, weight(attn, "out"), opts, partials=True))
-                gate_up = finish(
-                    *norm_gemv(h, layer.mlp_norm.scale[...], weight(mlp, "gate_up"), opts),
-                    cfg.embed_dim,
-                    cfg.norm_eps,
-                ).astype(h.dtype)
-                parts = gemv(swiglu(gate_up), weight(mlp, "down"), opts, partials=True)
+                tail = (weight(attn, "out"), weight(mlp, "gate_up"), weight(mlp, "down"))
+                tail_config = block_tail_config(h.shape[0], tail, opts)
+                if tail_config is not None:  # out → gate_up → down in one kernel
+                    h, parts = block_tail_mgpu(
+                        o.astype(jnp.bfloat16),
+                        h,
+                        tail[0],
+                        layer.mlp_norm.scale[...],
+                        *tail[1:],
+                        eps=cfg.norm_eps,
+                        config=tail_config,
+                        fused=not opts.interpret,
+                        interpret=opts.interpret,
+                    )
+                else:
+                    h = add_residual(h, gemv(o, tail[0], opts, partials=True))
+                    gate_up = finish(
+                        *norm_gemv(h, layer.mlp_norm.scale[...], tail[1], opts),
+                        cfg.embed_dim,
+                        cfg.norm_eps,
+                    ).astype(h.dtype)
+                    parts = gemv(swiglu(gate_up), tail[2], opts, partials=True)
             ks.append(kc)
             vs.append(vc)
         h = add_residual(h, parts)
         return (self.norm(h)[:, None] if final_norm else h), KVCache(k=ks, v=vs)
+
+
+def block_tail_config(rows: int, tail, opts: DecodeOptions):
+    """The `pallas_kernels.block_tail_mgpu` config for a fused step's block tail (W_out,
+    W_gate_up, W_down), or None when the options do not ask for it or the weights do not fit it."""
+    if not opts.uses_block_tail(rows, tail):
+        return None
+    from pallas_kernels.block_tail_mgpu import config_for
+
+    w_out, _, w_down = tail
+    return config_for(w_out.shape[1], w_down.shape[0]) if w_out.shape[0] % 64 == 0 else None
 
 
 def norm_gemv(x, norm_scale, w, opts: DecodeOptions, **kwargs):

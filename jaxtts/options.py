@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 from jaxtts.errors import JaxttsError
 
@@ -57,6 +58,10 @@ class DecodeOptions:
     int8_kernels          a model with int8 weights (jaxtts.quantize) takes the GEMV and fused
                           kernels above, dequantizing in registers; False: its matmuls all go
                           to XLA's convert+dot and its decode steps to the unfused path
+    block_tail            in the fused step, the tail of each block (out projection, residual,
+                          norm, gate/up, SwiGLU, down) as one persistent Mosaic GPU kernel
+                          (pallas_kernels.block_tail_mgpu; Hopper, bfloat16 weights) instead of
+                          five kernels (its three phases as three kernels in the interpreter)
     """
 
     attention: str = "xla"
@@ -72,6 +77,7 @@ class DecodeOptions:
     audio_table: bool = True
     matvec_tuned: tuple = ()
     int8_kernels: bool = True
+    block_tail: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
@@ -114,6 +120,15 @@ class DecodeOptions:
         if quantized and not self.int8_kernels:
             return False
         return self.pallas and self.fused_step and rows <= self.fused_step_max_rows
+
+    def uses_block_tail(self, rows: int, weights) -> bool:
+        """Whether a fused step of `rows` rows takes the block-tail kernel: asked for, and the
+        block's weights (out, gate_up, down) are plain bfloat16 arrays it can stream."""
+        return (
+            self.block_tail
+            and self.uses_fused_step(rows)
+            and all(getattr(w, "dtype", None) == jnp.bfloat16 for w in weights)
+        )
 
     def uses_sample_kernel(self, rows: int) -> bool:
         return self.pallas and self.sample_kernel and rows >= self.sample_kernel_min_rows
