@@ -33,6 +33,7 @@ VARIANTS = {
     "no_table": dict(audio_table=False),
     "no_step_attention": dict(step_attention=False),
     "untuned": dict(matvec_tuned=()),
+    "block_tail": dict(block_tail=True),  # pallas_kernels.block_tail_mgpu in the fused step
     # --tune-matvec adds matvec_tuned and fused64_tuned: the swept configs as DecodeOptions.matvec_tuned
     "before": dict(sample_kernel=False, audio_table=False),
 }

@@ -112,8 +112,10 @@ def _dims(o, h, w_out, w_gate_up, w_down, cfg: TailConfig) -> _Dims:
     d = w_out.shape[1]
     f = w_down.shape[0]
     if h.shape != (m, d) or w_out.shape[0] != hd or w_gate_up.shape != (d, 2 * f) or w_down.shape != (f, d):
-        raise ValueError(f"shapes do not chain: o {o.shape} h {h.shape} W_out {w_out.shape} "
-                         f"W_gate_up {w_gate_up.shape} W_down {w_down.shape}")
+        raise ValueError(
+            f"shapes do not chain: o {o.shape} h {h.shape} W_out {w_out.shape} "
+            f"W_gate_up {w_gate_up.shape} W_down {w_down.shape}"
+        )
     if not 1 <= m <= ROWS:
         raise ValueError(f"block_tail_mgpu takes 1..{ROWS} rows, got {m}")
     for name, w in (("W_out", w_out), ("W_gate_up", w_gate_up), ("W_down", w_down)):
@@ -163,9 +165,7 @@ class _Stream:
 
     def _copy_x(self, step, slot, zero):
         row0 = zero if self.dynamic_rows else 0  # a dynamic start: TMA zero-fills rows past M
-        plgpu.copy_gmem_to_smem(
-            self.x_src(step, row0), self.x_ring.at[pl.ds(slot * ROWS, ROWS)], self.x_bar.at[slot]
-        )
+        plgpu.copy_gmem_to_smem(self.x_src(step, row0), self.x_ring.at[pl.ds(slot * ROWS, ROWS)], self.x_bar.at[slot])
 
     def issue(self):
         for i in range(self.stages):

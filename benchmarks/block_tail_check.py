@@ -1,0 +1,170 @@
+"""GPU check and A/B of `pallas_kernels.block_tail_mgpu` (issue #17), in one process.
+
+    python -m benchmarks.block_tail_check [--out FILE] [--budget-s 240]
+
+1. Correctness (bf16 weights, random operands): the fused kernel (one launch, grid barriers)
+   against `block_tail_reference` and against the three-kernel form, at the depth decoder's
+   shapes (D 1024, F 8192) and the backbone's (D 2048), 1 and 8 rows. h2 max error; relative L2
+   error of the summed down partials. Run twice: the down output must be bit-identical between
+   runs (no race between phases).
+2. Time per block tail in a chain of calls (each call's h2 feeds the next as o and h, through 8
+   layers' worth of distinct weights, so the weights do not sit in L2), unrolled in one XLA
+   program: (t(40 calls) - t(8 calls)) / 32, median of 15 runs each. Variants: the five-kernel
+   tail of `Llama.fused_step` today (Triton GEMVs + XLA fusions), the fused kernel (stages 2, 3,
+   4; PDL on), and its three phases as three kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks._report import Budget, log, write_log
+
+BF = jnp.bfloat16
+
+
+def _weights(layers, hd, d, f, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    return dict(
+        w_out=(jax.random.normal(ks[0], (layers, hd, d), jnp.float32) * hd**-0.5).astype(BF),
+        scale=(1 + 0.1 * jax.random.normal(ks[1], (layers, d))).astype(BF),
+        w_gate_up=(jax.random.normal(ks[2], (layers, d, 2 * f), jnp.float32) * d**-0.5).astype(BF),
+        w_down=(jax.random.normal(ks[3], (layers, f, d), jnp.float32) * f**-0.5).astype(BF),
+    )
+
+
+def five_kernel_tail(o, h, w_out, scale, w_gate_up, w_down, *, eps, opts):
+    """`Llama.fused_step`'s tail without the block-tail kernel: (h2, down partials)."""
+    from jaxtts.llama import gemv, norm_gemv, swiglu
+    from pallas_kernels.fused_decode import add_residual, finish
+
+    h2 = add_residual(h, gemv(o, w_out, opts, partials=True))
+    gate_up = finish(*norm_gemv(h2, scale, w_gate_up, opts), h2.shape[-1], eps).astype(h2.dtype)
+    return h2, gemv(swiglu(gate_up), w_down, opts, partials=True)
+
+
+def check(name, hd, d, f, rows) -> bool:
+    from pallas_kernels.block_tail_mgpu import block_tail_mgpu, block_tail_reference
+
+    w = {k: v[0] for k, v in _weights(1, hd, d, f).items()}
+    ks = jax.random.split(jax.random.key(7), 2)
+    o = jax.random.normal(ks[0], (rows, hd), BF)
+    h = jax.random.normal(ks[1], (rows, d), BF)
+    args = (o, h, w["w_out"], w["scale"], w["w_gate_up"], w["w_down"])
+    want_h2, want = block_tail_reference(*args, eps=1e-5)
+    fused = jax.jit(lambda *a: block_tail_mgpu(*a, eps=1e-5, fused=True))
+    three = jax.jit(lambda *a: block_tail_mgpu(*a, eps=1e-5, fused=False))
+    ok = True
+    outs = {}
+    for label, fn in (("fused", fused), ("fused again", fused), ("three kernels", three)):
+        h2, parts = jax.block_until_ready(fn(*args))
+        down = np.asarray(parts.sum(0))
+        outs[label] = down
+        h2_err = float(np.max(np.abs(np.asarray(h2, np.float32) - np.asarray(want_h2, np.float32))))
+        rel = float(np.linalg.norm(down - np.asarray(want)) / np.linalg.norm(np.asarray(want)))
+        good = np.isfinite(down).all() and rel < 1e-2 and h2_err < 0.1
+        ok &= bool(good)
+        log(f"| {name} | {rows} | {label} | {h2_err:.2e} | {rel:.2e} | {'ok' if good else 'WRONG'} |")
+    same = bool(np.array_equal(outs["fused"], outs["fused again"]))
+    log(f"| {name} | {rows} | fused twice: bit-identical | | | {'ok' if same else 'DIFFERENT'} |")
+    return ok and same
+
+
+def _chain(tail, weights, calls, layers):
+    from pallas_kernels.fused_decode import add_residual
+
+    @jax.jit
+    def run(o, h, w):
+        for i in range(calls):
+            li = i % layers
+            h2, parts = tail(o, h, w["w_out"][li], w["scale"][li], w["w_gate_up"][li], w["w_down"][li])
+            h = add_residual(h2, parts)
+            o = h.astype(BF)
+        return h
+
+    return run
+
+
+def _median_s(fn, *args, reps=15):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def time_tails(name, hd, d, f, rows, budget) -> dict:
+    from jaxtts.options import default_options
+    from pallas_kernels.block_tail_mgpu import block_tail_mgpu, config_for
+
+    layers = 8
+    weights = _weights(layers, hd, d, f, seed=1)
+    opts = default_options(attention="pallas")
+    base = config_for(d, f)
+    variants = {
+        "five kernels (today)": lambda *a: five_kernel_tail(*a, eps=1e-5, opts=opts),
+        "fused, stages 4": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base),
+        "fused, stages 3": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(stages=3)),
+        "fused, stages 2": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(stages=2)),
+        "fused, stages 4, PDL": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, pdl=True),
+        "three kernels": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, fused=False),
+    }
+    o = jax.random.normal(jax.random.key(3), (rows, hd), BF)
+    h = jax.random.normal(jax.random.key(4), (rows, d), BF)
+    out = {}
+    for label, tail in variants.items():
+        if not budget.left():
+            log(f"| {name} | {rows} | {label} | skipped (budget) |")
+            continue
+        try:
+            short = _median_s(_chain(tail, weights, 8, layers), o, h, weights)
+            long = _median_s(_chain(tail, weights, 40, layers), o, h, weights)
+            us = (long - short) / 32 * 1e6
+            out[label] = us
+            log(f"| {name} | {rows} | {label} | {us:.2f} |")
+        except Exception as e:  # one failing variant must not hide the others
+            log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
+    return out
+
+
+SHAPES = {"depth": (1024, 1024, 8192), "backbone": (2048, 2048, 8192)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="also write the log (markdown) here")
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--rows", default="1,8")
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    log(f"# block_tail_mgpu on {dev.device_kind} (jax {jax.__version__})\n")
+    budget = Budget(args.budget_s)
+    rows = [int(r) for r in args.rows.split(",")]
+    log("| shape | rows | variant | h2 max err | down rel err | check |\n|---|---|---|---|---|---|")
+    ok = True
+    for name, (hd, d, f) in SHAPES.items():
+        for m in rows:
+            try:
+                ok &= check(name, hd, d, f, m)
+            except Exception as e:
+                ok = False
+                log(f"| {name} | {m} | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} | | | |")
+    log("\n| shape | rows | variant | µs per block tail |\n|---|---|---|---|")
+    for name, (hd, d, f) in SHAPES.items():
+        for m in rows:
+            time_tails(name, hd, d, f, m, budget)
+    if args.out:
+        write_log(args.out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
