@@ -38,12 +38,7 @@ def _add_speak(sub):
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--max-audio-ms", type=float, default=defaults.MAX_AUDIO_MS)
     p.add_argument("--seed", type=int, default=None, help="unsigned 32-bit; fix for reproducible output")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float32"],
-        help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)",
-    )
+    defaults.add_dtype_argument(p)
     add_quantize_argument(p)
     p.add_argument(
         "--attention",

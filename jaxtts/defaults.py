@@ -19,3 +19,13 @@ def default_dtype(platform: str | None = None) -> str:
 
         platform = jax.default_backend()
     return "float32" if platform == "cpu" else "bfloat16"
+
+
+def add_dtype_argument(parser) -> None:
+    """`--dtype` for the commands that load models (jaxtts speak, jaxtts serve)."""
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float32"],
+        help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )

@@ -1155,12 +1155,7 @@ def add_serve_parser(subparsers):
         action="store_true",
         help="random full-size weights to check an install: the output is noise",
     )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float32"],
-        help="parameter dtype (default: bfloat16 on GPU, float32 on CPU)",
-    )
+    defaults.add_dtype_argument(p)
     add_quantize_argument(p)
     p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="where to run (default: GPU if JAX has one)")
     p.add_argument(
