@@ -47,7 +47,13 @@ from jaxtts.llama import KVCache
 from jaxtts.mimi import streaming
 from jaxtts.options import DecodeOptions
 from jaxtts.prompt import Segment, text_rows, validate_speaker, validate_text
-from jaxtts.sampling import Sampler, SplitLogits, gumbel_noise, top_p_filter  # rows filter exactly as TTS does
+from jaxtts.sampling import (  # rows filter exactly as TTS does
+    Sampler,
+    SplitLogits,
+    gumbel_noise,
+    min_p_keep,
+    top_p_filter,
+)
 from jaxtts.sharding import BatchMesh, batch_mesh
 from jaxtts.tts import (
     FRAME_MS,
@@ -302,8 +308,7 @@ class RowSampler:
         return jnp.where(self.use_top_p[:, None], top_p_filter(logits, self.top_p[:, None]), logits)
 
     def _min_p(self, logits):
-        probs = jax.nn.softmax(logits, axis=-1)
-        keep = probs >= self.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+        keep = min_p_keep(logits, self.min_p[:, None])
         return jnp.where(self.use_min_p[:, None], jnp.where(keep, logits, -jnp.inf), logits)
 
 

@@ -120,9 +120,7 @@ class Sampler:
         if self.use_top_p:
             logits = top_p_filter(logits, self.top_p)
         if self.use_min_p:
-            probs = jax.nn.softmax(logits, axis=-1)
-            keep = probs >= self.min_p * jnp.max(probs, axis=-1, keepdims=True)
-            logits = jnp.where(keep, logits, -jnp.inf)
+            logits = jnp.where(min_p_keep(logits, self.min_p), logits, -jnp.inf)
         return logits
 
     def __call__(self, key, logits):
@@ -130,6 +128,12 @@ class Sampler:
         if self.greedy:
             return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
         return jax.random.categorical(key, self.filtered(logits), axis=-1).astype(jnp.int32)
+
+
+def min_p_keep(logits, min_p):
+    """True where an entry's probability is at least min_p times its row's largest."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    return probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
 
 
 def gumbel_noise(keys, vocab: int):
