@@ -63,6 +63,8 @@ MAX_ROWS = MMA_ROWS  # bf16 x; float32 x takes 3 A rows per row, so MAX_ROWS // 
 BLOCK_NS = (64, 128, 192, 256)  # wgmma N must be a multiple of the 64-element swizzle tile, <= 256
 MAX_PROGRAMS = 264  # one wave at two programs per SM on an H100 / H200 (132 SMs; <= 113 KB smem each)
 SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90
+SMEM_PER_SM = 228 * 1024  # shared memory per SM on sm_90 (two programs share it)
+INT8_MAX_STAGES = 6  # int8 W: the deepest default ring (an int8 tile is half a bf16 tile's bytes)
 
 
 class MgpuConfig(NamedTuple):
@@ -98,27 +100,35 @@ def default_k_splits(m: int, k: int, n: int, block_n: int, block_k: int, max_pro
     return splits
 
 
-def default_config(m: int, k: int, n: int) -> MgpuConfig:
+def default_config(m: int, k: int, n: int, int8: bool = False) -> MgpuConfig:
     """Blocks, splits and pipeline depth for x [m, k] @ w [k, n] (m counts A rows: 3x for f32 x).
 
     Untuned (written without a GPU; benchmarks/mgpu_check.py --sweep is where to tune): 128
     output columns per program (64 when that gives fewer than 16 N blocks), K blocks of 64 (one
     swizzle tile), a 4-deep W ring, and as many K splits as fit one wave of ~2 programs per SM.
+    int8 W (`int8=True`): the same blocks and splits, and the deepest ring up to
+    INT8_MAX_STAGES that still fits two programs per SM (an int8 tile carries half the bytes).
     """
     block_n = 128 if n % 128 == 0 and n // 128 >= 16 else 64
     if n % block_n:
         block_n = next((b for b in BLOCK_NS if n % b == 0), 64)
     block_k = 64
     splits = default_k_splits(m, k, n, block_n, block_k) if k % block_k == 0 and n % block_n == 0 else 1
-    return MgpuConfig(block_n, block_k, splits, stages=4)
+    stages = 4
+    if int8:
+        stages = INT8_MAX_STAGES
+        while stages > 4 and 2 * smem_bytes(m, 4, block_n, block_k, stages, int8=True) > SMEM_PER_SM:
+            stages -= 1
+    return MgpuConfig(block_n, block_k, splits, stages=stages)
 
 
-def smem_bytes(a_rows: int, out_itemsize: int, block_n: int, block_k: int, stages: int) -> int:
-    """Shared memory one program allocates (W ring + overlapped x ring + output tile)."""
+def smem_bytes(a_rows: int, out_itemsize: int, block_n: int, block_k: int, stages: int, int8: bool = False) -> int:
+    """Shared memory one program allocates (W ring + overlapped x ring + output tile; for int8 W
+    also the bf16 tile the tensor cores read and the column scales)."""
     r = -(-a_rows // ROW_TILE) * ROW_TILE
-    return (
-        stages * block_k * block_n * 2 + ((stages - 1) * r + MMA_ROWS) * block_k * 2 + MMA_ROWS * block_n * out_itemsize
-    )
+    w_ring = stages * block_k * block_n * (1 if int8 else 2)
+    extra = block_k * block_n * 2 + block_n * 4 if int8 else 0
+    return w_ring + extra + ((stages - 1) * r + MMA_ROWS) * block_k * 2 + MMA_ROWS * block_n * out_itemsize
 
 
 def _top_bf16(x):
@@ -141,15 +151,7 @@ def _split3(x):
 
 
 def _kernel(
-    x_gmem,
-    w_gmem,
-    o_gmem,
-    x_smem,
-    w_smem,
-    o_smem,
-    w_bar,
-    x_bar,
-    *,
+    *refs,
     a_rows,
     r,
     steps,
@@ -158,7 +160,13 @@ def _kernel(
     stages,
     pdl,
     dynamic_x_rows,
+    int8,
+    interpreting,
 ):
+    if int8:
+        x_gmem, w_gmem, s_gmem, o_gmem, x_smem, w_smem, o_smem, w_bar, x_bar, wb_smem, s_smem, s_bar = refs
+    else:
+        x_gmem, w_gmem, o_gmem, x_smem, w_smem, o_smem, w_bar, x_bar = refs
     j = lax.axis_index("n")
     s = lax.axis_index("s")
     n_slice = pl.ds(j * block_n, block_n)
@@ -179,9 +187,15 @@ def _kernel(
             x_gmem.at[pl.ds(x_row0, r), k_slice(step)], x_smem.at[pl.ds(slot * r, r)], x_bar.at[slot]
         )
 
+    def load(ref, layout):
+        """ref's value in registers with `layout` (the interpreter has no layouts: a plain load)."""
+        return ref[...] if interpreting else plgpu.load(ref, (), layout=layout)
+
     prologue = min(stages, steps)
     for i in range(prologue):  # W does not depend on the previous kernel: start streaming it now
         copy_w(i, i)
+    if int8:  # nor do W's column scales
+        plgpu.copy_gmem_to_smem(s_gmem.at[n_slice], s_smem, s_bar.at[0])
     if pdl:
         plgpu.griddepcontrol_launch_dependents()
         plgpu.griddepcontrol_wait()  # x (and our output buffer) belong to earlier kernels
@@ -192,9 +206,18 @@ def _kernel(
         def step_body(i, carry):
             slot = lax.rem(i, stages)
             plgpu.barrier_wait(w_bar.at[slot])
+            if int8:
+                # int8 tile -> registers (4 bytes per load) -> bf16 (exact: |q| <= 127) -> the bf16
+                # tile wgmma reads. The fence + warpgroup barrier in commit_smem make every thread's
+                # stores visible to the tensor cores' (async proxy) reads.
+                wb_smem[...] = load(w_smem.at[slot], plgpu.Layout.WGMMA_8BIT).astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                b = wb_smem
+            else:
+                b = w_smem.at[slot]
             plgpu.barrier_wait(x_bar.at[slot])
             a = x_smem.at[pl.ds(slot * r, MMA_ROWS)]
-            plgpu.wgmma(acc, a, w_smem.at[slot])
+            plgpu.wgmma(acc, a, b)
             plgpu.wgmma_wait(0)  # the slot's tiles are consumed: refill it
 
             @pl.when(i + stages < steps)
@@ -205,7 +228,12 @@ def _kernel(
             return carry
 
         lax.fori_loop(0, steps, step_body, None)
-        o_smem[...] = acc[...].astype(o_smem.dtype)
+        out = acc[...]
+        if int8:  # dequantize: W = q * scale per column, and the scale commutes with the sum over K
+            plgpu.barrier_wait(s_bar.at[0])
+            scale = load(s_smem, plgpu.Layout.WGMMA.reduce(0))
+            out = out * lax.broadcast_in_dim(scale, out.shape, [1])
+        o_smem[...] = out.astype(o_smem.dtype)
 
     pl.run_scoped(scope, plgpu.ACC((MMA_ROWS, block_n), jnp.float32))
     plgpu.commit_smem()
@@ -222,6 +250,7 @@ def _kernel(
 def matvec_mgpu(
     x,
     w,
+    w_scale=None,
     *,
     config: MgpuConfig | None = None,
     block_n: int | None = None,
@@ -235,6 +264,11 @@ def matvec_mgpu(
     """`x @ w` for x [..., K] (bfloat16 or float32, at most 64 bf16 / 21 f32 rows in all) and w
     [K, N] bfloat16; returns [..., N] in x's dtype, accumulated in float32.
 
+    int8 weights: w int8 [K, N] with `w_scale` float32 [N] (one scale per column, as
+    jaxtts.quantize stores them) computes `(x @ w.astype(bf16)) * w_scale`: each W tile is copied
+    as int8 and converted in the kernel, and the scale multiplies the float32 accumulator before
+    the output (or each split's partial) is written, like `matvec(x, w, w_scale)`.
+
     Arguments left None come from `config` (default `default_config`). K must be a multiple of
     block_k (a multiple of 64) and N of block_n (64, 128, 192 or 256); k_splits must divide K's
     blocks. `pdl=False` leaves out the griddepcontrol instructions (they are always left out when
@@ -246,8 +280,20 @@ def matvec_mgpu(
     *lead, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
         raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
-    if w.dtype != jnp.bfloat16:
-        raise ValueError(f"w must be bfloat16, got {w.dtype}")
+    int8 = w.dtype == jnp.int8
+    if w.dtype != jnp.bfloat16 and not int8:
+        raise ValueError(f"w must be bfloat16, or int8 with w_scale, got {w.dtype}")
+    if int8 != (w_scale is not None):
+        raise ValueError(
+            "int8 w needs w_scale (float32 [N], one scale per column)"
+            if int8
+            else f"w_scale is for int8 w, got {w.dtype} w"
+        )
+    if int8 and (w_scale.dtype != jnp.float32 or w_scale.shape != (w.shape[1],)):
+        raise ValueError(
+            f"w_scale must be float32 [{w.shape[1]}] (one scale per column of w {w.shape}), "
+            f"got {w_scale.dtype} {w_scale.shape}"
+        )
     if x.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
     if partials and len(lead) != 1:
@@ -260,7 +306,7 @@ def matvec_mgpu(
     if not 1 <= a_rows <= MMA_ROWS:
         raise ValueError(f"matvec_mgpu takes 1..{MMA_ROWS // parts} {x.dtype} rows, got {m}: use jnp.dot")
 
-    cfg = config or default_config(a_rows, k, n)
+    cfg = config or default_config(a_rows, k, n, int8=int8)
     block_n = block_n or cfg.block_n
     block_k = block_k or cfg.block_k
     stages = stages or cfg.stages
@@ -290,11 +336,31 @@ def matvec_mgpu(
         out_type = jax.ShapeDtypeStruct((k_splits, a_rows, n), jnp.float32)
     else:
         out_type = jax.ShapeDtypeStruct((a_rows, n), x.dtype)
-    need = smem_bytes(a_rows, out_type.dtype.itemsize, block_n, block_k, stages)
+    need = smem_bytes(a_rows, out_type.dtype.itemsize, block_n, block_k, stages, int8=int8)
     if need > SMEM_LIMIT:
         raise ValueError(f"{need} bytes of shared memory > {SMEM_LIMIT}: lower stages, block_n or block_k")
 
     tiles = (plgpu.TilingTransform((ROW_TILE, SWIZZLE_ELEMS)), plgpu.SwizzleTransform(SWIZZLE))
+    scratch = [
+        plgpu.SMEM(((stages - 1) * r + MMA_ROWS, block_k), jnp.bfloat16, transforms=tiles),
+        plgpu.SMEM((stages, block_k, block_n), jnp.bfloat16, transforms=tiles),
+        plgpu.SMEM((MMA_ROWS, block_n), out_type.dtype),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+    ]
+    operands = [a, w]
+    if int8:
+        # The int8 ring: rows of block_n bytes, swizzled by the widest pattern that tiles them
+        # (128 bytes; 64 for block_n 64 and 192). The tensor cores read the converted bf16 tile.
+        i8_swizzle = SWIZZLE if block_n % SWIZZLE == 0 else SWIZZLE // 2
+        i8_tiles = (plgpu.TilingTransform((ROW_TILE, i8_swizzle)), plgpu.SwizzleTransform(i8_swizzle))
+        scratch[1] = plgpu.SMEM((stages, block_k, block_n), jnp.int8, transforms=i8_tiles)
+        scratch += [
+            plgpu.SMEM((block_k, block_n), jnp.bfloat16, transforms=tiles),
+            plgpu.SMEM((block_n,), jnp.float32),
+            plgpu.Barrier(num_barriers=1),
+        ]
+        operands.append(w_scale)
     kernel = functools.partial(
         _kernel,
         a_rows=a_rows,
@@ -305,22 +371,18 @@ def matvec_mgpu(
         stages=stages,
         pdl=pdl and params is None,
         dynamic_x_rows=r > a_rows,
+        int8=int8,
+        interpreting=params is not None,
     )
     out = plgpu.kernel(
         kernel,
         out_type=out_type,
         grid=(n // block_n, k_splits),
         grid_names=("n", "s"),
-        scratch_types=[
-            plgpu.SMEM(((stages - 1) * r + MMA_ROWS, block_k), jnp.bfloat16, transforms=tiles),
-            plgpu.SMEM((stages, block_k, block_n), jnp.bfloat16, transforms=tiles),
-            plgpu.SMEM((MMA_ROWS, block_n), out_type.dtype),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-        ],
+        scratch_types=scratch,
         interpret=params,
-        kernel_name="matvec_mgpu",
-    )(a, w)
+        kernel_name="matvec_mgpu_int8" if int8 else "matvec_mgpu",
+    )(*operands)
 
     if partials:
         return out.reshape(k_splits * parts, m, n)  # rows were (part, m): a free reshape

@@ -21,6 +21,7 @@ pytest.importorskip(
     "jax._src.pallas.mosaic_gpu.interpret.params", reason="needs JAX's Mosaic GPU interpreter (>= 0.10.2)"
 )
 
+from jaxtts.quantize import quantize_array  # noqa: E402
 from pallas_kernels.matvec import matvec_reference  # noqa: E402
 from pallas_kernels.matvec_mgpu import MgpuConfig, default_config, matvec_mgpu, smem_bytes  # noqa: E402
 
@@ -186,3 +187,125 @@ def test_full_size(m, k, n, interpret):
     """Full CSM-1B shapes with the default config (~10 s each in the interpreter)."""
     x, w = _operands(m, k, n, jnp.bfloat16, seed=4)
     _close(matvec_mgpu(x, w, interpret=interpret), x, w)
+
+
+# --------------------------------------------------------------------------- int8 weights
+
+
+def _int8_operands(m, k, n, dtype, seed=0):
+    x, w = _operands(m, k, n, dtype, seed)
+    q, scale = quantize_array(w.astype(jnp.float32))
+    return x, q, scale
+
+
+def _close_int8(out, x, q, scale):
+    dtype = x.dtype.type
+    k, n = q.shape
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], n)
+    out = np.asarray(out.astype(jnp.float32)).reshape(-1, n)
+    assert np.isfinite(out).all()
+    x2 = x.reshape(-1, k)
+    ref = np.asarray(matvec_reference(x2, q, scale).astype(jnp.float32))
+    np.testing.assert_allclose(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    # ... which is x times the dequantized weight, up to rounding
+    deq = np.asarray(q, np.float32) * np.asarray(scale)[None, :]
+    np.testing.assert_allclose(out, np.asarray(x2, np.float32) @ deq, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m, k, n, dtype, kw",
+    [
+        (1, 256, 256, jnp.bfloat16, {}),  # default config
+        (3, 512, 384, jnp.bfloat16, dict(block_n=128, k_splits=2, stages=3)),  # ring wraps (4 steps, 3 slots)
+        (1, 256, 128, jnp.bfloat16, dict(k_splits=1)),  # one split: the kernel scales and writes bf16
+        (3, 384, 192, jnp.bfloat16, dict(block_n=192, k_splits=1, stages=2)),  # int8 rows of 192 bytes: 64-byte swizzle
+        (3, 256, 64, jnp.bfloat16, dict(block_k=128, k_splits=1)),  # 64-byte rows, K blocks of two swizzle tiles
+        (3, 512, 256, jnp.float32, dict(block_n=256, k_splits=2, stages=2)),  # f32 x: hi/mid/lo rows
+    ],
+)
+def test_int8_matches_reference(m, k, n, dtype, kw, interpret):
+    x, q, scale = _int8_operands(m, k, n, dtype, seed=5)
+    _close_int8(matvec_mgpu(x, q, scale, interpret=interpret, **kw), x, q, scale)
+
+
+@pytest.mark.gpu
+def test_int8_partials_and_leading_dims(interpret):
+    x, q, scale = _int8_operands(8, 256, 128, jnp.bfloat16, seed=6)
+    x3 = x.reshape(2, 4, 256)
+    _close_int8(matvec_mgpu(x3, q, w_scale=scale, interpret=interpret), x3, q, scale)
+    parts = matvec_mgpu(x, q, scale, k_splits=2, partials=True, interpret=interpret)
+    assert parts.shape == (2, 8, 128) and parts.dtype == jnp.float32  # each split's partial comes back scaled
+    want = np.asarray(matvec_reference(x.astype(jnp.float32), q, scale))
+    np.testing.assert_allclose(np.asarray(parts.sum(0)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_weight_is_not_dequantized_outside_the_kernel():
+    """The int8 weight goes into the kernel as it is: outside the kernel, no op reads it (the
+    jaxpr of the compiled variant, walked through the calls that wrap the kernel)."""
+    x, q, scale = _int8_operands(1, 256, 256, jnp.bfloat16)
+    readers = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            inner = eqn.params.get("jaxpr", eqn.params.get("call"))  # jit; custom_vmap_call (plgpu.kernel)
+            if eqn.primitive.name in ("jit", "pjit", "custom_vmap_call") and inner is not None:
+                walk(getattr(inner, "jaxpr", inner))
+            elif any(getattr(getattr(v, "aval", None), "dtype", None) == jnp.int8 for v in eqn.invars):
+                readers.append(eqn.primitive.name)
+
+    walk(jax.make_jaxpr(lambda x, q, s: matvec_mgpu(x, q, s))(x, q, scale).jaxpr)
+    assert len(readers) == 1 and readers[0] in ("mpmd_map", "pallas_call"), (
+        readers
+    )  # the kernel (mpmd_map in JAX 0.10.2)
+
+
+def test_int8_bad_arguments():
+    x, q, scale = _int8_operands(1, 256, 256, jnp.bfloat16)
+    with pytest.raises(ValueError, match="int8 w needs w_scale"):
+        matvec_mgpu(x, q, interpret=True)
+    for bad in (scale[:128], scale.astype(jnp.bfloat16), scale[None], scale.astype(jnp.float16)[:200]):
+        with pytest.raises(ValueError, match=r"w_scale must be float32 \[256\] \(one scale per column"):
+            matvec_mgpu(x, q, bad, interpret=True)
+    with pytest.raises(ValueError, match="w_scale is for int8 w"):
+        matvec_mgpu(x, q.astype(jnp.bfloat16), scale, interpret=True)
+    with pytest.raises(ValueError, match="bfloat16, or int8"):
+        matvec_mgpu(x, q.astype(jnp.int32), scale, interpret=True)
+
+
+def test_int8_default_configs_fit():
+    for k, n in CSM_SHAPES.values():
+        for rows in (1, 8, 24):
+            cfg = default_config(rows, k, n, int8=True)
+            assert n % cfg.block_n == 0 and k % cfg.block_k == 0 and (k // cfg.block_k) % cfg.k_splits == 0
+            assert (n // cfg.block_n) * cfg.k_splits <= 264 and cfg.stages >= 4
+            assert 2 * smem_bytes(rows, 4, cfg.block_n, cfg.block_k, cfg.stages, int8=True) <= 228 * 1024
+
+
+def _lowered_int8(m, k, n, dtype, **kw):
+    sds = jax.ShapeDtypeStruct
+    shapes = (sds((m, k), dtype), sds((k, n), jnp.int8), sds((n,), jnp.float32))
+    fn = jax.jit(lambda x, w, s: matvec_mgpu(x, w, s, **kw))
+    return fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_int8_lowers_for_cuda_at_csm_shapes():
+    """Mosaic GPU lowering of the int8 kernel (the int8 tile's load in the 8-bit WGMMA layout,
+    the conversion, the store to the swizzled bf16 tile, the scale epilogue) at every CSM-1B
+    decode shape, M = 1 and 8 in bf16 and M = 1 in f32, default configs."""
+    for k, n in CSM_SHAPES.values():
+        for m, dtype in ((1, jnp.bfloat16), (8, jnp.bfloat16), (1, jnp.float32)):
+            assert "mosaic_gpu" in _lowered_int8(m, k, n, dtype), (m, k, n)
+
+
+@pytest.mark.parametrize(
+    "m, kw",
+    [
+        (1, dict(k_splits=1)),  # bf16 output written by the kernel
+        (3, dict(block_n=256)),
+        (8, dict(block_n=64, block_k=128, stages=3)),  # 64-byte int8 rows
+        (5, dict(block_n=192, k_splits=1, stages=1)),  # 192-byte int8 rows
+    ],
+)
+def test_int8_lowers_for_cuda_other_configs(m, kw):
+    assert "mosaic_gpu" in _lowered_int8(m, 2048, 3072, jnp.bfloat16, **kw)
