@@ -124,10 +124,10 @@ def default_config(m: int, k: int, n: int, int8: bool = False) -> MgpuConfig:
 
 def smem_bytes(a_rows: int, out_itemsize: int, block_n: int, block_k: int, stages: int, int8: bool = False) -> int:
     """Shared memory one program allocates (W ring + overlapped x ring + output tile; for int8 W
-    also the bf16 tile the tensor cores read and the column scales)."""
+    also the two bf16 tiles the tensor cores read and the column scales)."""
     r = -(-a_rows // ROW_TILE) * ROW_TILE
     w_ring = stages * block_k * block_n * (1 if int8 else 2)
-    extra = block_k * block_n * 2 + block_n * 4 if int8 else 0
+    extra = 2 * block_k * block_n * 2 + block_n * 4 if int8 else 0
     return w_ring + extra + ((stages - 1) * r + MMA_ROWS) * block_k * 2 + MMA_ROWS * block_n * out_itemsize
 
 
@@ -206,18 +206,9 @@ def _kernel(
         def step_body(i, carry):
             slot = lax.rem(i, stages)
             plgpu.barrier_wait(w_bar.at[slot])
-            if int8:
-                # int8 tile -> registers (4 bytes per load) -> bf16 (exact: |q| <= 127) -> the bf16
-                # tile wgmma reads. The fence + warpgroup barrier in commit_smem make every thread's
-                # stores visible to the tensor cores' (async proxy) reads.
-                wb_smem[...] = load(w_smem.at[slot], plgpu.Layout.WGMMA_8BIT).astype(jnp.bfloat16)
-                plgpu.commit_smem()
-                b = wb_smem
-            else:
-                b = w_smem.at[slot]
             plgpu.barrier_wait(x_bar.at[slot])
             a = x_smem.at[pl.ds(slot * r, MMA_ROWS)]
-            plgpu.wgmma(acc, a, b)
+            plgpu.wgmma(acc, a, w_smem.at[slot])
             plgpu.wgmma_wait(0)  # the slot's tiles are consumed: refill it
 
             @pl.when(i + stages < steps)
@@ -227,6 +218,40 @@ def _kernel(
 
             return carry
 
+        def convert(step):
+            """int8 W tile `step` -> registers (4 bytes per load, the 8-bit WGMMA layout) -> bf16
+            (exact: |q| <= 127) -> bf16 tile step % 2, swizzled as wgmma reads it."""
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(w_bar.at[slot])
+            wb_smem[lax.rem(step, 2)] = load(w_smem.at[slot], plgpu.Layout.WGMMA_8BIT).astype(jnp.bfloat16)
+            # Fence + warpgroup barrier: every thread's stores are visible to the tensor cores (the
+            # async proxy), and every thread has read the int8 slot, so TMA may refill it now.
+            plgpu.commit_smem()
+
+            @pl.when(step + stages < steps)
+            def _():
+                copy_w(step + stages, slot)
+
+        def int8_step_body(i, carry):
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(x_bar.at[slot])
+            plgpu.wgmma(acc, x_smem.at[pl.ds(slot * r, MMA_ROWS)], wb_smem.at[lax.rem(i, 2)])
+
+            @pl.when(i + 1 < steps)
+            def _():
+                convert(i + 1)  # into the other bf16 tile while the tensor cores read this one
+
+            plgpu.wgmma_wait(0)  # x's slot is consumed, and so is bf16 tile i % 2
+
+            @pl.when(i + stages < steps)
+            def _():
+                copy_x(i + stages, slot)
+
+            return carry
+
+        if int8:
+            convert(0)
+            step_body = int8_step_body
         lax.fori_loop(0, steps, step_body, None)
         out = acc[...]
         if int8:  # dequantize: W = q * scale per column, and the scale commutes with the sum over K
@@ -356,7 +381,7 @@ def matvec_mgpu(
         i8_tiles = (plgpu.TilingTransform((ROW_TILE, i8_swizzle)), plgpu.SwizzleTransform(i8_swizzle))
         scratch[1] = plgpu.SMEM((stages, block_k, block_n), jnp.int8, transforms=i8_tiles)
         scratch += [
-            plgpu.SMEM((block_k, block_n), jnp.bfloat16, transforms=tiles),
+            plgpu.SMEM((2, block_k, block_n), jnp.bfloat16, transforms=tiles),
             plgpu.SMEM((block_n,), jnp.float32),
             plgpu.Barrier(num_barriers=1),
         ]
