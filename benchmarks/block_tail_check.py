@@ -101,6 +101,21 @@ def _median_s(fn, *args, reps=15):
     return statistics.median(times)
 
 
+PROFILED = ("five kernels (today)", "three kernels", "fused, stages 4")
+
+
+def _kernels(fn, *args, calls: int) -> dict:
+    """{kernel name: µs per call of the chain} from one profiled run (CUPTI)."""
+    from benchmarks.profile import gpu_kernel_events
+
+    jax.block_until_ready(fn(*args))
+    events = gpu_kernel_events(lambda: jax.block_until_ready(fn(*args)))
+    per = {}
+    for _, dur, kname in events:
+        per[kname] = per.get(kname, 0.0) + dur / 1e3 / calls
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
 def time_tails(name, hd, d, f, rows, budget) -> dict:
     from jaxtts.options import default_options
     from pallas_kernels.block_tail_mgpu import block_tail_mgpu, config_for
@@ -130,6 +145,8 @@ def time_tails(name, hd, d, f, rows, budget) -> dict:
             us = (long - short) / 32 * 1e6
             out[label] = us
             log(f"| {name} | {rows} | {label} | {us:.2f} |")
+            if label in PROFILED:
+                out[label + " kernels"] = _kernels(_chain(tail, weights, 8, layers), o, h, weights, calls=8)
         except Exception as e:  # one failing variant must not hide the others
             log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
     return out
@@ -143,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the log (markdown) here")
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--shapes", default="depth,backbone")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     log(f"# block_tail_mgpu on {dev.device_kind} (jax {jax.__version__})\n")
@@ -150,7 +168,8 @@ def main(argv=None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     log("| shape | rows | variant | h2 max err | down rel err | check |\n|---|---|---|---|---|---|")
     ok = True
-    for name, (hd, d, f) in SHAPES.items():
+    shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
+    for name, (hd, d, f) in shapes.items():
         for m in rows:
             try:
                 ok &= check(name, hd, d, f, m)
@@ -158,9 +177,16 @@ def main(argv=None) -> int:
                 ok = False
                 log(f"| {name} | {m} | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} | | | |")
     log("\n| shape | rows | variant | µs per block tail |\n|---|---|---|---|")
-    for name, (hd, d, f) in SHAPES.items():
+    profiles = {}
+    for name, (hd, d, f) in shapes.items():
         for m in rows:
-            time_tails(name, hd, d, f, m, budget)
+            for key, value in time_tails(name, hd, d, f, m, budget).items():
+                if isinstance(value, dict):
+                    profiles[f"{name}, {m} rows, {key}"] = value
+    for key, per in profiles.items():
+        log(f"\n{key} (GPU µs per block tail, CUPTI; the chain's residual adds included):")
+        for kname, us in list(per.items())[:12]:
+            log(f"  {us:8.2f}  {kname[:90]}")
     if args.out:
         write_log(args.out)
     return 0 if ok else 1
