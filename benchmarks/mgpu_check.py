@@ -2,6 +2,7 @@
 correctness at every CSM-1B decode shape, and timings against the Triton matvec and XLA.
 
     python -m benchmarks.mgpu_check [--budget-s 150] [--reps 200] [--sweep] [--out FILE]
+    python -m benchmarks.mgpu_check --int8 [--sweep] [--out FILE]
 
 Needs an sm_90 GPU (the kernel uses wgmma, which Blackwell does not have) and JAX >= 0.11 for PDL
 (0.10.x emits the griddepcontrol instructions but launches without programmatic stream
@@ -27,6 +28,17 @@ serialization, so they do nothing there).
    span per call; PDL shows in the span of "mgpu kernel" vs "mgpu kernel no-PDL".
 3. --sweep: the Mosaic kernel alone at other block_n / block_k / stages, per shape and M, until
    the budget is spent.
+
+--int8 (instead of 1-3): int8 weights with one float32 scale per column (`jaxtts.quantize`;
+`matvec_mgpu(x, q, w_scale)`: int8 tiles by TMA, converted to bf16 in the kernel, scales in the
+epilogue). 1. Correctness against `matvec_reference(x, q, scale)` at the nine shapes, M = 1 and 8,
+default int8 config, then a few other configs, float32 x, leading dims and a PDL chain of two int8
+kernels (same ok rule as above). 2. Time per call (as above, wall clock and CUPTI) of XLA's convert +
+dot on the int8 weight, the Triton GEMV with bf16 and with int8 W (`matvec(x, q, scale)`), and the
+Mosaic GEMV with bf16 and with int8 W (and the int8 kernel alone, `partials=True`); TB/s of each from
+its own weight bytes (int8 + scales: K·N + 4N; bf16: 2·K·N). Every program streams >= 192 MB of int8
+weights (4..96 copies; the bf16 variants read twice that). 3. --sweep: the int8 kernel alone at other
+block_n / block_k / stages.
 
 Robustness: the work runs in a child process that reports each case as it finishes. A config
 that fails to lower or compile prints its error line and the run goes on; if the child dies (a
@@ -75,6 +87,11 @@ SMOKE_EXTRAS = [
     dict(kind="check", name="small a", k=256, n=256, m=2, dtype="float32", kw={}),
     dict(kind="check", name="small a", k=256, n=256, m=8, dtype="bfloat16", kw=dict(lead=(2, 4))),
 ]
+SMOKE_EXTRAS_INT8 = [
+    dict(kind="check", int8=True, name="small a", k=256, n=256, m=1, dtype="bfloat16", kw=dict(k_splits=1)),
+    dict(kind="check", int8=True, name="small a", k=256, n=256, m=2, dtype="float32", kw={}),
+    dict(kind="check", int8=True, name="small a", k=256, n=192, m=3, dtype="bfloat16", kw=dict(block_n=192)),
+]
 if SMOKE:
     SHAPES = {"small a": (256, 256), "small b": (512, 128)}
 
@@ -88,9 +105,57 @@ SWEEP = [  # (block_n, block_k, stages); k_splits: the default for the blocks
     (256, 64, 4),
     (64, 64, 8),
 ]
+SWEEP_INT8 = [  # (block_n, block_k, stages) for int8 W: longer K blocks or deeper rings carry bf16's bytes
+    (64, 64, 4),
+    (64, 64, 8),
+    (64, 128, 4),
+    (128, 64, 4),
+    (128, 64, 6),
+    (128, 128, 2),
+    (128, 128, 3),
+    (256, 64, 4),
+]
 
 
-def case_list(sweep: bool) -> list[dict]:
+def int8_case_list(sweep: bool) -> list[dict]:
+    cases = []
+    for name, (k, n) in SHAPES.items():
+        for m in (1, 8):
+            cases.append(dict(kind="check", int8=True, name=name, k=k, n=n, m=m, dtype="bfloat16", kw={}))
+    extras = (
+        SMOKE_EXTRAS_INT8
+        if SMOKE
+        else [
+            dict(kind="check", name="backbone qkv", k=2048, n=3072, m=1, dtype="bfloat16", kw=dict(k_splits=1)),
+            dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(block_n=192)),
+            dict(kind="check", name="backbone gate_up", k=2048, n=16384, m=1, dtype="bfloat16", kw=dict(block_n=256)),
+            dict(kind="check", name="backbone down", k=8192, n=2048, m=8, dtype="bfloat16", kw=dict(stages=2)),
+            dict(kind="check", name="depth down", k=8192, n=1024, m=1, dtype="bfloat16", kw=dict(stages=1)),
+            dict(kind="check", name="depth gate_up", k=1024, n=16384, m=3, dtype="bfloat16", kw=dict(block_k=128)),
+            dict(kind="check", name="backbone out", k=2048, n=2048, m=1, dtype="float32", kw={}),
+            dict(kind="check", name="depth qkv", k=1024, n=1536, m=8, dtype="float32", kw={}),
+            dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(lead=(2, 4))),
+        ]
+    )
+    cases += [dict(c, int8=True) for c in extras]
+    cases += [
+        dict(kind="chain", int8=True, name="out -> qkv, PDL pair, int8", m=1),
+        dict(kind="chain", int8=True, name="out -> qkv, PDL pair, int8", m=8),
+    ]
+    for name, (k, n) in SHAPES.items():
+        for m in (1, 8):
+            cases.append(dict(kind="time", int8=True, name=name, k=k, n=n, m=m))
+    if sweep:
+        for name, (k, n) in SHAPES.items():
+            for m in (1, 8):
+                for bn, bk, st in SWEEP_INT8:
+                    cases.append(dict(kind="sweep", int8=True, name=name, k=k, n=n, m=m, cfg=[bn, bk, st]))
+    return cases
+
+
+def case_list(sweep: bool, int8: bool = False) -> list[dict]:
+    if int8:
+        return int8_case_list(sweep)
     cases = []
     for name, (k, n) in SHAPES.items():
         for m in (1, 8):
@@ -141,6 +206,7 @@ def child(args) -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from jaxtts.quantize import quantize_array
     from pallas_kernels.matvec import matvec, matvec_reference
     from pallas_kernels.matvec_mgpu import default_config, matvec_mgpu
 
@@ -176,32 +242,40 @@ def child(args) -> None:
         tol = 1e-5 if dtype == jnp.float32 else 1e-2
         return dict(err=err, rel=rel, ok=bool(finite and rel <= tol))
 
+    def weight(w, int8):
+        """(w,) for bf16 W, or (q, scale) of w for int8 W: the weight arguments of both kernels."""
+        return tuple(quantize_array(w)) if int8 else (w,)
+
     def run_check(c):
         dtype = jnp.dtype(c["dtype"])
         kw = dict(c["kw"])
         lead = tuple(kw.pop("lead", ()))
+        int8 = c.get("int8", False)
         (x,), (w,) = operands(c["m"], c["k"], c["n"], dtype)
+        wa = weight(w, int8)
         xin = x.reshape(*lead, c["k"]) if lead else x  # prod(lead) == m
-        out = matvec_mgpu(xin, w, interpret=SMOKE, **kw)
-        cfg = default_config(x.shape[0] * (3 if dtype == jnp.float32 else 1), c["k"], c["n"])
-        res = compare(out, matvec_reference(x, w), dtype)
+        out = matvec_mgpu(xin, *wa, interpret=SMOKE, **kw)
+        cfg = default_config(x.shape[0] * (3 if dtype == jnp.float32 else 1), c["k"], c["n"], int8=int8)
+        res = compare(out, matvec_reference(x, *wa), dtype)
         res["config"] = {**cfg._asdict(), **kw}
         return res
 
     def run_chain(c):
         m = c["m"]
+        int8 = c.get("int8", False)
         k1, k2 = (256, 128) if SMOKE else (2048, 3072)
         (x,), (w1,) = operands(m, k1, k1, jnp.bfloat16)
         w2 = operands(m, k1, k2, jnp.bfloat16)[1][0]
+        w1, w2 = weight(w1, int8), weight(w2, int8)
 
         @jax.jit
         def chain(x):  # back-to-back Mosaic kernels: one split, so no sum op in between
-            h = matvec_mgpu(x, w1, k_splits=1, interpret=SMOKE)
-            return matvec_mgpu(h, w2, k_splits=1, interpret=SMOKE), h
+            h = matvec_mgpu(x, *w1, k_splits=1, interpret=SMOKE)
+            return matvec_mgpu(h, *w2, k_splits=1, interpret=SMOKE), h
 
         out, h = chain(x)
-        r1 = compare(h, matvec_reference(x, w1), jnp.bfloat16)
-        r2 = compare(out, matvec_reference(h, w2), jnp.bfloat16)
+        r1 = compare(h, matvec_reference(x, *w1), jnp.bfloat16)
+        r2 = compare(out, matvec_reference(h, *w2), jnp.bfloat16)
         return dict(
             err=max(r1["err"], r2["err"]),
             rel=max(r1["rel"], r2["rel"]),
@@ -242,10 +316,31 @@ def child(args) -> None:
             print(f"(profile failed: {_err_line(e)})", flush=True)
             return res, {}
 
-    def copies(k, n):
-        return 2 if SMOKE else int(min(48, max(4, -(-192e6 // (2 * k * n)))))
+    def copies(k, n, int8=False):
+        if SMOKE:
+            return 2
+        return int(min(96, max(4, -(-192e6 // (k * n))))) if int8 else int(min(48, max(4, -(-192e6 // (2 * k * n)))))
+
+    def run_time_int8(c):
+        k, n, m = c["k"], c["n"], c["m"]
+        xs, ws = operands(m, k, n, jnp.bfloat16, copies(k, n, int8=True))
+        ws = [(w, *quantize_array(w)) for w in ws]  # (bf16 W, q, scale): the same weight both ways
+        fns = {
+            "xla int8": lambda x, w: (
+                jnp.dot(x, w[1].astype(x.dtype), preferred_element_type=jnp.float32) * w[2]
+            ).astype(x.dtype),
+            "triton bf16": lambda x, w: matvec(x, w[0], interpret=SMOKE),
+            "triton int8": lambda x, w: matvec(x, w[1], w[2], interpret=SMOKE),
+            "mgpu bf16": lambda x, w: matvec_mgpu(x, w[0], interpret=SMOKE),
+            "mgpu int8": lambda x, w: matvec_mgpu(x, w[1], w[2], interpret=SMOKE),
+            "mgpu int8 kernel": lambda x, w: matvec_mgpu(x, w[1], w[2], partials=True, interpret=SMOKE),
+        }
+        res, dev = timed(fns, xs, ws, args.reps, profile=True)
+        return dict(times=res, gpu=dev, copies=len(ws), config=default_config(m, k, n, int8=True)._asdict())
 
     def run_time(c):
+        if c.get("int8"):
+            return run_time_int8(c)
         k, n, m = c["k"], c["n"], c["m"]
         xs, ws = operands(m, k, n, jnp.bfloat16, copies(k, n))
         fns = {
@@ -263,12 +358,14 @@ def child(args) -> None:
         bn, bk, st = c["cfg"]
         if n % bn or k % bk:
             return dict(times={"mgpu kernel": "shape not a multiple of the blocks"})
-        xs, ws = operands(m, k, n, jnp.bfloat16, copies(k, n))
-        fn = lambda x, w: matvec_mgpu(x, w, block_n=bn, block_k=bk, stages=st, partials=True, interpret=SMOKE)
+        int8 = c.get("int8", False)
+        xs, ws = operands(m, k, n, jnp.bfloat16, copies(k, n, int8))
+        ws = [weight(w, int8) for w in ws]
+        fn = lambda x, w: matvec_mgpu(x, *w, block_n=bn, block_k=bk, stages=st, partials=True, interpret=SMOKE)
         return dict(times=timed({"mgpu kernel": fn}, xs, ws, max(50, args.reps // 4))[0])
 
     runners = dict(check=run_check, chain=run_chain, time=run_time, sweep=run_sweep)
-    for cid, c in enumerate(case_list(args.sweep)):
+    for cid, c in enumerate(case_list(args.sweep, args.int8)):
         if cid in skip:
             continue
         if time.time() > deadline:
@@ -307,6 +404,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=150.0, help="start no new case after this many seconds")
     ap.add_argument("--reps", type=int, default=200, help="timed runs per variant (after 2 warm-up runs)")
     ap.add_argument("--sweep", action="store_true", help="also time other configs of the Mosaic kernel")
+    ap.add_argument("--int8", action="store_true", help="int8 weights (correctness and timings) instead of bf16")
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument("--case-timeout-s", type=float, default=60.0, help="kill a case making no progress this long")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -319,7 +417,7 @@ def main() -> int:
 
     start = time.time()
     deadline = start + args.budget_s
-    cases = case_list(args.sweep)
+    cases = case_list(args.sweep, args.int8)
     results: dict[int, dict] = {}
     device: dict = {}
     lines: list[str] = []
@@ -330,18 +428,22 @@ def main() -> int:
 
     while True:
         done = sorted(results)
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.mgpu_check",
-            "--child",
-            "--skip",
-            json.dumps(done),
-            "--deadline",
-            str(deadline),
-            "--reps",
-            str(args.reps),
-        ] + (["--sweep"] if args.sweep else [])
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.mgpu_check",
+                "--child",
+                "--skip",
+                json.dumps(done),
+                "--deadline",
+                str(deadline),
+                "--reps",
+                str(args.reps),
+            ]
+            + (["--sweep"] if args.sweep else [])
+            + (["--int8"] if args.int8 else [])
+        )
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -398,7 +500,11 @@ def main() -> int:
 
     # ---- report
     log()
-    log("## Correctness (matvec_mgpu vs matvec_reference)")
+    log(
+        "## Correctness (matvec_mgpu, int8 W with column scales, vs matvec_reference(x, q, scale))"
+        if args.int8
+        else "## Correctness (matvec_mgpu vs matvec_reference)"
+    )
     log("| kind | shape | M | K×N | x dtype | config | max abs err | rel L2 err | ok | s |")
     log("|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
@@ -426,13 +532,26 @@ def main() -> int:
         )
 
     variants = ["xla", "triton", "mgpu", "mgpu kernel", "mgpu kernel no-PDL"]
-    log()
-    log(f"## bf16 time per call, µs (median ±IQR/2 of {args.reps} runs; W streamed from HBM), and W TB/s")
-    log(
-        "| shape | K×N | M | copies | " + " | ".join(variants) + " | mgpu vs triton | mgpu vs xla | mgpu TB/s "
-        "| mgpu config |"
-    )
-    log("|---|---|---|---|" + "---|" * len(variants) + "---|---|---|---|")
+    if args.int8:
+        variants = ["xla int8", "triton bf16", "triton int8", "mgpu bf16", "mgpu int8", "mgpu int8 kernel"]
+        log()
+        log(
+            f"## int8 W: time per call, µs (median ±IQR/2 of {args.reps} runs; W streamed from HBM), and W TB/s "
+            "(each at its own bytes: int8 + scales, or bf16)"
+        )
+        log(
+            "| shape | K×N | M | copies | " + " | ".join(variants) + " | mgpu int8 / mgpu bf16 time | mgpu int8 vs "
+            "triton int8 | mgpu int8 TB/s | mgpu bf16 TB/s | triton int8 TB/s | mgpu int8 config |"
+        )
+        log("|---|---|---|---|" + "---|" * len(variants) + "---|---|---|---|---|---|")
+    else:
+        log()
+        log(f"## bf16 time per call, µs (median ±IQR/2 of {args.reps} runs; W streamed from HBM), and W TB/s")
+        log(
+            "| shape | K×N | M | copies | " + " | ".join(variants) + " | mgpu vs triton | mgpu vs xla | mgpu TB/s "
+            "| mgpu config |"
+        )
+        log("|---|---|---|---|" + "---|" * len(variants) + "---|---|---|---|")
     errors = []
     for cid, c in enumerate(cases):
         if c["kind"] != "time":
@@ -451,6 +570,16 @@ def main() -> int:
                 errors.append(f"- {c['name']} M={c['m']} {v}: {t[v]}")
         cells = " | ".join(_us(t.get(v)) for v in variants)
         ok = lambda v: isinstance(t.get(v), list)
+        if args.int8:
+            b8, b16 = c["k"] * c["n"] + 4 * c["n"], 2 * c["k"] * c["n"]
+            ratio = f"{t['mgpu int8'][0] / t['mgpu bf16'][0]:.2f}" if ok("mgpu int8") and ok("mgpu bf16") else ""
+            vs_tr = f"{t['triton int8'][0] / t['mgpu int8'][0]:.2f}x" if ok("triton int8") and ok("mgpu int8") else ""
+            tbs = [
+                f"{b / t[v][0] / 1e12:.2f}" if ok(v) else ""
+                for v, b in (("mgpu int8", b8), ("mgpu bf16", b16), ("triton int8", b8))
+            ]
+            log(f"{head} {r['copies']} | {cells} | {ratio} | {vs_tr} | {' | '.join(tbs)} | {_cfg(r.get('config'))} |")
+            continue
         vs_tr = f"{t['triton'][0] / t['mgpu'][0]:.2f}x" if ok("triton") and ok("mgpu") else ""
         vs_xla = f"{t['xla'][0] / t['mgpu'][0]:.2f}x" if ok("xla") and ok("mgpu") else ""
         tbs = f"{2 * c['k'] * c['n'] / t['mgpu'][0] / 1e12:.2f}" if ok("mgpu") else ""
@@ -479,7 +608,7 @@ def main() -> int:
 
     if args.sweep:
         log()
-        log("## Sweep: the Mosaic kernel alone (partials=True, PDL), µs per call")
+        log(f"## Sweep: the Mosaic kernel alone ({'int8 W, ' if args.int8 else ''}partials=True, PDL), µs per call")
         log("| shape | M | block_n | block_k | stages | µs | TB/s |")
         log("|---|---|---|---|---|---|---|")
         for cid, c in enumerate(cases):
@@ -493,7 +622,8 @@ def main() -> int:
             elif "error" in r:
                 cell = r["error"]
             elif isinstance(v, list):
-                cell = f"{_us(v)} | {2 * c['k'] * c['n'] / v[0] / 1e12:.2f}"
+                w_bytes = c["k"] * c["n"] + 4 * c["n"] if args.int8 else 2 * c["k"] * c["n"]
+                cell = f"{_us(v)} | {w_bytes / v[0] / 1e12:.2f}"
             else:
                 cell = str(v)
             log(f"| {c['name']} | {c['m']} | {bn} | {bk} | {st} | {cell} |")

@@ -24,6 +24,26 @@ One program per (N block, K split), `plgpu.kernel` grid (n_blocks, k_splits), on
   the output in x's dtype with one split, else float32 partials [k_splits, M, N] that a jnp sum
   reduces (under jit XLA fuses that sum into its consumer; `partials=True` returns them).
 
+int8 weights (`w_scale=`, issue 18): w int8 [K, N] and one float32 scale per column, as
+jaxtts.quantize stores them; the result is `(x @ w.astype(bf16)) * w_scale` (`matvec_reference`'s
+and the Triton `matvec`'s int8 semantics). The int8 tiles stream through the same TMA ring (half
+the bytes per tile: 64- or 128-byte swizzle, whichever tiles block_n bytes). wgmma reads B from
+shared memory only and takes no int8 x bf16 product, so each tile is converted on the way: the
+warpgroup loads it into registers in the 8-bit WGMMA layout (4 bytes per thread and load, no bank
+conflicts: the lowering's optimized transfer), converts to bf16 (exact for |q| <= 127; Mosaic GPU
+does it with a byte permute and a bf16x2 subtract) and stores it into one of two bf16 tiles with
+the 128-byte swizzle wgmma wants; `commit_smem` (fence.proxy.async + warpgroup barrier) makes it
+visible to the tensor cores. Tile i + 1 is converted while the wgmma on tile i runs (two bf16
+tiles), and its int8 slot is refilled as soon as it has been read. The column scales (also a
+weight: copied before `griddepcontrol.wait`) multiply the float32 accumulator in the epilogue,
+so the output, or each split's partial, comes back dequantized. The weight is never dequantized
+outside the kernel. Default config: the bf16 blocks and splits, and the deepest ring up to 6 that
+still fits two programs per SM. Written, interpreter- and lowering-tested on CPU; not yet run or
+timed on a GPU (`python -m benchmarks.mgpu_check --int8`). The interpreter computes each op on
+whole arrays and runs wgmma synchronously (its wgmma_wait is a no-op: JAX 0.10.2), so it cannot
+catch a missing fence or a tile overwritten while the tensor cores still read it: that ordering is
+argued above, not tested.
+
 float32 x: wgmma wants both operands in one dtype, and rounding x to bf16 would cost ~3 decimal
 digits. x is split into three bf16 parts (hi + mid + lo == x to ~2^-24 relative) stacked as 3M
 rows of A; bf16 x bf16 products are exact in the float32 accumulator, and the three row groups are
@@ -31,7 +51,8 @@ summed after the kernel. So float32 x costs 3x the (idle) tensor-core work and a
 never any extra W traffic.
 
 Shapes: K a multiple of block_k (a multiple of 64), N a multiple of block_n (64, 128, 192 or 256):
-every CSM-1B projection qualifies. No masking: ragged shapes raise ValueError.
+every CSM-1B projection qualifies (the heads' N = 2051 does not). No masking: ragged shapes raise
+ValueError.
 
 Interpret mode (CPU, tests): `interpret=True` runs the same kernel body in Pallas' Mosaic GPU
 interpreter (`InterpretGPUParams`, JAX >= 0.10.2) with `out_of_bounds_reads="uninitialized"`,
@@ -39,7 +60,9 @@ so the out-of-bounds x rows read NaN there (zeros on the GPU): a test that passe
 those rows never reach the output. The interpreter has no rule for the two griddepcontrol
 primitives (NotImplementedError: "MLIR translation rule for primitive
 'griddepcontrol_launch_dependents' not found for platform cpu"), so they are left out when
-interpreting; benchmarks/mgpu_interpret_probe.py and docs/KERNELS.md have the details.
+interpreting; benchmarks/mgpu_interpret_probe.py and docs/KERNELS.md have the details. Nor do
+layouts exist there (`plgpu.load(ref, (), layout=...)` fails with an AssertionError): the int8
+path's two register loads are plain `ref[...]` when interpreting.
 """
 
 from __future__ import annotations
