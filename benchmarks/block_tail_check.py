@@ -10,8 +10,9 @@
 2. Time per block tail in a chain of calls (each call's h2 feeds the next as o and h, through 8
    layers' worth of distinct weights, so the weights do not sit in L2), unrolled in one XLA
    program: (t(40 calls) - t(8 calls)) / 32, median of 15 runs each. Variants: the five-kernel
-   tail of `Llama.fused_step` today (Triton GEMVs + XLA fusions), the fused kernel (stages 2, 3,
-   4; PDL on), and its three phases as three kernels.
+   tail of `Llama.fused_step` today (Triton GEMVs + XLA fusions), the fused kernel (weight tiles
+   of 64, 128, 256 rows; PDL on), and its three phases as three kernels. Then the GPU kernels of
+   one chain (CUPTI): µs per tail by kernel.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _median_s(fn, *args, reps=15):
     return statistics.median(times)
 
 
-PROFILED = ("five kernels (today)", "three kernels", "fused, stages 4")
+PROFILED = ("five kernels (today)", "three kernels", "fused")
 
 
 def _kernels(fn, *args, calls: int) -> dict:
@@ -126,10 +127,14 @@ def time_tails(name, hd, d, f, rows, budget) -> dict:
     base = config_for(d, f)
     variants = {
         "five kernels (today)": lambda *a: five_kernel_tail(*a, eps=1e-5, opts=opts),
-        "fused, stages 4": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base),
-        "fused, stages 3": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(stages=3)),
-        "fused, stages 2": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(stages=2)),
-        "fused, stages 4, PDL": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, pdl=True),
+        "fused": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base),
+        "fused, block_k 64, stages 4": lambda *a: block_tail_mgpu(
+            *a, eps=1e-5, config=base._replace(block_k=64, stages=4)
+        ),
+        "fused, block_k 256, stages 2": lambda *a: block_tail_mgpu(
+            *a, eps=1e-5, config=base._replace(block_k=256, stages=2, out_stages=2)
+        ),
+        "fused, PDL": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, pdl=True),
         "three kernels": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, fused=False),
     }
     o = jax.random.normal(jax.random.key(3), (rows, hd), BF)

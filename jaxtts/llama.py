@@ -379,7 +379,7 @@ def block_tail_config(rows: int, tail, opts: DecodeOptions):
     from pallas_kernels.block_tail_mgpu import config_for
 
     w_out, _, w_down = tail
-    return config_for(w_out.shape[1], w_down.shape[0]) if w_out.shape[0] % 64 == 0 else None
+    return config_for(w_out.shape[1], w_down.shape[0], fused=not opts.interpret) if w_out.shape[0] % 256 == 0 else None
 
 
 def norm_gemv(x, norm_scale, w, opts: DecodeOptions, **kwargs):

@@ -49,29 +49,41 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.matvec_mgpu import SMEM_LIMIT, SWIZZLE, _interpret_params
+from pallas_kernels.matvec_mgpu import SMEM_LIMIT, _interpret_params
 
-LANES = 64  # columns of a P1 / P2 tile: one 128-byte swizzle row of bf16
-BLOCK_K = 64  # K rows per weight tile
-ROWS = 8  # x / act rows copied per tile (M <= ROWS)
+CHUNK = 64  # K elements per wgmma: one 128-byte swizzle row of bf16
+ROWS = 8  # activation rows copied per chunk (M <= ROWS)
 MMA_ROWS = 64
+PAIR_N = 64  # columns of each tile of the P2 / P3 weight ring (gate|up, or the two halves of P3)
+TMA_BOX = 256  # a TMA copy moves at most 256 elements along each dimension
 
 
 class TailConfig(NamedTuple):
-    blocks: int = 128  # programs of the fused kernel (<= SM count); F/64 and P3's programs divide it
-    stages: int = 4  # weight tiles in flight per phase
-    down_block_n: int = 128  # output columns of a P3 program
+    blocks: int = 128  # programs of the fused kernel (<= SM count); F/64 and P3's programs equal it
+    stages: int = 3  # P2 / P3 weight-ring depth (steps in flight)
+    block_k: int = 128  # K rows of a P2 / P3 weight tile
+    out_block_k: int = 128  # K rows of a P1 weight tile (P1: D/64 programs of 64 columns)
+    out_stages: int = 4
     down_splits: int = 16  # K splits of the down projection (partials the next residual add sums)
 
 
-def config_for(d: int, f: int, blocks: int | None = None) -> TailConfig | None:
-    """The fused kernel's config for model width d and MLP width f: one program per gate/up tile
-    pair (F/64 of them, 128 in CSM-1B's backbone and depth decoder) and as many down splits as make
-    the down projection the same number of programs; None when the widths do not divide so."""
-    blocks = blocks or f // LANES
-    if d % 128 or f % LANES or blocks != f // LANES or blocks % (d // 128) or d // LANES > blocks:
+def config_for(d: int, f: int, blocks: int | None = None, *, fused: bool = True) -> TailConfig | None:
+    """The kernel's config for model width d and MLP width f: one program per gate/up tile pair
+    (F/64 of them, 128 in CSM-1B's backbone and depth decoder), and as many down splits as make
+    the down projection the same number of programs; None when the widths do not divide so (or,
+    for the fused kernel, when P1 would need more programs than that)."""
+    blocks = blocks or f // PAIR_N
+    cfg = TailConfig(blocks=blocks)
+    if d % (2 * PAIR_N) or f % PAIR_N or blocks != f // PAIR_N or blocks % (d // (2 * PAIR_N)):
         return None
-    return TailConfig(blocks=blocks, down_block_n=128, down_splits=blocks // (d // 128))
+    cfg = cfg._replace(down_splits=blocks // (d // (2 * PAIR_N)))
+    if (f // cfg.down_splits) % cfg.block_k or (fused and d // PAIR_N > blocks):
+        return None
+    # The deepest P1 ring that fits next to the rest (float32 h, the widest case).
+    dims = _Dims(ROWS, d, d, f, d // PAIR_N, f // PAIR_N, d // (2 * PAIR_N), blocks, f // cfg.down_splits)
+    while cfg.out_stages > 1 and smem_bytes(dims, 4, cfg) > SMEM_LIMIT:
+        cfg = cfg._replace(out_stages=cfg.out_stages - 1)
+    return cfg
 
 
 # --- reference ------------------------------------------------------------------------------------
@@ -100,11 +112,11 @@ class _Dims(NamedTuple):
     hd: int  # attention output width (K of W_out)
     d: int  # model width
     f: int  # MLP width
-    n1: int  # P1 tiles (D / 64)
-    n2: int  # P2 tile pairs (F / 64)
-    n3_tiles: int  # P3 column tiles
+    n1: int  # P1 programs (D / 64)
+    n2: int  # P2 programs: gate/up tile pairs (F / 64)
+    n3_tiles: int  # P3 column tiles (D / 128)
     n3: int  # P3 programs (tiles x splits)
-    k3: int  # P3 K steps per program
+    k3: int  # P3 K rows per program
 
 
 def _dims(o, h, w_out, w_gate_up, w_down, cfg: TailConfig) -> _Dims:
@@ -123,250 +135,43 @@ def _dims(o, h, w_out, w_gate_up, w_down, cfg: TailConfig) -> _Dims:
             raise ValueError(f"{name} must be bfloat16, got {w.dtype}")
     if o.dtype != jnp.bfloat16:
         raise ValueError(f"o must be bfloat16, got {o.dtype}")
-    bn3, s3 = cfg.down_block_n, cfg.down_splits
-    if hd % BLOCK_K or d % LANES or f % LANES or d % bn3 or (f // BLOCK_K) % s3:
-        raise ValueError(f"widths hd={hd} d={d} f={f} must be multiples of 64 (d of {bn3}, f/64 of {s3})")
-    n3_tiles = d // bn3
-    return _Dims(m, hd, d, f, d // LANES, f // LANES, n3_tiles, n3_tiles * s3, f // BLOCK_K // s3)
-
-
-_TILES = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))
-
-
-def _ring(shape, stages):
-    return plgpu.SMEM((stages, *shape), jnp.bfloat16, transforms=_TILES)
-
-
-def _x_ring(stages):
-    # x tiles of ROWS rows per slot; a slot's 64-row MMA view overlaps the next slots' rows
-    return plgpu.SMEM(((stages - 1) * ROWS + MMA_ROWS, BLOCK_K), jnp.bfloat16, transforms=_TILES)
-
-
-# --- phases -------------------------------------------------------------------------------------
-#
-# Each phase is (issue(program) -> None, run(program) -> None) over a namespace of refs: `issue`
-# starts the weight stream (needs nothing from earlier phases), `run` copies the activations,
-# multiplies and writes the phase's outputs.
-
-
-class _Stream:
-    """A K loop of one program: `stages`-deep TMA ring of weight tiles (one or two per step) and
-    x tiles, wgmma into the given accumulators."""
-
-    def __init__(self, w_srcs, w_ring, w_bars, x_src, x_ring, x_bar, steps, stages, dynamic_rows):
-        self.w_srcs, self.w_ring, self.w_bars = w_srcs, w_ring, w_bars
-        self.x_src, self.x_ring, self.x_bar = x_src, x_ring, x_bar
-        self.steps, self.stages = steps, min(stages, steps)
-        self.dynamic_rows = dynamic_rows
-
-    def _copy_w(self, step, slot):
-        for src, ring, bar in zip(self.w_srcs, self.w_ring, self.w_bars):
-            plgpu.copy_gmem_to_smem(src(step), ring.at[slot], bar.at[slot])
-
-    def _copy_x(self, step, slot, zero):
-        row0 = zero if self.dynamic_rows else 0  # a dynamic start: TMA zero-fills rows past M
-        plgpu.copy_gmem_to_smem(self.x_src(step, row0), self.x_ring.at[pl.ds(slot * ROWS, ROWS)], self.x_bar.at[slot])
-
-    def issue(self):
-        for i in range(self.stages):
-            self._copy_w(i, i)
-
-    def run(self, accs, zero):
-        for i in range(self.stages):
-            self._copy_x(i, i, zero)
-
-        def body(i, carry):
-            slot = lax.rem(i, self.stages)
-            for bar in self.w_bars:
-                plgpu.barrier_wait(bar.at[slot])
-            plgpu.barrier_wait(self.x_bar.at[slot])
-            a = self.x_ring.at[pl.ds(slot * ROWS, MMA_ROWS)]
-            for acc, ring in zip(accs, self.w_ring):
-                plgpu.wgmma(acc, a, ring.at[slot])
-            plgpu.wgmma_wait(0)
-
-            @pl.when(i + self.stages < self.steps)
-            def _():
-                self._copy_w(i + self.stages, slot)
-                self._copy_x(i + self.stages, slot, zero)
-
-            return carry
-
-        lax.fori_loop(0, self.steps, body, None)
-
-
-def _phase1(r, dims: _Dims, cfg: TailConfig, eps):
-    """h2 / x2 / ss for column tile j."""
-    del eps
-
-    def stream(j):
-        cols = pl.ds(j * LANES, LANES)
-        return _Stream(
-            [lambda s: r.w_out.at[pl.ds(s * BLOCK_K, BLOCK_K), cols]],
-            [r.w1],
-            [r.w1_bar],
-            lambda s, row0: r.o.at[pl.ds(row0, ROWS), pl.ds(s * BLOCK_K, BLOCK_K)],
-            r.x_ring,
-            r.x_bar,
-            dims.hd // BLOCK_K,
-            cfg.stages,
-            dims.m < ROWS,
+    bk, bk1, s3 = cfg.block_k, cfg.out_block_k, cfg.down_splits
+    if (
+        bk % CHUNK
+        or bk1 % CHUNK
+        or hd % bk1
+        or d % bk
+        or d % TMA_BOX
+        or d % (2 * PAIR_N)
+        or f % PAIR_N
+        or f % s3
+        or (f // s3) % bk
+    ):
+        raise ValueError(
+            f"widths hd={hd} d={d} f={f} do not tile: hd by out_block_k={bk1}, d by block_k={bk}, "
+            f"128 and 256, f/down_splits={f}/{s3} by block_k"
         )
-
-    def issue(j):
-        stream(j).issue()
-
-    def run(j):
-        cols = pl.ds(j * LANES, LANES)
-        zero = j * 0
-        rows = pl.ds(0, dims.m)
-
-        def scoped(h_smem, scale_smem, h2_smem, x2_smem, ss_smem, bar):
-            plgpu.copy_gmem_to_smem(r.h.at[rows, cols], h_smem.at[rows], bar.at[0])
-            plgpu.copy_gmem_to_smem(r.scale.at[cols], scale_smem, bar.at[1])
-
-            def with_acc(acc):
-                stream(j).run([acc], zero)
-                plgpu.barrier_wait(bar.at[0])
-                plgpu.barrier_wait(bar.at[1])
-                hdt = h_smem.dtype
-                prod = acc[...].astype(hdt).astype(jnp.float32)
-                h_in = r.load(h_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
-                h2 = (h_in + prod).astype(hdt).astype(jnp.float32)
-                scale = r.load(scale_smem, plgpu.Layout.WGMMA.reduce(0))
-                h2_smem[...] = h2.astype(hdt)
-                x2_smem[...] = (h2 * lax.broadcast_in_dim(scale, h2.shape, [1])).astype(jnp.bfloat16)
-                ss_smem[...] = jnp.sum(h2 * h2, axis=1)
-
-            pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, LANES), jnp.float32))
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(h2_smem.at[rows], r.h2.at[:, cols])
-            plgpu.copy_smem_to_gmem(x2_smem.at[rows], r.x2.at[:, cols])
-            plgpu.copy_smem_to_gmem(ss_smem, r.ss.at[j])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(
-            scoped,
-            plgpu.SMEM((MMA_ROWS, LANES), r.h.dtype),
-            plgpu.SMEM((LANES,), jnp.float32),
-            plgpu.SMEM((MMA_ROWS, LANES), r.h.dtype),
-            plgpu.SMEM((MMA_ROWS, LANES), jnp.bfloat16),
-            plgpu.SMEM((MMA_ROWS,), jnp.float32),
-            plgpu.Barrier(num_barriers=2),
-        )
-
-    return issue, run
+    n3_tiles = d // (2 * PAIR_N)
+    return _Dims(m, hd, d, f, d // PAIR_N, f // PAIR_N, n3_tiles, n3_tiles * s3, f // s3)
 
 
-def _phase2(r, dims: _Dims, cfg: TailConfig, eps):
-    """act tile pair p = silu(g) * u."""
-
-    def stream(p):
-        g_cols = pl.ds(p * LANES, LANES)
-        u_cols = pl.ds(dims.f + p * LANES, LANES)
-        return _Stream(
-            [
-                lambda s: r.w_gate_up.at[pl.ds(s * BLOCK_K, BLOCK_K), g_cols],
-                lambda s: r.w_gate_up.at[pl.ds(s * BLOCK_K, BLOCK_K), u_cols],
-            ],
-            [r.w2g, r.w2u],
-            [r.w2g_bar, r.w2u_bar],
-            lambda s, row0: r.x2.at[pl.ds(row0, ROWS), pl.ds(s * BLOCK_K, BLOCK_K)],
-            r.x_ring,
-            r.x_bar,
-            dims.d // BLOCK_K,
-            cfg.stages,
-            dims.m < ROWS,
-        )
-
-    def issue(p):
-        stream(p).issue()
-
-    def run(p):
-        zero = p * 0
-        rows = pl.ds(0, dims.m)
-
-        def scoped(ss_smem, act_smem, bar):
-            plgpu.copy_gmem_to_smem(r.ss, ss_smem, bar.at[0])
-
-            def with_acc(acc_g, acc_u):
-                stream(p).run([acc_g, acc_u], zero)
-                plgpu.barrier_wait(bar.at[0])
-                ss = r.load(ss_smem.at[0], plgpu.Layout.WGMMA.reduce(1))
-                for t in range(1, dims.n1):
-                    ss = ss + r.load(ss_smem.at[t], plgpu.Layout.WGMMA.reduce(1))
-                factor = lax.rsqrt(ss * (1.0 / dims.d) + eps)
-                fb = lax.broadcast_in_dim(factor, (MMA_ROWS, LANES), [0])
-                g = acc_g[...] * fb
-                u = acc_u[...] * fb
-                act_smem[...] = (g / (1.0 + jnp.exp(-g)) * u).astype(jnp.bfloat16)
-
-            pl.run_scoped(
-                with_acc, plgpu.ACC((MMA_ROWS, LANES), jnp.float32), plgpu.ACC((MMA_ROWS, LANES), jnp.float32)
-            )
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(act_smem.at[rows], r.act.at[:, pl.ds(p * LANES, LANES)])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(
-            scoped,
-            plgpu.SMEM((dims.n1, MMA_ROWS), jnp.float32),
-            plgpu.SMEM((MMA_ROWS, LANES), jnp.bfloat16),
-            plgpu.Barrier(num_barriers=1),
-        )
-
-    return issue, run
+def _tiles(cols: int):
+    """Tiling + swizzle of a bf16 shared-memory tile `cols` wide (the swizzle spans one row)."""
+    return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(cols * 2))
 
 
-def _phase3(r, dims: _Dims, cfg: TailConfig, eps):
-    """parts[s][:, tile j] for program q = s * n3_tiles + j."""
-    del eps
-    bn = cfg.down_block_n
-
-    def stream(q):
-        j = lax.rem(q, dims.n3_tiles)
-        k0 = (q // dims.n3_tiles) * (dims.k3 * BLOCK_K)
-        cols = pl.ds(j * bn, bn)
-        return _Stream(
-            [lambda s: r.w_down.at[pl.ds(k0 + s * BLOCK_K, BLOCK_K), cols]],
-            [r.w3],
-            [r.w3_bar],
-            lambda s, row0: r.act.at[pl.ds(row0, ROWS), pl.ds(k0 + s * BLOCK_K, BLOCK_K)],
-            r.x_ring,
-            r.x_bar,
-            dims.k3,
-            cfg.stages,
-            dims.m < ROWS,
-        )
-
-    def issue(q):
-        stream(q).issue()
-
-    def run(q):
-        zero = q * 0
-        rows = pl.ds(0, dims.m)
-        j = lax.rem(q, dims.n3_tiles)
-        s = q // dims.n3_tiles
-
-        def scoped(out_smem):
-            def with_acc(acc):
-                stream(q).run([acc], zero)
-                out_smem[...] = acc[...]
-
-            pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, bn), jnp.float32))
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[rows], r.parts.at[s].at[:, pl.ds(j * bn, bn)])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(scoped, plgpu.SMEM((MMA_ROWS, bn), jnp.float32))
-
-    return issue, run
+def _x_rows(chunks: int) -> int:
+    # An activation chunk c (ROWS rows x 64) sits at rows [8c, 8c + 8); its 64-row MMA view
+    # [8c, 8c + 64) overlaps the next chunks' rows, which reach only accumulator rows >= ROWS.
+    return (chunks - 1) * ROWS + MMA_ROWS
 
 
-# --- the kernels ----------------------------------------------------------------------------------
+# --- building blocks ------------------------------------------------------------------------------
 
 
 class _Refs:
+    """The kernel's refs by name, and what differs in the interpreter (no register layouts)."""
+
     def __init__(self, interpreting: bool, **refs):
         self.interpreting = interpreting
         self.__dict__.update(refs)
@@ -375,9 +180,248 @@ class _Refs:
         """ref's value in registers with `layout` (the interpreter has no layouts: a plain load)."""
         return ref[...] if self.interpreting else plgpu.load(ref, (), layout=layout, optimized=False)
 
+    def io_rows(self, m: int, zero):
+        """The rows of a small copy to or from an [M, N] array: all ROWS from a dynamic start on
+        the GPU (Mosaic wants copies of >= 128 bytes; TMA zero-fills reads past M and drops
+        writes past it), exactly M in the interpreter (which refuses out-of-bounds writes)."""
+        if self.interpreting or m == ROWS:
+            return pl.ds(0, m)
+        return pl.ds(zero, ROWS)
 
-_INPUTS = ("o", "h", "w_out", "scale", "w_gate_up", "w_down")
-_OUTPUTS = ("h2", "x2", "ss", "act", "parts")
+
+def _load_x(src, chunks: int, xbuf, bar, zero, dynamic_rows: bool):
+    """Copy activation rows [0, ROWS) x K (chunks of 64 columns) into xbuf, all at once on one
+    barrier of `chunks` arrivals. A dynamic row start lets TMA zero-fill rows past M."""
+    row0 = zero if dynamic_rows else 0
+    for c in range(chunks):
+        plgpu.copy_gmem_to_smem(src.at[pl.ds(row0, ROWS), pl.ds(c * CHUNK, CHUNK)], xbuf.at[pl.ds(c * ROWS, ROWS)], bar)
+
+
+def _x_view(xbuf, chunk):
+    return xbuf.at[pl.ds(chunk * ROWS, MMA_ROWS)]
+
+
+class _WStream:
+    """A program's weight tiles, `steps` K steps of `block_k` rows each (one or two tiles a step,
+    one per accumulator), through a `stages`-deep ring of TMA copies."""
+
+    def __init__(self, srcs, ring, bars, steps, block_k, stages):
+        self.srcs, self.ring, self.bars = srcs, ring, bars
+        self.steps, self.block_k, self.stages = steps, block_k, min(stages, steps)
+
+    def _copy(self, step, slot):
+        for src, ring, bar in zip(self.srcs, self.ring, self.bars):
+            plgpu.copy_gmem_to_smem(src(pl.ds(step * self.block_k, self.block_k)), ring.at[slot], bar.at[slot])
+
+    def issue(self):
+        """The first `stages` copies: weights depend on nothing, so this may run before any wait."""
+        for i in range(self.stages):
+            self._copy(i, i)
+
+    def run(self, accs, xbuf, chunk0=0):
+        """accs[t] += x @ tiles[t], x's chunks from `chunk0` in xbuf (already loaded)."""
+        per_step = self.block_k // CHUNK
+
+        def body(i, carry):
+            slot = lax.rem(i, self.stages)
+            for bar in self.bars:
+                plgpu.barrier_wait(bar.at[slot])
+            for c in range(per_step):
+                a = _x_view(xbuf, chunk0 + i * per_step + c)
+                for acc, ring in zip(accs, self.ring):
+                    plgpu.wgmma(acc, a, ring.at[slot].at[pl.ds(c * CHUNK, CHUNK)])
+            plgpu.wgmma_wait(0)  # the slot is consumed: refill it
+
+            @pl.when(i + self.stages < self.steps)
+            def _():
+                self._copy(i + self.stages, slot)
+
+            return carry
+
+        lax.fori_loop(0, self.steps, body, None)
+
+
+# --- phases -------------------------------------------------------------------------------------
+#
+# Each phase is (issue(program), run(program)): `issue` starts the program's weight stream
+# (it needs nothing from earlier phases), `run` waits for nothing itself; the caller orders it.
+
+
+def _phase1(r, dims: _Dims, cfg: TailConfig, eps, fused):
+    """h2 = h + o @ W_out and x2 = bf16(h2 * mlp_scale), columns [j*64, (j+1)*64)."""
+    del eps, fused
+    bn = PAIR_N
+
+    def stream(j):
+        cols = pl.ds(j * bn, bn)
+        return _WStream(
+            [lambda ks: r.w_out.at[ks, cols]],
+            [r.w1],
+            [r.w1_bar],
+            dims.hd // cfg.out_block_k,
+            cfg.out_block_k,
+            cfg.out_stages,
+        )
+
+    def run(j):
+        cols = pl.ds(j * bn, bn)
+        rows = r.io_rows(dims.m, j * 0)
+        smem_rows = pl.ds(0, rows.size)
+        _load_x(r.o, dims.hd // CHUNK, r.xbuf, r.x1_bar, j * 0, dims.m < ROWS)
+
+        def scoped(h_smem, scale_smem, h2_smem, x2_smem, ss_smem, bar):
+            plgpu.copy_gmem_to_smem(r.h.at[rows, cols], h_smem.at[smem_rows], bar.at[0])
+            plgpu.copy_gmem_to_smem(r.scale.at[cols], scale_smem, bar.at[1])
+            plgpu.barrier_wait(r.x1_bar)
+
+            def with_acc(acc):
+                stream(j).run([acc], r.xbuf)
+                plgpu.barrier_wait(bar.at[0])
+                plgpu.barrier_wait(bar.at[1])
+                hdt = h_smem.dtype
+                prod = acc[...].astype(hdt).astype(jnp.float32)
+                h_in = r.load(h_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
+                h2 = (h_in + prod).astype(hdt)
+                scale = r.load(scale_smem, plgpu.Layout.WGMMA.reduce(0))
+                h2_smem[...] = h2
+                h2 = h2.astype(jnp.float32)
+                x2_smem[...] = (h2 * lax.broadcast_in_dim(scale, h2.shape, [1])).astype(jnp.bfloat16)
+                ss_smem[...] = jnp.sum(h2 * h2, axis=1)  # this tile's share of each row's sum of squares
+
+            pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, bn), jnp.float32))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(h2_smem.at[smem_rows], r.h2.at[rows, cols])
+            plgpu.copy_smem_to_gmem(x2_smem.at[smem_rows], r.x2.at[rows, cols])
+            plgpu.copy_smem_to_gmem(ss_smem, r.ss.at[j])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            plgpu.SMEM((MMA_ROWS, bn), r.h.dtype),
+            plgpu.SMEM((bn,), jnp.float32),
+            plgpu.SMEM((MMA_ROWS, bn), r.h.dtype),
+            plgpu.SMEM((MMA_ROWS, bn), jnp.bfloat16),
+            plgpu.SMEM((MMA_ROWS,), jnp.float32),
+            plgpu.Barrier(num_barriers=2),
+        )
+
+    return (lambda j: stream(j).issue()), run
+
+
+def _stream3(r, dims: _Dims, cfg: TailConfig, q):
+    j = lax.rem(q, dims.n3_tiles)
+    k0 = (q // dims.n3_tiles) * dims.k3
+    halves = [pl.ds(j * 2 * PAIR_N, PAIR_N), pl.ds(j * 2 * PAIR_N + PAIR_N, PAIR_N)]
+    return _WStream(
+        [lambda ks, c=c: r.w_down.at[pl.ds(k0 + ks.start, ks.size), c] for c in halves],
+        [r.wa, r.wb],
+        [r.wa_bar, r.wb_bar],
+        dims.k3 // cfg.block_k,
+        cfg.block_k,
+        cfg.stages,
+    )
+
+
+def _phase2(r, dims: _Dims, cfg: TailConfig, eps, fused):
+    """act[:, p*64:(p+1)*64] = silu(g) * u, [g | u] = (x2 @ W_gate_up) * rmsnorm factor of h2.
+    Fused: when its products are done, the program starts its P3 weight stream (same ring)."""
+
+    def stream(p):
+        cols = [pl.ds(p * PAIR_N, PAIR_N), pl.ds(dims.f + p * PAIR_N, PAIR_N)]
+        return _WStream(
+            [lambda ks, c=c: r.w_gate_up.at[ks, c] for c in cols],
+            [r.wa, r.wb],
+            [r.wa_bar, r.wb_bar],
+            dims.d // cfg.block_k,
+            cfg.block_k,
+            cfg.stages,
+        )
+
+    def run(p):
+        zero = p * 0
+        rows = pl.ds(0, dims.m)
+        _load_x(r.x2, dims.d // CHUNK, r.xbuf, r.x2_bar, zero, dims.m < ROWS)
+
+        def scoped(ss_smem, act_smem, bar):
+            plgpu.copy_gmem_to_smem(r.ss, ss_smem, bar)
+            plgpu.barrier_wait(r.x2_bar)
+
+            def with_acc(acc_g, acc_u):
+                stream(p).run([acc_g, acc_u], r.xbuf)
+                if fused:  # P3's first weight tiles stream in while this program finishes and waits
+                    _stream3(r, dims, cfg, p).issue()
+                plgpu.barrier_wait(bar)
+                # The norm's row factor from P1's per-tile sums of squares.
+                row_layout = plgpu.Layout.WGMMA.reduce(1)
+                ss = r.load(ss_smem.at[0], row_layout)
+                for t in range(1, dims.n1):
+                    ss = ss + r.load(ss_smem.at[t], row_layout)
+                factor = lax.rsqrt(ss * (1.0 / dims.d) + eps)
+                factor = lax.broadcast_in_dim(factor, (MMA_ROWS, PAIR_N), [0])
+                g = acc_g[...] * factor
+                u = acc_u[...] * factor
+                act_smem[...] = (g / (1.0 + jnp.exp(-g)) * u).astype(jnp.bfloat16)
+
+            pl.run_scoped(
+                with_acc, plgpu.ACC((MMA_ROWS, PAIR_N), jnp.float32), plgpu.ACC((MMA_ROWS, PAIR_N), jnp.float32)
+            )
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(act_smem.at[rows], r.act.at[:, pl.ds(p * PAIR_N, PAIR_N)])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scoped,
+            plgpu.SMEM((dims.n1, MMA_ROWS), jnp.float32),
+            plgpu.SMEM((MMA_ROWS, PAIR_N), jnp.bfloat16),
+            plgpu.Barrier(num_barriers=1),
+        )
+
+    return (lambda p: stream(p).issue()), run
+
+
+def _phase3(r, dims: _Dims, cfg: TailConfig, eps, fused):
+    """parts[s][:, tile j] (128 columns as two halves) for program q = s * n3_tiles + j."""
+    del eps, fused
+
+    def run(q):
+        rows = pl.ds(0, dims.m)
+        j = lax.rem(q, dims.n3_tiles)
+        s = q // dims.n3_tiles
+        k0 = s * dims.k3
+        chunks = dims.k3 // CHUNK
+        row0 = (q * 0) if dims.m < ROWS else 0
+        for c in range(chunks):
+            plgpu.copy_gmem_to_smem(
+                r.act.at[pl.ds(row0, ROWS), pl.ds(k0 + c * CHUNK, CHUNK)],
+                r.xbuf.at[pl.ds(c * ROWS, ROWS)],
+                r.x3_bar,
+            )
+
+        def scoped(out_smem):
+            plgpu.barrier_wait(r.x3_bar)
+
+            def with_acc(acc_a, acc_b):
+                _stream3(r, dims, cfg, q).run([acc_a, acc_b], r.xbuf)
+                out_smem[:, pl.ds(0, PAIR_N)] = acc_a[...]
+                out_smem[:, pl.ds(PAIR_N, PAIR_N)] = acc_b[...]
+
+            pl.run_scoped(
+                with_acc, plgpu.ACC((MMA_ROWS, PAIR_N), jnp.float32), plgpu.ACC((MMA_ROWS, PAIR_N), jnp.float32)
+            )
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[rows], r.parts.at[s].at[:, pl.ds(j * 2 * PAIR_N, 2 * PAIR_N)])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(scoped, plgpu.SMEM((MMA_ROWS, 2 * PAIR_N), jnp.float32))
+
+    return (lambda q: _stream3(r, dims, cfg, q).issue()), run
+
+
+# --- the kernels ----------------------------------------------------------------------------------
+
+_INPUTS = ("o", "h", "w_out", "scale", "w_gate_up", "w_down", "x2", "ss", "act")
+_MAKES = {1: ("h2", "x2", "ss"), 2: ("act",), 3: ("parts",)}
+_READS = {1: ("o", "h", "w_out", "scale"), 2: ("x2", "ss", "w_gate_up"), 3: ("act", "w_down")}
 
 
 def _out_types(dims: _Dims, cfg: TailConfig, h_dtype):
@@ -390,48 +434,70 @@ def _out_types(dims: _Dims, cfg: TailConfig, h_dtype):
     )
 
 
-def _ring_scratch(cfg: TailConfig, phases):
-    """Weight rings of the given phases (1, 2, 3) and the shared x ring, as name -> scratch type."""
-    st = cfg.stages
+def _scratch(dims: _Dims, cfg: TailConfig, phases) -> dict:
+    """Shared memory outside the phases' own: P1's weight ring, the P2/P3 ring of tile pairs, the
+    activation buffer (sized for the widest phase) and its barriers."""
     out = {}
+    chunks = []
     if 1 in phases:
-        out |= dict(w1=_ring((BLOCK_K, LANES), st), w1_bar=plgpu.Barrier(num_barriers=st))
-    if 2 in phases:
+        bn, st = PAIR_N, cfg.out_stages
         out |= dict(
-            w2g=_ring((BLOCK_K, LANES), st),
-            w2u=_ring((BLOCK_K, LANES), st),
-            w2g_bar=plgpu.Barrier(num_barriers=st),
-            w2u_bar=plgpu.Barrier(num_barriers=st),
+            w1=plgpu.SMEM((st, cfg.out_block_k, bn), jnp.bfloat16, transforms=_tiles(bn)),
+            w1_bar=plgpu.Barrier(num_barriers=st),
+            x1_bar=plgpu.Barrier(num_arrivals=dims.hd // CHUNK),
         )
+        chunks.append(dims.hd // CHUNK)
+    if 2 in phases or 3 in phases:
+        st = cfg.stages
+        tile = plgpu.SMEM((st, cfg.block_k, PAIR_N), jnp.bfloat16, transforms=_tiles(PAIR_N))
+        out |= dict(wa=tile, wb=tile, wa_bar=plgpu.Barrier(num_barriers=st), wb_bar=plgpu.Barrier(num_barriers=st))
+    if 2 in phases:
+        out["x2_bar"] = plgpu.Barrier(num_arrivals=dims.d // CHUNK)
+        chunks.append(dims.d // CHUNK)
     if 3 in phases:
-        out |= dict(w3=_ring((BLOCK_K, cfg.down_block_n), st), w3_bar=plgpu.Barrier(num_barriers=st))
-    out |= dict(x_ring=_x_ring(st), x_bar=plgpu.Barrier(num_barriers=st))
+        out["x3_bar"] = plgpu.Barrier(num_arrivals=dims.k3 // CHUNK)
+        chunks.append(dims.k3 // CHUNK)
+    out["xbuf"] = plgpu.SMEM((_x_rows(max(chunks)), CHUNK), jnp.bfloat16, transforms=_tiles(CHUNK))
     return out
 
 
-def smem_bytes(dims_d_n1: int, h_itemsize: int, cfg: TailConfig) -> int:
-    """Shared memory of one fused program (rings of all three phases + the largest phase's own)."""
-    st = cfg.stages
-    rings = st * BLOCK_K * (3 * LANES + cfg.down_block_n) * 2 + ((st - 1) * ROWS + MMA_ROWS) * BLOCK_K * 2
-    p1 = 2 * MMA_ROWS * LANES * h_itemsize + MMA_ROWS * LANES * 2 + LANES * 4 + MMA_ROWS * 4
-    p2 = dims_d_n1 * MMA_ROWS * 4 + MMA_ROWS * LANES * 2
-    p3 = MMA_ROWS * cfg.down_block_n * 4
-    return rings + max(p1, p2, p3)
+def smem_bytes(dims: _Dims, h_itemsize: int, cfg: TailConfig, phases=(1, 2, 3)) -> int:
+    """Shared memory of one program: the rings and activation buffer + the largest phase's own."""
+    fixed = 0
+    chunks = []
+    own = [0]
+    if 1 in phases:
+        bn = PAIR_N
+        fixed += cfg.out_stages * cfg.out_block_k * bn * 2
+        chunks.append(dims.hd // CHUNK)
+        own.append(2 * MMA_ROWS * bn * h_itemsize + MMA_ROWS * bn * 2 + bn * 4 + MMA_ROWS * 4)
+    if 2 in phases or 3 in phases:
+        fixed += 2 * cfg.stages * cfg.block_k * PAIR_N * 2
+    if 2 in phases:
+        chunks.append(dims.d // CHUNK)
+        own.append(dims.n1 * MMA_ROWS * 4 + MMA_ROWS * PAIR_N * 2)
+    if 3 in phases:
+        chunks.append(dims.k3 // CHUNK)
+        own.append(MMA_ROWS * 2 * PAIR_N * 4)
+    return fixed + _x_rows(max(chunks)) * CHUNK * 2 + max(own)
 
 
 def _make_kernel(dims: _Dims, cfg: TailConfig, eps, phases, fused: bool, pdl: bool, interpreting: bool):
-    """Body over (inputs..., outputs..., scratch...) for the given phases."""
-    ins = [n for n in _INPUTS + ("x2", "ss", "act") if _needs(n, phases)]
-    outs = [n for n in _OUTPUTS if _makes(n, phases)]
-    scratch_names = list(_ring_scratch(cfg, phases))
+    """(body over (inputs..., outputs..., scratch...), input names, output names)."""
+    made = {n for p in phases for n in _MAKES[p]}
+    ins = [n for n in _INPUTS if n not in made and any(n in _READS[p] for p in phases)]
+    outs = [n for p in phases for n in _MAKES[p]]
+    scratch_names = list(_scratch(dims, cfg, phases))
     makers = {1: _phase1, 2: _phase2, 3: _phase3}
     counts = {1: dims.n1, 2: dims.n2, 3: dims.n3}
 
     def body(*refs):
         r = _Refs(interpreting, **dict(zip(ins + outs + scratch_names, refs)))
         b = lax.axis_index("b")
-        steps = [(p, *makers[p](r, dims, cfg, eps)) for p in phases]
-        for p, issue, _ in steps:  # every phase's first weight tiles, before any wait
+        steps = [(p, *makers[p](r, dims, cfg, eps, fused)) for p in phases]
+        for p, issue, _ in steps:
+            if fused and p == 3:
+                continue  # issued by each program at the end of its P2 products (the ring is P2's)
 
             @pl.when(b < counts[p])
             def _():
@@ -457,30 +523,6 @@ def _make_kernel(dims: _Dims, cfg: TailConfig, eps, phases, fused: bool, pdl: bo
     return body, ins, outs
 
 
-def _needs(name, phases):
-    return {
-        "o": 1 in phases,
-        "h": 1 in phases,
-        "w_out": 1 in phases,
-        "scale": 1 in phases,
-        "w_gate_up": 2 in phases,
-        "w_down": 3 in phases,
-        "x2": 2 in phases and 1 not in phases,
-        "ss": 2 in phases and 1 not in phases,
-        "act": 3 in phases and 2 not in phases,
-    }[name]
-
-
-def _makes(name, phases):
-    return {
-        "h2": 1 in phases,
-        "x2": 1 in phases,
-        "ss": 1 in phases,
-        "act": 2 in phases,
-        "parts": 3 in phases,
-    }[name]
-
-
 def _launch(values: dict, dims, cfg, eps, phases, fused, pdl, params, out_types):
     body, ins, outs = _make_kernel(dims, cfg, eps, phases, fused, pdl, params is not None)
     grid = cfg.blocks if fused else {1: dims.n1, 2: dims.n2, 3: dims.n3}[phases[0]]
@@ -489,7 +531,7 @@ def _launch(values: dict, dims, cfg, eps, phases, fused, pdl, params, out_types)
         out_type=tuple(out_types[n] for n in outs),
         grid=(grid,),
         grid_names=("b",),
-        scratch_types=list(_ring_scratch(cfg, phases).values()),
+        scratch_types=list(_scratch(dims, cfg, phases).values()),
         interpret=params,
         kernel_name="block_tail_mgpu" if fused else f"block_tail_p{phases[0]}_mgpu",
     )
@@ -516,9 +558,10 @@ def block_tail_mgpu(
     is the definition. o [M, Hd] bf16, h [M, D], W_out [Hd, D], W_gate_up [D, 2F] ([gate | up]),
     W_down [F, D], all bf16 weights; M <= 8.
 
-    config: default `config_for(D, F)`. fused=True: one launch of `config.blocks` programs with grid barriers (GPU only). fused=False:
-    three launches (the interpreter's mode: `interpret=True` runs it on CPU). pdl: griddepcontrol
-    before the first activation read (ignored when interpreting).
+    config: default `config_for(D, F)`. fused=True: one launch of `config.blocks` programs with
+    grid barriers (GPU only). fused=False: three launches (the interpreter's mode: `interpret=True`
+    runs it on CPU). pdl: griddepcontrol before the first activation read (ignored when
+    interpreting).
     """
     params = _interpret_params(interpret)
     if fused and params is not None:
@@ -530,9 +573,11 @@ def block_tail_mgpu(
             f"blocks={cfg.blocks} must equal F/64={dims.n2} and the down programs "
             f"{dims.n3_tiles}x{cfg.down_splits}={dims.n3}, and cover D/64={dims.n1}"
         )
-    need = smem_bytes(dims.n1, jnp.dtype(h.dtype).itemsize, cfg)
-    if need > SMEM_LIMIT:
-        raise ValueError(f"{need} bytes of shared memory > {SMEM_LIMIT}: lower stages or down_block_n")
+    itemsize = jnp.dtype(h.dtype).itemsize
+    for phases in [(1, 2, 3)] if fused else [(1,), (2,), (3,)]:
+        need = smem_bytes(dims, itemsize, cfg, phases)
+        if need > SMEM_LIMIT:
+            raise ValueError(f"{need} bytes of shared memory > {SMEM_LIMIT}: lower stages or block_k")
     values = dict(o=o, h=h, w_out=w_out, scale=mlp_scale.astype(jnp.float32), w_gate_up=w_gate_up, w_down=w_down)
     out_types = _out_types(dims, cfg, h.dtype)
     pdl = pdl and params is None

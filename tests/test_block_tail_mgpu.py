@@ -40,8 +40,8 @@ def test_matches_reference(on_gpu, m, h_dtype):
     if on_gpu:
         hd, d, f, cfg, kw = 1024, 1024, 8192, config_for(1024, 8192), dict(fused=True)
     else:
-        hd, d, f, kw = 128, 128, 256, dict(fused=False, interpret=True)
-        cfg = TailConfig(blocks=4, stages=2, down_splits=2)
+        hd, d, f, kw = 256, 256, 256, dict(fused=False, interpret=True)
+        cfg = config_for(d, f, fused=False)
     args = _operands(m, hd, d, f, h_dtype)
     h2, parts = block_tail_mgpu(*args, eps=1e-5, config=cfg, **kw)
     want_h2, want_down = block_tail_reference(*args, eps=1e-5)
@@ -69,36 +69,36 @@ def test_fused_kernel_lowers_for_cuda_at_csm_shapes(name, hd, d, f, rows):
 
 
 def test_config_for_refuses_widths_that_do_not_divide():
-    assert config_for(1024, 8192) == TailConfig(blocks=128, down_block_n=128, down_splits=16)
+    assert config_for(1024, 8192) == TailConfig(blocks=128, down_splits=16)
     assert config_for(2048, 8192).down_splits == 8
     assert config_for(96, 8192) is None  # d not a multiple of 128
     assert config_for(1024, 8200) is None
 
 
 def test_bad_operands_are_refused():
-    args = list(_operands(1, 128, 128, 256, BF))
+    args = list(_operands(1, 256, 256, 256, BF))
     with pytest.raises(ValueError, match="1..8 rows"):
-        block_tail_mgpu(jnp.zeros((9, 128), BF), jnp.zeros((9, 128), BF), *args[2:], eps=1e-5, fused=False)
+        block_tail_mgpu(jnp.zeros((9, 256), BF), jnp.zeros((9, 256), BF), *args[2:], eps=1e-5, fused=False)
     args[4] = args[4].astype(jnp.float32)
     with pytest.raises(ValueError, match="W_gate_up must be bfloat16"):
         block_tail_mgpu(*args, eps=1e-5, fused=False)
     with pytest.raises(ValueError, match="needs a GPU"):
-        block_tail_mgpu(*_operands(1, 128, 128, 256, BF), eps=1e-5, fused=True, interpret=True)
+        block_tail_mgpu(*_operands(1, 256, 256, 256, BF), eps=1e-5, fused=True, interpret=True)
 
 
 def test_fused_step_with_the_block_tail_matches_without():
     """A two-layer bfloat16 Llama step (interpreted kernels): the block-tail path gives the
     five-kernel path's hidden state and caches to bf16 rounding."""
-    cfg = LlamaConfig(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=128, intermediate_dim=256, max_seq_len=32)
+    cfg = LlamaConfig(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=256, intermediate_dim=256, max_seq_len=32)
     model = Llama(cfg, dtype=BF, rngs=nnx.Rngs(0))
     cache = KVCache.zeros(cfg, 2, 32, BF)
-    x = jax.random.normal(jax.random.key(1), (2, 1, 128), BF)
+    x = jax.random.normal(jax.random.key(1), (2, 1, 256), BF)
     start = jnp.array([0, 5], jnp.int32)
     opts = DecodeOptions(attention="pallas_interpret")
     layer = model.layers[0]
     tail = (layer.attn.out[...], layer.mlp.gate_up[...], layer.mlp.down[...])
     assert block_tail_config(2, tail, opts) is None
-    assert block_tail_config(2, tail, opts.replace(block_tail=True)) == config_for(128, 256)
+    assert block_tail_config(2, tail, opts.replace(block_tail=True)) == config_for(256, 256, fused=False)
     want, want_cache = model.fused_step(x, start, cache, opts)
     got, got_cache = model.fused_step(x, start, cache, opts.replace(block_tail=True))
     g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
