@@ -77,6 +77,61 @@ def check(name, hd, d, f, rows) -> bool:
     return ok and same
 
 
+def check_phases(name, hd, d, f, rows) -> None:
+    """Each phase alone (its own kernel) on the reference's inputs, against the reference's
+    intermediate values: which phase is wrong, when one is."""
+    from pallas_kernels import block_tail_mgpu as bt
+
+    w = {k: v[0] for k, v in _weights(1, hd, d, f).items()}
+    ks = jax.random.split(jax.random.key(7), 2)
+    o = jax.random.normal(ks[0], (rows, hd), BF)
+    h = jax.random.normal(ks[1], (rows, d), BF)
+    f32 = jnp.float32
+    h2 = (h.astype(f32) + jnp.dot(o, w["w_out"], preferred_element_type=f32).astype(BF).astype(f32)).astype(BF)
+    x2 = (h2.astype(f32) * w["scale"].astype(f32)).astype(BF)
+    ss = jnp.sum(h2.astype(f32).reshape(rows, -1, 64) ** 2, axis=-1).T  # [D/64, M]
+    r = jax.lax.rsqrt(jnp.sum(ss, 0) / d + 1e-5)[:, None]
+    gu = jnp.dot(x2, w["w_gate_up"], preferred_element_type=f32) * r
+    g, u = jnp.split(gu, 2, axis=-1)
+    act = (g / (1 + jnp.exp(-g)) * u).astype(BF)
+    down = jnp.dot(act, w["w_down"], preferred_element_type=f32)
+    cfg = bt.config_for(d, f)
+    dims = bt._dims(o, h, w["w_out"], w["w_gate_up"], w["w_down"], cfg)
+    types = bt._out_types(dims, cfg, BF)
+    ss_pad = jnp.zeros((dims.n1, 64), f32).at[:, :rows].set(ss)
+    values = dict(
+        o=o,
+        h=h,
+        w_out=w["w_out"],
+        scale=w["scale"].astype(f32),
+        w_gate_up=w["w_gate_up"],
+        w_down=w["w_down"],
+        x2=x2,
+        ss=ss_pad,
+        act=act,
+    )
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    for phase, wants in ((1, dict(h2=h2, x2=x2)), (2, dict(act=act)), (3, dict(parts=down))):
+        try:
+            out = jax.jit(lambda v, p=phase: bt._launch(v, dims, cfg, 1e-5, (p,), False, False, None, types))(values)
+            errs = {k: rel(out[k] if k != "parts" else out[k].sum(0), want) for k, want in wants.items()}
+            if phase == 1:
+                errs["ss"] = rel(out["ss"][:, :rows], ss)
+            log(
+                f"| {name} | {rows} | phase {phase} alone | "
+                + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+                + " |"
+            )
+        except Exception as e:
+            log(
+                f"| {name} | {rows} | phase {phase} alone | failed: {type(e).__name__}: {' '.join(str(e).split())[:200]} |"
+            )
+
+
 def _chain(tail, weights, calls, layers):
     from pallas_kernels.fused_decode import add_residual
 
@@ -166,6 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--shapes", default="depth,backbone")
+    ap.add_argument("--phases", action="store_true", help="also check each phase alone against the reference")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     log(f"# block_tail_mgpu on {dev.device_kind} (jax {jax.__version__})\n")
@@ -181,6 +237,11 @@ def main(argv=None) -> int:
             except Exception as e:
                 ok = False
                 log(f"| {name} | {m} | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} | | | |")
+    if args.phases:
+        log("\n| shape | rows | phase | relative error vs the reference's intermediate values |\n|---|---|---|---|")
+        for name, (hd, d, f) in shapes.items():
+            for m in rows:
+                check_phases(name, hd, d, f, m)
     log("\n| shape | rows | variant | µs per block tail |\n|---|---|---|---|")
     profiles = {}
     for name, (hd, d, f) in shapes.items():

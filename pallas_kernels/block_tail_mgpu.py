@@ -180,13 +180,6 @@ class _Refs:
         """ref's value in registers with `layout` (the interpreter has no layouts: a plain load)."""
         return ref[...] if self.interpreting else plgpu.load(ref, (), layout=layout, optimized=False)
 
-    def io_rows(self, m: int, zero):
-        """The rows of a small copy to or from an [M, N] array: all ROWS from a dynamic start on
-        the GPU (Mosaic wants copies of >= 128 bytes; TMA zero-fills reads past M and drops
-        writes past it), exactly M in the interpreter (which refuses out-of-bounds writes)."""
-        if self.interpreting or m == ROWS:
-            return pl.ds(0, m)
-        return pl.ds(zero, ROWS)
 
 
 def _load_x(src, chunks: int, xbuf, bar, zero, dynamic_rows: bool):
@@ -265,12 +258,11 @@ def _phase1(r, dims: _Dims, cfg: TailConfig, eps, fused):
 
     def run(j):
         cols = pl.ds(j * bn, bn)
-        rows = r.io_rows(dims.m, j * 0)
-        smem_rows = pl.ds(0, rows.size)
+        rows = pl.ds(0, dims.m)  # 64 columns: >= 128 bytes a row, so exact rows may be copied
         _load_x(r.o, dims.hd // CHUNK, r.xbuf, r.x1_bar, j * 0, dims.m < ROWS)
 
         def scoped(h_smem, scale_smem, h2_smem, x2_smem, ss_smem, bar):
-            plgpu.copy_gmem_to_smem(r.h.at[rows, cols], h_smem.at[smem_rows], bar.at[0])
+            plgpu.copy_gmem_to_smem(r.h.at[rows, cols], h_smem.at[rows], bar.at[0])
             plgpu.copy_gmem_to_smem(r.scale.at[cols], scale_smem, bar.at[1])
             plgpu.barrier_wait(r.x1_bar)
 
@@ -290,8 +282,8 @@ def _phase1(r, dims: _Dims, cfg: TailConfig, eps, fused):
 
             pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, bn), jnp.float32))
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(h2_smem.at[smem_rows], r.h2.at[rows, cols])
-            plgpu.copy_smem_to_gmem(x2_smem.at[smem_rows], r.x2.at[rows, cols])
+            plgpu.copy_smem_to_gmem(h2_smem.at[rows], r.h2.at[rows, cols])
+            plgpu.copy_smem_to_gmem(x2_smem.at[rows], r.x2.at[rows, cols])
             plgpu.copy_smem_to_gmem(ss_smem, r.ss.at[j])
             plgpu.wait_smem_to_gmem(0)
 
