@@ -30,9 +30,13 @@ A/B for the barrier. Cross-program ordering follows `benchmarks/mgpu_barrier_pro
 the H200: no stale reads): TMA stores, `wait_smem_to_gmem(0)`, then `semaphore_signal`; readers
 `semaphore_wait` (no decrement) and then issue their TMA loads.
 
-Rows: 1..8 (x and act rows are copied 8 at a time; rows past M read zeros from TMA on the GPU,
-NaN in the interpreter, and reach only accumulator rows that are never stored: see
-`pallas_kernels.matvec_mgpu`). Weights bfloat16; h bfloat16 or float32 (h2 is written in h's
+Rows: 1..8. Activations are copied 8 rows at a time from 8-row buffers (the caller's o is
+padded; x2 and act are written as [8, N], their rows past M never written), in 64-column
+chunks, each chunk's rows at an 8-row slot; a wgmma reads 64 rows from there, the rest being
+other chunks' rows, which reach only accumulator rows that are never stored. (Copying 8 rows of
+an M-row array from a dynamic start and letting TMA zero-fill the rows past M, as
+`pallas_kernels.matvec_mgpu` does, gave wrong down projections at M = 1 on the H200, where the
+column start was dynamic too: docs/PERF.md, session 7.) Weights bfloat16; h bfloat16 or float32 (h2 is written in h's
 dtype, rounded where `fused_decode.add_residual` rounds). The norm factor is applied after the
 gate/up matmul, as in `fused_decode.norm_matvec`, so the kernel and `block_tail_reference` agree
 to rounding.
@@ -181,13 +185,13 @@ class _Refs:
         return ref[...] if self.interpreting else plgpu.load(ref, (), layout=layout, optimized=False)
 
 
-
-def _load_x(src, chunks: int, xbuf, bar, zero, dynamic_rows: bool):
-    """Copy activation rows [0, ROWS) x K (chunks of 64 columns) into xbuf, all at once on one
-    barrier of `chunks` arrivals. A dynamic row start lets TMA zero-fill rows past M."""
-    row0 = zero if dynamic_rows else 0
+def _load_x(src, chunk0, chunks: int, xbuf, bar):
+    """Copy the 8 activation rows (ROWS-row buffers; rows past M are never stored) of columns
+    [64 * chunk0, 64 * (chunk0 + chunks)) into xbuf, all at once on one barrier of `chunks`
+    arrivals: chunk c's rows at [8c, 8c + 8)."""
     for c in range(chunks):
-        plgpu.copy_gmem_to_smem(src.at[pl.ds(row0, ROWS), pl.ds(c * CHUNK, CHUNK)], xbuf.at[pl.ds(c * ROWS, ROWS)], bar)
+        cols = pl.ds((chunk0 + c) * CHUNK, CHUNK)
+        plgpu.copy_gmem_to_smem(src.at[:, cols], xbuf.at[pl.ds(c * ROWS, ROWS)], bar)
 
 
 def _x_view(xbuf, chunk):
@@ -259,7 +263,7 @@ def _phase1(r, dims: _Dims, cfg: TailConfig, eps, fused):
     def run(j):
         cols = pl.ds(j * bn, bn)
         rows = pl.ds(0, dims.m)  # 64 columns: >= 128 bytes a row, so exact rows may be copied
-        _load_x(r.o, dims.hd // CHUNK, r.xbuf, r.x1_bar, j * 0, dims.m < ROWS)
+        _load_x(r.o, 0, dims.hd // CHUNK, r.xbuf, r.x1_bar)
 
         def scoped(h_smem, scale_smem, h2_smem, x2_smem, ss_smem, bar):
             plgpu.copy_gmem_to_smem(r.h.at[rows, cols], h_smem.at[rows], bar.at[0])
@@ -330,9 +334,8 @@ def _phase2(r, dims: _Dims, cfg: TailConfig, eps, fused):
         )
 
     def run(p):
-        zero = p * 0
         rows = pl.ds(0, dims.m)
-        _load_x(r.x2, dims.d // CHUNK, r.xbuf, r.x2_bar, zero, dims.m < ROWS)
+        _load_x(r.x2, 0, dims.d // CHUNK, r.xbuf, r.x2_bar)
 
         def scoped(ss_smem, act_smem, bar):
             plgpu.copy_gmem_to_smem(r.ss, ss_smem, bar)
@@ -358,7 +361,7 @@ def _phase2(r, dims: _Dims, cfg: TailConfig, eps, fused):
                 with_acc, plgpu.ACC((MMA_ROWS, PAIR_N), jnp.float32), plgpu.ACC((MMA_ROWS, PAIR_N), jnp.float32)
             )
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(act_smem.at[rows], r.act.at[:, pl.ds(p * PAIR_N, PAIR_N)])
+            plgpu.copy_smem_to_gmem(act_smem.at[rows], r.act.at[rows, pl.ds(p * PAIR_N, PAIR_N)])
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
@@ -379,15 +382,8 @@ def _phase3(r, dims: _Dims, cfg: TailConfig, eps, fused):
         rows = pl.ds(0, dims.m)
         j = lax.rem(q, dims.n3_tiles)
         s = q // dims.n3_tiles
-        k0 = s * dims.k3
         chunks = dims.k3 // CHUNK
-        row0 = (q * 0) if dims.m < ROWS else 0
-        for c in range(chunks):
-            plgpu.copy_gmem_to_smem(
-                r.act.at[pl.ds(row0, ROWS), pl.ds(k0 + c * CHUNK, CHUNK)],
-                r.xbuf.at[pl.ds(c * ROWS, ROWS)],
-                r.x3_bar,
-            )
+        _load_x(r.act, s * chunks, chunks, r.xbuf, r.x3_bar)
 
         def scoped(out_smem):
             plgpu.barrier_wait(r.x3_bar)
@@ -419,9 +415,9 @@ _READS = {1: ("o", "h", "w_out", "scale"), 2: ("x2", "ss", "w_gate_up"), 3: ("ac
 def _out_types(dims: _Dims, cfg: TailConfig, h_dtype):
     return dict(
         h2=jax.ShapeDtypeStruct((dims.m, dims.d), h_dtype),
-        x2=jax.ShapeDtypeStruct((dims.m, dims.d), jnp.bfloat16),
+        x2=jax.ShapeDtypeStruct((ROWS, dims.d), jnp.bfloat16),
         ss=jax.ShapeDtypeStruct((dims.n1, MMA_ROWS), jnp.float32),
-        act=jax.ShapeDtypeStruct((dims.m, dims.f), jnp.bfloat16),
+        act=jax.ShapeDtypeStruct((ROWS, dims.f), jnp.bfloat16),
         parts=jax.ShapeDtypeStruct((cfg.down_splits, dims.m, dims.d), jnp.float32),
     )
 
@@ -570,7 +566,8 @@ def block_tail_mgpu(
         need = smem_bytes(dims, itemsize, cfg, phases)
         if need > SMEM_LIMIT:
             raise ValueError(f"{need} bytes of shared memory > {SMEM_LIMIT}: lower stages or block_k")
-    values = dict(o=o, h=h, w_out=w_out, scale=mlp_scale.astype(jnp.float32), w_gate_up=w_gate_up, w_down=w_down)
+    o8 = jnp.pad(o, ((0, ROWS - dims.m), (0, 0)))  # 8-row activation copies stay in bounds
+    values = dict(o=o8, h=h, w_out=w_out, scale=mlp_scale.astype(jnp.float32), w_gate_up=w_gate_up, w_down=w_down)
     out_types = _out_types(dims, cfg, h.dtype)
     pdl = pdl and params is None
     if fused:
