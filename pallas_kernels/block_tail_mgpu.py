@@ -35,8 +35,8 @@ padded; x2 and act are written as [8, N], their rows past M never written), in 6
 chunks, each chunk's rows at an 8-row slot; a wgmma reads 64 rows from there, the rest being
 other chunks' rows, which reach only accumulator rows that are never stored. (Copying 8 rows of
 an M-row array from a dynamic start and letting TMA zero-fill the rows past M, as
-`pallas_kernels.matvec_mgpu` does, gave wrong down projections at M = 1 on the H200, where the
-column start was dynamic too: docs/PERF.md, session 7.) Weights bfloat16; h bfloat16 or float32 (h2 is written in h's
+`pallas_kernels.matvec_mgpu` does, gave wrong down projections at M = 1 on the H200, in P3
+only; the cause is not isolated: docs/PERF.md, session 7.) Weights bfloat16; h bfloat16 or float32 (h2 is written in h's
 dtype, rounded where `fused_decode.add_residual` rounds). The norm factor is applied after the
 gate/up matmul, as in `fused_decode.norm_matvec`, so the kernel and `block_tail_reference` agree
 to rounding.
