@@ -159,7 +159,7 @@ def _median_s(fn, *args, reps=15):
     return statistics.median(times)
 
 
-PROFILED = ("five kernels (today)", "three kernels", "fused")
+PROFILED = ("five kernels (today)", "fused", "three kernels, tiled")
 
 
 def _kernels(fn, *args, calls: int) -> dict:
@@ -176,39 +176,48 @@ def _kernels(fn, *args, calls: int) -> dict:
 
 def time_tails(name, hd, d, f, rows, budget) -> dict:
     from jaxtts.options import default_options
-    from pallas_kernels.block_tail_mgpu import block_tail_mgpu, config_for
+    from pallas_kernels.block_tail_mgpu import block_tail_mgpu, config_for, tile_weights
 
     layers = 8
     weights = _weights(layers, hd, d, f, seed=1)
     opts = default_options(attention="pallas")
     base = config_for(d, f)
+    tiled = dict(weights)
+    tiled["w_out"], tiled["w_gate_up"], tiled["w_down"] = jax.vmap(tile_weights)(
+        weights["w_out"], weights["w_gate_up"], weights["w_down"]
+    )
+    # label -> (tail, weights: row-major or from tile_weights)
     variants = {
-        "five kernels (today)": lambda *a: five_kernel_tail(*a, eps=1e-5, opts=opts),
-        "fused": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base),
-        "fused, block_k 64, stages 4": lambda *a: block_tail_mgpu(
-            *a, eps=1e-5, config=base._replace(block_k=64, stages=4)
+        "five kernels (today)": (lambda *a: five_kernel_tail(*a, eps=1e-5, opts=opts), weights),
+        "fused": (lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base), weights),
+        "fused, tiled weights": (lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base), tiled),
+        "fused, tiled, block_k 256, stages 2": (
+            lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(block_k=256, stages=2, out_stages=2)),
+            tiled,
         ),
-        "fused, block_k 256, stages 2": lambda *a: block_tail_mgpu(
-            *a, eps=1e-5, config=base._replace(block_k=256, stages=2, out_stages=2)
+        "fused, block_k 64, stages 4": (
+            lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(block_k=64, stages=4)),
+            weights,
         ),
-        "fused, PDL": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, pdl=True),
-        "three kernels": lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, fused=False),
+        "fused, PDL": (lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, pdl=True), weights),
+        "three kernels": (lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, fused=False), weights),
+        "three kernels, tiled": (lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base, fused=False), tiled),
     }
     o = jax.random.normal(jax.random.key(3), (rows, hd), BF)
     h = jax.random.normal(jax.random.key(4), (rows, d), BF)
     out = {}
-    for label, tail in variants.items():
+    for label, (tail, ws) in variants.items():
         if not budget.left():
             log(f"| {name} | {rows} | {label} | skipped (budget) |")
             continue
         try:
-            short = _median_s(_chain(tail, weights, 8, layers), o, h, weights)
-            long = _median_s(_chain(tail, weights, 40, layers), o, h, weights)
+            short = _median_s(_chain(tail, ws, 8, layers), o, h, ws)
+            long = _median_s(_chain(tail, ws, 40, layers), o, h, ws)
             us = (long - short) / 32 * 1e6
             out[label] = us
             log(f"| {name} | {rows} | {label} | {us:.2f} |")
             if label in PROFILED:
-                out[label + " kernels"] = _kernels(_chain(tail, weights, 8, layers), o, h, weights, calls=8)
+                out[label + " kernels"] = _kernels(_chain(tail, ws, 8, layers), o, h, ws, calls=8)
         except Exception as e:  # one failing variant must not hide the others
             log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
     return out

@@ -123,11 +123,39 @@ class _Dims(NamedTuple):
     k3: int  # P3 K rows per program
 
 
+def tile_weights(w_out, w_gate_up, w_down):
+    """The three weights re-laid so that each program's slab is contiguous in memory: W_out
+    [D/64, Hd, 64] (P1's column tiles), W_gate_up [F/64, D, 128] (gate tile p | up tile p) and
+    W_down [D/128, F, 128] (P3's column tiles; a K split reads a contiguous run of rows). The
+    row-major [K, N] forms make every weight tile a set of 128-byte pieces one matrix row apart."""
+    hd, d = w_out.shape
+    f = w_down.shape[0]
+    tiles = lambda w, n: w.reshape(w.shape[0], -1, n).transpose(1, 0, 2)  # noqa: E731
+    gate, up = tiles(w_gate_up[:, :f], PAIR_N), tiles(w_gate_up[:, f:], PAIR_N)
+    return tiles(w_out, PAIR_N), jnp.concatenate([gate, up], axis=-1), tiles(w_down, 2 * PAIR_N)
+
+
+def _untiled_shapes(w_out, w_gate_up, w_down):
+    """(W_out, W_gate_up, W_down) shapes in the row-major [K, N] form, tiled or not."""
+    if w_out.ndim == 3:
+        return (
+            (w_out.shape[1], w_out.shape[0] * w_out.shape[2]),
+            (w_gate_up.shape[1], w_gate_up.shape[0] * w_gate_up.shape[2]),
+            (w_down.shape[1], w_down.shape[0] * w_down.shape[2]),
+        )
+    return w_out.shape, w_gate_up.shape, w_down.shape
+
+
 def _dims(o, h, w_out, w_gate_up, w_down, cfg: TailConfig) -> _Dims:
     m, hd = o.shape
-    d = w_out.shape[1]
-    f = w_down.shape[0]
-    if h.shape != (m, d) or w_out.shape[0] != hd or w_gate_up.shape != (d, 2 * f) or w_down.shape != (f, d):
+    if not w_out.ndim == w_gate_up.ndim == w_down.ndim and w_out.ndim in (2, 3):
+        raise ValueError("pass the three weights row-major ([K, N]) or all three from tile_weights")
+    if w_out.ndim == 3 and (w_out.shape[2], w_gate_up.shape[2], w_down.shape[2]) != (PAIR_N, 2 * PAIR_N, 2 * PAIR_N):
+        raise ValueError(f"tiled weights {w_out.shape} {w_gate_up.shape} {w_down.shape} are not tile_weights'")
+    s_out, s_gu, s_down = _untiled_shapes(w_out, w_gate_up, w_down)
+    d = s_out[1]
+    f = s_down[0]
+    if h.shape != (m, d) or s_out[0] != hd or s_gu != (d, 2 * f) or s_down != (f, d):
         raise ValueError(
             f"shapes do not chain: o {o.shape} h {h.shape} W_out {w_out.shape} "
             f"W_gate_up {w_gate_up.shape} W_down {w_down.shape}"
@@ -176,8 +204,9 @@ def _x_rows(chunks: int) -> int:
 class _Refs:
     """The kernel's refs by name, and what differs in the interpreter (no register layouts)."""
 
-    def __init__(self, interpreting: bool, **refs):
+    def __init__(self, interpreting: bool, tiled: bool, **refs):
         self.interpreting = interpreting
+        self.tiled = tiled  # weights from tile_weights
         self.__dict__.update(refs)
 
     def load(self, ref, layout):
@@ -252,7 +281,7 @@ def _phase1(r, dims: _Dims, cfg: TailConfig, eps, fused):
     def stream(j):
         cols = pl.ds(j * bn, bn)
         return _WStream(
-            [lambda ks: r.w_out.at[ks, cols]],
+            [lambda ks: r.w_out.at[j, ks, :] if r.tiled else r.w_out.at[ks, cols]],
             [r.w1],
             [r.w1_bar],
             dims.hd // cfg.out_block_k,
@@ -309,7 +338,14 @@ def _stream3(r, dims: _Dims, cfg: TailConfig, q):
     k0 = (q // dims.n3_tiles) * dims.k3
     halves = [pl.ds(j * 2 * PAIR_N, PAIR_N), pl.ds(j * 2 * PAIR_N + PAIR_N, PAIR_N)]
     return _WStream(
-        [lambda ks, c=c: r.w_down.at[pl.ds(k0 + ks.start, ks.size), c] for c in halves],
+        [
+            lambda ks, c=c, t=t: (
+                r.w_down.at[j, pl.ds(k0 + ks.start, ks.size), pl.ds(t * PAIR_N, PAIR_N)]
+                if r.tiled
+                else r.w_down.at[pl.ds(k0 + ks.start, ks.size), c]
+            )
+            for t, c in enumerate(halves)
+        ],
         [r.wa, r.wb],
         [r.wa_bar, r.wb_bar],
         dims.k3 // cfg.block_k,
@@ -325,7 +361,12 @@ def _phase2(r, dims: _Dims, cfg: TailConfig, eps, fused):
     def stream(p):
         cols = [pl.ds(p * PAIR_N, PAIR_N), pl.ds(dims.f + p * PAIR_N, PAIR_N)]
         return _WStream(
-            [lambda ks, c=c: r.w_gate_up.at[ks, c] for c in cols],
+            [
+                lambda ks, c=c, t=t: (
+                    r.w_gate_up.at[p, ks, pl.ds(t * PAIR_N, PAIR_N)] if r.tiled else r.w_gate_up.at[ks, c]
+                )
+                for t, c in enumerate(cols)
+            ],
             [r.wa, r.wb],
             [r.wa_bar, r.wb_bar],
             dims.d // cfg.block_k,
@@ -470,7 +511,7 @@ def smem_bytes(dims: _Dims, h_itemsize: int, cfg: TailConfig, phases=(1, 2, 3)) 
     return fixed + _x_rows(max(chunks)) * CHUNK * 2 + max(own)
 
 
-def _make_kernel(dims: _Dims, cfg: TailConfig, eps, phases, fused: bool, pdl: bool, interpreting: bool):
+def _make_kernel(dims: _Dims, cfg: TailConfig, eps, phases, fused: bool, pdl: bool, interpreting: bool, tiled: bool):
     """(body over (inputs..., outputs..., scratch...), input names, output names)."""
     made = {n for p in phases for n in _MAKES[p]}
     ins = [n for n in _INPUTS if n not in made and any(n in _READS[p] for p in phases)]
@@ -480,7 +521,7 @@ def _make_kernel(dims: _Dims, cfg: TailConfig, eps, phases, fused: bool, pdl: bo
     counts = {1: dims.n1, 2: dims.n2, 3: dims.n3}
 
     def body(*refs):
-        r = _Refs(interpreting, **dict(zip(ins + outs + scratch_names, refs)))
+        r = _Refs(interpreting, tiled, **dict(zip(ins + outs + scratch_names, refs)))
         b = lax.axis_index("b")
         steps = [(p, *makers[p](r, dims, cfg, eps, fused)) for p in phases]
         for p, issue, _ in steps:
@@ -512,7 +553,8 @@ def _make_kernel(dims: _Dims, cfg: TailConfig, eps, phases, fused: bool, pdl: bo
 
 
 def _launch(values: dict, dims, cfg, eps, phases, fused, pdl, params, out_types):
-    body, ins, outs = _make_kernel(dims, cfg, eps, phases, fused, pdl, params is not None)
+    tiled = values["w_gate_up"].ndim == 3
+    body, ins, outs = _make_kernel(dims, cfg, eps, phases, fused, pdl, params is not None, tiled)
     grid = cfg.blocks if fused else {1: dims.n1, 2: dims.n2, 3: dims.n3}[phases[0]]
     kernel = plgpu.kernel(
         body,
@@ -544,7 +586,7 @@ def block_tail_mgpu(
     """(h2 [M, D] in h's dtype, parts [down_splits, M, D] float32): h2 = h + o @ W_out and
     sum(parts) = swiglu(rmsnorm(h2) * mlp_scale @ W_gate_up) @ W_down; `block_tail_reference`
     is the definition. o [M, Hd] bf16, h [M, D], W_out [Hd, D], W_gate_up [D, 2F] ([gate | up]),
-    W_down [F, D], all bf16 weights; M <= 8.
+    W_down [F, D], all bf16 weights, or the three from `tile_weights`; M <= 8.
 
     config: default `config_for(D, F)`. fused=True: one launch of `config.blocks` programs with
     grid barriers (GPU only). fused=False: three launches (the interpreter's mode: `interpret=True`
@@ -554,7 +596,8 @@ def block_tail_mgpu(
     params = _interpret_params(interpret)
     if fused and params is not None:
         raise ValueError("fused=True needs a GPU (the Mosaic GPU interpreter has no semaphores): pass fused=False")
-    cfg = config or config_for(w_out.shape[-1], w_down.shape[0]) or TailConfig()
+    s_out, _, s_down = _untiled_shapes(w_out, w_gate_up, w_down)
+    cfg = config or config_for(s_out[1], s_down[0]) or TailConfig()
     dims = _dims(o, h, w_out, w_gate_up, w_down, cfg)
     if fused and (dims.n1 > cfg.blocks or dims.n2 != cfg.blocks or dims.n3 != cfg.blocks):
         raise ValueError(

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxtts.config import LlamaConfig
 from jaxtts.llama import KVCache, Llama, block_tail_config
 from jaxtts.options import DecodeOptions
-from pallas_kernels.block_tail_mgpu import TailConfig, block_tail_mgpu, block_tail_reference, config_for
+from pallas_kernels.block_tail_mgpu import TailConfig, block_tail_mgpu, block_tail_reference, config_for, tile_weights
 
 BF = jnp.bfloat16
 
@@ -32,8 +32,8 @@ def _operands(m, hd, d, f, h_dtype, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,h_dtype", [(1, BF), (3, jnp.float32), (8, BF)])
-def test_matches_reference(on_gpu, m, h_dtype):
+@pytest.mark.parametrize("m,h_dtype,tiled", [(1, BF, False), (3, jnp.float32, False), (8, BF, False), (1, BF, True)])
+def test_matches_reference(on_gpu, m, h_dtype, tiled):
     """h2 within one rounding of h's dtype, the summed down partials within 1e-2 relative (bf16
     activations; the norm factor applied after the matmul). On CPU: three kernels, interpreted;
     on a GPU: the fused kernel at the depth decoder's shapes."""
@@ -43,7 +43,12 @@ def test_matches_reference(on_gpu, m, h_dtype):
         hd, d, f, kw = 256, 256, 256, dict(fused=False, interpret=True)
         cfg = config_for(d, f, fused=False)
     args = _operands(m, hd, d, f, h_dtype)
-    h2, parts = block_tail_mgpu(*args, eps=1e-5, config=cfg, **kw)
+    weights = (args[2], *args[4:])
+    if tiled:  # each program's weight slab contiguous: the same products
+        w_out, w_gate_up, w_down = tile_weights(*weights)
+        h2, parts = block_tail_mgpu(*args[:2], w_out, args[3], w_gate_up, w_down, eps=1e-5, config=cfg, **kw)
+    else:
+        h2, parts = block_tail_mgpu(*args, eps=1e-5, config=cfg, **kw)
     want_h2, want_down = block_tail_reference(*args, eps=1e-5)
     assert h2.dtype == h_dtype and parts.shape == (cfg.down_splits, m, d)
     np.testing.assert_allclose(np.asarray(h2, np.float32), np.asarray(want_h2, np.float32), rtol=1e-2, atol=1e-2)
@@ -64,8 +69,24 @@ def test_fused_kernel_lowers_for_cuda_at_csm_shapes(name, hd, d, f, rows):
     shapes = [(rows, hd), (rows, d), (hd, d), (d,), (d, 2 * f), (f, d)]
     args = [jax.ShapeDtypeStruct(s, BF) for s in shapes]
     fn = jax.jit(lambda *a: block_tail_mgpu(*a, eps=1e-5, config=cfg, fused=True))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "block_tail_mgpu" in text
+    assert "block_tail_mgpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    tiled = jax.jit(
+        lambda o, h, wo, s, wgu, wd: block_tail_mgpu(
+            o, h, *tile_weights(wo, wgu, wd)[:1], s, *tile_weights(wo, wgu, wd)[1:], eps=1e-5, config=cfg
+        )
+    )
+    assert "block_tail_mgpu" in tiled.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_tile_weights_makes_each_programs_slab_contiguous():
+    _, _, w_out, _, w_gate_up, w_down = _operands(1, 256, 256, 512, BF)
+    t_out, t_gu, t_down = tile_weights(w_out, w_gate_up, w_down)
+    assert t_out.shape == (4, 256, 64) and t_gu.shape == (8, 256, 128) and t_down.shape == (2, 512, 128)
+    np.testing.assert_array_equal(t_out[1], w_out[:, 64:128])
+    np.testing.assert_array_equal(
+        t_gu[3], jnp.concatenate([w_gate_up[:, 192:256], w_gate_up[:, 512 + 192 : 512 + 256]], 1)
+    )
+    np.testing.assert_array_equal(t_down[1], w_down[:, 128:256])
 
 
 def test_config_for_refuses_widths_that_do_not_divide():
