@@ -30,13 +30,12 @@ A/B for the barrier. Cross-program ordering follows `benchmarks/mgpu_barrier_pro
 the H200: no stale reads): TMA stores, `wait_smem_to_gmem(0)`, then `semaphore_signal`; readers
 `semaphore_wait` (no decrement) and then issue their TMA loads.
 
-Rows: 1..8. Activations are copied 8 rows at a time from 8-row buffers (the caller's o is
-padded; x2 and act are written as [8, N], their rows past M never written), in 64-column
-chunks, each chunk's rows at an 8-row slot; a wgmma reads 64 rows from there, the rest being
-other chunks' rows, which reach only accumulator rows that are never stored. (Copying 8 rows of
-an M-row array from a dynamic start and letting TMA zero-fill the rows past M, as
-`pallas_kernels.matvec_mgpu` does, gave wrong down projections at M = 1 on the H200, in P3
-only; the cause is not isolated: docs/PERF.md, session 7.) Weights bfloat16; h bfloat16 or float32 (h2 is written in h's
+Rows: 1..8, always run as 8 (o and h padded with zeros, the outputs sliced). Activations are
+copied 8 rows at a time in 64-column chunks, each chunk's rows at an 8-row slot; a wgmma reads 64
+rows from there, the rest being other chunks' rows, which reach only accumulator rows that are
+never stored. At M = 1 (copies of 1 row, TMA zero-filling the other 7 of a slot, or 8-row
+buffers with 7 rows never written) the H200 gave wrong down partials while P1, P2 and M = 8 were
+right; the cause is not isolated (docs/PERF.md, session 7), so M < 8 is padded. Weights bfloat16; h bfloat16 or float32 (h2 is written in h's
 dtype, rounded where `fused_decode.add_residual` rounds). The norm factor is applied after the
 gate/up matmul, as in `fused_decode.norm_matvec`, so the kernel and `block_tail_reference` agree
 to rounding.
@@ -609,8 +608,14 @@ def block_tail_mgpu(
         need = smem_bytes(dims, itemsize, cfg, phases)
         if need > SMEM_LIMIT:
             raise ValueError(f"{need} bytes of shared memory > {SMEM_LIMIT}: lower stages or block_k")
-    o8 = jnp.pad(o, ((0, ROWS - dims.m), (0, 0)))  # 8-row activation copies stay in bounds
-    values = dict(o=o8, h=h, w_out=w_out, scale=mlp_scale.astype(jnp.float32), w_gate_up=w_gate_up, w_down=w_down)
+    # Always 8 rows (zeros past M, sliced off below): the one row count checked on the GPU, where
+    # 1-row down partials came out wrong (docs/PERF.md, session 7).
+    m = dims.m
+    dims = dims._replace(m=ROWS)
+    pad = lambda a: jnp.pad(a, ((0, ROWS - m), (0, 0)))  # noqa: E731
+    values = dict(
+        o=pad(o), h=pad(h), w_out=w_out, scale=mlp_scale.astype(jnp.float32), w_gate_up=w_gate_up, w_down=w_down
+    )
     out_types = _out_types(dims, cfg, h.dtype)
     pdl = pdl and params is None
     if fused:
@@ -618,4 +623,4 @@ def block_tail_mgpu(
     else:
         for phase in (1, 2, 3):
             values |= _launch(values, dims, cfg, eps, (phase,), False, pdl, params, out_types)
-    return values["h2"], values["parts"]
+    return values["h2"][:m], values["parts"][:, :m]
