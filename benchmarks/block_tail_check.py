@@ -190,6 +190,14 @@ def time_tails(name, hd, d, f, rows, budget) -> dict:
     variants = {
         "five kernels (today)": (lambda *a: five_kernel_tail(*a, eps=1e-5, opts=opts), weights),
         "fused": (lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base), weights),
+        "fused, overlapped ring": (
+            lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(overlap=True)),
+            weights,
+        ),
+        "fused, overlapped ring, stages 4, block_k 64": (
+            lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(overlap=True, stages=4, block_k=64)),
+            weights,
+        ),
         "fused, tiled weights": (lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base), tiled),
         "fused, tiled, block_k 256, stages 2": (
             lambda *a: block_tail_mgpu(*a, eps=1e-5, config=base._replace(block_k=256, stages=2, out_stages=2)),

@@ -67,6 +67,7 @@ class TailConfig(NamedTuple):
     block_k: int = 128  # K rows of a P2 / P3 weight tile
     out_block_k: int = 128  # K rows of a P1 weight tile (P1: D/64 programs of 64 columns)
     out_stages: int = 4
+    overlap: bool = False  # refill a ring slot while the next step's wgmma run (needs stages >= 2)
     down_splits: int = 16  # K splits of the down projection (partials the next residual add sums)
 
 
@@ -230,9 +231,10 @@ class _WStream:
     """A program's weight tiles, `steps` K steps of `block_k` rows each (one or two tiles a step,
     one per accumulator), through a `stages`-deep ring of TMA copies."""
 
-    def __init__(self, srcs, ring, bars, steps, block_k, stages):
+    def __init__(self, srcs, ring, bars, steps, block_k, stages, overlap=False):
         self.srcs, self.ring, self.bars = srcs, ring, bars
         self.steps, self.block_k, self.stages = steps, block_k, min(stages, steps)
+        self.overlap = overlap and self.stages >= 2
 
     def _copy(self, step, slot):
         for src, ring, bar in zip(self.srcs, self.ring, self.bars):
@@ -255,15 +257,28 @@ class _WStream:
                 a = _x_view(xbuf, chunk0 + i * per_step + c)
                 for acc, ring in zip(accs, self.ring):
                     plgpu.wgmma(acc, a, ring.at[slot].at[pl.ds(c * CHUNK, CHUNK)])
-            plgpu.wgmma_wait(0)  # the slot is consumed: refill it
+            if self.overlap:
+                # Only the previous step's products must be done: its slot is refilled while this
+                # step's run on the tensor cores.
+                plgpu.wgmma_wait(per_step * len(accs))
+                prev = i - 1
 
-            @pl.when(i + self.stages < self.steps)
-            def _():
-                self._copy(i + self.stages, slot)
+                @pl.when((i >= 1) & (prev + self.stages < self.steps))
+                def _():
+                    self._copy(prev + self.stages, lax.rem(prev, self.stages))
+
+            else:
+                plgpu.wgmma_wait(0)  # the slot is consumed: refill it
+
+                @pl.when(i + self.stages < self.steps)
+                def _():
+                    self._copy(i + self.stages, slot)
 
             return carry
 
         lax.fori_loop(0, self.steps, body, None)
+        if self.overlap:
+            plgpu.wgmma_wait(0)
 
 
 # --- phases -------------------------------------------------------------------------------------
@@ -286,6 +301,7 @@ def _phase1(r, dims: _Dims, cfg: TailConfig, eps, fused):
             dims.hd // cfg.out_block_k,
             cfg.out_block_k,
             cfg.out_stages,
+            cfg.overlap,
         )
 
     def run(j):
@@ -350,6 +366,7 @@ def _stream3(r, dims: _Dims, cfg: TailConfig, q):
         dims.k3 // cfg.block_k,
         cfg.block_k,
         cfg.stages,
+        cfg.overlap,
     )
 
 
@@ -371,6 +388,7 @@ def _phase2(r, dims: _Dims, cfg: TailConfig, eps, fused):
             dims.d // cfg.block_k,
             cfg.block_k,
             cfg.stages,
+            cfg.overlap,
         )
 
     def run(p):

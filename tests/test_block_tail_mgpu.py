@@ -78,6 +78,23 @@ def test_fused_kernel_lowers_for_cuda_at_csm_shapes(name, hd, d, f, rows):
     assert "block_tail_mgpu" in tiled.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def test_overlapped_ring_matches_and_lowers():
+    """TailConfig(overlap=True): a slot is refilled while the next step's products run."""
+    args = _operands(3, 256, 256, 512, BF)
+    cfg = config_for(256, 512, fused=False)._replace(overlap=True, stages=2, block_k=64, out_block_k=64)
+    h2, parts = block_tail_mgpu(*args, eps=1e-5, config=cfg, fused=False, interpret=True)
+    want_h2, want = block_tail_reference(*args, eps=1e-5)
+    np.testing.assert_array_equal(np.asarray(h2, np.float32), np.asarray(want_h2, np.float32))
+    down = np.asarray(parts.sum(0))
+    assert np.linalg.norm(down - np.asarray(want)) / np.linalg.norm(np.asarray(want)) < 1e-2
+    shapes = [(1, 1024), (1, 1024), (1024, 1024), (1024,), (1024, 16384), (8192, 1024)]
+    fn = jax.jit(lambda *a: block_tail_mgpu(*a, eps=1e-5, config=config_for(1024, 8192)._replace(overlap=True)))
+    assert (
+        "block_tail_mgpu"
+        in fn.trace(*[jax.ShapeDtypeStruct(s, BF) for s in shapes]).lower(lowering_platforms=("cuda",)).as_text()
+    )
+
+
 def test_tile_weights_makes_each_programs_slab_contiguous():
     _, _, w_out, _, w_gate_up, w_down = _operands(1, 256, 256, 512, BF)
     t_out, t_gu, t_down = tile_weights(w_out, w_gate_up, w_down)
