@@ -61,7 +61,8 @@ class DecodeOptions:
     block_tail            in the fused step, the tail of each block (out projection, residual,
                           norm, gate/up, SwiGLU, down) as one persistent Mosaic GPU kernel
                           (pallas_kernels.block_tail_mgpu; Hopper, bfloat16 weights) instead of
-                          five kernels (its three phases as three kernels in the interpreter)
+                          five kernels (its three phases as three kernels in the interpreter);
+                          off by default: slower on the H200 (docs/PERF.md, session 7)
     """
 
     attention: str = "xla"
