@@ -281,6 +281,34 @@ class RowSampler:
 
     def draw(self, logits, noise, step, opts: DecodeOptions | None = None):
         opts = opts or DecodeOptions()
+        rows = logits.parts.shape[1] if isinstance(logits, SplitLogits) else logits.shape[0]
+        if not opts.uses_sample_kernel(rows):
+            return self._draw_xla(logits, noise, step, opts)
+        # The sampling kernel takes each row's temperature and top-k; a pool where some row asks
+        # for top-p or min-p takes the XLA draw for that step (one program serves both).
+        return jax.lax.cond(
+            jnp.any(self.use_top_p | self.use_min_p),
+            lambda: self._draw_xla(logits, noise, step, opts),
+            lambda: self._draw_kernel(logits, noise, step, opts),
+        )
+
+    def _draw_kernel(self, logits, noise, step, opts: DecodeOptions):
+        from pallas_kernels.sample_top_k import sample_top_k
+
+        split = logits if isinstance(logits, SplitLogits) else None
+        return sample_top_k(
+            logits.parts if split else logits.astype(jnp.float32),
+            noise,
+            step,
+            self.temperature,
+            top_k=self.top_k,
+            sumsq=split.sumsq if split else None,
+            norm_dim=split.norm_dim if split else 1,
+            eps=split.eps if split else 0.0,
+            interpret=opts.interpret,
+        )
+
+    def _draw_xla(self, logits, noise, step, opts: DecodeOptions):
         if isinstance(logits, SplitLogits):
             logits = logits.finish()
         greedy = jnp.argmax(logits.astype(jnp.float32), axis=-1)

@@ -51,8 +51,20 @@ def sample_top_k_reference(
 
     parts float32 [P, M, V] (P = 1: plain logits), noise float32 [S, M, V] of which row `step` is
     used, temperature a float32 scalar; sumsq [P, M] applies rsqrt(sum / norm_dim + eps) per row.
+
+    Per row (the serving engine's pools): temperature float32 [M] and top_k int32 [M], where a row's
+    top_k <= 0 (or >= V) keeps every code and top_k 1 is greedy (the first largest, no noise).
     """
-    y = _sum_parts(parts.astype(jnp.float32), sumsq, norm_dim, eps) / temperature
+    y = _sum_parts(parts.astype(jnp.float32), sumsq, norm_dim, eps)
+    if not isinstance(top_k, int):
+        vocab = y.shape[-1]
+        y = y / jnp.asarray(temperature, jnp.float32)[:, None]
+        k = jnp.asarray(top_k, jnp.int32)[:, None]
+        kth = jnp.take_along_axis(jnp.sort(y, axis=-1), jnp.clip(vocab - k, 0, vocab - 1), axis=-1)
+        keep = (y >= kth) | (k <= 0) | (k >= vocab)
+        g = jnp.where(k == 1, 0.0, noise[step])
+        return jnp.argmax(jnp.where(keep, y + g, -jnp.inf), axis=-1).astype(jnp.int32)
+    y = y / temperature
     if 0 < top_k < y.shape[-1]:
         kth = jax.lax.top_k(y, top_k)[0][..., -1:]
         y = jnp.where(y >= kth, y, -jnp.inf)  # ties with the k-th largest stay in
@@ -68,8 +80,11 @@ def _ordered_bits(y):
 
 
 def _kernel(*refs, n_parts, has_norm, vocab, lanes, top_k, norm_dim, eps, radix_bits):
+    """top_k: the static k of every row, or None: each row's k from k_ref."""
     it = iter(refs)
-    step_ref, temp_ref, parts_ref = next(it), next(it), next(it)
+    step_ref, temp_ref = next(it), next(it)
+    k_ref = next(it) if top_k is None else None
+    parts_ref = next(it)
     ss_ref = next(it) if has_norm else None
     noise_ref, out_ref = next(it), next(it)
     b = pl.program_id(0)
@@ -84,21 +99,26 @@ def _kernel(*refs, n_parts, has_norm, vocab, lanes, top_k, norm_dim, eps, radix_
         for p in range(n_parts):
             ss += be.load(ss_ref.at[jnp.int32(p), pl.ds(b, 1)])
         y = y * jax.lax.rsqrt(ss / norm_dim + eps)
-    y = y / temp_ref[0]
+    y = y / be.load(temp_ref.at[pl.ds(b, 1)])
 
     keep = lane_ok
-    if 0 < top_k < vocab:
+    k = top_k if k_ref is None else be.load(k_ref.at[pl.ds(b, 1)])
+    if k_ref is not None or 0 < top_k < vocab:
         u = jnp.where(lane_ok, _ordered_bits(y), jnp.uint32(0))  # padding lanes rank below everything
         digits = jnp.arange(1 << radix_bits, dtype=jnp.uint32)
         kth = jnp.uint32(0)
         for shift in range(32 - radix_bits, -1, -radix_bits):
             cand = kth | (digits << shift)  # [D]; digit 0 always has count >= k
             counts = jnp.sum((u[None, :] >= cand[:, None]).astype(jnp.int32), axis=1)
-            digit = jnp.sum((counts >= top_k).astype(jnp.int32)) - 1
+            digit = jnp.sum((counts >= k).astype(jnp.int32)) - 1
             kth = kth | (digit.astype(jnp.uint32) << shift)
         keep = lane_ok & (u >= kth)
+        if k_ref is not None:  # k <= 0 or k >= V keeps every code
+            keep = keep | (lane_ok & ((k <= 0) | (k >= vocab)))
 
     g = be.load(noise_ref.at[step_ref[0], b, pl.ds(0, lanes)], mask=lane_ok, other=0)
+    if k_ref is not None:
+        g = jnp.where(k == 1, 0.0, g)  # greedy rows: the first largest, as argmax
     z = jnp.where(keep, y + g, -jnp.inf)
     best = jnp.max(z)
     first = jnp.min(jnp.where(z == best, lane, lanes))  # argmax's tie rule: the first index
@@ -111,7 +131,7 @@ def sample_top_k(
     step,
     temperature,
     *,
-    top_k: int,
+    top_k,
     sumsq=None,
     norm_dim: int = 1,
     eps: float = 0.0,
@@ -119,13 +139,16 @@ def sample_top_k(
     radix_bits: int | None = None,
     interpret: bool = False,
 ):
-    """`sample_top_k_reference` as one Pallas kernel (grid: one program per row)."""
+    """`sample_top_k_reference` as one Pallas kernel (grid: one program per row). top_k: an int
+    for every row, or an int32 array [M] (with temperature float32 [M]): each row its own."""
+    per_row = not isinstance(top_k, int)
     return _sample_top_k(
         parts,
         noise,
         step,
         temperature,
-        top_k=top_k,
+        jnp.asarray(top_k, jnp.int32) if per_row else None,
+        top_k=None if per_row else top_k,
         sumsq=sumsq,
         norm_dim=norm_dim,
         eps=eps,
@@ -136,7 +159,9 @@ def sample_top_k(
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "norm_dim", "eps", "num_warps", "radix_bits", "interpret"))
-def _sample_top_k(parts, noise, step, temperature, *, top_k, sumsq, norm_dim, eps, num_warps, radix_bits, interpret):
+def _sample_top_k(
+    parts, noise, step, temperature, row_top_k, *, top_k, sumsq, norm_dim, eps, num_warps, radix_bits, interpret
+):
     if 32 % radix_bits:
         raise ValueError(f"radix_bits must divide 32, got {radix_bits}")
     if parts.ndim == 2:
@@ -146,11 +171,12 @@ def _sample_top_k(parts, noise, step, temperature, *, top_k, sumsq, norm_dim, ep
         raise ValueError(f"noise {noise.shape} does not match logits [{m}, {vocab}]")
     lanes = be.pow2_at_least(vocab)
     full = lambda a: pl.BlockSpec(a.shape, lambda b, nd=a.ndim: (0,) * nd)  # noqa: E731
-    args = [
-        jnp.asarray(step, jnp.int32).reshape(1),
-        jnp.asarray(temperature, jnp.float32).reshape(1),
-        parts.astype(jnp.float32),
-    ]
+    args = [jnp.asarray(step, jnp.int32).reshape(1), jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (m,))]
+    if row_top_k is not None:
+        if row_top_k.shape != (m,):
+            raise ValueError(f"per-row top_k {row_top_k.shape} does not match {m} rows")
+        args.append(row_top_k)
+    args.append(parts.astype(jnp.float32))
     if sumsq is not None:
         args.append(sumsq.astype(jnp.float32))
     args.append(noise.astype(jnp.float32))

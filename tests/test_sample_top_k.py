@@ -37,6 +37,57 @@ def test_kernel_matches_reference(m, parts, top_k, interpret):
         np.testing.assert_array_equal(got, want)
 
 
+ROW_TOP_K = [0, 1, 5, 50, V + 3, 2]  # keep all, greedy, small, the default, past V, two
+ROW_TEMPERATURE = [0.7, 1.0, 1.3, 0.9, 1.0, 2.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parts", [1, 3])
+def test_per_row_settings_match_reference(parts, interpret):
+    """Each row its own temperature and top-k (the engine's pools): kernel == reference, with a
+    tie at the top for the greedy row (it takes the first largest, as argmax does)."""
+    m = len(ROW_TOP_K)
+    logits = 3 * jax.random.normal(jax.random.key(11), (parts, m, V))
+    logits = logits.at[:, 1, 7].set(logits[:, 1, 900])  # a tie the greedy row must break like argmax
+    logits = logits.at[:, 1, 900].set(1e3)
+    logits = logits.at[:, 1, 7].set(1e3)
+    sumsq = jnp.abs(jax.random.normal(jax.random.key(12), (parts, m))) * 50 if parts > 1 else None
+    noise = _noise(13, 2, m)
+    top_k, temperature = jnp.asarray(ROW_TOP_K, jnp.int32), jnp.asarray(ROW_TEMPERATURE, jnp.float32)
+    kw = dict(top_k=top_k, sumsq=sumsq, norm_dim=1024, eps=1e-5)
+    got = sample_top_k(logits, noise, 1, temperature, interpret=interpret, **kw)
+    want = sample_top_k_reference(logits, noise, 1, temperature, **kw)
+    np.testing.assert_array_equal(got, want)
+    assert int(got[1]) == 7
+
+
+@pytest.mark.gpu
+def test_engine_rows_draw_the_same_through_the_kernel_as_through_xla(kernel_options, xla_options):
+    """The engine's per-row sampler: the kernel (every row top-k / temperature only) and the XLA
+    draw agree row for row; a pool with a top-p row takes the XLA draw for everyone."""
+    from jaxtts.engine import RowSampler
+
+    m = len(ROW_TOP_K)
+    split = SplitLogits(
+        jax.random.normal(jax.random.key(14), (2, m, V)),
+        jnp.abs(jax.random.normal(jax.random.key(15), (2, m))) * 80,
+        1024,
+        1e-5,
+    )
+    noise = _noise(16, 3, m)
+    for use_top_p in (False, True):
+        rows = RowSampler(
+            temperature=jnp.asarray(ROW_TEMPERATURE, jnp.float32),
+            top_k=jnp.asarray(ROW_TOP_K, jnp.int32),
+            top_p=jnp.full((m,), 0.8, jnp.float32),
+            min_p=jnp.zeros((m,), jnp.float32),
+            use_top_p=jnp.zeros((m,), bool).at[3].set(use_top_p),
+            use_min_p=jnp.zeros((m,), bool),
+        )
+        want = rows.draw(split, noise, 2, xla_options)
+        np.testing.assert_array_equal(rows.draw(split, noise, 2, kernel_options), want)
+
+
 @pytest.mark.gpu
 def test_draw_is_what_categorical_gives_with_the_same_key(kernel_options, xla_options):
     """Precomputed noise reproduces `Sampler.__call__` (jax.random.categorical) row by row."""
