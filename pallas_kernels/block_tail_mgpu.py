@@ -19,9 +19,12 @@ per SM: every program must be resident, since they wait for each other) in three
     P3  parts[s] = act[:, K_s] @ W_down[K_s, :]   per (128-column tile, K split s): float32
                                       partials that the next block's residual add sums (XLA)
 
-Before anything else every program issues the first `stages` weight-tile copies (TMA) of each of
-its three phases: weights are not written by anyone, so the first tiles of P2 and P3 are already
-in shared memory when their barrier opens, and the barrier's latency hides behind them.
+Before anything else every program issues the first weight-tile copies (TMA) of P1 and P2, and
+its P3 copies as soon as its P2 products are done (P2 and P3 share one ring): weights are not
+written by anyone, so each phase's first tiles are in flight when its barrier opens, and the
+barrier's latency hides behind them. Each phase loads its activations once, all of K at a time.
+Measured on the H200 (docs/PERF.md, session 7): correct, but slower than the five kernels; the
+phases stream at ~2.7 TB/s. `DecodeOptions(block_tail=True)` is off by default.
 
 Each phase is also a kernel of its own (`fused=False`): three launches, the same phase bodies.
 That is how the CPU tests run it (Pallas' Mosaic GPU interpreter has no semaphores, and it runs a
@@ -58,7 +61,6 @@ CHUNK = 64  # K elements per wgmma: one 128-byte swizzle row of bf16
 ROWS = 8  # activation rows copied per chunk (M <= ROWS)
 MMA_ROWS = 64
 PAIR_N = 64  # columns of each tile of the P2 / P3 weight ring (gate|up, or the two halves of P3)
-TMA_BOX = 256  # a TMA copy moves at most 256 elements along each dimension
 
 
 class TailConfig(NamedTuple):
@@ -168,20 +170,10 @@ def _dims(o, h, w_out, w_gate_up, w_down, cfg: TailConfig) -> _Dims:
     if o.dtype != jnp.bfloat16:
         raise ValueError(f"o must be bfloat16, got {o.dtype}")
     bk, bk1, s3 = cfg.block_k, cfg.out_block_k, cfg.down_splits
-    if (
-        bk % CHUNK
-        or bk1 % CHUNK
-        or hd % bk1
-        or d % bk
-        or d % TMA_BOX
-        or d % (2 * PAIR_N)
-        or f % PAIR_N
-        or f % s3
-        or (f // s3) % bk
-    ):
+    if bk % CHUNK or bk1 % CHUNK or hd % bk1 or d % bk or d % (2 * PAIR_N) or f % PAIR_N or f % s3 or (f // s3) % bk:
         raise ValueError(
             f"widths hd={hd} d={d} f={f} do not tile: hd by out_block_k={bk1}, d by block_k={bk}, "
-            f"128 and 256, f/down_splits={f}/{s3} by block_k"
+            f"128, f/down_splits={f}/{s3} by block_k"
         )
     n3_tiles = d // (2 * PAIR_N)
     return _Dims(m, hd, d, f, d // PAIR_N, f // PAIR_N, n3_tiles, n3_tiles * s3, f // s3)
