@@ -117,75 +117,57 @@ SWEEP_INT8 = [  # (block_n, block_k, stages) for int8 W: longer K blocks or deep
 ]
 
 
-def int8_case_list(sweep: bool) -> list[dict]:
-    cases = []
-    for name, (k, n) in SHAPES.items():
-        for m in (1, 8):
-            cases.append(dict(kind="check", int8=True, name=name, k=k, n=n, m=m, dtype="bfloat16", kw={}))
-    extras = (
-        SMOKE_EXTRAS_INT8
-        if SMOKE
-        else [
-            dict(kind="check", name="backbone qkv", k=2048, n=3072, m=1, dtype="bfloat16", kw=dict(k_splits=1)),
-            dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(block_n=192)),
-            dict(kind="check", name="backbone gate_up", k=2048, n=16384, m=1, dtype="bfloat16", kw=dict(block_n=256)),
-            dict(kind="check", name="backbone down", k=8192, n=2048, m=8, dtype="bfloat16", kw=dict(stages=2)),
-            dict(kind="check", name="depth down", k=8192, n=1024, m=1, dtype="bfloat16", kw=dict(stages=1)),
-            dict(kind="check", name="depth gate_up", k=1024, n=16384, m=3, dtype="bfloat16", kw=dict(block_k=128)),
-            dict(kind="check", name="backbone out", k=2048, n=2048, m=1, dtype="float32", kw={}),
-            dict(kind="check", name="depth qkv", k=1024, n=1536, m=8, dtype="float32", kw={}),
-            dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(lead=(2, 4))),
-        ]
-    )
-    cases += [dict(c, int8=True) for c in extras]
-    cases += [
-        dict(kind="chain", int8=True, name="out -> qkv, PDL pair, int8", m=1),
-        dict(kind="chain", int8=True, name="out -> qkv, PDL pair, int8", m=8),
-    ]
-    for name, (k, n) in SHAPES.items():
-        for m in (1, 8):
-            cases.append(dict(kind="time", int8=True, name=name, k=k, n=n, m=m))
-    if sweep:
-        for name, (k, n) in SHAPES.items():
-            for m in (1, 8):
-                for bn, bk, st in SWEEP_INT8:
-                    cases.append(dict(kind="sweep", int8=True, name=name, k=k, n=n, m=m, cfg=[bn, bk, st]))
-    return cases
+# Further correctness cases beyond the default config at every shape (configs the defaults do not
+# reach: one split, wide blocks, shallow rings, float32 x, leading dims).
+EXTRAS = [
+    dict(kind="check", name="backbone qkv", k=2048, n=3072, m=1, dtype="bfloat16", kw=dict(k_splits=1)),
+    dict(kind="check", name="depth down", k=8192, n=1024, m=8, dtype="bfloat16", kw=dict(k_splits=1)),
+    dict(kind="check", name="backbone gate_up", k=2048, n=16384, m=1, dtype="bfloat16", kw=dict(block_n=256)),
+    dict(kind="check", name="backbone down", k=8192, n=2048, m=8, dtype="bfloat16", kw=dict(stages=2)),
+    dict(kind="check", name="depth gate_up", k=1024, n=16384, m=3, dtype="bfloat16", kw=dict(block_k=128)),
+    dict(kind="check", name="backbone out", k=2048, n=2048, m=1, dtype="float32", kw={}),
+    dict(kind="check", name="depth qkv", k=1024, n=1536, m=8, dtype="float32", kw={}),
+    dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(lead=(2, 4))),
+]
+EXTRAS_INT8 = [
+    dict(kind="check", name="backbone qkv", k=2048, n=3072, m=1, dtype="bfloat16", kw=dict(k_splits=1)),
+    dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(block_n=192)),
+    dict(kind="check", name="backbone gate_up", k=2048, n=16384, m=1, dtype="bfloat16", kw=dict(block_n=256)),
+    dict(kind="check", name="backbone down", k=8192, n=2048, m=8, dtype="bfloat16", kw=dict(stages=2)),
+    dict(kind="check", name="depth down", k=8192, n=1024, m=1, dtype="bfloat16", kw=dict(stages=1)),
+    dict(kind="check", name="depth gate_up", k=1024, n=16384, m=3, dtype="bfloat16", kw=dict(block_k=128)),
+    dict(kind="check", name="backbone out", k=2048, n=2048, m=1, dtype="float32", kw={}),
+    dict(kind="check", name="depth qkv", k=1024, n=1536, m=8, dtype="float32", kw={}),
+    dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(lead=(2, 4))),
+]
 
 
 def case_list(sweep: bool, int8: bool = False) -> list[dict]:
-    if int8:
-        return int8_case_list(sweep)
-    cases = []
-    for name, (k, n) in SHAPES.items():
-        for m in (1, 8):
-            cases.append(dict(kind="check", name=name, k=k, n=n, m=m, dtype="bfloat16", kw={}))
-    cases += (
-        SMOKE_EXTRAS
-        if SMOKE
-        else [
-            dict(kind="check", name="backbone qkv", k=2048, n=3072, m=1, dtype="bfloat16", kw=dict(k_splits=1)),
-            dict(kind="check", name="depth down", k=8192, n=1024, m=8, dtype="bfloat16", kw=dict(k_splits=1)),
-            dict(kind="check", name="backbone gate_up", k=2048, n=16384, m=1, dtype="bfloat16", kw=dict(block_n=256)),
-            dict(kind="check", name="backbone down", k=8192, n=2048, m=8, dtype="bfloat16", kw=dict(stages=2)),
-            dict(kind="check", name="depth gate_up", k=1024, n=16384, m=3, dtype="bfloat16", kw=dict(block_k=128)),
-            dict(kind="check", name="backbone out", k=2048, n=2048, m=1, dtype="float32", kw={}),
-            dict(kind="check", name="depth qkv", k=1024, n=1536, m=8, dtype="float32", kw={}),
-            dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(lead=(2, 4))),
-        ]
-    )
-    cases += [
-        dict(kind="chain", name="out -> qkv, PDL pair", m=1),
-        dict(kind="chain", name="out -> qkv, PDL pair", m=8),
+    """Every case of a run, in a fixed order (the parent skips and reports them by index): checks
+    of the default config at each shape and 1 / 8 rows, the extra checks, the PDL chains, the
+    timings, and with `sweep` the config sweep. int8: the same with int8 weights."""
+    tag = dict(int8=True) if int8 else {}
+    rows = (1, 8)
+    cases = [
+        dict(kind="check", **tag, name=name, k=k, n=n, m=m, dtype="bfloat16", kw={})
+        for name, (k, n) in SHAPES.items()
+        for m in rows
     ]
-    for name, (k, n) in SHAPES.items():
-        for m in (1, 8):
-            cases.append(dict(kind="time", name=name, k=k, n=n, m=m))
+    if SMOKE:
+        extras = SMOKE_EXTRAS_INT8 if int8 else SMOKE_EXTRAS
+    else:
+        extras = EXTRAS_INT8 if int8 else EXTRAS
+    cases += [dict(c, **tag) for c in extras]
+    chain = "out -> qkv, PDL pair" + (", int8" if int8 else "")
+    cases += [dict(kind="chain", **tag, name=chain, m=m) for m in rows]
+    cases += [dict(kind="time", **tag, name=name, k=k, n=n, m=m) for name, (k, n) in SHAPES.items() for m in rows]
     if sweep:
-        for name, (k, n) in SHAPES.items():
-            for m in (1, 8):
-                for bn, bk, st in SWEEP:
-                    cases.append(dict(kind="sweep", name=name, k=k, n=n, m=m, cfg=[bn, bk, st]))
+        cases += [
+            dict(kind="sweep", **tag, name=name, k=k, n=n, m=m, cfg=[bn, bk, st])
+            for name, (k, n) in SHAPES.items()
+            for m in rows
+            for bn, bk, st in (SWEEP_INT8 if int8 else SWEEP)
+        ]
     return cases
 
 

@@ -340,11 +340,18 @@ def _phase1(r, dims: _Dims, cfg: TailConfig, eps, fused):
     return (lambda j: stream(j).issue()), run
 
 
+def _pair_stream(r, cfg: TailConfig, srcs, steps: int) -> _WStream:
+    """A P2 or P3 weight stream: two tiles a step through the ring the two phases share."""
+    return _WStream(srcs, [r.wa, r.wb], [r.wa_bar, r.wb_bar], steps, cfg.block_k, cfg.stages, cfg.overlap)
+
+
 def _stream3(r, dims: _Dims, cfg: TailConfig, q):
     j = lax.rem(q, dims.n3_tiles)
     k0 = (q // dims.n3_tiles) * dims.k3
     halves = [pl.ds(j * 2 * PAIR_N, PAIR_N), pl.ds(j * 2 * PAIR_N + PAIR_N, PAIR_N)]
-    return _WStream(
+    return _pair_stream(
+        r,
+        cfg,
         [
             lambda ks, c=c, t=t: (
                 r.w_down.at[j, pl.ds(k0 + ks.start, ks.size), pl.ds(t * PAIR_N, PAIR_N)]
@@ -353,12 +360,7 @@ def _stream3(r, dims: _Dims, cfg: TailConfig, q):
             )
             for t, c in enumerate(halves)
         ],
-        [r.wa, r.wb],
-        [r.wa_bar, r.wb_bar],
         dims.k3 // cfg.block_k,
-        cfg.block_k,
-        cfg.stages,
-        cfg.overlap,
     )
 
 
@@ -368,19 +370,16 @@ def _phase2(r, dims: _Dims, cfg: TailConfig, eps, fused):
 
     def stream(p):
         cols = [pl.ds(p * PAIR_N, PAIR_N), pl.ds(dims.f + p * PAIR_N, PAIR_N)]
-        return _WStream(
+        return _pair_stream(
+            r,
+            cfg,
             [
                 lambda ks, c=c, t=t: (
                     r.w_gate_up.at[p, ks, pl.ds(t * PAIR_N, PAIR_N)] if r.tiled else r.w_gate_up.at[ks, c]
                 )
                 for t, c in enumerate(cols)
             ],
-            [r.wa, r.wb],
-            [r.wa_bar, r.wb_bar],
             dims.d // cfg.block_k,
-            cfg.block_k,
-            cfg.stages,
-            cfg.overlap,
         )
 
     def run(p):
