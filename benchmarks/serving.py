@@ -37,6 +37,7 @@ TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away i
 COLUMNS = [
     ("clients", "clients", "{:d}"),
     ("via", "via", "{}"),
+    ("run-ahead", "run_ahead", "{}"),
     ("TTFA p50", "ttfa_p50_s", "{:.3f} s"),
     ("TTFA p95", "ttfa_p95_s", "{:.3f} s"),
     ("slowest RTF", "slowest_rtf", "{:.3f}"),
@@ -227,7 +228,7 @@ class HttpServer:
 
 def format_table(rows: list[dict]) -> str:
     cells = [[name for name, _, _ in COLUMNS]]
-    cells += [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in rows]
+    cells += [[fmt.format(r[key]) if key in r else "-" for _, key, fmt in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
@@ -263,61 +264,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", action="store_true", help="also run each client count through the HTTP server")
     p.add_argument(
         "--run-ahead",
-        action="store_true",
-        help="Engine(run_ahead=True): the next chunk decodes while one is handed out",
+        type=_on_off_list,
+        default=[False],
+        help="off, on or off,on (an A/B in one process: an engine per value over the same model): "
+        "Engine(run_ahead=...), the next chunk decodes while one is handed out",
     )
     p.add_argument("--out", default="serving.json", help="JSON results (default serving.json)")
     return p
 
 
-def build_engine(args):
-    from jaxtts.engine import Engine
+def _on_off_list(text: str) -> list[bool]:
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or any(w not in ("on", "off") for w in words):
+        raise argparse.ArgumentTypeError(f"expected on, off or a comma list of them, got {text!r}")
+    return [w == "on" for w in words]
 
+
+def build_tts(args):
     if args.preset == "tiny":
         from jaxtts.config import CSM_TINY
         from jaxtts.csm import CSM
         from jaxtts.mimi import Mimi
         from jaxtts.tts import TTS
 
-        tts = TTS(CSM.random(CSM_TINY, dtype=args.dtype or "float32", seed=1), Mimi.random(seed=0), max_silence_ms=None)
-    else:
-        import jaxtts
+        return TTS(
+            CSM.random(CSM_TINY, dtype=args.dtype or "float32", seed=1), Mimi.random(seed=0), max_silence_ms=None
+        )
+    import jaxtts
 
-        # No silence guard: every request runs its full length (random weights never end on their own).
-        tts = jaxtts.load(dtype=args.dtype, random_weights=args.random_weights, progress=False, max_silence_ms=None)
+    # No silence guard: every request runs its full length (random weights never end on their own).
+    return jaxtts.load(dtype=args.dtype, random_weights=args.random_weights, progress=False, max_silence_ms=None)
+
+
+def build_engine(args, tts, run_ahead: bool):
+    from jaxtts.engine import Engine
+
     max_batch = args.max_batch or max(args.clients)
     return Engine(
         tts,
         max_batch=max_batch,
         queue_limit=4 * max(args.clients),
         chunk_frames=args.chunk_frames,
-        run_ahead=args.run_ahead,
+        run_ahead=run_ahead,
         devices=args.devices,
     )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    engine = build_engine(args)
-    try:
-        text_tokens = len(engine.tts.tokenizer.encode_segment(TEXT, 0))
-        print(f"warming up (pool sizes {engine.pool_sizes})...", file=sys.stderr, flush=True)
-        warm = engine.warmup(text_tokens=text_tokens, context_rows=1, encode=False)
-        print(f"warmup: {warm['compilations']} programs in {warm['seconds']:.1f} s", file=sys.stderr, flush=True)
-        server = HttpServer(engine) if args.http else None
+    tts = build_tts(args)
+    rows, warmups = [], []
+    for run_ahead in args.run_ahead:  # later engines find the programs compiled (same process)
+        engine = build_engine(args, tts, run_ahead)
         try:
-            url = server.url if server else None
-            rows = measure(engine, args.clients, audio_s=args.audio_s, ramp_s=args.ramp_s, seed=args.seed, url=url)
+            text_tokens = len(engine.tts.tokenizer.encode_segment(TEXT, 0))
+            print(f"warming up (pool sizes {engine.pool_sizes}, run-ahead {run_ahead})...", file=sys.stderr, flush=True)
+            warm = engine.warmup(text_tokens=text_tokens, context_rows=1, encode=False)
+            warmups.append(dict(warm, run_ahead=run_ahead))
+            print(f"warmup: {warm['compilations']} programs in {warm['seconds']:.1f} s", file=sys.stderr, flush=True)
+            server = HttpServer(engine) if args.http else None
+            try:
+                url = server.url if server else None
+                measured = measure(
+                    engine, args.clients, audio_s=args.audio_s, ramp_s=args.ramp_s, seed=args.seed, url=url
+                )
+            finally:
+                if server:
+                    server.close()
         finally:
-            if server:
-                server.close()
-    finally:
-        engine.close()
+            engine.close()
+        rows += [dict(r, run_ahead="on" if run_ahead else "off") for r in measured]
+        print(format_table(rows), file=sys.stderr, flush=True)  # so far, in case a later variant dies
     print(format_table(rows))
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config.update(pool_sizes=list(engine.pool_sizes), device=_device())
     with open(args.out, "w") as f:
-        json.dump({"config": config, "warmup": warm, "rows": rows}, f, indent=2)
+        json.dump({"config": config, "warmup": warmups, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
