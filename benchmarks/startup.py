@@ -32,6 +32,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="also compile and time Mimi's encoder with XLA's GPU autotuning off (level 0) vs default",
     )
+    p.add_argument(
+        "--explain-cache",
+        action="store_true",
+        help="list the persistent compile cache's hits, misses and skipped writes per program",
+    )
     args = p.parse_args(argv)
 
     phases: dict[str, float] = {}
@@ -57,6 +62,12 @@ def main(argv=None) -> int:
             m = re.search(r"Finished XLA compilation of (.*) in ([0-9.]+) sec", record.getMessage())
             if m:
                 compiles.append((f"{current['name']}: {m.group(1)}", round(float(m.group(2)), 3)))
+            elif args.explain_cache and "persistent" in record.getMessage().lower():
+                cache_log.append(f"{current['name']}: {record.getMessage()[:300]}")
+
+    cache_log: list[str] = []
+    if args.explain_cache:  # JAX then logs each persistent-cache decision at WARNING
+        jax.config.update("jax_explain_cache_misses", True)
 
     logging.getLogger("jax").addHandler(CompileLog())
     jax.config.update("jax_log_compiles", True)
@@ -135,11 +146,14 @@ def main(argv=None) -> int:
     print(f"audio: {len(audio) / 24000:.2f} s; compilations in the first generate: {n_first}")
     for name, secs in compiles:
         print(f"  {secs:7.2f} s  {name}")
+    for line in cache_log:
+        print(f"  cache: {line}")
     if args.json:
         res = dict(
             device=str(jax.devices()[0].device_kind),
             phases=phases,
             compiles=compiles,
+            cache_log=cache_log,
             total_s=total,
             jax=jax.__version__,
         )
