@@ -13,6 +13,11 @@ each streamed by its own client thread. Reported per N:
                     its seconds of audio (< 1: faster than real time, including its wait)
   aggregate ×RT     seconds of audio delivered / wall seconds from the first submit to the last chunk
   compiles          XLA programs compiled on the engine thread during the run (0 after warmup)
+  admit / wait /    the engine thread's time during the run: admitting requests (contexts,
+  deliver           prefills, inserts), waiting for chunks' frames and audio from the device,
+                    handing them to the streams (Engine.stats())
+  prefills          prefill calls; frames/chunk: frames per decode call (short while rows wait
+                    for their first audio)
 
 With --http, each N runs twice on the same warm engine: clients calling the engine directly,
 then clients of `jaxtts serve`'s app (uvicorn in this process on 127.0.0.1, an ephemeral port)
@@ -46,7 +51,15 @@ COLUMNS = [
     ("wall", "wall_s", "{:.1f} s"),
     ("failed", "failed", "{:d}"),
     ("compiles", "compilations", "{:d}"),
+    ("admit", "admit_s", "{:.2f} s"),
+    ("wait", "wait_s", "{:.2f} s"),
+    ("deliver", "deliver_s", "{:.2f} s"),
+    ("prefills", "prefills", "{:d}"),
+    ("frames/chunk", "frames_per_chunk", "{:.1f}"),
 ]
+
+
+_ENGINE_TIMINGS = ("admit_s", "wait_s", "deliver_s", "prefills", "chunks", "chunk_frames")
 
 
 def _client(engine, delay_s: float, start: float, request: dict, record: dict) -> None:
@@ -137,7 +150,7 @@ def run_clients(
     gaps = rng.exponential(ramp_s / n, n)
     delays = np.cumsum(gaps) - gaps[0]
     requests = [dict(text=text, seed=seed * 100_003 + i, max_audio_ms=audio_s * 1000) for i in range(n)]
-    before = engine.compilations
+    before, stats_before = engine.compilations, engine.stats()
     if url is None:
         records = [{} for _ in range(n)]
         start = time.monotonic()
@@ -154,6 +167,7 @@ def run_clients(
 
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             start, records = pool.apply(_http_clients, (url, [float(d) for d in delays], requests))
+    stats = {k: v - stats_before.get(k, 0) for k, v in engine.stats().items() if k in _ENGINE_TIMINGS}
     ok = [r for r in records if "error" not in r and r["first"] is not None]
     ttfa = np.array([r["first"] - r["submitted"] for r in ok]) if ok else np.array([np.nan])
     total_audio = sum(r["audio_s"] for r in ok)
@@ -172,6 +186,8 @@ def run_clients(
         "audio_s_total": total_audio,
         "wall_s": end - start,
         "compilations": engine.compilations - before,
+        **{k: stats.get(k, 0) for k in ("admit_s", "wait_s", "deliver_s", "prefills")},
+        "frames_per_chunk": stats.get("chunk_frames", 0) / max(stats.get("chunks", 0), 1),
         "errors": sorted({r["error"] for r in records if "error" in r})[:3],
     }
 

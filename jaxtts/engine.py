@@ -737,6 +737,8 @@ class Engine:
         self._service_s = 1.0  # running mean of request service time (admission to end), for Busy
         self.completed = 0  # requests done
         self.frame_steps = 0  # frames decoded for the whole pool (one per row per frame)
+        # Where the engine thread's time goes (seconds, counts), for stats() and the benchmarks.
+        self.timings = collections.Counter()
         # The latest pool moves (from size, to size, live rows moved) and how many there were.
         self.resizes: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=64)
         self.resize_count = 0
@@ -811,6 +813,10 @@ class Engine:
             "resizes": self.resize_count,
             "compilations": compilations(self._thread.ident),
             "context_cache_bytes": self._contexts.bytes,
+            # admit_s: preparing contexts, prefilling and inserting new rows (prefills: calls);
+            # wait_s: waiting for a chunk's frames and audio; deliver_s: handing them out;
+            # chunks / chunk_frames: decode calls and the frames they decoded per row.
+            **{k: round(v, 6) if k.endswith("_s") else v for k, v in sorted(self.timings.items())},
         }
 
     @property
@@ -972,7 +978,9 @@ class Engine:
     def _boundary(self) -> None:
         """One chunk boundary: retire, admit, decode one chunk."""
         self._retire()
+        t = time.perf_counter()
         self._admit()
+        self.timings["admit_s"] += time.perf_counter() - t
         pool = self._pool
         if pool is not None and pool.live:
             self._decode(pool)
@@ -1097,6 +1105,7 @@ class Engine:
         """Prefill the jobs' prompts together and insert them; on an error, each alone, so that
         only a failing request fails."""
         try:
+            self.timings["prefills"] += 1
             rows = self._prefill([(j.tokens, j.mask, j.context, j.seed) for j in jobs])
             finite = np.isfinite(np.asarray(rows.hidden, np.float32)).all(axis=1)
         except Exception as e:
@@ -1178,10 +1187,13 @@ class Engine:
             in_chunk = {id(j) for j in chunk.jobs}
             fresh = any(j is not None and j.produced == 0 and id(j) not in in_chunk for j in pool.jobs)
             self._ahead = self._dispatch(pool, self.first_chunk_frames if fresh else self.chunk_frames)
+        t = time.perf_counter()
         frames, emitted, pcm = (np.asarray(a) for a in (chunk.frames, chunk.emitted, chunk.pcm))
+        t2 = time.perf_counter()
         for row, job in enumerate(chunk.jobs):
             if job is not None and job.slot is not None:  # still running (a moved pool keeps its jobs)
                 self._deliver(job, frames[:, row], emitted[:, row], pcm[row])
+        self.timings.update(wait_s=t2 - t, deliver_s=time.perf_counter() - t2, chunks=1, chunk_frames=len(frames))
 
     def _dispatch(self, pool: _Pool, n: int) -> _Chunk:
         """Start decoding n frames for every row of the pool, and their audio (device arrays:
