@@ -31,6 +31,7 @@ to --out as JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import threading
@@ -43,6 +44,7 @@ COLUMNS = [
     ("clients", "clients", "{:d}"),
     ("via", "via", "{}"),
     ("run-ahead", "run_ahead", "{}"),
+    ("Mimi precision", "codec_precision", "{}"),
     ("TTFA p50", "ttfa_p50_s", "{:.3f} s"),
     ("TTFA p95", "ttfa_p95_s", "{:.3f} s"),
     ("slowest RTF", "slowest_rtf", "{:.3f}"),
@@ -285,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="off, on or off,on (an A/B in one process: an engine per value over the same model): "
         "Engine(run_ahead=...), the next chunk decodes while one is handed out",
     )
+    p.add_argument(
+        "--codec-precision",
+        default=None,
+        help="comma list of Mimi matmul precisions to compare (highest, tensorfloat32, bfloat16, default): "
+        "an engine per value over the same weights (default: the codec's own, highest)",
+    )
     p.add_argument("--out", default="serving.json", help="JSON results (default serving.json)")
     return p
 
@@ -312,6 +320,17 @@ def build_tts(args):
     return jaxtts.load(dtype=args.dtype, random_weights=args.random_weights, progress=False, max_silence_ms=None)
 
 
+def with_codec_precision(tts, precision: str | None):
+    """`tts` with its Mimi weights under another matmul precision (None: `tts` itself)."""
+    if precision is None or precision == tts.codec.matmul_precision:
+        return tts
+    from jaxtts.mimi import Mimi
+    from jaxtts.tts import TTS
+
+    codec = Mimi(tts.codec.params, tts.codec.config, matmul_precision=None if precision == "default" else precision)
+    return TTS(tts.model, codec, tokenizer=tts.tokenizer, options=tts.options, max_silence_ms=tts.max_silence_ms)
+
+
 def build_engine(args, tts, run_ahead: bool):
     from jaxtts.engine import Engine
 
@@ -328,15 +347,18 @@ def build_engine(args, tts, run_ahead: bool):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    tts = build_tts(args)
+    base = build_tts(args)
     rows, warmups = [], []
-    for run_ahead in args.run_ahead:  # later engines find the programs compiled (same process)
-        engine = build_engine(args, tts, run_ahead)
+    precisions = args.codec_precision.split(",") if args.codec_precision else [base.codec.matmul_precision]
+    # An engine per variant; later ones find most programs compiled (same process).
+    for precision, run_ahead in itertools.product(precisions, args.run_ahead):
+        engine = build_engine(args, with_codec_precision(base, precision), run_ahead)
+        variant = dict(run_ahead="on" if run_ahead else "off", codec_precision=precision)
         try:
             text_tokens = len(engine.tts.tokenizer.encode_segment(TEXT, 0))
-            print(f"warming up (pool sizes {engine.pool_sizes}, run-ahead {run_ahead})...", file=sys.stderr, flush=True)
+            print(f"warming up (pool sizes {engine.pool_sizes}, {variant})...", file=sys.stderr, flush=True)
             warm = engine.warmup(text_tokens=text_tokens, context_rows=1, encode=False)
-            warmups.append(dict(warm, run_ahead=run_ahead))
+            warmups.append(dict(warm, **variant))
             print(f"warmup: {warm['compilations']} programs in {warm['seconds']:.1f} s", file=sys.stderr, flush=True)
             server = HttpServer(engine) if args.http else None
             try:
@@ -349,7 +371,7 @@ def main(argv=None) -> int:
                     server.close()
         finally:
             engine.close()
-        rows += [dict(r, run_ahead="on" if run_ahead else "off") for r in measured]
+        rows += [dict(r, **variant) for r in measured]
         print(format_table(rows), file=sys.stderr, flush=True)  # so far, in case a later variant dies
     print(format_table(rows))
     config = {k: v for k, v in vars(args).items() if k != "out"}
