@@ -950,7 +950,8 @@ def create_app(
             ("speaker", lambda: speaker is None or validate_speaker(speaker)),
             ("seed", lambda: validation.seed(body.seed)),
             ("temperature", lambda: Sampler.create(temperature=body.temperature)),
-            ("top_k", lambda: Sampler.create(top_k=body.top_k)),
+            # the engine holds top_k as int32: a larger one failed every request of its decode batch
+            ("top_k", lambda: body.top_k is None or validation.integer("top_k", body.top_k, low=1, high=2**31 - 1)),
             ("top_p", lambda: Sampler.create(top_p=body.top_p)),
             ("min_p", lambda: Sampler.create(min_p=body.min_p)),
             (

@@ -284,6 +284,7 @@ BAD_BODIES = [
     ({"seed": 1.5}, 400, "seed"),
     ({"temperature": -0.5}, 400, "temperature"),
     ({"top_k": 0}, 400, "top_k"),
+    ({"top_k": 2**31}, 400, "top_k"),  # past int32: it failed its whole decode batch (500)
     ({"top_p": 0.0}, 400, "top_p"),
     ({"min_p": 1.0}, 400, "min_p"),
     ({"max_audio_ms": 10}, 400, "max_audio_ms"),
