@@ -521,7 +521,8 @@ def create_app(
         id: str = Field(strict=True)
 
     class SpeechRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # strict: a string, a boolean or 5.0 where a number, an integer or a boolean goes is a 400, as OpenAI's
+        model_config = ConfigDict(extra="forbid", strict=True)
         model: str = Field(strict=True)
         input: str = Field(strict=True)
         voice: str | VoiceRef

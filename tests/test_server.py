@@ -279,6 +279,12 @@ BAD_BODIES = [
     ({"speed": 2.0}, 400, "speed"),
     ({"speed": 0.1}, 400, "speed"),
     ({"speed": "fast"}, 400, "speed"),
+    ({"speed": "1"}, 400, "speed"),  # no coercion of strings, booleans or floats, as OpenAI's
+    ({"seed": "5"}, 400, "seed"),
+    ({"seed": True}, 400, "seed"),
+    ({"temperature": "0.5"}, 400, "temperature"),
+    ({"top_k": 50.0}, 400, "top_k"),
+    ({"long_form": "yes"}, 400, "long_form"),
     ({"seed": -1}, 400, "seed"),
     ({"seed": 2**32}, 400, "seed"),
     ({"seed": 1.5}, 400, "seed"),
