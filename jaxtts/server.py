@@ -566,7 +566,8 @@ def create_app(
     app.state.adapter = adapter
 
     def error_json(e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        # json.dumps's \u escapes: a message may echo a lone surrogate a client sent, which UTF-8 cannot encode
+        return Response(json.dumps(e.body()), status_code=e.status, headers=e.headers, media_type="application/json")
 
     # --- error handlers: every error is OpenAI's JSON body ---------------------------------
     @app.exception_handler(ApiError)

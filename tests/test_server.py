@@ -340,6 +340,25 @@ def test_bad_requests_get_openai_errors_and_disturb_nobody(client, server):
     )  # and the server still serves
 
 
+RAW_BODIES = [
+    # (path, content-type, body, status, code): bodies no JSON or form parser reads, or whose error once broke
+    pytest.param(
+        "/v1/audio/speech",
+        "application/json",
+        b'{"model": "\\ud800", "input": "x", "voice": "alloy"}',
+        404,
+        "model_not_found",
+        id="lone-surrogate-in-message",  # UTF-8 cannot encode it: the error answer was a 500
+    ),
+]
+
+
+@pytest.mark.parametrize("path, ctype, body, status, code", RAW_BODIES)
+def test_raw_bodies_get_openai_errors(server, path, ctype, body, status, code):
+    r = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": ctype}, timeout=60)
+    check_error(r, status, code=code)
+
+
 def test_client_disconnect_cancels_its_request(client, server, engine):
     before = metric(httpx.get(f"{server.url}/metrics").text, "jaxtts_speech_cancelled_total")
     with httpx.Client(timeout=60) as http:
