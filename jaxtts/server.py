@@ -584,6 +584,8 @@ def create_app(
             err = ApiError(413, _one_line(e.detail), code="request_too_large")
         elif e.status_code == 404:
             err = ApiError(404, f"Unknown request URL: {request.method} {request.url.path}.", code="unknown_url")
+        elif e.status_code == 400 and e.detail == "There was an error parsing the body":
+            err = _validation_error([{"type": "json_invalid"}])  # FastAPI's: not UTF-8, nested too deep, ...
         elif e.status_code == 405:
             err = ApiError(
                 405, f"Method {request.method} is not allowed for {request.url.path}.", code="method_not_allowed"

@@ -350,6 +350,14 @@ RAW_BODIES = [
         "model_not_found",
         id="lone-surrogate-in-message",  # UTF-8 cannot encode it: the error answer was a 500
     ),
+    # JSON that json.loads refuses with other errors than a syntax error: code null, not invalid_json
+    pytest.param("/v1/audio/speech", "application/json", b'{"input": "\xff"}', 400, "invalid_json", id="not-utf8"),
+    pytest.param(
+        "/v1/audio/speech", "application/json", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", id="deep"
+    ),
+    pytest.param(
+        "/v1/audio/speech", "application/json", b'{"seed": ' + b"9" * 5000 + b"}", 400, "invalid_json", id="digits"
+    ),
 ]
 
 
