@@ -758,7 +758,7 @@ def create_app(
                     param="audio_sample",
                     code="missing_required_parameter",
                 )
-            if not VOICE_NAME.match(name):
+            if not VOICE_NAME.fullmatch(name):  # match's $ also matches before a final newline
                 raise ApiError(
                     400,
                     f"Invalid value for 'name': {name[:80]!r}; use 1-64 letters, digits, '.', '-' or "

@@ -416,6 +416,7 @@ def test_voice_upload_then_speak_with_it(client, server):
     bad = [
         ({"name": "alloy", "transcript": "x"}, files, 400, "name"),
         ({"name": "../evil", "transcript": "x"}, files, 400, "name"),
+        ({"name": "evil\n", "transcript": "x"}, files, 400, "name"),  # was the store's 422 after encoding it
         ({"name": "nofile", "transcript": "x"}, None, 400, "audio_sample"),
         ({"name": "notext"}, files, 400, "transcript"),
         ({"name": "spk", "transcript": "x", "speaker": "one"}, files, 400, "speaker"),
