@@ -740,8 +740,12 @@ def create_app(
             )
         try:
             form = await request.form(max_files=2, max_fields=20, max_part_size=1 << 20)
-        except StarletteHTTPException:
-            raise
+        except StarletteHTTPException as e:
+            if e.status_code != 400:  # 413: the body is too large
+                raise
+            raise ApiError(
+                400, f"Could not parse the form body: {_one_line(e.detail, 200)}", code="invalid_multipart"
+            ) from None
         except Exception as e:
             raise ApiError(
                 400, f"Could not parse the form body: {_one_line(e, 200)}", code="invalid_multipart"

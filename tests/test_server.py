@@ -358,6 +358,16 @@ RAW_BODIES = [
     pytest.param(
         "/v1/audio/speech", "application/json", b'{"seed": ' + b"9" * 5000 + b"}", 400, "invalid_json", id="digits"
     ),
+    # forms Starlette refuses (its 400s): code null, not invalid_multipart
+    pytest.param("/v1/audio/voices", "multipart/form-data", b"name=x", 400, "invalid_multipart", id="no-boundary"),
+    pytest.param(
+        "/v1/audio/voices",
+        "multipart/form-data; boundary=b",
+        b'--b\r\nContent-Disposition: form-data; name="f"; filename="f.wav"\r\n\r\nx\r\n' * 3 + b"--b--\r\n",
+        400,
+        "invalid_multipart",
+        id="three-files",
+    ),
 ]
 
 
