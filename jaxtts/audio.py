@@ -16,8 +16,15 @@ SAMPLE_RATE = 24_000
 
 
 def to_mono_24k(audio: np.ndarray, sample_rate: int, *, name: str = "audio") -> np.ndarray:
-    """float32 mono at 24 kHz from [L] or [L, C] samples at any rate (multi-channel mixed down)."""
+    """float32 mono at 24 kHz from [L] or [L, C] samples at any rate (multi-channel mixed down).
+    Integer samples are PCM, scaled to [-1, 1] as soundfile reads them (int16 / 32768)."""
     audio = np.asarray(audio)
+    if audio.dtype.kind in "iu":  # cast as they are, int16 PCM would be 32768 times too loud
+        info = np.iinfo(audio.dtype)
+        half = (float(info.max) - float(info.min) + 1) / 2
+        audio = (audio.astype(np.float64) - (float(info.min) + half)) / half
+    elif audio.dtype.kind != "f":
+        raise JaxttsError(f"{name}: samples must be floats in [-1, 1] (or integer PCM), got dtype {audio.dtype}")
     if audio.ndim == 2:
         if audio.shape[1] > 1:
             warnings.warn(f"{name}: {audio.shape[1]} channels mixed down to mono", stacklevel=3)
@@ -84,8 +91,21 @@ def encode_audio(audio: np.ndarray, fmt: str = "WAV", subtype: str = "PCM_16", s
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, _samples(audio, subtype), sample_rate, format=fmt, subtype=subtype)
+    sf.write(buf, _samples(_check_pcm(audio), subtype), sample_rate, format=fmt, subtype=subtype)
     return buf.getvalue()
+
+
+def _check_pcm(audio) -> np.ndarray:
+    """Audio to write: float mono samples (a 2-D array would be written as that many channels)."""
+    arr = np.asarray(audio)
+    if arr.ndim != 1 or arr.dtype.kind != "f":
+        raise JaxttsError(
+            f"audio to write must be float mono samples [L], got {type(audio).__name__} of shape {arr.shape} "
+            f"and dtype {arr.dtype}"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise JaxttsError("audio to write holds NaN or infinite samples")
+    return arr
 
 
 def _samples(audio, subtype: str) -> np.ndarray:
@@ -98,16 +118,39 @@ def _samples(audio, subtype: str) -> np.ndarray:
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
+    """The output path, checked before any audio is made: its format, its directory, and that a
+    file can be written there (a name too long or a read-only place fails now, not after minutes
+    of generation)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise JaxttsError(f"output path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     output_format(path)
-    if not path.parent.is_dir():
-        raise JaxttsError(f"{path.parent}: no such directory for the output file")
-    if path.is_dir():
-        raise JaxttsError(f"{path} is a directory; give a file name such as out.wav")
+    try:
+        if not path.parent.is_dir():
+            raise JaxttsError(f"{path.parent}: no such directory for the output file")
+        if path.is_dir():
+            raise JaxttsError(f"{path} is a directory; give a file name such as out.wav")
+        if not _is_special(path):
+            _temp_path(path).open("wb").close()
+            _temp_path(path).unlink()
+    except OSError as e:
+        raise JaxttsError(f"{path}: cannot write the output file ({e.strerror or e})") from None
     return path
 
 
+def _is_special(path: Path) -> bool:
+    """A device or a pipe (-o /dev/null, /dev/stdout): written straight through, since renaming a
+    file over it would replace the device node itself."""
+    return path.exists() and not path.is_file()
+
+
+def _target(path: Path) -> Path:
+    """The file a path names: through a symlink its target (renaming over the link would replace it)."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def _temp_path(path: Path) -> Path:
+    path = _target(path)
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
@@ -116,10 +159,15 @@ def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = S
     temporary file, renamed when complete: no half-written file under the real name."""
     path = check_output_path(path)
     data = encode_audio(audio, *output_format(path), sample_rate)
+    if _is_special(path):
+        path.write_bytes(data)
+        return path
     tmp = _temp_path(path)
     try:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+        os.replace(tmp, _target(path))
+    except OSError as e:
+        raise JaxttsError(f"{path}: cannot write the output file ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -137,23 +185,24 @@ class StreamingAudioWriter:
 
         self.path = check_output_path(path)
         fmt, subtype = output_format(self.path)
-        self._tmp = self.path if progressive else _temp_path(self.path)
+        self._tmp = self.path if progressive or _is_special(self.path) else _temp_path(self.path)
         self._subtype = subtype
         self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate, channels=1, subtype=subtype, format=fmt)
 
     def write(self, chunk: np.ndarray) -> None:
-        self._file.write(_samples(chunk, self._subtype))
+        self._file.write(_samples(_check_pcm(chunk), self._subtype))
         self._file.flush()
 
     def close(self) -> Path:
         self._file.close()
         if self._tmp != self.path:
-            os.replace(self._tmp, self.path)
+            os.replace(self._tmp, _target(self.path))
         return self.path
 
     def abort(self) -> None:
         self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        if not _is_special(self._tmp):  # never /dev/null
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self):
         return self

@@ -111,6 +111,10 @@ def _speak(args) -> int:
     from jaxtts.environment import select_device
 
     select_device(args.device)
+    if args.attention is not None:  # a kernel choice this device cannot run fails before the weights load
+        from jaxtts.options import default_options
+
+        default_options(attention=args.attention)
 
     from jaxtts.tts import TTS
 
@@ -149,16 +153,18 @@ def _speak(args) -> int:
             sys.stdout.buffer.write(encode_audio(tts.generate(text, **kwargs)))
             sys.stdout.buffer.flush()
             return
+        samples = 0
         if args.stream:
             with StreamingAudioWriter(path, progressive=True) as writer:
                 for chunk in tts.stream(text, **kwargs):
                     writer.write(chunk)
+                    samples += len(chunk)
         else:
-            tts.save(path, tts.generate(text, **kwargs))
-        if not args.quiet:
-            import soundfile as sf
-
-            print(f"wrote {path} ({sf.info(str(path)).duration:.2f} s)", file=sys.stderr)
+            audio = tts.generate(text, **kwargs)
+            tts.save(path, audio)
+            samples = len(audio)
+        if not args.quiet:  # counted, not read back: /dev/null has no duration
+            print(f"wrote {path} ({samples / tts.sample_rate:.2f} s)", file=sys.stderr)
 
     if not args.interactive:
         speak_one(args.text, out)

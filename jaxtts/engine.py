@@ -267,7 +267,12 @@ class Handle:
 class RowSampler:
     """Sampling settings per row of a pool ([B] arrays), each row filtered and drawn with exactly
     `Sampler`'s arithmetic: a row samples as it would alone with `Sampler.create(...)` of its
-    request. Every setting is traced, so one compiled program serves every mix of requests."""
+    request. Every setting is traced, so one compiled program serves every mix of requests of
+    the same `filters` kind.
+
+    `filters` (static: part of the compiled program) says whether any row may use top-p or min-p.
+    It is decided on the host, not with a `lax.cond` in the draw: XLA's GPU conditional copies its
+    predicate to the host and waits, and a draw runs 32 times a frame."""
 
     temperature: jax.Array  # [B] float32
     top_k: jax.Array  # [B] int32; 0 keeps every code, 1 is greedy
@@ -275,6 +280,7 @@ class RowSampler:
     min_p: jax.Array  # [B] float32
     use_top_p: jax.Array  # [B] bool
     use_min_p: jax.Array  # [B] bool
+    filters: bool = field(default=True, metadata=dict(static=True))
 
     def noise(self, keys, vocab: int):
         return gumbel_noise(keys, vocab)  # greedy rows draw it too (and ignore it): keys advance alike
@@ -282,15 +288,11 @@ class RowSampler:
     def draw(self, logits, noise, step, opts: DecodeOptions | None = None):
         opts = opts or DecodeOptions()
         rows = logits.parts.shape[1] if isinstance(logits, SplitLogits) else logits.shape[0]
-        if not opts.uses_sample_kernel(rows):
+        # The sampling kernel takes each row's temperature and top-k; top-p and min-p rows take
+        # the XLA draw (the whole pool, while any such row is in it).
+        if self.filters or not opts.uses_sample_kernel(rows):
             return self._draw_xla(logits, noise, step, opts)
-        # The sampling kernel takes each row's temperature and top-k; a pool where some row asks
-        # for top-p or min-p takes the XLA draw for that step (one program serves both).
-        return jax.lax.cond(
-            jnp.any(self.use_top_p | self.use_min_p),
-            lambda: self._draw_xla(logits, noise, step, opts),
-            lambda: self._draw_kernel(logits, noise, step, opts),
-        )
+        return self._draw_kernel(logits, noise, step, opts)
 
     def _draw_kernel(self, logits, noise, step, opts: DecodeOptions):
         from pallas_kernels.sample_top_k import sample_top_k
@@ -318,9 +320,9 @@ class RowSampler:
     def filtered(self, logits, top_k_method: str = "sort"):
         logits = logits.astype(jnp.float32) / self.temperature[:, None]
         logits = jnp.where(self._top_k_keep(logits, top_k_method), logits, -jnp.inf)
-        # top-p and min-p cost a sort / softmax per draw: skipped unless some row asks for them.
-        logits = jax.lax.cond(jnp.any(self.use_top_p), self._top_p, lambda x: x, logits)
-        return jax.lax.cond(jnp.any(self.use_min_p), self._min_p, lambda x: x, logits)
+        if not self.filters:  # top-p and min-p cost a sort / softmax per draw
+            return logits
+        return self._min_p(self._top_p(logits))
 
     def _top_k_keep(self, logits, method: str):
         vocab = logits.shape[-1]
@@ -365,7 +367,8 @@ class _SamplerTable:
     def device(self) -> RowSampler:
         if self._device is None:
             put = jax.device_put if self.mesh is None else self.mesh.put_rows
-            self._device = RowSampler(**{name: put(col) for name, col in self.columns.items()})
+            filters = bool(self.columns["use_top_p"].any() or self.columns["use_min_p"].any())
+            self._device = RowSampler(**{name: put(col) for name, col in self.columns.items()}, filters=filters)
         return self._device
 
 
@@ -1200,11 +1203,13 @@ class Engine:
         frames [n, B, 32] as Mimi codes, emitted [n, B], PCM [B, n·1920])."""
         return _Chunk(list(pool.jobs), *self._run_chunk(pool, n, fetch=False))
 
-    def _run_chunk(self, pool: _Pool, n: int, fetch: bool = True):
+    def _run_chunk(self, pool: _Pool, n: int, fetch: bool = True, sampler: RowSampler | None = None):
         """n frames for every row of the pool, and their audio: frames [n, B, 32] (as Mimi
-        codes), emitted [n, B], PCM [B, n·1920]; host arrays, or device arrays with fetch=False."""
+        codes), emitted [n, B], PCM [B, n·1920]; host arrays, or device arrays with fetch=False.
+        `sampler`: instead of the pool's own (warmup)."""
+        sampler = sampler or pool.table.device()
         pool.state, frames, emitted = decode_chunk(
-            self.tts.model, pool.state, pool.table.device(), n, opts=self.tts.options, mesh=self.mesh
+            self.tts.model, pool.state, sampler, n, opts=self.tts.options, mesh=self.mesh
         )
         self.frame_steps += n
         codec = self.tts.codec
@@ -1347,7 +1352,9 @@ class Engine:
             mimi = _abstract(jax.eval_shape(lambda size=size: _blank_mimi(self._mimi_row, size)), rows)
             sampler = _SamplerTable(size, mesh).device()
             for n in sorted({self.first_chunk_frames, self.chunk_frames}):
-                lowered.append(lower_decode_chunk(model, state, sampler, n, opts=self.tts.options, mesh=mesh))
+                for filters in (False, True):  # pools with and without top-p / min-p rows
+                    rows_sampler = dataclasses.replace(sampler, filters=filters)
+                    lowered.append(lower_decode_chunk(model, state, rows_sampler, n, opts=self.tts.options, mesh=mesh))
                 frames = jax.ShapeDtypeStruct((n, size, model.cfg.audio_num_codebooks), jnp.int32, sharding=frame_rows)
                 with _precision(codec):
                     lowered.append(
@@ -1363,7 +1370,8 @@ class Engine:
         for size in self.pool_sizes:
             pool = self._blank_pool(size)
             for n in sorted({self.first_chunk_frames, self.chunk_frames}):
-                self._run_chunk(pool, n)
+                for filters in (False, True):
+                    self._run_chunk(pool, n, sampler=dataclasses.replace(pool.table.device(), filters=filters))
             largest = _bucket(min(size, self.max_prefill), self.group_sizes)
             for g in [g for g in self.group_sizes if g <= largest]:
                 pool.insert(self._blank_rows(g), [None] * g)

@@ -141,6 +141,11 @@ def default_options(device: jax.Device | None = None, *, attention: str | None =
     runs in the slow interpreter). `attention` overrides the attention implementation."""
     device = device or jax.devices()[0]
     gpu = device.platform == "gpu"
+    if attention == "pallas" and not gpu:  # the compiled kernels lower only through Triton
+        raise JaxttsError(
+            f"attention 'pallas' needs an NVIDIA GPU, this device is {device.platform}; use 'xla' "
+            "(or 'pallas_interpret': the kernels in the slow interpreter)"
+        )
     return DecodeOptions(
         attention=attention or ("pallas" if gpu else "xla"),
         # Rank counting is a fused compare-and-reduce: fewer, cheaper GPU kernels than a sort.

@@ -116,6 +116,8 @@ BAD_CASES = {
     "empty context wav": (["Hi.", "--context", "{bad}/empty.wav", "hello", "0"], "empty"),
     "context not audio": (["Hi.", "--context", "{bad}/notes.txt", "hello", "0"], "cannot read audio"),
     "too long for the context": (["word " * 300], "exceeds the model's 256 positions"),
+    "output name too long": (["Hi.", "-o", "{out}" + "x" * 300 + ".wav"], "cannot write the output file"),
+    "pallas kernels on a CPU": (["Hi.", "--attention", "pallas"], "needs an NVIDIA GPU"),
 }
 
 
@@ -146,6 +148,18 @@ def test_bad_paths(which, weights, env, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dev_null_is_written_through(weights, env, tmp_path):
+    """-o /dev/null (here a link to it) is written to, never replaced by a renamed temporary file
+    (as root that replaced the device node); the duration is counted, not read back from it."""
+    null = tmp_path / "null.wav"
+    null.symlink_to(os.devnull)
+    args = speak_args(weights, null, "Hi.", "--seed", 1, "--max-audio-ms", 160)
+    r = jaxtts(*[a for a in args if a != "--quiet"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[-1].endswith(f"wrote {null} (0.16 s)"), r.stderr
+    assert null.is_symlink() and null.is_char_device() and list(tmp_path.iterdir()) == [null]
 
 
 def test_no_weights_advises_download(env, tmp_path):

@@ -74,6 +74,8 @@ def test_bad_batch_and_constructor_arguments(tts):
         TTS.load("some/dir", random_weights=True)
     with pytest.raises(JaxttsError, match="dtype"):
         TTS.load(random_weights=True, dtype="float16")
+    with pytest.raises(JaxttsError, match="attention 'pallas' needs an NVIDIA GPU, this device is cpu"):
+        TTS(tts.model, tts.codec, attention="pallas")
 
 
 def test_numpy_scalars_and_one_segment_are_accepted(tts):
@@ -136,3 +138,49 @@ def test_codes_past_mimi_are_zero_everywhere_they_leave_the_model():
     pcm = np.asarray(tts.codec.decode(frames.T[None]))[0, 0]
     np.testing.assert_allclose(pcm, audio, atol=1e-4 * max(1e-6, np.abs(audio).max()))
     assert len(tts.generate("Next.", context=seg, seed=1, max_audio_ms=160)) > 0
+
+
+def test_integer_pcm_is_scaled_and_other_dtypes_are_refused():
+    from jaxtts.audio import load_audio
+
+    np.testing.assert_allclose(load_audio(np.array([-32768, 0, 16384], np.int16)), [-1, 0, 0.5])
+    np.testing.assert_allclose(load_audio(np.array([0, 128, 192], np.uint8)), [-1, 0, 0.5])
+    for bad in (np.ones(8, bool), np.ones(8, np.complex64), np.array(["a", "b"]), np.array([None, 1])):
+        with pytest.raises(JaxttsError, match=f"samples must be floats .* got dtype {bad.dtype}"):
+            load_audio(bad)
+
+
+@pytest.mark.parametrize(
+    "audio, message",
+    [
+        (np.zeros((2, 100), np.float32), r"float mono samples \[L\], got ndarray of shape \(2, 100\)"),
+        (np.array([0.0, np.nan], np.float32), "NaN or infinite"),
+        ("abc", "float mono samples"),
+        (None, "float mono samples"),
+    ],
+)
+def test_save_refuses_what_is_not_mono_audio(tmp_path, audio, message):
+    with pytest.raises(JaxttsError, match=message):
+        TTS.save(tmp_path / "x.wav", audio)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_paths(tmp_path):
+    import os
+
+    import soundfile as sf
+
+    audio = np.zeros(1920, np.float32)
+    with pytest.raises(JaxttsError, match="output path must be a str or os.PathLike, got int"):
+        TTS.save(3, audio)
+    with pytest.raises(JaxttsError, match="cannot write the output file"):
+        TTS.save(tmp_path / ("x" * 300 + ".wav"), audio)
+    # through a symlink: its target is replaced, the link stays
+    (tmp_path / "link.wav").symlink_to(tmp_path / "real.wav")
+    TTS.save(tmp_path / "link.wav", audio)
+    assert (tmp_path / "link.wav").is_symlink() and len(sf.read(tmp_path / "real.wav")[0]) == 1920
+    # a device is written straight through, never replaced by a renamed file (as root it would be)
+    (tmp_path / "null.wav").symlink_to(os.devnull)
+    TTS.save(tmp_path / "null.wav", audio)
+    assert (tmp_path / "null.wav").is_symlink() and (tmp_path / "null.wav").is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.wav", "null.wav", "real.wav"]
