@@ -201,9 +201,9 @@ def measure(
     count a second time through the HTTP server there."""
     rows = []
     for k, n in enumerate(clients):
-        rows.append(run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text))
-        if url is not None:
-            rows.append(run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text, url=url))
+        for via in [None] if url is None else [None, url]:
+            rows.append(run_clients(engine, n, audio_s=audio_s, ramp_s=ramp_s, seed=seed + k, text=text, url=via))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # as it comes, should a later run die
     return rows
 
 
