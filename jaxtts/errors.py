@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 
 
 class JaxttsError(Exception):
@@ -27,7 +28,10 @@ def cli_entry(main=None, *, prog: str = "jaxtts"):
         args = sys.argv[1:] if argv is None else list(argv)
         debug = "--debug" in args or os.environ.get("JAXTTS_DEBUG", "") not in ("", "0")
         try:
-            return main(argv)
+            with warnings.catch_warnings():
+                if not debug:  # a warning is one line too, not "file:line: UserWarning" and a line of source
+                    warnings.showwarning = _one_line_warning
+                return main(argv)
         except JaxttsError as e:
             if debug:
                 traceback.print_exc()
@@ -48,6 +52,10 @@ def cli_entry(main=None, *, prog: str = "jaxtts"):
             return 1
 
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):

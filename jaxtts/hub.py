@@ -69,6 +69,9 @@ def resolve(kind: str, given: str | os.PathLike | None, *, progress: bool = True
     """The path to load for `kind` ("csm" or "mimi"): a given path, or the caches."""
     from jaxtts.checkpoint import is_converted_dir
 
+    if given is not None and not isinstance(given, (str, os.PathLike)):
+        arg = "model" if kind == "csm" else "codec"
+        raise JaxttsError(f"{arg} must be a path (str or os.PathLike) or None, got {type(given).__name__}")
     if given is not None:
         path = Path(given)
         if path.exists():

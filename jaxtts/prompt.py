@@ -8,6 +8,7 @@ segment is its Mimi codes in the audio columns followed by one all-zero end-of-a
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +74,13 @@ def validate_speaker(speaker) -> None:
 def validate_text(text) -> None:
     if not isinstance(text, str):
         raise JaxttsError(f"text must be a string, got {type(text).__name__}")
-    if not text.strip():
+    # Only spaces, control and format characters (NUL, zero-width space, BOM) is nothing to say.
+    if all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text):
         raise JaxttsError("text is empty; give some words to speak")
+    # Lone surrogates: bytes that were not UTF-8 (a shell argument or stdin in another encoding).
+    bad = next((i for i, c in enumerate(text) if unicodedata.category(c) == "Cs"), None)
+    if bad is not None:
+        raise JaxttsError(f"text is not valid Unicode ({text[bad]!r} at character {bad}); give UTF-8 text")
 
 
 def text_rows(token_ids) -> tuple[np.ndarray, np.ndarray]:

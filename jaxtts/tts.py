@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,7 +86,15 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
         from jaxtts.hub import jaxtts_cache
 
         path = setting if setting not in ("1", "") else jaxtts_cache() / "xla"
-    Path(path).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # only a speed-up: a read-only home or a mistyped path must not stop speech
+        warnings.warn(
+            f"compiled programs are not cached: cannot create {path} ({e.strerror or e}); "
+            "set JAXTTS_COMPILE_CACHE to a writable directory, or to 0",
+            stacklevel=2,
+        )
+        return
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs add up at start-up
 
@@ -159,6 +168,10 @@ class TTS:
     ):
         from jaxtts.tokenizer import default_tokenizer
 
+        if not isinstance(model, CSM):
+            raise JaxttsError(f"model must be a jaxtts.CSM (CSM.load(path)), got {type(model).__name__}")
+        if not hasattr(codec, "decode_stream_step"):  # Mimi, or a stand-in that decodes like it
+            raise JaxttsError(f"codec must be a jaxtts.Mimi (Mimi.load(path)), got {type(codec).__name__}")
         self.model = model
         self.codec = codec
         self.tokenizer = tokenizer or default_tokenizer()
@@ -228,6 +241,14 @@ class TTS:
         if seg.codes is not None or seg.audio is None:
             return seg
         wav = load_audio(seg.audio)
+        # Audio too long for the model's positions is refused anyway: refuse it before Mimi
+        # spends minutes encoding it.
+        frames, limit = -(-len(wav) // FRAME_SIZE), self.model.cfg.backbone.max_seq_len
+        if frames + 1 > limit:
+            raise JaxttsError(
+                f"context audio of {len(wav) / SAMPLE_RATE:.1f} s ({frames} frames of 80 ms) exceeds the model's "
+                f"{limit} positions; trim it to a few seconds"
+            )
         codes = np.asarray(self.codec.encode(wav[None, None]))[0]
         return Segment(seg.speaker, seg.text, codes=codes)
 

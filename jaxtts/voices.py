@@ -157,7 +157,13 @@ class VoiceStore:
                 for i, (s, c) in enumerate(zip(segments, codes))
             ],
         }
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JaxttsError(
+                f"cannot create the voice directory {self.root} ({e.strerror or e}); "
+                "set JAXTTS_CACHE to a writable directory, or pass another voice directory (--voices)"
+            ) from None
         with atomic_directory(path, overwrite=True) as tmp:
             for i, c in enumerate(codes):
                 np.save(tmp / f"segment-{i}.npy", np.asarray(c, np.int32))

@@ -116,6 +116,8 @@ BAD_CASES = {
     "empty context wav": (["Hi.", "--context", "{bad}/empty.wav", "hello", "0"], "empty"),
     "context not audio": (["Hi.", "--context", "{bad}/notes.txt", "hello", "0"], "cannot read audio"),
     "too long for the context": (["word " * 300], "exceeds the model's 256 positions"),
+    "only invisible characters": (["\u200b\ufeff"], "text is empty"),
+    "text not UTF-8": (["Hi \udcff"], "not valid Unicode"),  # the byte 0xff in argv
     "output name too long": (["Hi.", "-o", "{out}" + "x" * 300 + ".wav"], "cannot write the output file"),
     "pallas kernels on a CPU": (["Hi.", "--attention", "pallas"], "needs an NVIDIA GPU"),
 }
@@ -160,6 +162,20 @@ def test_dev_null_is_written_through(weights, env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.splitlines()[-1].endswith(f"wrote {null} (0.16 s)"), r.stderr
     assert null.is_symlink() and null.is_char_device() and list(tmp_path.iterdir()) == [null]
+
+
+def test_warning_is_one_line(weights, env, tmp_path):
+    """A warning (here: the compile cache cannot be created, which costs speed, not the run) is one
+    line, without Python's "file:line: UserWarning" and source line."""
+    (tmp_path / "file").write_text("")
+    args = speak_args(weights, tmp_path / "out.wav", "Hi.")
+    args[2] = weights / "mimi"  # fails after the cache is set up
+    r = jaxtts(*args, env=dict(env, JAXTTS_COMPILE_CACHE=str(tmp_path / "file")))
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"warning: compiled programs are not cached: cannot create {tmp_path / 'file'} (File exists); "
+        "set JAXTTS_COMPILE_CACHE to a writable directory, or to 0",
+        f"error: {weights / 'mimi'}: holds a mimi checkpoint, not CSM",
+    ], r.stderr
 
 
 def test_no_weights_advises_download(env, tmp_path):

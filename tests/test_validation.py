@@ -74,6 +74,12 @@ def test_bad_batch_and_constructor_arguments(tts):
         TTS.load("some/dir", random_weights=True)
     with pytest.raises(JaxttsError, match="dtype"):
         TTS.load(random_weights=True, dtype="float16")
+    with pytest.raises(JaxttsError, match="model must be a jaxtts.CSM"):
+        TTS("csm-1b/", tts.codec)
+    with pytest.raises(JaxttsError, match="codec must be a jaxtts.Mimi"):
+        TTS(tts.model, None)
+    with pytest.raises(JaxttsError, match="model must be a path"):
+        TTS.load(3)
     with pytest.raises(JaxttsError, match="attention 'pallas' needs an NVIDIA GPU, this device is cpu"):
         TTS(tts.model, tts.codec, attention="pallas")
 
@@ -140,6 +146,20 @@ def test_codes_past_mimi_are_zero_everywhere_they_leave_the_model():
     assert len(tts.generate("Next.", context=seg, seed=1, max_audio_ms=160)) > 0
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("\x00", "text is empty"),  # not whitespace to str.strip
+        ("\u200b\ufeff", "text is empty"),  # zero-width space, BOM
+        ("\x07\x1b\x7f ", "text is empty"),  # BEL, ESC, DEL
+        ("Hi \udcff", r"text is not valid Unicode \('\\udcff' at character 3\)"),  # a non-UTF-8 byte, escaped
+    ],
+)
+def test_text_with_nothing_to_say_or_not_unicode(tts, text, message):
+    with pytest.raises(JaxttsError, match=message):
+        tts.generate(text, max_audio_ms=160)
+
+
 def test_integer_pcm_is_scaled_and_other_dtypes_are_refused():
     from jaxtts.audio import load_audio
 
@@ -148,6 +168,14 @@ def test_integer_pcm_is_scaled_and_other_dtypes_are_refused():
     for bad in (np.ones(8, bool), np.ones(8, np.complex64), np.array(["a", "b"]), np.array([None, 1])):
         with pytest.raises(JaxttsError, match=f"samples must be floats .* got dtype {bad.dtype}"):
             load_audio(bad)
+
+
+def test_context_audio_too_long_for_the_model_is_refused_before_encoding(tts, monkeypatch):
+    monkeypatch.setattr(tts.codec, "encode", lambda wav: pytest.fail("encoded audio that cannot fit"))
+    limit = tts.model.cfg.backbone.max_seq_len  # 256 frames of 80 ms: 20.48 s
+    voice = Segment(0, "Me.", audio=np.zeros(limit * 1920 + 24000, np.float32))
+    with pytest.raises(JaxttsError, match=r"context audio of 21\.5 s \(269 frames of 80 ms\) exceeds the model's 256"):
+        tts.generate("Hi.", context=voice, max_audio_ms=160)
 
 
 @pytest.mark.parametrize(
@@ -184,3 +212,17 @@ def test_save_paths(tmp_path):
     TTS.save(tmp_path / "null.wav", audio)
     assert (tmp_path / "null.wav").is_symlink() and (tmp_path / "null.wav").is_char_device()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.wav", "null.wav", "real.wav"]
+
+
+def test_unusable_cache_directories(tts, tmp_path):
+    """A compile cache that cannot be created only costs speed (a warning); a voice store that
+    cannot be created is an error naming it."""
+    from jaxtts.tts import enable_compilation_cache
+    from jaxtts.voices import VoiceStore
+
+    (tmp_path / "file").write_text("")
+    with pytest.warns(UserWarning, match="compiled programs are not cached: cannot create .*file"):
+        enable_compilation_cache(tmp_path / "file")  # what JAXTTS_COMPILE_CACHE=PATH asks for
+    store = VoiceStore(tmp_path / "file" / "voices")
+    with pytest.raises(JaxttsError, match="cannot create the voice directory .*file/voices \\(Not a directory\\)"):
+        store.add("me", Segment(0, "Me.", codes=np.zeros((32, 2), np.int32)), codec=tts.codec)
