@@ -52,7 +52,7 @@ class Sampler:
         likely code. top_k None keeps every code; top_p / min_p None switch those filters off."""
         temperature = validation.number("temperature", temperature, low=0.0, high=100.0)
         if top_k is not None:
-            top_k = validation.integer("top_k", top_k, low=1)
+            top_k = validation.integer("top_k", top_k, low=1, high=2**31 - 1)  # int32 on the device
         top_p = validation.optional_number("top_p", top_p, low=0.0, high=1.0, low_open=True)
         min_p = validation.optional_number("min_p", min_p, low=0.0, high=1.0, high_open=True)
         if temperature == 0.0:  # greedy; the temperature then divides nothing
