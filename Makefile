@@ -24,7 +24,7 @@ $(STAMP): $(RUNTIME)
 setup: $(STAMP)
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests  # two workers, each test file on one (its tests in order)
 
 # The tests marked `gpu` (the Pallas kernels compiled through Triton instead of interpreted; see
 # tests/conftest.py). Needs no venv: on a GPU machine any python with jax[cuda12|cuda13], flax,

@@ -196,13 +196,24 @@ def test_stdout_bytes_equal_the_file(weights, env, tmp_path):
     assert piped.stdout == out.read_bytes() and piped.stdout[:4] == b"RIFF"
 
 
+FORMAT_ARGS = ("Formats.", "--seed", 2, "--max-audio-ms", 400)
+
+
+@pytest.fixture(scope="module")
+def format_reference(weights, env, tmp_path_factory):
+    """The WAV every other format is compared with (one run for all of them)."""
+    wav = tmp_path_factory.mktemp("formats") / "a.wav"
+    r = jaxtts(*speak_args(weights, wav, *FORMAT_ARGS), env=env)
+    assert r.returncode == 0, r.stderr
+    return wav
+
+
 @pytest.mark.parametrize("ext", [".flac", ".ogg", ".opus", ".mp3"])
-def test_output_format_from_extension(ext, weights, env, tmp_path):
-    wav, other = tmp_path / "a.wav", tmp_path / f"a{ext}"
-    for path in (wav, other):
-        r = jaxtts(*speak_args(weights, path, "Formats.", "--seed", 2, "--max-audio-ms", 400), env=env)
-        assert r.returncode == 0, r.stderr
-    ref, sr_ref = sf.read(str(wav), dtype="float32")
+def test_output_format_from_extension(ext, weights, env, tmp_path, format_reference):
+    other = tmp_path / f"a{ext}"
+    r = jaxtts(*speak_args(weights, other, *FORMAT_ARGS), env=env)
+    assert r.returncode == 0, r.stderr
+    ref, sr_ref = sf.read(str(format_reference), dtype="float32")
     got, sr = sf.read(str(other), dtype="float32")
     assert sr == sr_ref == 24000 and got.ndim == 1
     if ext == ".flac":  # lossless: the WAV's 16-bit samples exactly
