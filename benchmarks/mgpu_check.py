@@ -118,10 +118,9 @@ SWEEP_INT8 = [  # (block_n, block_k, stages) for int8 W: longer K blocks or deep
 
 
 # Further correctness cases beyond the default config at every shape (configs the defaults do not
-# reach: one split, wide blocks, shallow rings, float32 x, leading dims).
-EXTRAS = [
+# reach: one split, wide blocks, shallow rings, float32 x, leading dims), for both weight formats.
+SHARED_EXTRAS = [
     dict(kind="check", name="backbone qkv", k=2048, n=3072, m=1, dtype="bfloat16", kw=dict(k_splits=1)),
-    dict(kind="check", name="depth down", k=8192, n=1024, m=8, dtype="bfloat16", kw=dict(k_splits=1)),
     dict(kind="check", name="backbone gate_up", k=2048, n=16384, m=1, dtype="bfloat16", kw=dict(block_n=256)),
     dict(kind="check", name="backbone down", k=8192, n=2048, m=8, dtype="bfloat16", kw=dict(stages=2)),
     dict(kind="check", name="depth gate_up", k=1024, n=16384, m=3, dtype="bfloat16", kw=dict(block_k=128)),
@@ -129,16 +128,12 @@ EXTRAS = [
     dict(kind="check", name="depth qkv", k=1024, n=1536, m=8, dtype="float32", kw={}),
     dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(lead=(2, 4))),
 ]
-EXTRAS_INT8 = [
-    dict(kind="check", name="backbone qkv", k=2048, n=3072, m=1, dtype="bfloat16", kw=dict(k_splits=1)),
+EXTRAS = SHARED_EXTRAS + [
+    dict(kind="check", name="depth down", k=8192, n=1024, m=8, dtype="bfloat16", kw=dict(k_splits=1)),
+]
+EXTRAS_INT8 = SHARED_EXTRAS + [
     dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(block_n=192)),
-    dict(kind="check", name="backbone gate_up", k=2048, n=16384, m=1, dtype="bfloat16", kw=dict(block_n=256)),
-    dict(kind="check", name="backbone down", k=8192, n=2048, m=8, dtype="bfloat16", kw=dict(stages=2)),
     dict(kind="check", name="depth down", k=8192, n=1024, m=1, dtype="bfloat16", kw=dict(stages=1)),
-    dict(kind="check", name="depth gate_up", k=1024, n=16384, m=3, dtype="bfloat16", kw=dict(block_k=128)),
-    dict(kind="check", name="backbone out", k=2048, n=2048, m=1, dtype="float32", kw={}),
-    dict(kind="check", name="depth qkv", k=1024, n=1536, m=8, dtype="float32", kw={}),
-    dict(kind="check", name="backbone qkv", k=2048, n=3072, m=8, dtype="bfloat16", kw=dict(lead=(2, 4))),
 ]
 
 
