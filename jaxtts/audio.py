@@ -131,8 +131,9 @@ def check_output_path(path: str | os.PathLike) -> Path:
         if path.is_dir():
             raise JaxttsError(f"{path} is a directory; give a file name such as out.wav")
         if not _is_special(path):
-            _temp_path(path).open("wb").close()
-            _temp_path(path).unlink()
+            probe = _temp_path(path)
+            probe.open("wb").close()
+            probe.unlink()
     except OSError as e:
         raise JaxttsError(f"{path}: cannot write the output file ({e.strerror or e})") from None
     return path
