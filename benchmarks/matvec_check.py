@@ -22,9 +22,12 @@ took 150 s in all on an H200.
 
 --int8 (instead of 1-3): int8 weights with column scales (`jaxtts.quantize`, the GEMV's
 `w_scale=`) against bf16 at every shape, M = 1 and 8, GPU kernel time per call: the bf16 GEMV,
-the int8 GEMV with the default config (the one tuned for bf16, which the model uses), and XLA's
-convert + dot on the int8 weight; TB/s of each from its own weight bytes. Then a sweep of int8
-configs at M = 1 on the four bandwidth-bound shapes (wider K tiles: same bytes per tile as bf16).
+the int8 GEMV with the default config (the one tuned for bf16, which the model uses) for each
+way of turning the int8 tiles into floats (`int8_convert`: cvt / magic / asm), and XLA's
+convert + dot on the int8 weight; TB/s of each from its own weight bytes; each way's error
+against the reference, and whether the ways agree bit for bit. Then a sweep of int8 configs ×
+{magic, asm} at M = 1 on the four bandwidth-bound shapes (wider K tiles: same bytes per tile as
+bf16).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 
 from benchmarks._report import Budget, elapsed, log, write_log
 from benchmarks.profile import gpu_kernel_events
+from pallas_kernels._backend import INT8_CONVERTS
 from pallas_kernels.matvec import default_config, default_k_splits, matvec, matvec_reference
 
 # name -> (K, N)
@@ -304,14 +308,34 @@ def _int8_fns(configs=()):
 
     fns = {
         "bf16 pallas": lambda x, w: matvec(x, w[0]),
-        "int8 pallas": lambda x, w: matvec(x, w[1], w[2]),
+        **{f"int8 {how}": lambda x, w, how=how: matvec(x, w[1], w[2], int8_convert=how) for how in INT8_CONVERTS},
         "int8 xla": lambda x, w: dot_f32(x, QuantizedWeight(w[1], w[2])).astype(x.dtype),
     }
-    for meth, bn, bk, sp, nw, st in configs:
-        fns[(meth, bn, bk, sp, nw, st)] = lambda x, w, c=(meth, bn, bk, sp, nw, st): matvec(
-            x, w[1], w[2], method=c[0], block_n=c[1], block_k=c[2], k_splits=c[3], num_warps=c[4], num_stages=c[5]
+    for cfg in configs:
+        fns[cfg] = lambda x, w, c=cfg: matvec(
+            x,
+            w[1],
+            w[2],
+            method=c[0],
+            block_n=c[1],
+            block_k=c[2],
+            k_splits=c[3],
+            num_warps=c[4],
+            num_stages=c[5],
+            int8_convert=c[6],
         )
     return fns
+
+
+def _int8_errors(xs, ws):
+    """Each int8 GEMV's largest relative error against `matvec_reference` (first copy), and
+    whether the ways of converting agree bit for bit (they convert to the same floats)."""
+    x, (_, q, scale) = xs[0], ws[0]
+    want = np.asarray(matvec_reference(x, q, scale), np.float32)
+    outs = {how: np.asarray(matvec(x, q, scale, int8_convert=how), np.float32) for how in INT8_CONVERTS}
+    errs = {how: float(np.abs(o - want).max() / np.abs(want).max()) for how, o in outs.items()}
+    same = all(np.array_equal(o, outs["cvt"]) for o in outs.values())
+    return errs, same
 
 
 # int8 configs at M = 1: K tiles of 2x the bf16 default carry the same bytes per tile
@@ -335,13 +359,18 @@ def int8_table(budget: Budget, sweep_shapes=("depth gate_up", "depth down", "bac
         "## int8 weights vs bf16: GPU kernel µs per call (median ±IQR/2) and TB/s (each variant's own weight "
         "bytes: int8 + scales, or bf16)"
     )
-    log("| shape | K×N | M | bf16 pallas µs (TB/s) | int8 pallas µs (TB/s) | int8 xla µs (TB/s) | int8 / bf16 pallas |")
-    log("|---|---|---|---|---|---|---|")
+    int8_cols = [f"int8 {how}" for how in INT8_CONVERTS]
+    log(
+        "| shape | K×N | M | bf16 pallas µs (TB/s) | "
+        + " | ".join(f"{c} µs (TB/s)" for c in int8_cols)
+        + " | int8 xla µs (TB/s) | best int8 / bf16 | max rel. err (cvt, magic, asm) | ways agree bitwise |"
+    )
+    log("|---|---|---|" + "---|" * (len(int8_cols) + 5))
     key = jax.random.key(4)
     for name, (k, n) in SHAPES.items():
         for m in (1, 8):
             if not budget.left():
-                log(f"| {name} | {k}×{n} | {m} | skipped (time budget) | | | |")
+                log(f"| {name} | {k}×{n} | {m} | skipped (time budget) |")
                 continue
             key, sub = jax.random.split(key)
             xs, ws = _int8_operands(sub, m, k, n, _copies(k, n))
@@ -351,12 +380,17 @@ def int8_table(budget: Budget, sweep_shapes=("depth gate_up", "depth down", "bac
                 b16, b8 = 2 * k * n, k * n + 4 * n
                 cells = [
                     f"{_us(st[v])} ({b / st[v][0] / 1e12:.2f})"
-                    for v, b in (("bf16 pallas", b16), ("int8 pallas", b8), ("int8 xla", b8))
+                    for v, b in (("bf16 pallas", b16), *((c, b8) for c in int8_cols), ("int8 xla", b8))
                 ]
-                ratio = st["int8 pallas"][0] / st["bf16 pallas"][0]
-                log(f"| {name} | {k}×{n} | {m} | {' | '.join(cells)} | {ratio:.2f} |{'' if dev else ' (wall)'}")
+                ratio = min(st[c][0] for c in int8_cols) / st["bf16 pallas"][0]
+                errs, same = _int8_errors(xs, ws)
+                err = ", ".join(f"{errs[h]:.1e}" for h in INT8_CONVERTS)
+                log(
+                    f"| {name} | {k}×{n} | {m} | {' | '.join(cells)} | {ratio:.2f} | {err} | {'yes' if same else 'NO'} |"
+                    + ("" if dev else " (wall)")
+                )
             except Exception as e:
-                log(f"| {name} | {k}×{n} | {m} | ERROR {type(e).__name__}: {str(e)[:200]} | | | |")
+                log(f"| {name} | {k}×{n} | {m} | ERROR {type(e).__name__}: {str(e)[:200]} |")
                 traceback.print_exc(limit=4)
             del xs, ws
     log("\n## int8 sweep at M = 1: GPU kernel µs per call and TB/s, fastest first")
@@ -368,7 +402,8 @@ def int8_table(budget: Budget, sweep_shapes=("depth gate_up", "depth down", "bac
             continue
         key, sub = jax.random.split(key)
         xs, ws = _int8_operands(sub, 1, k, n, _copies(k, n, min_bytes=160e6))
-        good = _compiling(_int8_fns(_split_variants(1, k, n, _INT8_1)), xs[:1], ws[:1], title)
+        configs = [(*c, how) for how in ("magic", "asm") for c in _split_variants(1, k, n, _INT8_1)]
+        good = _compiling(_int8_fns(configs), xs[:1], ws[:1], title)
         try:
             wall, dev = _measure(good, xs, ws, wall_reps=0, dev_reps=10)
         except Exception as e:

@@ -76,6 +76,13 @@ def add_bench_parser(sub) -> None:
         "greedy, depth unroll, top-k sort vs rank, GEMV kernel on vs off)",
     )
     p.add_argument(
+        "--breakdown-only",
+        default=None,
+        metavar="NAMES",
+        help="with --breakdown: time only these whole-frame variants (comma list of names, e.g. "
+        "b1,b1_int8_asm; an unknown name is an error that lists the names)",
+    )
+    p.add_argument(
         "--kernels",
         action="store_true",
         help="profile one chunk on the GPU: kernels per frame, busy vs span, the costliest kernels",
@@ -194,7 +201,7 @@ def gemv_runs(opts, cfg, rows: int) -> bool:
     return opts.uses_fused_step(rows) or any(opts.uses_matvec(rows, k, n) for k, n in _dense_shapes(cfg))
 
 
-def breakdown_variants(opts, cfg) -> dict:
+def breakdown_variants(opts, cfg, quantization: str | None = None) -> dict:
     """name → (DecodeOptions, sampler kind, batch) of the whole-frame variants `breakdown` times
     for a model of config `cfg`. The members of each pair are distinct options values, so distinct
     compiled programs (the options are a static argument of the jitted decode loop).
@@ -202,7 +209,8 @@ def breakdown_variants(opts, cfg) -> dict:
     "matvec_off" turns the fused step off too: the fused step is built from GEMV kernels. A pair
     is only timed where its choice changes the program: the GEMV pair at a batch where `opts`
     runs the kernel at all (never under plain XLA), the top-k pair where the draw is XLA's (not
-    the sampling kernel)."""
+    the sampling kernel). For an int8 model whose weights reach the kernels, each other way of
+    converting the int8 tiles (`int8_convert`) at batch 1."""
     out = {
         "b1": (opts, "top_k", 1),
         "b1_greedy": (opts, "greedy", 1),
@@ -215,10 +223,32 @@ def breakdown_variants(opts, cfg) -> dict:
         if gemv_runs(opts.replace(matvec=True), cfg, b):
             out[f"b{b}_matvec_on"] = (opts.replace(matvec=True), "top_k", b)
             out[f"b{b}_matvec_off"] = (opts.replace(matvec=False, fused_step=False), "top_k", b)
+    if quantization == "int8" and opts.uses_fused_step(1, quantized=True):
+        from jaxtts.options import INT8_CONVERTS
+
+        for how in INT8_CONVERTS:
+            out[f"b1_int8_{how}"] = (opts.replace(int8_convert=how), "top_k", 1)
     return out
 
 
-def breakdown(model, opts, prompt_tokens, chunk) -> dict:
+def select_variants(variants: dict, only: str | None) -> dict:
+    """The variants named in `only` (a comma list; None: all), "b1" always kept (the other
+    figures are read against it)."""
+    if only is None:
+        return variants
+    from jaxtts.errors import JaxttsError
+
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise JaxttsError(
+            f"--breakdown-only: no variant {', '.join(unknown)} for this model and options; "
+            f"choose from {', '.join(variants)}"
+        )
+    return {n: v for n, v in variants.items() if n == "b1" or n in names}
+
+
+def breakdown(model, opts, prompt_tokens, chunk, only: str | None = None) -> dict:
     """Milliseconds of a batch-1 backbone step and of one top-k draw, each jitted alone, and of a
     whole frame step under each of `breakdown_variants(opts, model.cfg)`."""
     import jax
@@ -248,7 +278,7 @@ def breakdown(model, opts, prompt_tokens, chunk) -> dict:
         o = opts.replace(top_k_method=method, sample_kernel=False)  # XLA's draw, whatever the batch-1 choice
         draw = jax.jit(lambda k, lg, o=o: topk.draw(lg, topk.noise(k, lg.shape[-1])[None], 0, o))
         out[f"one_topk_draw_{method}_ms"] = 1000 * _median_time(draw, keys, logits)
-    variants = breakdown_variants(opts, model.cfg)
+    variants = select_variants(breakdown_variants(opts, model.cfg, model.quantization), only)
     out["breakdown_variants"] = {
         name: {"options": _changed(opts, o), "sampler": s, "batch": b} for name, (o, s, b) in variants.items()
     }
@@ -441,6 +471,8 @@ def run_bench(args) -> int:
     for name in ("frames", "chunk", "kernels_batch", "prompt_tokens"):
         if getattr(args, name) < 1:
             raise JaxttsError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.breakdown_only is not None and not args.breakdown:
+        raise JaxttsError("--breakdown-only picks variants of --breakdown: add --breakdown")
     peers = parse_peers(args.compare)
     variants = parse_quantize(args.quantize)
     if args.compile_probe:
@@ -555,7 +587,7 @@ def _time_variant(args, model, opts, skip: set, batches: list, out: dict) -> Non
         except Exception as e:  # no CUPTI on this machine, or no benchmarks package installed
             out["kernels_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if args.breakdown:
-        out.update(breakdown(model, opts, args.prompt_tokens, args.chunk))
+        out.update(breakdown(model, opts, args.prompt_tokens, args.chunk, args.breakdown_only))
     peaks = [out["peak_memory_gb_load"], b1.peak_gb]
     if "latency" not in skip:
         with MemoryPhase() as latency:  # Mimi too

@@ -151,7 +151,10 @@ def gemv(x, w, opts: DecodeOptions, *, partials: bool = False):
 
     rows = math.prod(x.shape[:-1])
     q, scale = (w.q, w.scale) if isinstance(w, QuantizedWeight) else (w, None)
-    return matvec(x, q, w_scale=scale, partials=partials, config=matvec_config(opts, rows, q), interpret=opts.interpret)
+    config = matvec_config(opts, rows, q)
+    return matvec(
+        x, q, w_scale=scale, partials=partials, config=config, int8_convert=opts.int8_convert, interpret=opts.interpret
+    )
 
 
 def fused_step_applies(x, lengths, opts: DecodeOptions, quantized: bool = False) -> bool:
@@ -389,4 +392,13 @@ def norm_gemv(x, norm_scale, w, opts: DecodeOptions, **kwargs):
 
     q, scale = (w.q, w.scale) if isinstance(w, QuantizedWeight) else (w, None)
     config = matvec_config(opts, x.shape[0], q)
-    return norm_matvec(x, norm_scale, q, w_scale=scale, config=config, interpret=opts.interpret, **kwargs)
+    return norm_matvec(
+        x,
+        norm_scale,
+        q,
+        w_scale=scale,
+        config=config,
+        int8_convert=opts.int8_convert,
+        interpret=opts.interpret,
+        **kwargs,
+    )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtts.errors import JaxttsError
 
 ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
+INT8_CONVERTS = ("cvt", "magic", "asm")  # = pallas_kernels._backend.INT8_CONVERTS (no Pallas import here)
 TOP_K_METHODS = ("sort", "rank")
 
 # GEMV configs (block_n, block_k, k_splits, num_warps, num_stages, method) for more rows than
@@ -58,6 +59,9 @@ class DecodeOptions:
     int8_kernels          a model with int8 weights (jaxtts.quantize) takes the GEMV and fused
                           kernels above, dequantizing in registers; False: its matmuls all go
                           to XLA's convert+dot and its decode steps to the unfused path
+    int8_convert          how those kernels turn int8 tiles into floats: "cvt" (the conversion
+                          instruction), "magic" (integer add, float subtract) or "asm" (the
+                          same in PTX, four bytes at a time); same values, different speed
     block_tail            in the fused step, the tail of each block (out projection, residual,
                           norm, gate/up, SwiGLU, down) as one persistent Mosaic GPU kernel
                           (pallas_kernels.block_tail_mgpu; Hopper, bfloat16 weights) instead of
@@ -78,6 +82,7 @@ class DecodeOptions:
     audio_table: bool = True
     matvec_tuned: tuple = ()
     int8_kernels: bool = True
+    int8_convert: str = "cvt"
     block_tail: bool = False
 
     def __post_init__(self):
@@ -85,6 +90,8 @@ class DecodeOptions:
             raise JaxttsError(f"unknown attention impl {self.attention!r}; choose one of {ATTENTION_IMPLS}")
         if self.top_k_method not in TOP_K_METHODS:
             raise JaxttsError(f"unknown top_k_method {self.top_k_method!r}; choose one of {TOP_K_METHODS}")
+        if self.int8_convert not in INT8_CONVERTS:
+            raise JaxttsError(f"unknown int8_convert {self.int8_convert!r}; choose one of {INT8_CONVERTS}")
         if self.depth_unroll < 1:
             raise JaxttsError(f"depth_unroll must be ≥ 1, got {self.depth_unroll}")
         hash(self.matvec_tuned)  # a dict or list here would make the options unusable as a jit key

@@ -116,7 +116,21 @@ def _select(flag, a, b):
 
 
 def _norm_matvec_kernel(
-    *refs, m, k, rows, block_n, block_k, per_split, rope, half, rope_heads, has_index, scaled, norm_rows, norm_chunk
+    *refs,
+    m,
+    k,
+    rows,
+    block_n,
+    block_k,
+    per_split,
+    rope,
+    half,
+    rope_heads,
+    has_index,
+    scaled,
+    norm_rows,
+    norm_chunk,
+    convert,
 ):
     it = iter(refs)
     x_ref = next(it)
@@ -164,7 +178,7 @@ def _norm_matvec_kernel(
         for (c0, width), acc in zip(tiles, accs):
             wmask = k_ok[:, None] & (c0 + jnp.arange(width) < n)[None, :]
             wt = be.load(w_ref.at[(*w_lead, pl.ds(start, block_k), pl.ds(c0, width))], mask=wmask, other=0)
-            out.append(acc + be.dot(xs, wt.astype(dtype)))
+            out.append(acc + be.dot(xs, convert(wt, dtype) if scaled else wt.astype(dtype)))
         return tuple(out)
 
     accs = jax.lax.fori_loop(lo, hi, body, tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
@@ -208,6 +222,7 @@ def _norm_matvec_kernel(
         "block_k",
         "num_warps",
         "num_stages",
+        "int8_convert",
         "interpret",
     ),
 )
@@ -227,13 +242,15 @@ def norm_matvec(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    int8_convert: str = "cvt",
     interpret: bool = False,
 ):
     """The matmul of rmsnorm(x) * scale @ w, leaving the norm's row factor to the consumer.
 
     x [M, K] (M <= 64), scale [K], w [K, N] or [L, K, N] with w_index an int32 [1] picking one.
     w_scale [N] (or [L, N] for a stack) with w int8: the weight is w * w_scale per column; the
-    int8 tiles are converted to x's dtype in registers and the partials come back scaled.
+    int8 tiles are converted to x's dtype in registers (as `int8_convert` says:
+    `_backend.INT8_CONVERTS`) and the partials come back scaled.
     rope=(cos, sin) ([M, head_dim/2] float32) rotates the halves of each of the first
     `rope_heads` heads of the result (heads of `head_dim` columns).
     Returns (y, sumsq): float32 partial sums y [splits, M, N] of (x * scale) @ w and sumsq
@@ -304,6 +321,7 @@ def norm_matvec(
         scaled=w_scale is not None,
         norm_rows=be.pow2_at_least(m, 1),
         norm_chunk=min(NORM_CHUNK, be.pow2_at_least(per_split * block_k, 1)),
+        convert=functools.partial(be.int8_to, how=int8_convert, interpret=interpret),
     )
     y, sumsq = be.pallas_call(
         kernel,

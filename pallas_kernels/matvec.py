@@ -21,8 +21,8 @@ partials [splits, M, N] and a jnp sum reduces them; under jit XLA fuses that sum
 consumes the result.
 
 int8 weights (`w_scale=`, one float32 scale per output column): each W tile is loaded as int8
-(half the bytes of bf16), converted to x's dtype in registers (exact: |q| <= 127) and fed to
-the same dot; the epilogue multiplies the float32 accumulator by the tile's column scales, so
+(half the bytes of bf16), converted to x's dtype in registers (exact: |q| <= 127; how is
+`int8_convert`, see `_backend.INT8_CONVERTS`) and fed to the same dot; the epilogue multiplies the float32 accumulator by the tile's column scales, so
 every split's partial (and the output) is already dequantized. The scale commutes with the sum
 over K: the result is `(x @ q) * scale` up to float32 rounding.
 
@@ -100,7 +100,7 @@ def default_config(m: int, k: int, n: int) -> MatvecConfig:
     return MatvecConfig(block_n, block_k, splits, num_warps=4, num_stages=3, method="dot")
 
 
-def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, compute_dtype, scaled):
+def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, compute_dtype, scaled, convert):
     if scaled:
         x_ref, w_ref, s_ref, o_ref = refs
     else:
@@ -135,9 +135,11 @@ def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, co
         wt = be.load(
             w_ref.at[pl.ds(start, block_k), pl.ds(n0, block_n)], mask=w_mask, other=None if w_mask is None else 0
         )
+        float_dtype = compute_dtype if method == "dot" else jnp.float32
+        wt = convert(wt, float_dtype) if scaled else wt.astype(float_dtype)
         if method == "dot":
-            return acc + be.dot(xt.astype(compute_dtype), wt.astype(compute_dtype))
-        prod = xt.astype(jnp.float32)[:, :, None] * wt.astype(jnp.float32)[None, :, :]
+            return acc + be.dot(xt.astype(compute_dtype), wt)
+        prod = xt.astype(jnp.float32)[:, :, None] * wt[None, :, :]
         return acc + jnp.sum(prod, axis=1)
 
     acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((rows, block_n), jnp.float32))
@@ -157,6 +159,7 @@ def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, co
         "num_warps",
         "num_stages",
         "method",
+        "int8_convert",
         "partials",
         "interpret",
     ),
@@ -173,6 +176,7 @@ def matvec(
     num_warps: int | None = None,
     num_stages: int | None = None,
     method: str | None = None,
+    int8_convert: str = "cvt",
     partials: bool = False,
     interpret: bool = False,
 ):
@@ -189,6 +193,8 @@ def matvec(
 
     w_scale [N] float32 with w int8 [K, N]: the weight is q * w_scale per column (`x @ q` is
     computed in x's dtype, then scaled in float32; the partials come back scaled).
+    int8_convert: how the int8 tiles become floats in registers (`_backend.INT8_CONVERTS`;
+    the same values every way).
     """
     *lead, k = x.shape
     if w.ndim != 2 or w.shape[0] != k:
@@ -237,6 +243,7 @@ def matvec(
         method=method,
         compute_dtype=compute_dtype,
         scaled=w_scale is not None,
+        convert=functools.partial(be.int8_to, how=int8_convert, interpret=interpret),
     )
     in_specs = [pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec((k, n), lambda j, s: (0, 0))]
     args = [x2, w]

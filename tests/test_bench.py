@@ -49,6 +49,25 @@ def test_breakdown_pairs_are_different_programs(model):
     assert "b64_matvec_on" not in variants
 
 
+def test_breakdown_of_an_int8_model_times_each_int8_convert(model):
+    from jaxtts.options import INT8_CONVERTS
+
+    opts = DecodeOptions(attention="pallas_interpret")
+    variants = bench.breakdown_variants(opts, model.cfg, "int8")
+    assert [variants[f"b1_int8_{how}"][0].int8_convert for how in INT8_CONVERTS] == list(INT8_CONVERTS)
+    assert not [n for n in bench.breakdown_variants(opts, model.cfg) if "int8" in n]  # bf16 model: none
+    assert not [n for n in bench.breakdown_variants(opts.replace(int8_kernels=False), model.cfg, "int8") if "int8" in n]
+
+
+def test_breakdown_only_keeps_the_named_variants_and_b1(model):
+    opts = DecodeOptions(attention="pallas_interpret")
+    variants = bench.breakdown_variants(opts, model.cfg, "int8")
+    assert list(bench.select_variants(variants, "b1_int8_asm, b1_greedy")) == ["b1", "b1_greedy", "b1_int8_asm"]
+    assert bench.select_variants(variants, None) == variants
+    with pytest.raises(JaxttsError, match="no variant b1_fast.*choose from b1, "):
+        bench.select_variants(variants, "b1_fast")
+
+
 def test_breakdown_under_xla_has_no_gemv_pair(model):
     variants = bench.breakdown_variants(DecodeOptions(attention="xla"), model.cfg)
     assert not [n for n in variants if "matvec" in n]

@@ -8,6 +8,7 @@ full-size CSM-1B)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxtts import options as options_module
 from jaxtts.config import CSM_1B, CSMConfig
 from jaxtts.csm import CSM, param_dict
 from jaxtts.errors import JaxttsError
@@ -41,6 +43,7 @@ from jaxtts.quantize import (
     quantize_rows_array,
     quantize_rows_numpy,
 )
+from pallas_kernels._backend import INT8_CONVERTS, int8_to
 from pallas_kernels.fused_decode import finish, norm_matvec, norm_matvec_reference
 from pallas_kernels.matvec import matvec, matvec_reference
 
@@ -492,7 +495,27 @@ def _int8_operands(m, k, n, dtype, seed=0, lead=()):
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("how", INT8_CONVERTS)
+def test_int8_to_is_exact_for_every_byte(how, dtype):
+    """Every way of turning int8 into floats gives each of the 256 values exactly ("asm" runs
+    only on a GPU: here, as in the interpreter, it computes "magic")."""
+    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    got = jax.jit(lambda q: int8_to(q, dtype, how, interpret=True))(q)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.arange(-128, 128).reshape(16, 16))
+
+
+def test_int8_to_refuses_an_unknown_way():
+    assert INT8_CONVERTS == options_module.INT8_CONVERTS  # the options name the kernels' ways
+    with pytest.raises(ValueError, match="int8 convert"):
+        int8_to(jnp.zeros((4,), jnp.int8), jnp.float32, "fast")
+    with pytest.raises(JaxttsError, match="int8_convert"):
+        DecodeOptions(int8_convert="fast")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("how", INT8_CONVERTS)
 @pytest.mark.parametrize(
     "m, k, n, dtype, kw",
     [
@@ -500,10 +523,12 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
         (3, 200, 96, jnp.float32, dict(block_n=32, block_k=32, k_splits=3)),  # ragged K and N, 3 splits
         (8, 192, 130, jnp.bfloat16, dict(block_n=64, block_k=64, k_splits=1)),  # one split: scaled in-kernel output
         (2, 100, 70, jnp.float32, dict(method="reduce", block_n=32, block_k=16, k_splits=2)),
+        (1, 256, 128, jnp.bfloat16, dict(method="reduce", block_n=64, block_k=32, k_splits=2)),
     ],
 )
-def test_int8_matvec_matches_reference(m, k, n, dtype, kw, interpret):
+def test_int8_matvec_matches_reference(m, k, n, dtype, kw, how, interpret):
     x, q, s = _int8_operands(m, k, n, dtype)
+    kw = dict(kw, int8_convert=how)
     got = matvec(x, q, s, interpret=interpret, **kw)
     want = matvec_reference(x, q, s)
     assert got.dtype == x.dtype and got.shape == (m, n)
@@ -526,8 +551,8 @@ def test_int8_matvec_rejects_a_wrong_scale(interpret):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_int8_norm_matvec_rope_and_stack(dtype, interpret):
+@pytest.mark.parametrize("dtype, how", [(jnp.float32, "cvt"), (jnp.bfloat16, "cvt"), (jnp.bfloat16, "asm")])
+def test_int8_norm_matvec_rope_and_stack(dtype, how, interpret):
     m, k, heads, kv, d = 2, 256, 8, 2, 64
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     rng = np.random.default_rng(3)
@@ -537,13 +562,24 @@ def test_int8_norm_matvec_rope_and_stack(dtype, interpret):
     ang = jnp.asarray(rng.uniform(0, 6, (m, d // 2)), jnp.float32)
     rope = (jnp.cos(ang), jnp.sin(ang))
     y, ss = norm_matvec(
-        x, norm, q, w_scale=s, rope=rope, head_dim=d, rope_heads=heads + kv, k_splits=2, interpret=interpret
+        x,
+        norm,
+        q,
+        w_scale=s,
+        rope=rope,
+        head_dim=d,
+        rope_heads=heads + kv,
+        k_splits=2,
+        int8_convert=how,
+        interpret=interpret,
     )
     want = norm_matvec_reference(x, norm, q, eps=1e-5, w_scale=s, rope=rope, head_dim=d, rope_heads=heads + kv)
     _rel_close(finish(y, ss, k, 1e-5), want, tol)
     # A stack [L, K, N] with scales [L, N] (the audio head), ragged N.
     x, q, s = _int8_operands(3, 192, 70, dtype, seed=2, lead=(3,))
-    y, ss = norm_matvec(x, norm[:192], q, w_index=jnp.array([1]), w_scale=s, k_splits=2, interpret=interpret)
+    y, ss = norm_matvec(
+        x, norm[:192], q, w_index=jnp.array([1]), w_scale=s, k_splits=2, int8_convert=how, interpret=interpret
+    )
     want = norm_matvec_reference(x, norm[:192], q, eps=1e-6, w_index=1, w_scale=s)
     _rel_close(finish(y, ss, 192, 1e-6), want, tol)
     deq = norm_matvec_reference(x, norm[:192], dequantize(q, s)[1].astype(dtype), eps=1e-6)
@@ -565,15 +601,17 @@ def test_int8_kernels_lower_to_triton_at_csm_shapes(m):
         x, norm = sds((m, d), bf), sds((d,), bf)
         rope = (sds((m, hd // 2), f32), sds((m, hd // 2), f32))
         for k, n in [(d, qkv_n), (d, d), (d, 2 * ffn), (ffn, d)]:
-            for method in ("dot", "reduce") if m <= 8 else ("dot",):
+            for method, how in itertools.product(("dot", "reduce") if m <= 8 else ("dot",), INT8_CONVERTS):
                 assert lowers(
-                    lambda x, w, s, method=method: matvec(x, w, s, method=method),
+                    lambda x, w, s, method=method, how=how: matvec(x, w, s, method=method, int8_convert=how),
                     sds((m, k), bf),
                     sds((k, n), i8),
                     sds((n,), f32),
                 )
         assert lowers(
-            lambda x, s, w, ws, r: norm_matvec(x, s, w, w_scale=ws, rope=r, head_dim=hd, rope_heads=heads + kv),
+            lambda x, s, w, ws, r: norm_matvec(
+                x, s, w, w_scale=ws, rope=r, head_dim=hd, rope_heads=heads + kv, int8_convert="asm"
+            ),
             x,
             norm,
             sds((d, qkv_n), i8),
