@@ -278,11 +278,12 @@ def breakdown(model, opts, prompt_tokens, chunk, only: str | None = None) -> dic
         o = opts.replace(top_k_method=method, sample_kernel=False)  # XLA's draw, whatever the batch-1 choice
         draw = jax.jit(lambda k, lg, o=o: topk.draw(lg, topk.noise(k, lg.shape[-1])[None], 0, o))
         out[f"one_topk_draw_{method}_ms"] = 1000 * _median_time(draw, keys, logits)
-    variants = select_variants(breakdown_variants(opts, model.cfg, model.quantization), only)
+    every = breakdown_variants(opts, model.cfg, model.quantization)
+    variants = select_variants(every, only)
     out["breakdown_variants"] = {
         name: {"options": _changed(opts, o), "sampler": s, "batch": b} for name, (o, s, b) in variants.items()
     }
-    if not any(name.endswith("matvec_on") for name in variants):
+    if not any(name.endswith("matvec_on") for name in every):
         out["breakdown_note"] = "the GEMV kernel does not run under these options: no matvec on/off pair"
     timed = {}  # one timing per program: a variant equal to another (e.g. b1_matvec_on = b1) reuses it
     for name, (o, s, b) in variants.items():
