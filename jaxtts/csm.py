@@ -4,6 +4,7 @@ fills codebooks 1..31 of each 80 ms frame."""
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import numpy as np
 from flax import nnx
 
 from jaxtts import quantize as quant
-from jaxtts.config import CSMConfig
+from jaxtts.config import CSMConfig, LlamaConfig
 from jaxtts.errors import JaxttsError
-from jaxtts.llama import XLA, KVCache, Llama, _init, dense, dot_f32, fused_step_applies, norm_gemv
+from jaxtts.llama import XLA, Block, KVCache, Llama, _init, dense, dot_f32, fused_step_applies, norm_gemv
 from jaxtts.options import DecodeOptions
 from jaxtts.quantize import weight
 from jaxtts.sampling import SplitLogits
@@ -157,17 +158,19 @@ class CSM(nnx.Module):
     @classmethod
     def random(cls, cfg: CSMConfig, *, dtype="float32", seed: int = 0, quantize: str | None = None) -> CSM:
         """Random weights (for tests, benchmarks and checking an install without weights);
-        `quantize="int8"`: those weights and tables quantized (`jaxtts.quantize`).
+        `quantize="int8"`: those weights and tables quantized (`jaxtts.quantize`). The same
+        seed (taken modulo 2**32) gives the same weights.
 
-        Built inside one jit: eagerly, each parameter's draw would be its own small compilation.
+        Built inside one program, with its compile time in mind: XLA compiles a kernel per random
+        draw (CSM-1B's ~300 Threefry draws took 21 s to compile on an H200). So each stack's layers
+        are drawn together, one draw per weight kind (`_stacked_layers`; the constructor's own
+        per-layer draws are dead code that XLA drops), and the keys are Philox ones (10 rounds of
+        a multiply, cheaper to compile than Threefry's 20; like Threefry, the same on every backend
+        and exact under vmap, unlike the "rbg" generators). The seed is an argument of the
+        program, not a constant: every seed shares one compilation (and one trace per process).
         """
         quant.check_method(quantize)
-
-        def build():
-            model = cls(cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed))
-            return quant.quantize_modules_(model, quantize) if quantize else model
-
-        return nnx.jit(build)()
+        return _random_builder(cls, cfg, resolve_dtype(dtype), quantize)(np.uint32(operator.index(seed) % 2**32))
 
     @classmethod
     def abstract(
@@ -259,6 +262,31 @@ class CSM(nnx.Module):
         if quantize and (model.quantization != quantize or not model.quantized_embeddings):
             model = quant.quantize_modules_(model, quantize)  # a new model: nothing has split it yet
         return model
+
+
+@functools.cache
+def _random_builder(cls, cfg: CSMConfig, dtype, quantize: str | None):
+    """`CSM.random`'s program: seed → model."""
+
+    def build(seed):
+        rngs = nnx.Rngs(jax.random.key(seed, impl="philox2x32"))
+        model = cls(cfg, dtype=dtype, rngs=rngs)
+        for stack in (model.backbone, model.decoder):
+            layers = _stacked_layers(stack.cfg, dtype, rngs.params())
+            for i, layer in enumerate(stack.layers):
+                nnx.update(layer, jax.tree.map(operator.itemgetter(i), layers))
+        return quant.quantize_modules_(model, quantize) if quantize else model
+
+    return nnx.jit(build)
+
+
+def _stacked_layers(cfg: LlamaConfig, dtype, key) -> nnx.State:
+    """The parameters of `cfg.num_layers` random `Block`s, stacked on a new leading axis: the Block
+    constructor under vmap, so one draw per weight kind for all layers and the init rules stay the
+    constructor's."""
+    return jax.vmap(lambda k: nnx.state(Block(cfg, dtype=dtype, rngs=nnx.Rngs(k)), nnx.Param))(
+        jax.random.split(key, cfg.num_layers)
+    )
 
 
 def save_csm(model: CSM, out: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxtts.config import preset
 from jaxtts.csm import CSM
@@ -19,7 +21,9 @@ GOLDEN = Path(__file__).parent / "data" / "frames_before_options.npz"
 
 @pytest.fixture(scope="module")
 def model():
-    return CSM.random(preset("tiny"), dtype="float32", seed=7)
+    # The weights the golden frames were recorded with: CSM.random(preset("tiny"), seed=7) as it
+    # was then, the constructor with Threefry keys in one jit (CSM.random now draws differently).
+    return nnx.jit(lambda: CSM(preset("tiny"), dtype=jnp.float32, rngs=nnx.Rngs(7)))()
 
 
 @pytest.mark.parametrize("attention", ["xla", "pallas_interpret"])

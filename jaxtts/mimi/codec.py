@@ -36,7 +36,9 @@ class Mimi:
         config.validate()
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        self.params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
+        # Host arrays converted on the host, then one transfer for the whole tree (~3x faster
+        # than one per leaf).
+        self.params = jax.device_put(jax.tree.map(lambda a: _as_dtype(a, self.dtype), params))
         self.matmul_precision = matmul_precision
         self._state_init: dict = {}  # batch → jitted builder of a fresh stream state
 
@@ -210,3 +212,8 @@ class Mimi:
 def _to_channels_first(pcm: jax.Array) -> jax.Array:
     """[B, L, 1] → float32 [B, 1, L]."""
     return jnp.moveaxis(pcm, 2, 1).astype(jnp.float32)
+
+
+def _as_dtype(a, dtype) -> np.ndarray | jax.Array:
+    """`a` in `dtype`: a device array stays on its device, anything else becomes a host array."""
+    return a.astype(dtype) if isinstance(a, jax.Array) else np.asarray(a, dtype)

@@ -23,6 +23,8 @@ new one, so the whole-sequence decoder and the streaming decoder are the same co
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -147,16 +149,45 @@ def abstract_params(cfg: MimiConfig, dtype=jnp.float32) -> dict:
 
 
 def init_params(cfg: MimiConfig, seed: int = 0, dtype=jnp.float32) -> dict:
-    """Random full parameters (for tests, benchmarks and `--random-weights`), as numpy arrays."""
-    rng = np.random.default_rng(seed)
+    """Random full parameters (for tests, benchmarks and `--random-weights`), as numpy arrays.
 
-    def init(leaf: Leaf):
-        x = np.full(leaf.shape, leaf.mean, np.float32)
-        if leaf.std:
-            x += leaf.std * rng.standard_normal(leaf.shape, dtype=np.float32)
-        return x.astype(dtype)
+    Drawn on the host, in threads: one core takes ~1.7 s for Mimi's 96 M normals, and a device
+    program would compile a kernel for each of the 224 leaves. The values depend on the seed
+    only, not on the number of threads."""
+    leaves, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=_is_leaf)
+    sizes = [math.prod(leaf.shape) if leaf.std else 0 for leaf in leaves]
+    ends = np.cumsum(sizes)
+    noise = _standard_normal(int(ends[-1]), seed)
 
-    return jax.tree.map(init, param_specs(cfg), is_leaf=_is_leaf)
+    def init(i):
+        leaf = leaves[i]
+        if not leaf.std:
+            return np.full(leaf.shape, leaf.mean, dtype)
+        x = noise[ends[i] - sizes[i] : ends[i]].reshape(leaf.shape)  # a view: scaled in place
+        x *= np.float32(leaf.std)
+        x += np.float32(leaf.mean)
+        return x.astype(dtype, copy=False)
+
+    with _pool() as pool:
+        return jax.tree.unflatten(treedef, list(pool.map(init, range(len(leaves)))))
+
+
+def _standard_normal(n: int, seed: int, block: int = 1 << 22) -> np.ndarray:
+    """n float32 N(0, 1) draws, block by block, each block from its own stream of `seed` (NumPy
+    releases the GIL while it fills one, so the blocks fill in parallel)."""
+    out = np.empty(n, np.float32)
+
+    def fill(b):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(b,)))
+        rng.standard_normal(out=out[b * block : (b + 1) * block], dtype=np.float32)
+
+    with _pool() as pool:
+        list(pool.map(fill, range(-(-n // block))))
+    return out
+
+
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(min(16, os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------------------------------------
