@@ -39,9 +39,12 @@ FIRST_TEXT = "Hello from jaxtts, a first sentence."
 CONTEXT_TEXT = "This is how I sound."
 
 # --compile-ab: XLA compiler options, passed per compile (the xla_gpu_* ones mean nothing elsewhere).
+# Each sets the Triton GEMM choice explicitly: options given here override those of the jitted
+# function (the prefill and Mimi's are compiled with Triton GEMMs off: jaxtts.defaults.CUBLAS_GEMMS), so
+# "XLA default" is XLA's default for every program.
 VARIANTS = {
-    "default": {},
-    "autotune 0": {"xla_gpu_autotune_level": 0},
+    "XLA default": {"xla_gpu_enable_triton_gemm": True},
+    "autotune 0": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": True},
     "no triton gemm": {"xla_gpu_enable_triton_gemm": False},
     "autotune 0, no triton gemm": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
 }

@@ -10,6 +10,15 @@ CHUNK_FRAMES = 8  # frames per compiled decode call once audio flows (streaming 
 FIRST_CHUNK_FRAMES = 1  # the first call returns after one frame: low time to first audio
 PROGRESS = True  # progress bars for downloads, conversion and long generations
 
+# XLA options for the programs whose matmuls go through cuBLAS rather than XLA's Triton GEMM
+# fusions (Mimi's encoder, decoder and streaming step; the prompt's prefill). XLA autotunes those
+# fusions while compiling: on an H200 the Mimi step took 24.7 s and the encoder 39.7 s to compile,
+# and a new process's first audio and first voice prompt wait for them; with cuBLAS 2.3 s and
+# 3.6 s (prefill 2.45 → 1.45 s), for a Mimi step 0.28 ms slower per 8 frames at batch 1 (1.48 →
+# 1.76 ms), an encoder 4 % and a prefill 7 % slower (`python -m benchmarks.startup --compile-ab`,
+# docs/PERF.md #38). The decode loop keeps XLA's default. Ignored off GPUs.
+CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
+
 
 def default_dtype(platform: str | None = None) -> str:
     """Parameter dtype for a platform (default: JAX's default backend): bfloat16 where it is

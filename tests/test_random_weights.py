@@ -121,5 +121,5 @@ def test_startup_compile_ab_runs_on_cpu(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     res = json.loads(out.read_text())
     assert [r["program"] for r in res["compile_ab"]] == ["prefill", "decode chunk", "Mimi decode step", "Mimi encode"]
-    assert all(r["variant"] == "default" and r["compile_s"] > 0 and r["run_ms"] > 0 for r in res["compile_ab"])
+    assert all(r["variant"] == "XLA default" and r["compile_s"] > 0 and r["run_ms"] > 0 for r in res["compile_ab"])
     assert "ignores" in res["skipped"] and "variants not run" in run.stdout
