@@ -20,6 +20,30 @@ PROGRESS = True  # progress bars for downloads, conversion and long generations
 CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
 
 
+def jit_cublas(fn, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled with `CUBLAS_GEMMS` when called on its own. Called
+    inside another trace (a user's jit or eval_shape) it is a plain nested jit: JAX refuses
+    compiler options there, and the enclosing program's options apply."""
+    import functools
+
+    import jax
+
+    with_options = jax.jit(fn, compiler_options=CUBLAS_GEMMS, **jit_kwargs)
+    nested = jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return with_options(*args, **kwargs)
+        except ValueError as e:  # raised while staging, before anything runs
+            if "compiler_options" not in str(e):
+                raise
+            return nested(*args, **kwargs)
+
+    call.lower, call.eval_shape, call.trace = with_options.lower, with_options.eval_shape, with_options.trace
+    return call
+
+
 def default_dtype(platform: str | None = None) -> str:
     """Parameter dtype for a platform (default: JAX's default backend): bfloat16 where it is
     fast (GPUs, TPUs); float32 on CPUs, which emulate bfloat16 slowly."""

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxtts import buckets
 from jaxtts.csm import CSM
-from jaxtts.defaults import CUBLAS_GEMMS
+from jaxtts.defaults import jit_cublas
 from jaxtts.errors import JaxttsError
 from jaxtts.llama import KVCache
 from jaxtts.options import DecodeOptions, resolve_options
@@ -38,7 +38,7 @@ class DecodeState:
     done: jax.Array  # [B] bool: the row has produced its end-of-speech frame
 
 
-@partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("cache",), compiler_options=CUBLAS_GEMMS)
+@partial(jit_cublas, static_argnames=("graphdef", "opts"), donate_argnames=("cache",))
 def _prefill(graphdef, weights, tokens, mask, start, lengths, cache, opts: DecodeOptions):
     model = nnx.merge(graphdef, weights)
     hidden, cache = model.run_backbone(tokens, mask, start, cache, opts=opts)

@@ -123,3 +123,19 @@ def test_startup_compile_ab_runs_on_cpu(tmp_path):
     assert [r["program"] for r in res["compile_ab"]] == ["prefill", "decode chunk", "Mimi decode step", "Mimi encode"]
     assert all(r["variant"] == "XLA default" and r["compile_s"] > 0 and r["run_ms"] > 0 for r in res["compile_ab"])
     assert "ignores" in res["skipped"] and "variants not run" in run.stdout
+
+
+def test_jit_cublas_runs_alone_and_nested():
+    """Mimi's and the prefill's jits carry compiler options, which JAX refuses on a nested jit:
+    inside a user's jit or eval_shape they must still work (as plain nested jits)."""
+    import jax.numpy as jnp
+
+    from jaxtts.defaults import jit_cublas
+
+    f = jit_cublas(lambda x: x @ x)
+    x = jnp.ones((4, 4))
+    assert float(f(x).sum()) == 64
+    assert float(jax.jit(lambda x: f(x) + 1)(x).sum()) == 80
+    assert jax.eval_shape(lambda: f(x)).shape == (4, 4)
+    with pytest.raises(TypeError):  # other errors still surface
+        f(x, x)

@@ -12,16 +12,16 @@ import numpy as np
 
 from jaxtts.buckets import encode_frames
 from jaxtts.checkpoint import atomic_directory, is_converted_dir, read_meta, read_params, write_checkpoint
-from jaxtts.defaults import CUBLAS_GEMMS  # compile in seconds, not tens of seconds
+from jaxtts.defaults import jit_cublas  # compile in seconds, not tens of seconds
 from jaxtts.errors import JaxttsError
 from jaxtts.mimi import model, streaming
 from jaxtts.mimi.config import MIMI, MimiConfig
 
 # Module-level so that every Mimi with the same config shares one compilation per input shape; the
 # parameters are arguments, not constants baked into the program.
-_encode = jax.jit(model.encode, static_argnames="cfg", compiler_options=CUBLAS_GEMMS)
-_decode = jax.jit(model.decode, static_argnames="cfg", compiler_options=CUBLAS_GEMMS)
-_decode_step = jax.jit(model.decode_step, static_argnames="cfg", donate_argnames="state", compiler_options=CUBLAS_GEMMS)
+_encode = jit_cublas(model.encode, static_argnames="cfg")
+_decode = jit_cublas(model.decode, static_argnames="cfg")
+_decode_step = jit_cublas(model.decode_step, static_argnames="cfg", donate_argnames="state")
 
 
 class Mimi:
