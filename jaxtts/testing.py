@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxtts.csm import CSM
+from jaxtts.csm import CSM, _flat
 from jaxtts.generation import DecodeState, prefill, row_keys
 from jaxtts.options import DecodeOptions
+
+
+def flat(tree) -> dict:
+    """A nested dict of parameters (`param_dict`) as {"a.b.c": leaf}, the names checkpoints use."""
+    return dict(_flat(tree))
 
 
 def random_text_prompt(batch: int, prompt_tokens: int, *, text_vocab: int = 128_000, seed: int = 0):

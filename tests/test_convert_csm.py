@@ -29,16 +29,9 @@ from jaxtts.checkpoint import read_meta
 from jaxtts.config import CSM_1B, CSMConfig
 from jaxtts.csm import CSM, param_dict
 from jaxtts.errors import JaxttsError
+from jaxtts.testing import flat
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}.{k}" if prefix else str(k)
-        out.update(flat(v, name) if isinstance(v, dict) else {name: v})
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

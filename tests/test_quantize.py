@@ -43,19 +43,12 @@ from jaxtts.quantize import (
     quantize_rows_array,
     quantize_rows_numpy,
 )
+from jaxtts.testing import flat
 from pallas_kernels._backend import INT8_CONVERTS, int8_to
 from pallas_kernels.fused_decode import finish, norm_matvec, norm_matvec_reference
 from pallas_kernels.matvec import matvec, matvec_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}.{k}" if prefix else str(k)
-        out.update(flat(v, name) if isinstance(v, dict) else {name: v})
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,16 +17,9 @@ from jaxtts.csm import CSM, param_dict
 from jaxtts.mimi import Mimi
 from jaxtts.mimi.config import MIMI
 from jaxtts.mimi.model import _is_leaf, abstract_params, init_params, param_specs
+from jaxtts.testing import flat
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}.{k}" if prefix else str(k)
-        out.update(flat(v, name) if isinstance(v, dict) else {name: v})
-    return out
 
 
 @pytest.fixture(scope="module")
