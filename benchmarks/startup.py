@@ -89,13 +89,25 @@ def main(argv=None) -> int:
     compiles: list[tuple[str, float]] = []
     mark = [time.perf_counter()]
 
+    split: dict[str, dict[str, float]] = {}  # phase → JAX's trace / lower / compile time within it
+    spans: list[tuple[str, float, float]] = []  # (kind, start, end) since the last phase
+
     def phase(name):
         now = time.perf_counter()
         phases[name] = round(now - mark[0], 3)
         mark[0] = now
-        print(f"{name:<34} {phases[name]:8.2f} s", flush=True)
+        split[name] = {kind: round(covered(spans, kind), 3) for kind in SPAN_KINDS.values()}
+        spans.clear()
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in split[name].items() if v >= 0.005)
+        print(f"{name:<34} {phases[name]:8.2f} s" + (f"   ({parts})" if parts else ""), flush=True)
 
     import jax
+
+    def on_span(event, start, end, **_):  # nested jits trace inside their caller: `covered` merges
+        if event in SPAN_KINDS:
+            spans.append((SPAN_KINDS[event], start, end))
+
+    jax.monitoring.register_event_time_span_listener(on_span)
 
     phases["python start → import jax"] = round(mark[0] - T0, 3)
     current = {"name": "?"}
@@ -125,6 +137,13 @@ def main(argv=None) -> int:
     phase("import jaxtts")
     jax.devices()
     phase("backend init")
+    import numpy as np
+
+    for i in range(2):  # the first host → device copy of a process pays set-up costs of its own
+        jax.block_until_ready(jax.device_put(np.float32(i)))
+        phase(f"{'first' if i == 0 else 'second'} transfer")
+    jax.block_until_ready(jax.jit(lambda x: x + 1)(np.float32(0)))
+    phase("first tiny program")
     from jaxtts.config import preset
     from jaxtts.csm import CSM
     from jaxtts.defaults import default_dtype
@@ -177,6 +196,7 @@ def main(argv=None) -> int:
         res = dict(
             device=str(jax.devices()[0].device_kind),
             phases=phases,
+            phase_split=split,
             compiles=compiles,
             cache_log=cache_log,
             total_s=total,
@@ -185,6 +205,25 @@ def main(argv=None) -> int:
         text = json.dumps(res, indent=1)
         sys.stdout.write(text + "\n") if args.json == "-" else open(args.json, "w").write(text)
     return 0
+
+
+# JAX's monitoring events (jax/_src/dispatch.py) → what this report calls them. "compile" is the
+# XLA compile or the persistent cache's load of it (cache hits are fast compiles).
+SPAN_KINDS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "compile",
+}
+
+
+def covered(spans, kind: str) -> float:
+    """Seconds covered by the spans of this kind (overlaps counted once: nested traces, threads)."""
+    total, end = 0.0, float("-inf")
+    for _, s, e in sorted(sp for sp in spans if sp[0] == kind):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
 
 
 def voice_prompt(secs: float, seed: int = 0):

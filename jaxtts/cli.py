@@ -105,6 +105,7 @@ def _check_speak_args(args) -> None:
 def _speak(args) -> int:
     from jaxtts.audio import StreamingAudioWriter, check_output_path, encode_audio
 
+    defaults.allocate_on_demand()  # before anything starts the backend (the checks below may)
     _check_speak_args(args)
     out = None if args.output == "-" else check_output_path(args.output)
     context = _read_context(args.context)

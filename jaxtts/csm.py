@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtts import programs
 from jaxtts import quantize as quant
 from jaxtts.config import CSMConfig, LlamaConfig
 from jaxtts.errors import JaxttsError
@@ -170,7 +171,7 @@ class CSM(nnx.Module):
         program, not a constant: every seed shares one compilation (and one trace per process).
         """
         quant.check_method(quantize)
-        return _random_builder(cls, cfg, resolve_dtype(dtype), quantize)(np.uint32(operator.index(seed) % 2**32))
+        return _random_model(cls, cfg, resolve_dtype(dtype), quantize, np.uint32(operator.index(seed) % 2**32))
 
     @classmethod
     def abstract(
@@ -264,9 +265,22 @@ class CSM(nnx.Module):
         return model
 
 
+def _random_model(cls, cfg: CSMConfig, dtype, quantize: str | None, seed: np.uint32) -> CSM:
+    """`CSM.random`: the module graph from an abstract build, the variables from one program
+    (seed → every variable), kept in `jaxtts.programs` so that a new process loads it instead of
+    tracing the whole construction again."""
+    graphdef, build = _random_builder(cls, cfg, dtype, quantize)
+    if programs.usable(seed):
+        key = ("csm_random", cls.__qualname__, cfg, str(jnp.dtype(dtype)), quantize)
+        state = programs.Program("csm_random", key, lambda: build.lower(seed))(seed)
+    else:
+        state = build(seed)
+    return nnx.merge(graphdef, state)
+
+
 @functools.cache
 def _random_builder(cls, cfg: CSMConfig, dtype, quantize: str | None):
-    """`CSM.random`'s program: seed → model."""
+    """`CSM.random`'s module graph and its program (seed → the model's variables)."""
 
     def build(seed):
         rngs = nnx.Rngs(jax.random.key(seed, impl="philox2x32"))
@@ -277,7 +291,8 @@ def _random_builder(cls, cfg: CSMConfig, dtype, quantize: str | None):
                 nnx.update(layer, jax.tree.map(operator.itemgetter(i), layers))
         return quant.quantize_modules_(model, quantize) if quantize else model
 
-    return nnx.jit(build)
+    graphdef = nnx.graphdef(nnx.eval_shape(build, np.uint32(0)))
+    return graphdef, jax.jit(lambda seed: nnx.state(build(seed)))
 
 
 def _stacked_layers(cfg: LlamaConfig, dtype, key) -> nnx.State:

@@ -20,6 +20,18 @@ PROGRESS = True  # progress bars for downloads, conversion and long generations
 CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
 
 
+def allocate_on_demand() -> None:
+    """For a one-shot command (`jaxtts speak`): GPU memory taken as the programs need it, instead
+    of JAX reserving 75 % of the GPU when the backend starts. On an H200 that reservation made a
+    new process's first transfer take 1.4–2.4 s (0.15 s for 5 %, ~0 without; docs/PERF.md #42), a
+    third of a cached start. A server (`jaxtts serve`) keeps JAX's default: one reservation
+    avoids fragmentation over a long life. The user's own XLA_PYTHON_CLIENT_PREALLOCATE wins.
+    Only has an effect before anything starts JAX's backend."""
+    import os
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def jit_cublas(fn, **jit_kwargs):
     """`jax.jit(fn, **jit_kwargs)` compiled with `CUBLAS_GEMMS` when called on its own. Called
     inside another trace (a user's jit or eval_shape) it is a plain nested jit: JAX refuses

@@ -9,6 +9,7 @@ the GPU sync with the host every frame.
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtts import buckets
+from jaxtts import buckets, programs
 from jaxtts.csm import CSM
 from jaxtts.defaults import jit_cublas
 from jaxtts.errors import JaxttsError
@@ -74,6 +75,24 @@ def split_model(model: CSM, *, reuse: bool = True):
     return graphdef, weights
 
 
+_MODEL_KEYS = weakref.WeakKeyDictionary()  # model → (graphdef, its `model_key`)
+
+
+def model_key(model: CSM) -> tuple | None:
+    """What a compiled program depends on in the model beyond the code (`jaxtts.programs`): its
+    config, dtype and quantization, module graph and each weight's shape and dtype; computed once
+    per split. None when the weights are not on the default device (programs run there only)."""
+    graphdef, weights = split_model(model)
+    hit = _MODEL_KEYS.get(model)
+    if hit is None or hit[0] is not graphdef:
+        key = None
+        if programs.usable(weights):
+            parts = (model.cfg, str(model.dtype), model.quantization, graphdef, programs.signature(weights))
+            key = ("model", hashlib.sha256(repr(parts).encode()).hexdigest())
+        hit = _MODEL_KEYS[model] = (graphdef, key)
+    return hit[1]
+
+
 def prefill(
     model: CSM, tokens, mask, lengths, *, cache: KVCache, start=None, key, opts: DecodeOptions | None = None
 ) -> DecodeState:
@@ -81,16 +100,25 @@ def prefill(
 
     Rows are written at positions start[b] + t (start defaults to 0; a cached voice prompt puts
     the new rows after it). Padding rows land in slots that decoding overwrites before any
-    valid query can see them.
+    valid query can see them. The program comes from `jaxtts.programs` when it can (a new
+    process then skips tracing it).
     """
     opts = resolve_options(opts)
     graphdef, weights = split_model(model)
     b = tokens.shape[0]
     start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
-    hidden, cache = _prefill(
-        graphdef, weights, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool), start, lengths, cache, opts
-    )
+    args = (jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool), start, lengths, cache)
+    mkey = model_key(model)
+    if mkey is not None and programs.usable(args):
+        program = programs.Program(
+            "prefill",
+            (mkey, programs.signature(args), opts),
+            lambda: _prefill.lower(graphdef, weights, *args, opts),
+        )
+        hidden, cache = program(weights, *args)
+    else:
+        hidden, cache = _prefill(graphdef, weights, *args, opts)
     return DecodeState(cache=cache, hidden=hidden, position=start + lengths, key=key, done=jnp.zeros((b,), bool))
 
 
@@ -207,17 +235,45 @@ def decode_chunk(
     *,
     opts: DecodeOptions | None = None,
     mesh: BatchMesh | None = None,
+    program: programs.Program | None = None,
 ):
     """Generate `num_frames` frames for every row. Returns (state, frames [N,B,32], emitted [N,B]).
 
     `emitted[n, b]` is False from the row's end-of-speech frame on (that frame included).
     `mesh`: the rows are split over its devices (state and sampler rows-split, weights
-    replicated: `jaxtts.sharding`), each device decoding its own.
+    replicated: `jaxtts.sharding`), each device decoding its own. `program`: this call's
+    `decode_chunk_program` (made for the same model, shapes, num_frames and opts), instead of the
+    jitted function.
     """
     opts = resolve_options(opts)
     table = audio_table(model) if opts.audio_table and opts.pallas else None
     graphdef, weights = split_model(model)
+    if program is not None:
+        return program(weights, state, sampler, table)
     return _decode_chunk(graphdef, weights, state, sampler, num_frames, opts, table, mesh)
+
+
+def decode_chunk_program(
+    model: CSM, state: DecodeState, sampler: Sampler, num_frames: int, *, opts: DecodeOptions | None = None
+) -> programs.Program | None:
+    """`decode_chunk`'s program for this state's shapes from `jaxtts.programs` (found, or lowered
+    now), for `decode_chunk(..., program=)`: `.compile()` it ahead of the first call (in a thread,
+    while the prompt is prefilled). `state` may hold jax.ShapeDtypeStructs. None where the store
+    cannot serve (weights off the default device): use `lower_decode_chunk`. Call from the main
+    thread: it touches the model's split and table caches."""
+    opts = resolve_options(opts)
+    mkey = model_key(model)
+    if mkey is None:
+        return None
+    table = audio_table(model) if opts.audio_table and opts.pallas else None
+    graphdef, weights = split_model(model)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    key = (mkey, programs.signature((abstract, sampler, table)), num_frames, opts)
+    return programs.Program(
+        "decode_chunk",
+        key,
+        lambda: _decode_chunk.lower(graphdef, weights, abstract, sampler, num_frames, opts, table, None),
+    )
 
 
 def lower_decode_chunk(

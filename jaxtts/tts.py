@@ -26,11 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtts import buckets, defaults, validation
+from jaxtts import buckets, defaults, programs, validation
 from jaxtts.audio import SAMPLE_RATE, load_audio, write_audio
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
-from jaxtts.generation import DecodeState, decode_chunk, lower_decode_chunk, prefill, row_keys
+from jaxtts.generation import (
+    DecodeState,
+    decode_chunk,
+    decode_chunk_program,
+    lower_decode_chunk,
+    prefill,
+    row_keys,
+)
 from jaxtts.llama import KVCache
 from jaxtts.options import DecodeOptions, resolve_options
 from jaxtts.prompt import Segment, audio_rows, concat_rows, text_rows, validate_speaker, validate_text
@@ -76,11 +83,14 @@ class Request:
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     """JAX's persistent compilation cache, on by default in ~/.cache/jaxtts/xla (JAXTTS_COMPILE_CACHE=0: off;
-    a path: there). A cache directory the user already gave JAX is left as it is."""
+    a path: there). A cache directory the user already gave JAX is left as it is. jaxtts keeps
+    its own compiled programs (`jaxtts.programs`) in `jaxtts-programs/` inside it."""
     setting = os.environ.get("JAXTTS_COMPILE_CACHE", "1")
     if setting == "0":
         return
     if path is None and jax.config.jax_compilation_cache_dir:
+        if "://" not in jax.config.jax_compilation_cache_dir:  # a local directory, not a bucket
+            programs.set_directory(Path(jax.config.jax_compilation_cache_dir) / "jaxtts-programs")
         return
     if path is None:
         from jaxtts.hub import jaxtts_cache
@@ -96,6 +106,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
         )
         return
     jax.config.update("jax_compilation_cache_dir", str(path))
+    programs.set_directory(Path(path) / "jaxtts-programs")
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs add up at start-up
 
 
@@ -143,12 +154,6 @@ class SilenceGuard:
         return None
 
 
-def _signature(tree) -> tuple:
-    """A pytree's structure with each leaf's shape and dtype: what a program is compiled for."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a).__name__))) for a in leaves)
-
-
 class TTS:
     sample_rate = SAMPLE_RATE
     frame_size = FRAME_SIZE
@@ -182,9 +187,9 @@ class TTS:
         self.first_chunk_frames = validation.integer("first_chunk_frames", first_chunk_frames, low=1, high=256)
         self.max_silence_ms = validation.optional_number("max_silence_ms", max_silence_ms, low=FRAME_MS)
         self.progress = progress
-        # Signatures of the decode / Mimi programs compiled ahead of use by `_run`: lowering one
-        # again only to find it compiled costs a trace of the model (~0.15 s for Mimi alone).
-        self._compiled: set = set()
+        # The decode / Mimi programs `_run` has made, by signature: finding one again in
+        # `jaxtts.programs` costs a hash of its key, lowering it again a trace (~0.15 s for Mimi).
+        self._programs: dict = {}
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -323,16 +328,21 @@ class TTS:
             key=keys,
             done=jax.ShapeDtypeStruct((b,), jnp.bool_),
         )
-        programs = []
+        decode, mimi = {}, {}  # frames per chunk → its decode program, its Mimi step program
         for n in {first, self.chunk_frames}:
-            key = ("decode", id(model), _signature((state_shape, sampler)), n, self.options)
-            if key not in self._compiled:
-                programs.append((key, lower_decode_chunk(model, state_shape, sampler, n, opts=self.options)))
+            key = ("decode", id(model), programs.signature((state_shape, sampler)), n, self.options)
+            if key not in self._programs:
+                self._programs[key] = decode_chunk_program(
+                    model, state_shape, sampler, n, opts=self.options
+                ) or lower_decode_chunk(model, state_shape, sampler, n, opts=self.options)
+            decode[n] = self._programs[key]
             key = ("mimi", id(self.codec), b, n)
-            if key not in self._compiled and hasattr(self.codec, "lower_stream_step"):  # test stand-ins have none
-                programs.append((key, self.codec.lower_stream_step(b, n)))
-        with ThreadPoolExecutor(max(1, len(programs))) as pool:
-            compiled = [pool.submit(p.compile) for _, p in programs]
+            if key not in self._programs and hasattr(self.codec, "stream_step_program"):  # test stand-ins have none
+                self._programs[key] = self.codec.stream_step_program(b, n)
+            mimi[n] = self._programs.get(key)
+        ahead = [p for p in (*decode.values(), *mimi.values()) if p is not None and not getattr(p, "ready", False)]
+        with ThreadPoolExecutor(max(1, len(ahead))) as pool:
+            compiled = [pool.submit(p.compile) for p in ahead]
             state = prefill(
                 model,
                 tok,
@@ -345,7 +355,15 @@ class TTS:
             )
             for c in compiled:
                 c.result()
-        self._compiled.update(key for key, _ in programs)
+        # A jax Lowered (where the store cannot serve) is compiled once: the jitted function reuses it.
+        for key, p in self._programs.items():
+            if isinstance(p, jax.stages.Lowered):
+                self._programs[key] = None
+        decode = {n: p if isinstance(p, programs.Program) else None for n, p in decode.items()}
+        mimi_step = {  # a stand-in codec (tests) takes no program
+            n: partial(self.codec.decode_stream_step, check=False, **({"program": p} if p else {}))
+            for n, p in mimi.items()
+        }
 
         stream = self.codec.decode_stream_init(b)
         produced = [0] * b
@@ -366,12 +384,14 @@ class TTS:
             disable=not self.progress,
         )
         while not all(finished):
-            state, frames, emitted = decode_chunk(model, state, sampler, chunk, opts=self.options)
+            state, frames, emitted = decode_chunk(
+                model, state, sampler, chunk, opts=self.options, program=decode[chunk]
+            )
             # CSM's audio vocabulary (2051) is wider than Mimi's codebooks (2048). A sampled code
             # ≥ 2048 is fed back to the backbone as sampled, but everything that leaves the model
             # (decoded audio, returned frames, contexts built from them) sees it as 0.
             frames, codes = _frames_and_codes(frames, self.codec.cardinality)
-            stream, pcm = self.codec.decode_stream_step(stream, codes, check=False)
+            stream, pcm = mimi_step[chunk](stream, codes)
             frames_np, emitted_np, pcm_np = np.asarray(frames), np.asarray(emitted), np.asarray(pcm)[:, 0]
             out = []
             for i in range(b):

@@ -222,3 +222,14 @@ def test_probe_variants_are_options_values():
     assert opts.uses_matvec(64, 2048, 2048) and not opts.uses_matvec(64, 2048, 1024)
     with pytest.raises(SystemExit):
         decode_probe.variant_options(base, "no_such_variant")
+
+
+def test_original_peer_runs_its_frame_loop_on_cpu():
+    """The 'original' peer of `--compare` (eager here; its torch.compile recipes need a GPU to mean
+    anything): the torchtune replica generates frames and reports its time per frame."""
+    from benchmarks.peers import time_original
+    from jaxtts.config import preset
+
+    res = time_original(preset("tiny"), dtype="float32", prompt_tokens=8, frames=2, compile=False)
+    assert res["original_device"] == "cpu" and res["original_dtype"] == "float32"
+    assert res["original_eager_ms"] > 0 and "original_compiled_ms" not in res

@@ -289,3 +289,18 @@ def test_voice_add_then_speak_with_it(weights, env, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: no voice named 'nobody' (`jaxtts voice list` shows the stored ones)"
     ], r.stderr
+
+
+@pytest.mark.parametrize("user", [None, "true"])
+def test_speak_takes_gpu_memory_on_demand_unless_told(user, monkeypatch, capsys):
+    """`jaxtts speak` turns off JAX's up-front reservation of GPU memory (seconds of a new
+    process's start) before anything can start the backend; a user's own setting stays."""
+    from jaxtts.cli import main
+
+    if user is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", user)
+    assert main(["speak", "Hi.", "--temperature", "-1", "-o", "x.wav"]) == 2  # refused before any model
+    assert "temperature must be in" in capsys.readouterr().err
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == (user or "false")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtts import programs
 from jaxtts.buckets import encode_frames
 from jaxtts.checkpoint import atomic_directory, is_converted_dir, read_meta, read_params, write_checkpoint
 from jaxtts.defaults import jit_cublas  # compile in seconds, not tens of seconds
@@ -42,6 +45,7 @@ class Mimi:
         self.params = jax.device_put(jax.tree.map(lambda a: _as_dtype(a, self.dtype), params))
         self.matmul_precision = matmul_precision
         self._state_init: dict = {}  # batch → jitted builder of a fresh stream state
+        self._key: tuple | None = None  # (params, `_params_key`) once computed
 
     # -- construction -------------------------------------------------------------------------
 
@@ -113,7 +117,12 @@ class Mimi:
         padded = np.zeros((b, encode_frames(frames) * self.frame_size, 1), np.float32)
         padded[:, :length, 0] = wav[:, 0]
         with self._precision():
-            codes = _encode(self.params, padded, cfg=self.config)
+            key = self._params_key()
+            if key is None:
+                codes = _encode(self.params, padded, cfg=self.config)
+            else:  # from `jaxtts.programs`: a new process skips tracing the encoder
+                lower = partial(_encode.lower, self.params, padded, cfg=self.config)
+                codes = programs.Program("mimi_encode", (key, padded.shape), lower)(self.params, padded)
         # Cropped on the host: a device slice would be one more program per length.
         return jnp.asarray(np.asarray(codes)[:, :, :frames])
 
@@ -157,20 +166,51 @@ class Mimi:
         with self._precision():
             return _decode_step.lower(self.params, state, codes, cfg=self.config)
 
-    def decode_stream_step(self, state: dict, codes, *, check: bool = True) -> tuple[dict, jax.Array]:
+    def stream_step_program(self, batch: int, frames: int) -> programs.Program | None:
+        """The streaming-decode program for `batch` streams and `frames` frames per step from
+        `jaxtts.programs` (found, or lowered now), for `decode_stream_step(..., program=)`:
+        `.compile()` it ahead of its first use (in a thread). None where the store cannot serve
+        (parameters off the default device)."""
+        with self._precision():
+            key = self._params_key()
+            if key is None:
+                return None
+            return programs.Program(
+                "mimi_stream_step", (key, batch, frames), partial(self.lower_stream_step, batch, frames)
+            )
+
+    def _params_key(self) -> str | None:
+        """What Mimi's programs depend on besides their inputs' shapes: the config, and each
+        parameter's shape and dtype (the matmul precision is part of every program's key). None
+        when the parameters are not on the default device."""
+        if self._key is None or self._key[0] is not self.params:
+            key = None
+            if programs.usable(self.params):
+                parts = (self.config, programs.signature(self.params))
+                key = hashlib.sha256(repr(parts).encode()).hexdigest()
+            self._key = (self.params, key)
+        return self._key[1]
+
+    def decode_stream_step(
+        self, state: dict, codes, *, check: bool = True, program: programs.Program | None = None
+    ) -> tuple[dict, jax.Array]:
         """Decode the next frames codes [B, K, T] → (new state, float32 audio [B, 1, 1920·T]).
 
         The state passed in is consumed (its buffers are donated on accelerators): keep only the one
         returned. Concatenating the audio of successive steps equals `decode` of all frames at once.
         check=False skips the range check of the codes (a host round trip), for callers whose
-        codes are int32 device arrays already known to lie in [0, 2048).
+        codes are int32 device arrays already known to lie in [0, 2048). `program`: this step's
+        `stream_step_program` instead of the jitted function.
         """
         codes = self._check_codes(codes) if check else codes
         batch = state["upsample"].shape[0]
         if codes.shape[0] != batch:
             raise JaxttsError(f"codes have batch {codes.shape[0]} but the stream state was made for batch {batch}")
-        with self._precision():
-            state, pcm = _decode_step(self.params, state, codes, cfg=self.config)
+        if program is not None:
+            state, pcm = program(self.params, state, codes)
+        else:
+            with self._precision():
+                state, pcm = _decode_step(self.params, state, codes, cfg=self.config)
         return state, _to_channels_first(pcm)
 
     # -- input checks -------------------------------------------------------------------------
