@@ -178,3 +178,25 @@ def test_a_new_process_loads_the_programs_and_speaks_the_same(tmp_path):
     assert len(first) > 0
     np.testing.assert_array_equal(second, first)
     np.testing.assert_array_equal(off, first)
+
+
+@pytest.mark.gpu
+def test_loaded_programs_speak_as_the_compiled_ones(store, check_preset, kernel_options):
+    """In one process: speech from freshly compiled programs, then from the same programs loaded
+    back from disk (memory cleared). On a GPU this serializes the Pallas kernels' executables."""
+    from jaxtts.config import preset
+    from jaxtts.csm import CSM
+    from jaxtts.defaults import default_dtype
+    from jaxtts.mimi import Mimi
+    from jaxtts.tts import TTS
+
+    model = CSM.random(preset(check_preset), dtype=default_dtype())
+    tts = TTS(model, Mimi.random(), options=kernel_options, max_silence_ms=None)
+    first = tts.generate("Hello there.", seed=3, max_audio_ms=640)
+    saved = programs.stats["saved"]
+    assert saved >= 4  # CSM.random's, the prefill, a decode chunk, Mimi's step
+    programs._memory.clear()
+    again = TTS(model, tts.codec, options=kernel_options, max_silence_ms=None)
+    second = again.generate("Hello there.", seed=3, max_audio_ms=640)
+    assert programs.stats["loaded"] >= 3 and programs.stats["saved"] == saved
+    np.testing.assert_array_equal(second, first)
