@@ -1,13 +1,18 @@
 """The one bucketing policy: every variable length that reaches a compiled program is rounded up
 to one of a few sizes, so that new lengths reuse compiled programs instead of compiling again.
 
-    prompt_rows      prompt / context rows of a prefill     powers of two ≥ 16, capped at the limit
+    prompt_rows      prompt rows of a prefill               powers of two ≥ 16, capped at the limit
     cache_length     backbone KV-cache slots                powers of two ≥ 256, capped at the limit
+    CONTEXT_CHUNK    rows of each prefill of a context      64 (a context's cache: cache_length)
     encode_frames    Mimi encoder input, in 80 ms frames    powers of two ≥ 16
     train_rows       fine-tuning batch rows                 powers of two ≥ 16 up to 256, then multiples of 256
 """
 
 from __future__ import annotations
+
+# A context (voice prompt) is prefilled in chunks of this many rows: one program per cache bucket
+# serves every context length in it (a prefill of 64 rows reads the same weights as one of 16).
+CONTEXT_CHUNK = 64
 
 
 def pow2_bucket(n: int, minimum: int = 16) -> int:

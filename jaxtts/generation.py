@@ -263,7 +263,7 @@ def decode_chunk_program(
     thread: it touches the model's split and table caches."""
     opts = resolve_options(opts)
     mkey = model_key(model)
-    if mkey is None:
+    if mkey is None or not programs.usable():
         return None
     table = audio_table(model) if opts.audio_table and opts.pallas else None
     graphdef, weights = split_model(model)

@@ -56,10 +56,28 @@ def signature(tree) -> tuple:
     return treedef, tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a).__name__))) for a in leaves)
 
 
+_bypassed = 0  # > 0 inside `bypassed()`
+
+
+@contextlib.contextmanager
+def bypassed():
+    """Inside: `usable` says no, so callers use their jitted functions (for tools that watch
+    those functions' calls: `benchmarks.startup --compile-ab`)."""
+    global _bypassed
+    _bypassed += 1
+    try:
+        yield
+    finally:
+        _bypassed -= 1
+
+
 def usable(*trees) -> bool:
     """Whether a stored program can take these arguments: no tracer among them (called inside a
     user's jit, grad or eval_shape) and every array on the default device (the one programs are
-    compiled for; a sharded or moved array goes through the jitted function, which follows it)."""
+    compiled for; a sharded or moved array goes through the jitted function, which follows it).
+    Call sites ask on every call (with no arguments: only whether the store is bypassed)."""
+    if _bypassed:
+        return False
     default = jax.devices()[0]
     for a in jax.tree.leaves(trees):
         if isinstance(a, jax.core.Tracer):
@@ -92,9 +110,14 @@ class Program:
 
     def compile(self) -> jax.stages.Compiled:
         if self._compiled is None:
+            _watch_cache_hits()
+            _compiling.hit = False
             program = self._lowered.compile()
             _count("compiled")
-            if _directory is not None:
+            # XLA:CPU executables that JAX loaded from its compile cache serialize without their
+            # code ("Function … not found" when the copy runs): keep those in memory only.
+            from_cache = _compiling.hit and jax.default_backend() == "cpu"
+            if _directory is not None and not from_cache:
                 _save(self.digest, program)
             with _lock:
                 self._compiled = _memory.setdefault(self.digest, program)
@@ -102,6 +125,18 @@ class Program:
 
     def __call__(self, *args):
         return (self._compiled or self.compile())(*args)
+
+
+_compiling = threading.local()  # .hit: JAX's compile cache served this thread's last compile
+
+
+@functools.cache
+def _watch_cache_hits() -> None:
+    def on_event(event: str, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            _compiling.hit = True
+
+    jax.monitoring.register_event_listener(on_event)
 
 
 def _find(digest: str) -> jax.stages.Compiled | None:

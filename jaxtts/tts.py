@@ -224,14 +224,23 @@ class TTS:
         random_weights = validation.boolean("random_weights", random_weights)
         if random_weights and (model is not None or codec is not None):
             raise JaxttsError("random_weights=True builds its own weights: give it without model/codec paths")
-        if random_weights:
-            from jaxtts.config import CSM_1B
+        if not random_weights:  # downloads (with their progress bars) one after the other
+            model, codec = resolve("csm", model, progress=progress), resolve("mimi", codec, progress=progress)
+        # Mimi and the tokenizer load in threads while CSM loads here (~0.5 s of a new process).
+        from jaxtts.tokenizer import default_tokenizer
 
-            csm = CSM.random(CSM_1B, dtype=dtype, quantize=quantize)
-            return cls(csm, Mimi.random(), progress=progress, **kwargs)
-        csm = CSM.load(resolve("csm", model, progress=progress), dtype=dtype, quantize=quantize)
-        mimi = Mimi.load(resolve("mimi", codec, progress=progress))
-        return cls(csm, mimi, progress=progress, **kwargs)
+        tokenizer = kwargs.pop("tokenizer", None)
+        with ThreadPoolExecutor(2) as pool:
+            mimi = pool.submit(Mimi.random) if random_weights else pool.submit(Mimi.load, codec)
+            pending = pool.submit(default_tokenizer) if tokenizer is None else None
+            if random_weights:
+                from jaxtts.config import CSM_1B
+
+                csm = CSM.random(CSM_1B, dtype=dtype, quantize=quantize)
+            else:
+                csm = CSM.load(model, dtype=dtype, quantize=quantize)
+            mimi, tokenizer = mimi.result(), tokenizer or pending.result()
+        return cls(csm, mimi, tokenizer=tokenizer, progress=progress, **kwargs)
 
     # --- prompts -------------------------------------------------------------------------------
     def _segment_rows(self, seg: Segment):
@@ -267,14 +276,28 @@ class TTS:
         self._check_fits(n, 0, 1)
         if n == 0:
             return Context(tokens, mask, None)
-        padded = buckets.prompt_rows(n, self.model.cfg.backbone.max_seq_len)
-        tok = np.zeros((1, padded, tokens.shape[1]), np.int32)
-        msk = np.zeros((1, padded, tokens.shape[1]), bool)
-        tok[0, :n], msk[0, :n] = tokens, mask
-        state = prefill(
-            self.model, tok, msk, [n], cache=self.model.backbone_cache(1, padded), key=row_keys([0]), opts=self.options
-        )
-        return Context(tokens, mask, state.cache)
+        # In chunks of a fixed size, into a cache of a bucketed length: contexts of many lengths
+        # share one prefill program per cache bucket (a new voice-prompt length compiles nothing).
+        step = buckets.CONTEXT_CHUNK
+        chunks = -(-n // step)
+        cache = self.model.backbone_cache(1, buckets.cache_length(chunks * step, self.model.cfg.backbone.max_seq_len))
+        tok = np.zeros((chunks * step, tokens.shape[1]), np.int32)
+        msk = np.zeros((chunks * step, tokens.shape[1]), bool)
+        tok[:n], msk[:n] = tokens, mask
+        key = row_keys([0])
+        for i in range(chunks):
+            rows = slice(i * step, (i + 1) * step)
+            cache = prefill(
+                self.model,
+                tok[None, rows],
+                msk[None, rows],
+                [min(step, n - i * step)],
+                cache=cache,
+                start=[i * step],
+                key=key,
+                opts=self.options,
+            ).cache
+        return Context(tokens, mask, cache)
 
     def _check_fits(self, context_len: int, text_len: int, frames: int) -> None:
         limit = self.model.cfg.backbone.max_seq_len

@@ -5,6 +5,7 @@ program, and a damaged or unwritable store costs a compile, never a wrong answer
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,9 @@ def test_usable_refuses_tracers(store):
     f(jnp.ones(3))
     assert seen == [False]
     assert programs.usable(jnp.ones(3), np.ones(2), jax.ShapeDtypeStruct((2,), jnp.float32))
+    with programs.bypassed():
+        assert not programs.usable() and not programs.usable(jnp.ones(3))
+    assert programs.usable()
 
 
 def test_prefill_inside_a_users_trace_uses_the_jitted_function(store, tiny_csm):
@@ -152,8 +156,8 @@ SPEAK = textwrap.dedent(
 
 
 def test_a_new_process_loads_the_programs_and_speaks_the_same(tmp_path):
-    """Three processes: one fills the store, one loads every program from it, one has the
-    caches off. All three speak the same samples."""
+    """One process fills the store, one loads every program from it, one has the caches off,
+    two more run with the store deleted. All speak the same samples."""
 
     def speak(name, **env):
         out = tmp_path / f"{name}.npy"
@@ -178,6 +182,12 @@ def test_a_new_process_loads_the_programs_and_speaks_the_same(tmp_path):
     assert len(first) > 0
     np.testing.assert_array_equal(second, first)
     np.testing.assert_array_equal(off, first)
+    # The store lost, JAX's compile cache kept: programs come from JAX's cache. On CPU those are
+    # not saved again (their serialized copies lack their code); a later process must still speak.
+    shutil.rmtree(tmp_path / "xla" / "jaxtts-programs")
+    for name in ("from-jax-cache", "after"):
+        again, _, compiled = speak(name, JAXTTS_COMPILE_CACHE=cache)
+        np.testing.assert_array_equal(again, first)
 
 
 @pytest.mark.gpu

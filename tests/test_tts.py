@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxtts
+from jaxtts import buckets
 from jaxtts.errors import JaxttsError
 from jaxtts.generation import generate_frames
 from jaxtts.prompt import Segment, text_rows
@@ -153,3 +154,35 @@ def test_silence_guard_never_keeps_frames_it_has_not_seen():
     guard = SilenceGuard(limit=2, pause=5)
     piece = np.concatenate([loud, quiet, quiet, quiet, loud])
     assert guard.frames_to_keep(piece) == 3  # loud + the two silent frames that hit the limit
+
+
+def _codes_context(frames: int, seed: int = 0) -> list[Segment]:
+    codes = np.random.default_rng(seed).integers(0, 2048, (32, frames)).astype(np.int32)
+    return [Segment(0, "A voice prompt.", codes=codes)]
+
+
+def test_context_is_prefilled_in_chunks_as_in_one_call(tts):
+    """`prepare_context` prefills 64 rows at a time: its cache equals one prefill of every row."""
+    from jaxtts.generation import prefill, row_keys
+
+    ctx = tts.prepare_context(_codes_context(150))  # ~160 rows: three chunks
+    n = ctx.length
+    assert n > 2 * buckets.CONTEXT_CHUNK
+    length = ctx.cache.k[0].shape[1]
+    assert length == buckets.cache_length(n, tts.model.cfg.backbone.max_seq_len)
+    whole = prefill(
+        tts.model, ctx.tokens[None], ctx.mask[None], [n], cache=tts.model.backbone_cache(1, length), key=row_keys([0])
+    ).cache
+    for got, want in zip(ctx.cache.k + ctx.cache.v, whole.k + whole.v):
+        np.testing.assert_allclose(np.asarray(got)[:, :n], np.asarray(want)[:, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_context_lengths_in_one_cache_bucket_share_one_prefill_program(tts):
+    """A voice prompt of a new length compiles nothing new while its cache bucket is the same."""
+    from jaxtts import programs
+
+    tts.prepare_context(_codes_context(40))
+    before = programs.stats["compiled"]
+    for frames in (10, 70, 120):  # 1, 2 and 3 chunks; all within the first cache bucket
+        tts.prepare_context(_codes_context(frames, seed=frames))
+    assert programs.stats["compiled"] == before
