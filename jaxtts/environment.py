@@ -4,7 +4,6 @@ fixes it) and `--device` (pinning JAX to the CPU, or checking for a GPU)."""
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from pathlib import Path
 
 from jaxtts.errors import JaxttsError
@@ -79,15 +78,18 @@ def report() -> str:
         lines.append(f"  attention          {opts.attention}")
         lines.append(f"  tuned GEMV configs {len(opts.matvec_tuned)} for {devices[0].device_kind!r}")
         lines.append(f"  dtype              {default_dtype(devices[0].platform)}")
+    from jaxtts.tts import compilation_cache_dir
+
     cache = jaxtts_cache()
-    xla = Path(jax.config.jax_compilation_cache_dir or cache / "xla")
-    if os.environ.get("JAXTTS_COMPILE_CACHE") == "0":
-        xla_line = "off (JAXTTS_COMPILE_CACHE=0)"
-    else:
-        xla_line = f"{xla} ({_human(_size(xla))})"
+    xla = compilation_cache_dir()
+    xla_line = "off (JAXTTS_COMPILE_CACHE=0)" if xla is None else f"{xla} ({_human(_size(xla))})"
     lines.append("caches")
     lines.append(f"  jaxtts             {cache} ({_human(_size(cache))})")
     lines.append(f"  compiled programs  {xla_line}")
+    stored = None if xla is None else xla / "jaxtts-programs"  # jaxtts.programs: loaded instead of traced
+    if stored is not None and stored.is_dir():
+        count = sum(1 for _ in stored.glob("*.jaxprog"))
+        lines.append(f"    jaxtts-programs/ {count} programs ({_human(_size(stored))}), loaded instead of traced")
     lines.append(f"  Hugging Face hub   {hf_hub_cache()}")
     lines.append("weights")
     for kind, sub, repo, fname in (("CSM", "csm-1b", CSM_REPO, CSM_FILE), ("Mimi", "mimi", MIMI_REPO, MIMI_FILE)):

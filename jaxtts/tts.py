@@ -81,21 +81,32 @@ class Request:
     max_audio_ms: float = 90_000
 
 
+def compilation_cache_dir() -> Path | None:
+    """Where `enable_compilation_cache` keeps compiled programs: a `jax_compilation_cache_dir` the
+    user set, else JAXTTS_COMPILE_CACHE's path, else ~/.cache/jaxtts/xla; None when it is off."""
+    setting = os.environ.get("JAXTTS_COMPILE_CACHE", "1")
+    if setting == "0":
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    if setting not in ("1", ""):
+        return Path(setting)
+    from jaxtts.hub import jaxtts_cache
+
+    return jaxtts_cache() / "xla"
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     """JAX's persistent compilation cache, on by default in ~/.cache/jaxtts/xla (JAXTTS_COMPILE_CACHE=0: off;
     a path: there). A cache directory the user already gave JAX is left as it is. jaxtts keeps
     its own compiled programs (`jaxtts.programs`) in `jaxtts-programs/` inside it."""
-    setting = os.environ.get("JAXTTS_COMPILE_CACHE", "1")
-    if setting == "0":
+    if os.environ.get("JAXTTS_COMPILE_CACHE", "1") == "0":
         return
     if path is None and jax.config.jax_compilation_cache_dir:
         if "://" not in jax.config.jax_compilation_cache_dir:  # a local directory, not a bucket
             programs.set_directory(Path(jax.config.jax_compilation_cache_dir) / "jaxtts-programs")
         return
-    if path is None:
-        from jaxtts.hub import jaxtts_cache
-
-        path = setting if setting not in ("1", "") else jaxtts_cache() / "xla"
+    path = path if path is not None else compilation_cache_dir()
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:  # only a speed-up: a read-only home or a mistyped path must not stop speech

@@ -304,3 +304,13 @@ def test_speak_takes_gpu_memory_on_demand_unless_told(user, monkeypatch, capsys)
     assert main(["speak", "Hi.", "--temperature", "-1", "-o", "x.wav"]) == 2  # refused before any model
     assert "temperature must be in" in capsys.readouterr().err
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == (user or "false")
+
+
+def test_env_counts_the_stored_programs(env, tmp_path):
+    stored = tmp_path / "xla" / "jaxtts-programs"
+    stored.mkdir(parents=True)
+    for name in ("prefill-a.jaxprog", "decode_chunk-b.jaxprog"):
+        (stored / name).write_bytes(b"x" * 1000)
+    r = jaxtts("env", env=dict(env, JAXTTS_COMPILE_CACHE=str(tmp_path / "xla")))
+    assert r.returncode == 0, r.stderr
+    assert "jaxtts-programs/ 2 programs (2.0 KB), loaded instead of traced" in r.stdout
