@@ -39,10 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtts import buckets, defaults, validation
+from jaxtts import buckets, defaults, programs, validation
 from jaxtts.audio import SAMPLE_RATE, load_audio
 from jaxtts.errors import JaxttsError
-from jaxtts.generation import DecodeState, decode_chunk, lower_decode_chunk, prefill, row_keys
+from jaxtts.generation import (
+    DecodeState,
+    decode_chunk,
+    decode_chunk_program,
+    lower_decode_chunk,
+    prefill,
+    row_keys,
+)
 from jaxtts.llama import KVCache
 from jaxtts.mimi import streaming
 from jaxtts.options import DecodeOptions
@@ -727,6 +734,10 @@ class Engine:
         # limit) may run past its real rows; only the first `limit` slots move into the pool.
         self._prefill_len = 2 * self.limit
         self._mimi_row = self.tts.codec.decode_stream_init(1)
+        # (pool size, frames per chunk, filters) → (decode chunk, Mimi) programs from
+        # `jaxtts.programs` (a restarted server loads them), or None (a mesh: jitted functions).
+        self._pool_programs: dict[tuple, tuple | None] = {}
+        self._pool_audio: dict[tuple, programs.Program | None] = {}  # (pool size, frames) → Mimi program
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -1208,19 +1219,63 @@ class Engine:
         codes), emitted [n, B], PCM [B, n·1920]; host arrays, or device arrays with fetch=False.
         `sampler`: instead of the pool's own (warmup)."""
         sampler = sampler or pool.table.device()
+        stored = self._programs_for(pool.size, n, sampler, pool.state, pool.mimi)
         pool.state, frames, emitted = decode_chunk(
-            self.tts.model, pool.state, sampler, n, opts=self.tts.options, mesh=self.mesh
+            self.tts.model,
+            pool.state,
+            sampler,
+            n,
+            opts=self.tts.options,
+            mesh=self.mesh,
+            program=stored[0] if stored else None,
         )
         self.frame_steps += n
         codec = self.tts.codec
-        with _precision(codec):
-            sharded = {} if self.mesh is None else {"mesh": self.mesh}
-            pool.mimi, frames, pcm = _decode_audio(
-                codec.params, pool.mimi, frames, cfg=codec.config, cardinality=codec.cardinality, **sharded
-            )
+        if stored:
+            pool.mimi, frames, pcm = stored[1](codec.params, pool.mimi, frames)
+        else:
+            with _precision(codec):
+                sharded = {} if self.mesh is None else {"mesh": self.mesh}
+                pool.mimi, frames, pcm = _decode_audio(
+                    codec.params, pool.mimi, frames, cfg=codec.config, cardinality=codec.cardinality, **sharded
+                )
         if not fetch:
             return frames, emitted, pcm
         return np.asarray(frames), np.asarray(emitted), np.asarray(pcm)
+
+    def _programs_for(self, size: int, n: int, sampler, state, mimi) -> tuple | None:
+        """A pool's decode chunk and Mimi programs from `jaxtts.programs` (made on first use:
+        found, or lowered here and compiled on their first call), or None under a mesh or where
+        the store cannot serve. `state` and `mimi` may hold ShapeDtypeStructs (warmup)."""
+        key = (size, n, sampler.filters)
+        if key not in self._pool_programs:
+            decode = None
+            if self.mesh is None:
+                decode = decode_chunk_program(self.tts.model, state, sampler, n, opts=self.tts.options)
+            audio = None if decode is None else self._audio_program(size, n, mimi)
+            self._pool_programs[key] = None if audio is None else (decode, audio)
+        return self._pool_programs[key]
+
+    def _audio_program(self, size: int, n: int, mimi) -> programs.Program | None:
+        """The pool's Mimi program (`_decode_audio`) for chunks of n frames, shared by both
+        filter kinds; None where the store cannot serve."""
+        if (size, n) not in self._pool_audio:
+            codec = self.tts.codec
+            with _precision(codec):
+                key = codec.program_key() if programs.usable() else None
+                program = None
+                if key is not None:
+                    frames = jax.ShapeDtypeStruct((n, size, self.tts.model.cfg.audio_num_codebooks), jnp.int32)
+                    mimi = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mimi)
+                    program = programs.Program(
+                        "engine_mimi",
+                        (key, programs.signature(mimi), frames.shape, codec.cardinality),
+                        lambda: _decode_audio.lower(
+                            codec.params, mimi, frames, cfg=codec.config, cardinality=codec.cardinality
+                        ),
+                    )
+            self._pool_audio[(size, n)] = program
+        return self._pool_audio[(size, n)]
 
     def _deliver(self, job: _Job, frames: np.ndarray, emitted: np.ndarray, pcm: np.ndarray) -> None:
         """A row's share of a chunk: the frames before its end of speech, within its limits."""
@@ -1354,7 +1409,13 @@ class Engine:
             for n in sorted({self.first_chunk_frames, self.chunk_frames}):
                 for filters in (False, True):  # pools with and without top-p / min-p rows
                     rows_sampler = dataclasses.replace(sampler, filters=filters)
+                    stored = self._programs_for(size, n, rows_sampler, state, mimi)
+                    if stored:  # compile (or find loaded) both; the Mimi program is shared by filters
+                        lowered += [p for p in stored if not p.ready and p not in lowered]
+                        continue
                     lowered.append(lower_decode_chunk(model, state, rows_sampler, n, opts=self.tts.options, mesh=mesh))
+                if self._pool_programs.get((size, n, False)):
+                    continue
                 frames = jax.ShapeDtypeStruct((n, size, model.cfg.audio_num_codebooks), jnp.int32, sharding=frame_rows)
                 with _precision(codec):
                     lowered.append(

@@ -20,12 +20,21 @@ from jaxtts import programs
 
 @pytest.fixture
 def store(tmp_path):
-    """The store in tmp_path, emptied in memory (as in a new process); restored afterwards."""
+    """The store in tmp_path, emptied in memory (as in a new process), with JAX's persistent
+    compile cache off (an earlier test of this process may have turned it on: programs it serves
+    are not saved on CPU); all restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     was_dir, was_memory, was_stats = programs.directory(), dict(programs._memory), dict(programs.stats)
+    was_cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     programs.set_directory(tmp_path / "programs")
     programs._memory.clear()
     programs.stats.update(dict.fromkeys(programs.stats, 0))
     yield tmp_path / "programs"
+    jax.config.update("jax_enable_compilation_cache", was_cache)
+    compilation_cache.reset_cache()
     programs.set_directory(was_dir)
     programs._memory.clear()
     programs._memory.update(was_memory)
@@ -209,4 +218,24 @@ def test_loaded_programs_speak_as_the_compiled_ones(store, check_preset, kernel_
     again = TTS(model, tts.codec, options=kernel_options, max_silence_ms=None)
     second = again.generate("Hello there.", seed=3, max_audio_ms=640)
     assert programs.stats["loaded"] >= 3 and programs.stats["saved"] == saved
+    np.testing.assert_array_equal(second, first)
+
+
+def test_a_restarted_engine_loads_its_pool_programs(store, tiny_csm, mimi):
+    """The serving engine's pool programs (decode chunks, its Mimi step) and prefills go through
+    the store too: a second engine (as after a server restart) loads them and speaks the same."""
+    from jaxtts.engine import Engine
+    from jaxtts.tts import TTS
+
+    def speak():
+        tts = TTS(tiny_csm, mimi, max_silence_ms=None)
+        with Engine(tts, max_batch=1, chunk_frames=2, first_chunk_frames=1) as eng:
+            return eng.submit("Hello there.", seed=7, max_audio_ms=480).result(timeout=600)
+
+    first = speak()
+    assert {"decode_chunk", "engine_mimi", "prefill"} <= {p.name.split("-")[0] for p in store.glob("*.jaxprog")}
+    programs._memory.clear()
+    compiled, loaded = programs.stats["compiled"], programs.stats["loaded"]
+    second = speak()
+    assert programs.stats["compiled"] == compiled and programs.stats["loaded"] >= loaded + 3
     np.testing.assert_array_equal(second, first)

@@ -117,7 +117,7 @@ class Mimi:
         padded = np.zeros((b, encode_frames(frames) * self.frame_size, 1), np.float32)
         padded[:, :length, 0] = wav[:, 0]
         with self._precision():
-            key = self._params_key() if programs.usable() else None
+            key = self.program_key() if programs.usable() else None
             if key is None:
                 codes = _encode(self.params, padded, cfg=self.config)
             else:  # from `jaxtts.programs`: a new process skips tracing the encoder
@@ -172,14 +172,14 @@ class Mimi:
         `.compile()` it ahead of its first use (in a thread). None where the store cannot serve
         (parameters off the default device)."""
         with self._precision():
-            key = self._params_key() if programs.usable() else None
+            key = self.program_key() if programs.usable() else None
             if key is None:
                 return None
             return programs.Program(
                 "mimi_stream_step", (key, batch, frames), partial(self.lower_stream_step, batch, frames)
             )
 
-    def _params_key(self) -> str | None:
+    def program_key(self) -> str | None:
         """What Mimi's programs depend on besides their inputs' shapes: the config, and each
         parameter's shape and dtype (the matmul precision is part of every program's key). None
         when the parameters are not on the default device."""
