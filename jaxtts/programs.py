@@ -235,16 +235,21 @@ def _save(digest: str, program: jax.stages.Compiled) -> None:
     from jax.experimental.serialize_executable import serialize
 
     path = _path(digest)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         blob = pickle.dumps(serialize(program))
+    except Exception as e:  # XLA:CPU cannot serialize some of its ops (a sort's comparator): memory only
+        _count("failed")
+        log.debug("compiled program %s cannot be serialized (%s: %s)", path.name, type(e).__name__, e)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(blob)
         os.replace(tmp, path)
-    except Exception as e:  # a backend that cannot serialize, a full or read-only disk: memory only
+    except OSError as e:  # a full or read-only disk: memory only
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         _count("failed")
-        log.warning("jaxtts: compiled program %s not saved (%s: %s)", path, type(e).__name__, e)
+        log.warning("jaxtts: compiled program %s not saved (%s)", path, e.strerror or e)
         return
     _count("saved")
