@@ -3,17 +3,19 @@
 JAX's persistent compilation cache saves XLA's compile, but a new process must still trace and
 lower a program to find its entry: for CSM-1B on an H200 that was 3.5 s of the first `generate`
 (trace 2.4 s, lower 1.1 s) against 0.7 s of loading what the cache held (docs/PERF.md #41). Here
-the heavy programs of `TTS` (the prompt's prefill, the decode chunks, Mimi's encoder and streaming
-step) are kept as serialized executables under a key made of everything that determines them:
-the program's name and the shapes and types of its arguments (the caller's `key`), the jaxtts and
-pallas_kernels sources, the versions of jax, jaxlib and flax, the device and platform, XLA_FLAGS
-and the JAX settings that change tracing. Anything else that changes a program must be in the
-caller's key.
+the heavy programs (TTS's prefill and decode chunks, Mimi's encoder and streaming step,
+`CSM.random`'s, the serving engine's pool programs) are kept as serialized executables under a
+key made of everything that determines them: the program's name and the shapes and types of its
+arguments (the caller's `key`), the jaxtts and pallas_kernels sources, the versions of jax,
+jaxlib and flax, the device and platform, XLA_FLAGS and the JAX settings that change tracing.
+Anything else that changes a program must be in the caller's key.
 
-The files live in `programs/` beside JAX's compilation cache (`jaxtts.tts.enable_compilation_cache`)
-and only while that cache is on. Like JAX's cache they hold executables that are loaded and run:
-the directory must be as trusted as the code. A file that cannot be read is compiled again and
-replaced; writes go to a temporary name first.
+The files live in `jaxtts-programs/` inside JAX's compilation cache directory
+(`jaxtts.tts.enable_compilation_cache`), and only while that cache is on; otherwise programs are
+kept for the life of the process. Like JAX's cache they hold executables that are loaded and
+run: the directory must be as trusted as the code. A file that cannot be read is compiled again
+and replaced; writes go to a temporary name first. What XLA cannot serialize (on CPU: a sort's
+comparator; an executable JAX itself loaded from its cache) stays in memory.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _directory: Path | None = None
-_memory: dict[str, jax.stages.Compiled] = {}  # key → program, for the life of the process
+_memory: dict[str, jax.stages.Compiled] = {}  # digest → program, for the life of the process
 _lock = threading.Lock()
-# Loads and saves by this process, for tests and `jaxtts env`: {"loaded", "compiled", "saved", "failed"}.
+# What this process did (for tests): programs loaded from disk, compiled, saved, not saved or not loaded.
 stats = {"loaded": 0, "compiled": 0, "saved": 0, "failed": 0}
 
 
