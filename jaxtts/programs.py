@@ -14,8 +14,8 @@ The files live in `jaxtts-programs/` inside JAX's compilation cache directory
 (`jaxtts.tts.enable_compilation_cache`), and only while that cache is on; otherwise programs are
 kept for the life of the process. Like JAX's cache they hold executables that are loaded and
 run: the directory must be as trusted as the code. A file that cannot be read is compiled again
-and replaced; writes go to a temporary name first. What XLA cannot serialize (on CPU: a sort's
-comparator; an executable JAX itself loaded from its cache) stays in memory.
+and replaced; writes go to a temporary name first. Only GPU executables go to disk
+(`DISK_PLATFORMS`: XLA:CPU's copies can lack code), and what XLA cannot serialize stays in memory.
 """
 
 from __future__ import annotations
@@ -42,13 +42,26 @@ _lock = threading.Lock()
 stats = {"loaded": 0, "compiled": 0, "saved": 0, "failed": 0}
 
 
-def set_directory(path: str | os.PathLike | None) -> None:
-    """Keep programs in `path` (None: in memory only, for this process)."""
-    global _directory
+# Backends whose serialized executables load and run again (checked on the H200, docs/PERF.md
+# #42, #47). XLA:CPU's do not reliably: a copy can lack code the process compiled earlier
+# ("Function copy_gather_fusion not found" when a later process runs it), so on CPU programs
+# are kept in memory only.
+DISK_PLATFORMS = ("gpu",)
+_platforms: tuple[str, ...] = DISK_PLATFORMS
+
+
+def set_directory(path: str | os.PathLike | None, *, platforms: tuple[str, ...] = DISK_PLATFORMS) -> None:
+    """Keep programs in `path` when JAX's backend is one of `platforms` (None, or another
+    backend: in memory only, for this process)."""
+    global _directory, _platforms
     _directory = None if path is None else Path(path)
+    _platforms = tuple(platforms)
 
 
 def directory() -> Path | None:
+    """Where programs are kept on disk for this backend (None: in memory only)."""
+    if _directory is None or jax.default_backend() not in _platforms:
+        return None
     return _directory
 
 
@@ -119,7 +132,7 @@ class Program:
             # XLA:CPU executables that JAX loaded from its compile cache serialize without their
             # code ("Function … not found" when the copy runs): keep those in memory only.
             from_cache = _compiling.hit and jax.default_backend() == "cpu"
-            if _directory is not None and not from_cache:
+            if directory() is not None and not from_cache:
                 _save(self.digest, program)
             with _lock:
                 self._compiled = _memory.setdefault(self.digest, program)
@@ -143,7 +156,7 @@ def _watch_cache_hits() -> None:
 
 def _find(digest: str) -> jax.stages.Compiled | None:
     hit = _memory.get(digest)
-    if hit is None and _directory is not None:
+    if hit is None and directory() is not None:
         hit = _load(digest)
         if hit is not None:
             with _lock:
