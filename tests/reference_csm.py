@@ -226,7 +226,7 @@ class OriginalCSM(nn.Module):
 
         curr_h = torch.cat([last_h.unsqueeze(1), c0_embed], dim=1)
         curr_sample = c0_sample.clone()
-        curr_pos = torch.arange(0, curr_h.size(1)).unsqueeze(0).repeat(curr_h.size(0), 1)
+        curr_pos = torch.arange(0, curr_h.size(1), device=curr_h.device).unsqueeze(0).repeat(curr_h.size(0), 1)
 
         # The depth decoder starts afresh every frame.
         self.decoder.reset_caches()
