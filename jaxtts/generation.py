@@ -9,7 +9,6 @@ the GPU sync with the host every frame.
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -88,7 +87,7 @@ def model_key(model: CSM) -> tuple | None:
         key = None
         if programs.usable(weights):
             parts = (model.cfg, str(model.dtype), model.quantization, graphdef, programs.signature(weights))
-            key = ("model", hashlib.sha256(repr(parts).encode()).hexdigest())
+            key = ("model", programs.fingerprint(parts))
         hit = _MODEL_KEYS[model] = (graphdef, key)
     return hit[1]
 
@@ -266,13 +265,10 @@ def decode_chunk_program(
     if mkey is None or not programs.usable():
         return None
     table = audio_table(model) if opts.audio_table and opts.pallas else None
-    graphdef, weights = split_model(model)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     key = (mkey, programs.signature((abstract, sampler, table)), num_frames, opts)
     return programs.Program(
-        "decode_chunk",
-        key,
-        lambda: _decode_chunk.lower(graphdef, weights, abstract, sampler, num_frames, opts, table, None),
+        "decode_chunk", key, lambda: lower_decode_chunk(model, abstract, sampler, num_frames, opts=opts)
     )
 
 

@@ -65,6 +65,12 @@ def directory() -> Path | None:
     return _directory
 
 
+def fingerprint(parts) -> str:
+    """A stable digest of `parts` (their repr: shapes, dtypes, tree structures, configs), for keys
+    whose parts are costly to print on every call (a model's module graph)."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
 def signature(tree) -> tuple:
     """A pytree's structure with each leaf's shape and dtype: what a program is compiled for."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -125,14 +131,9 @@ class Program:
 
     def compile(self) -> jax.stages.Compiled:
         if self._compiled is None:
-            _watch_cache_hits()
-            _compiling.hit = False
             program = self._lowered.compile()
             _count("compiled")
-            # XLA:CPU executables that JAX loaded from its compile cache serialize without their
-            # code ("Function … not found" when the copy runs): keep those in memory only.
-            from_cache = _compiling.hit and jax.default_backend() == "cpu"
-            if directory() is not None and not from_cache:
+            if directory() is not None:
                 _save(self.digest, program)
             with _lock:
                 self._compiled = _memory.setdefault(self.digest, program)
@@ -140,18 +141,6 @@ class Program:
 
     def __call__(self, *args):
         return (self._compiled or self.compile())(*args)
-
-
-_compiling = threading.local()  # .hit: JAX's compile cache served this thread's last compile
-
-
-@functools.cache
-def _watch_cache_hits() -> None:
-    def on_event(event: str, **_):
-        if event == "/jax/compilation_cache/cache_hits":
-            _compiling.hit = True
-
-    jax.monitoring.register_event_listener(on_event)
 
 
 def _find(digest: str) -> jax.stages.Compiled | None:

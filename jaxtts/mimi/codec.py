@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from functools import partial
 from pathlib import Path
@@ -45,7 +44,7 @@ class Mimi:
         self.params = jax.device_put(jax.tree.map(lambda a: _as_dtype(a, self.dtype), params))
         self.matmul_precision = matmul_precision
         self._state_init: dict = {}  # batch → jitted builder of a fresh stream state
-        self._key: tuple | None = None  # (params, `_params_key`) once computed
+        self._key: tuple | None = None  # (params, `program_key()`) once computed
 
     # -- construction -------------------------------------------------------------------------
 
@@ -187,7 +186,7 @@ class Mimi:
             key = None
             if programs.usable(self.params):
                 parts = (self.config, programs.signature(self.params))
-                key = hashlib.sha256(repr(parts).encode()).hexdigest()
+                key = programs.fingerprint(parts)
             self._key = (self.params, key)
         return self._key[1]
 
