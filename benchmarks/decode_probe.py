@@ -34,6 +34,10 @@ VARIANTS = {
     "no_step_attention": dict(step_attention=False),
     "untuned": dict(matvec_tuned=()),
     "block_tail": dict(block_tail=True),  # pallas_kernels.block_tail_mgpu in the fused step
+    "attention_out": dict(attention_out=True),  # the depth decoder's out projection in its attention kernel
+    "attention_out_unroll30": dict(attention_out=True, depth_unroll=30),
+    # the depth decoder's 30-step scan unrolled: fewer loop iterations, longer compile
+    **{f"unroll{u}": dict(depth_unroll=u) for u in (2, 3, 5, 10, 15, 30)},
     # --tune-matvec adds matvec_tuned and fused64_tuned: the swept configs as DecodeOptions.matvec_tuned
     "before": dict(sample_kernel=False, audio_table=False),
 }
@@ -268,28 +272,33 @@ def main(argv=None) -> int:
     profiled = set(args.profile.split(","))
 
     results = {}
-    log("\n| variant | batch | ms/step | x real time | kernels/frame | busy ms/frame |\n|---|---|---|---|---|---|")
+    log(
+        "\n| variant | batch | ms/step | x real time | first chunk s (compile) | kernels/frame | busy ms/frame |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     for item in filter(None, args.variants.split(",")):
         name, _, only = item.partition(":")  # "name:64/32" runs that variant at those batches only
         opts, host = options_of(name)
         for b in [int(x) for x in only.split("/")] if only else batches:
             if not budget.left():
-                log(f"| {name} | {b} | skipped (budget) | | | |")
+                log(f"| {name} | {b} | skipped (budget) | | | | |")
                 continue
             try:
+                first = {}  # the first chunk's seconds: its compilation, unless a cache had it
                 ms = 1000 * bench.time_decode(
-                    model, sampler, batch=b, chunk=16, reps=4, prompt_tokens=100, opts=opts, **host
+                    model, sampler, batch=b, chunk=16, reps=4, prompt_tokens=100, opts=opts, report=first, **host
                 )
-                r = {"ms_per_step": ms, "x_realtime": b * 80.0 / ms}
+                r = {"ms_per_step": ms, "x_realtime": b * 80.0 / ms, "first_chunk_s": first["first_chunk_s"]}
                 if name in profiled:
                     r.update(kernel_profile(model, sampler, chunk=16, prompt_tokens=100, opts=opts, top=40, batch=b))
                 results[f"{name}/b{b}"] = r
                 log(
-                    f"| {name} | {b} | {ms:.3f} | {r['x_realtime']:.0f} | {r.get('kernels_per_frame', 0):.0f} | "
+                    f"| {name} | {b} | {ms:.3f} | {r['x_realtime']:.0f} | {r['first_chunk_s']:.1f} | "
+                    f"{r.get('kernels_per_frame', 0):.0f} | "
                     f"{r.get('kernel_busy_ms_per_frame', 0):.3f} |"
                 )
             except Exception as e:  # one failing variant must not hide the others
-                log(f"| {name} | {b} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | | | |")
+                log(f"| {name} | {b} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} | | | | |")
     if args.first_audio:
         from jaxtts.mimi import Mimi
 

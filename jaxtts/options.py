@@ -62,6 +62,9 @@ class DecodeOptions:
     int8_convert          how those kernels turn int8 tiles into floats: "cvt" (the conversion
                           instruction), "magic" (integer add, float subtract) or "asm" (the
                           same in PTX, four bytes at a time); same values, different speed
+    attention_out         in the fused step, a short cache's attention kernel (the depth
+                          decoder's) also applies the out projection: one kernel fewer per
+                          block (pallas_kernels.fused_decode.attention_step's w_out=)
     block_tail            in the fused step, the tail of each block (out projection, residual,
                           norm, gate/up, SwiGLU, down) as one persistent Mosaic GPU kernel
                           (pallas_kernels.block_tail_mgpu; Hopper, bfloat16 weights) instead of
@@ -83,6 +86,7 @@ class DecodeOptions:
     matvec_tuned: tuple = ()
     int8_kernels: bool = True
     int8_convert: str = "cvt"
+    attention_out: bool = False
     block_tail: bool = False
 
     def __post_init__(self):
@@ -136,6 +140,19 @@ class DecodeOptions:
             self.block_tail
             and self.uses_fused_step(rows)
             and all(getattr(w, "dtype", None) == jnp.bfloat16 for w in weights)
+        )
+
+    def uses_attention_out(self, cache_len: int, head_dim: int, w_out) -> bool:
+        """Whether a fused step's attention over a cache of `cache_len` slots also applies the
+        out projection w_out: asked for, a cache short enough for one program to attend over it
+        whole, and a plain (not int8) weight with a column count the kernel tiles."""
+        from pallas_kernels.fused_decode import out_columns, short_cache
+
+        return (
+            self.attention_out
+            and short_cache(cache_len, head_dim)
+            and not hasattr(w_out, "scale")
+            and out_columns(w_out.shape[-1]) is not None
         )
 
     def uses_sample_kernel(self, rows: int) -> bool:
