@@ -51,7 +51,16 @@ CONFIGS = {
 }
 
 
-def chain_events(fn, xs, ws, reps: int, dependent: bool):
+# --direct: each GEMV reads the previous one's output itself (one split, bf16 out: no XLA op in
+# between), so a dependent kernel can only start early through PDL, command buffers or not.
+DIRECT_SHAPES = {"square 2048": (2048, 2048)}
+DIRECT_CONFIGS = {
+    "16 programs": {"square 2048": dict(block_n=128, k_splits=1)},
+    "32 programs": {"square 2048": dict(block_n=64, k_splits=1)},
+}
+
+
+def chain_events(fn, xs, ws, reps: int, dependent: bool, direct: bool = False):
     """CUPTI kernel events of `reps` runs of one jitted program calling fn on each (x, w): on
     each its own x, or (`dependent`) on x made from the previous call's output by one XLA fusion
     (sum of the split partials, cast to bf16, tiled to K), as in a decode step."""
@@ -70,7 +79,13 @@ def chain_events(fn, xs, ws, reps: int, dependent: bool):
             outs.append(out)
         return outs[-1]
 
-    prog = jax.jit(chained if dependent else independent)
+    def direct_chain(xs, ws):
+        x = xs[0]
+        for w in ws:
+            x = fn(x, w)
+        return x
+
+    prog = jax.jit(direct_chain if direct else chained if dependent else independent)
     jax.block_until_ready(prog(xs, ws))
     jax.block_until_ready(prog(xs, ws))
 
@@ -120,6 +135,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="profiled runs of each program")
     ap.add_argument("--out", default=None, help="also write the table to this file")
     ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="a chain of one-split GEMVs, each reading the previous output directly (square 2048 weights)",
+    )
+    ap.add_argument(
         "--dependent",
         action="store_true",
         help="each call's x made from the previous call's output by an XLA fusion (a decode step's shape)",
@@ -129,26 +149,33 @@ def main(argv=None) -> int:
 
     dev = jax.devices()[0]
     flags = os.environ.get("XLA_FLAGS", "")
-    mode = "dependent chain (GEMV, fusion, GEMV, ...)" if args.dependent else "independent calls"
+    mode = (
+        "direct chain (GEMV, GEMV, ...)"
+        if args.direct
+        else "dependent chain (GEMV, fusion, GEMV, ...)"
+        if args.dependent
+        else "independent calls"
+    )
+    shapes, configs = (DIRECT_SHAPES, DIRECT_CONFIGS) if args.direct else (SHAPES, CONFIGS)
     log(f"device: {dev.device_kind}; jax {jax.__version__}; XLA_FLAGS={flags!r}; {mode}")
     log(
         "\n| shape | config | programs | smem KB | PDL | span µs/call | busy µs/call | early starts | TB/s |"
         "\n|---|---|---|---|---|---|---|---|---|"
     )
     rng = np.random.default_rng(0)
-    for shape, (k, n) in SHAPES.items():
+    for shape, (k, n) in shapes.items():
         ws = [jnp.asarray(rng.standard_normal((k, n), np.float32) / k**0.5, jnp.bfloat16) for _ in range(args.calls)]
         xs = [jnp.asarray(rng.standard_normal((1, k), np.float32), jnp.bfloat16) for _ in range(args.calls)]
         # --calls copies of W: at 32, even depth out streams 67 MB a run, beyond the 50 MB L2
-        for cname, table in CONFIGS.items():
+        for cname, table in configs.items():
             kw = table.get(shape, {}) if table else {}
             cfg = default_config(1, k, n)._replace(**kw)
             programs = (n // cfg.block_n) * cfg.k_splits
             smem = smem_bytes(1, 4, cfg.block_n, cfg.block_k, min(cfg.stages, k // cfg.block_k // cfg.k_splits))
             for pdl in (True, False):
-                fn = lambda x, w, pdl=pdl: matvec_mgpu(x, w, config=cfg, pdl=pdl, partials=True)  # noqa: E731
+                fn = lambda x, w, pdl=pdl: matvec_mgpu(x, w, config=cfg, pdl=pdl, partials=not args.direct)  # noqa: E731
                 try:
-                    r = summarize(chain_events(fn, xs, ws, args.reps, args.dependent), args.calls)
+                    r = summarize(chain_events(fn, xs, ws, args.reps, args.dependent, args.direct), args.calls)
                 except Exception as e:  # one failing config must not hide the others
                     r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                 if "error" in r:

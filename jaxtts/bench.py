@@ -214,6 +214,7 @@ def breakdown_variants(opts, cfg, quantization: str | None = None) -> dict:
     out = {
         "b1": (opts, "top_k", 1),
         "b1_greedy": (opts, "greedy", 1),
+        "b1_unroll1": (opts.replace(depth_unroll=1), "top_k", 1),
         "b1_unroll30": (opts.replace(depth_unroll=30), "top_k", 1),
     }
     if not opts.uses_sample_kernel(1):

@@ -335,10 +335,6 @@ class Llama(nnx.Module):
                     head_dim=cfg.head_dim,
                     rope_heads=cfg.num_heads + cfg.num_kv_heads,
                 )
-                tail = (weight(attn, "out"), weight(mlp, "gate_up"), weight(mlp, "down"))
-                tail_config = block_tail_config(h.shape[0], tail, opts)
-                # A short cache (the depth decoder's): the out projection inside the attention kernel.
-                fold_out = tail_config is None and opts.uses_attention_out(kc.shape[1], cfg.head_dim, tail[0])
                 o, kc, vc = attention_step(
                     qkv,
                     ss,
@@ -348,9 +344,10 @@ class Llama(nnx.Module):
                     num_heads=cfg.num_heads,
                     model_dim=cfg.embed_dim,
                     eps=cfg.norm_eps,
-                    w_out=tail[0] if fold_out else None,
                     interpret=opts.interpret,
                 )
+                tail = (weight(attn, "out"), weight(mlp, "gate_up"), weight(mlp, "down"))
+                tail_config = block_tail_config(h.shape[0], tail, opts)
                 if tail_config is not None:  # out → gate_up → down in one kernel
                     h, parts = block_tail_mgpu(
                         o.astype(jnp.bfloat16),
@@ -364,7 +361,7 @@ class Llama(nnx.Module):
                         interpret=opts.interpret,
                     )
                 else:
-                    h = add_residual(h, o if fold_out else gemv(o, tail[0], opts, partials=True))
+                    h = add_residual(h, gemv(o, tail[0], opts, partials=True))
                     gate_up = finish(
                         *norm_gemv(h, layer.mlp_norm.scale[...], tail[1], opts),
                         cfg.embed_dim,

@@ -62,9 +62,6 @@ class DecodeOptions:
     int8_convert          how those kernels turn int8 tiles into floats: "cvt" (the conversion
                           instruction), "magic" (integer add, float subtract) or "asm" (the
                           same in PTX, four bytes at a time); same values, different speed
-    attention_out         in the fused step, a short cache's attention kernel (the depth
-                          decoder's) also applies the out projection: one kernel fewer per
-                          block (pallas_kernels.fused_decode.attention_step's w_out=)
     block_tail            in the fused step, the tail of each block (out projection, residual,
                           norm, gate/up, SwiGLU, down) as one persistent Mosaic GPU kernel
                           (pallas_kernels.block_tail_mgpu; Hopper, bfloat16 weights) instead of
@@ -86,7 +83,6 @@ class DecodeOptions:
     matvec_tuned: tuple = ()
     int8_kernels: bool = True
     int8_convert: str = "cvt"
-    attention_out: bool = False
     block_tail: bool = False
 
     def __post_init__(self):
@@ -142,19 +138,6 @@ class DecodeOptions:
             and all(getattr(w, "dtype", None) == jnp.bfloat16 for w in weights)
         )
 
-    def uses_attention_out(self, cache_len: int, head_dim: int, w_out) -> bool:
-        """Whether a fused step's attention over a cache of `cache_len` slots also applies the
-        out projection w_out: asked for, a cache short enough for one program to attend over it
-        whole, and a plain (not int8) weight with a column count the kernel tiles."""
-        from pallas_kernels.fused_decode import out_columns, short_cache
-
-        return (
-            self.attention_out
-            and short_cache(cache_len, head_dim)
-            and not hasattr(w_out, "scale")
-            and out_columns(w_out.shape[-1]) is not None
-        )
-
     def uses_sample_kernel(self, rows: int) -> bool:
         return self.pallas and self.sample_kernel and rows >= self.sample_kernel_min_rows
 
@@ -174,6 +157,10 @@ def default_options(device: jax.Device | None = None, *, attention: str | None =
         attention=attention or ("pallas" if gpu else "xla"),
         # Rank counting is a fused compare-and-reduce: fewer, cheaper GPU kernels than a sort.
         top_k_method="rank" if gpu else "sort",
+        # Five depth steps per loop iteration: 5.03 vs 5.16 ms per frame at batch 1 on the H200,
+        # compiled no slower (docs/PERF.md #52); ×10 and ×30 measured no faster, and on CPU the
+        # interpreted kernels would compile five times over for nothing.
+        depth_unroll=5 if gpu else 1,
         matvec_tuned=tuple(sorted(MATVEC_TUNED.get(device.device_kind, {}).items())) if gpu else (),
     )
 

@@ -348,26 +348,12 @@ def finish(parts, sumsq, k: int, eps: float):
 
 
 def _attention_step_kernel(
-    *refs,
-    n_parts,
-    has_norm,
-    has_out,
-    num_heads,
-    kv_heads,
-    group,
-    rows,
-    block_k,
-    num_splits,
-    seq_len,
-    scale,
-    model_dim,
-    eps,
+    *refs, n_parts, has_norm, num_heads, kv_heads, group, rows, block_k, num_splits, seq_len, scale, model_dim, eps
 ):
     it = iter(refs)
     pos_ref, qkv_ref = next(it), next(it)
     ss_ref = next(it) if has_norm else None
     k_ref, v_ref = next(it), next(it)
-    w_ref = next(it) if has_out else None
     out_refs = list(it)
     if num_splits == 1:
         o_ref, k_out, v_out = out_refs
@@ -375,13 +361,6 @@ def _attention_step_kernel(
         o_ref, m_ref, l_ref, k_out, v_out = out_refs
     b, g, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     dtype = k_ref.dtype
-    # With the out projection (has_out), axis 2 is the output's column block, not a cache split:
-    # every program of group g attends alike (a few µs of tiny work), then multiplies the group's
-    # heads by its own [group, D, block_n] slab of W_out, loaded first so that it is in flight
-    # during the attention.
-    w_tiles = [be.load(w_ref.at[jnp.int32(r)]) for r in range(group)] if has_out else None
-    writer = split == 0  # the one program of (b, g) that writes the new key and value
-    cache_split = 0 if has_out else split
     pos = jnp.clip(pos_ref[()], 0, seq_len - 1)
     row_ok = jnp.arange(rows) < group
 
@@ -406,11 +385,11 @@ def _attention_step_kernel(
     # the new key (held in registers, so the cache write below cannot race the reads).
     n_blocks = pl.cdiv(pos, block_k)
     per_split = pl.cdiv(n_blocks, num_splits)
-    lo = cache_split * per_split
+    lo = split * per_split
     hi = jnp.minimum(lo + per_split, n_blocks)
 
     s_new = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1) * scale
-    first = cache_split == 0
+    first = split == 0
     m0 = _select(first, s_new, jnp.full((rows,), be.NEG_INF, jnp.float32))
     l0 = _select(first, 1.0, jnp.zeros((rows,), jnp.float32))
     acc0 = _select(
@@ -427,44 +406,17 @@ def _attention_step_kernel(
 
     acc, m_run, l_run = jax.lax.fori_loop(lo, hi, body, (acc0, m0, l0))
 
-    @pl.when(writer)
+    @pl.when(first)
     def _():
         be.store(k_out.at[pl.ds(pos, 1), :], k_new[None, :])
         be.store(v_out.at[pl.ds(pos, 1), :], v_new[None, :])
 
-    if has_out:
-        # Row r of o is head g * group + r; its D values meet rows r * D .. of the group's W_out
-        # slab. One matrix-unit product per head (o's padded rows are zeros), keeping row r.
-        o = jnp.where(row_ok[:, None], acc / l_run[:, None], 0.0).astype(dtype)
-        head = jnp.arange(rows)[:, None]
-        part = jnp.zeros((w_tiles[0].shape[-1],), jnp.float32)
-        for r, w in enumerate(w_tiles):
-            part += jnp.sum(jnp.where(head == r, be.dot(o, w), 0.0), axis=0)
-        be.store(o_ref, part)
-    elif num_splits == 1:
+    if num_splits == 1:
         be.store(o_ref.at[pl.ds(0, rows), :], (acc / l_run[:, None]).astype(o_ref.dtype), mask=row_ok[:, None])
     else:
         be.store(o_ref.at[pl.ds(0, rows), :], acc, mask=row_ok[:, None])
         be.store(m_ref.at[pl.ds(0, rows)], m_run, mask=row_ok)
         be.store(l_ref.at[pl.ds(0, rows)], l_run, mask=row_ok)
-
-
-def out_columns(e: int) -> int | None:
-    """attention_step's out-projection columns per program for E outputs: 32 (64 programs for
-    CSM's depth decoder), else 16, or None when E is no multiple of 16 (the matrix-unit minimum)."""
-    return next((n for n in (32, 16) if e % n == 0), None)
-
-
-def step_block_k(seq_len: int, head_dim: int) -> int:
-    """attention_step's default key block for a cache of seq_len slots of head_dim."""
-    return min(128 if head_dim <= 64 else 64, be.pow2_at_least(seq_len))
-
-
-def short_cache(seq_len: int, head_dim: int) -> bool:
-    """Whether attention_step runs one program per (row, kv group) over a cache this long (no
-    cache splits): then its w_out= form, where every program attends over the whole cache, costs
-    no extra passes over it."""
-    return seq_len <= 4 * step_block_k(seq_len, head_dim)
 
 
 def default_step_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) -> int:
@@ -477,17 +429,7 @@ def default_step_splits(batch: int, kv_heads: int, seq_len: int, block_k: int) -
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "num_heads",
-        "model_dim",
-        "eps",
-        "block_k",
-        "num_splits",
-        "out_block_n",
-        "num_warps",
-        "num_stages",
-        "interpret",
-    ),
+    static_argnames=("num_heads", "model_dim", "eps", "block_k", "num_splits", "num_warps", "num_stages", "interpret"),
 )
 def attention_step(
     qkv_parts,
@@ -501,8 +443,6 @@ def attention_step(
     eps: float,
     block_k: int | None = None,
     num_splits: int | None = None,
-    w_out=None,
-    out_block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
@@ -515,14 +455,6 @@ def attention_step(
     [M, S, Hkv, D] (the new key/value go to slot pos[b]; in place under jit when the caller
     donates or no longer needs the caches), pos [M] int32.
     Row b attends over slots 0..pos[b]. Returns (o [M, H * D], k_cache, v_cache).
-
-    w_out [H * D, E] (the attention's out projection, bfloat16 or float32): the kernel also
-    multiplies o (rounded to the caches' dtype, as the unfused path hands it on) by W_out and
-    returns float32 partials [Hkv, M, E] (one per kv group: their sum is o @ W_out) in o's place,
-    for the residual add to sum. One program per (row, kv group, `out_block_n` output columns),
-    each attending over the whole cache (no cache splits): for short caches (the depth
-    decoder's), where the attention is a few µs of latency and the out projection a kernel of
-    its own otherwise. `out_block_n` defaults to `out_columns(E)`.
     """
     n_parts, m, width = qkv_parts.shape
     _, s, hkv, d = k_cache.shape
@@ -530,19 +462,7 @@ def attention_step(
         raise ValueError(f"qkv width {width} does not match {num_heads} heads, {hkv} kv heads of {d}")
     group = num_heads // hkv
     rows = be.pow2_at_least(group)
-    block_k = min(block_k, be.pow2_at_least(s)) if block_k else step_block_k(s, d)
-    has_out = w_out is not None
-    if has_out:
-        e = w_out.shape[-1]
-        out_block_n = out_block_n or out_columns(e)
-        if w_out.shape != (num_heads * d, e) or not out_block_n or e % out_block_n or out_block_n < be.MIN_DOT_DIM:
-            raise ValueError(
-                f"w_out {w_out.shape} must be [{num_heads * d}, E] with E a multiple of "
-                f"out_block_n={out_block_n} (>= {be.MIN_DOT_DIM})"
-            )
-        if num_splits not in (None, 1):
-            raise ValueError("w_out= attends over the whole cache in each program: num_splits must be 1")
-        num_splits = 1
+    block_k = min(block_k or (128 if d <= 64 else 64), be.pow2_at_least(s))
     num_splits = num_splits or default_step_splits(m, hkv, s, block_k)
     parts = qkv_parts.reshape(n_parts, m, num_heads + 2 * hkv, d)
 
@@ -555,12 +475,7 @@ def attention_step(
         args.append(sumsq.astype(jnp.float32))
     in_specs += [kv_spec, kv_spec]
     args += [k_cache, v_cache]
-    if has_out:
-        in_specs.append(pl.BlockSpec((group, d, out_block_n), lambda b, g, j: (g, 0, j)))
-        args.append(w_out.reshape(num_heads, d, e))
-        out_shape = [jax.ShapeDtypeStruct((hkv, m, e), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, out_block_n), lambda b, g, j: (g, b, j))]
-    elif num_splits == 1:
+    if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((m, hkv, group, d), k_cache.dtype)]
         out_specs = [pl.BlockSpec((None, None, group, d), lambda b, g, sp: (b, g, 0, 0))]
     else:
@@ -577,12 +492,10 @@ def attention_step(
     out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype)] * 2
     out_specs += [kv_spec, kv_spec]
     n_out = len(out_shape)
-    kv_in = len(args) - 3 if has_out else len(args) - 2  # the caches' positions among the inputs
     kernel = functools.partial(
         _attention_step_kernel,
         n_parts=n_parts,
         has_norm=has_norm,
-        has_out=has_out,
         num_heads=num_heads,
         kv_heads=hkv,
         group=group,
@@ -596,18 +509,16 @@ def attention_step(
     )
     outs = be.pallas_call(
         kernel,
-        grid=(m, hkv, e // out_block_n if has_out else num_splits),
+        grid=(m, hkv, num_splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases={kv_in: n_out - 2, kv_in + 1: n_out - 1},
+        input_output_aliases={len(args) - 2: n_out - 2, len(args) - 1: n_out - 1},
         interpret=interpret,
         num_warps=num_warps,
         num_stages=num_stages,
         name="attention_step",
     )(*args)
-    if has_out:
-        return outs[0], outs[-2], outs[-1]
     if num_splits == 1:
         o = outs[0]
     else:

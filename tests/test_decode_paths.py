@@ -52,21 +52,6 @@ def test_pallas_loop_matches_xla_loop(random_csm, check_preset, batch, kernel_op
 
 
 @pytest.mark.gpu
-def test_attention_out_loop_matches_xla_loop(random_csm, check_preset, kernel_options, xla_options):
-    """`DecodeOptions(attention_out=True)`: the depth decoder's out projection inside its
-    attention kernel gives the XLA loop's frames, as test_pallas_loop_matches_xla_loop."""
-    model = random_csm(check_preset, seed=3)
-    opts = kernel_options.replace(attention_out=True)
-    w_out = model.decoder.layers[0].attn.out[...]
-    assert opts.uses_attention_out(model.cfg.audio_num_codebooks, model.cfg.decoder.head_dim, w_out)
-    sampler = Sampler.create(0.9, 50)
-    want = _frames(model, xla_options, 1, sampler)
-    got = _frames(model, opts, 1, sampler)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.gpu
 @pytest.mark.gpu_only(
     reason="the Pallas parts of this loop are what test_pallas_loop_matches_xla_loop checks on CPU; the point "
     "here is 12 frames of full-size float32 CSM-1B"

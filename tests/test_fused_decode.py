@@ -132,60 +132,6 @@ def test_attention_step(heads, kv, d, s, pos, splits, dtype, tol, interpret):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "heads,kv,d,s,pos,e,block_n",
-    [
-        (8, 2, 128, 32, [0, 5, 31], 1024, 32),  # CSM's depth decoder, first and last slot
-        (4, 2, 64, 40, [39, 17], 96, 16),  # two rows, odd column count
-    ],
-)
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_attention_step_with_out_projection(heads, kv, d, s, pos, e, block_n, dtype, tol, interpret):
-    """w_out=: the per-group partials sum to attention_step's o (in the caches' dtype) @ W_out,
-    and the caches are written exactly as without it (one program per row and group writes)."""
-    m = len(pos)
-    parts = _rand(0, (3, m, (heads + 2 * kv) * d), jnp.float32, 0.5)
-    ss = jnp.abs(_rand(3, (3, m), jnp.float32, 40.0))
-    kc, vc = _rand(1, (m, s, kv, d), dtype), _rand(2, (m, s, kv, d), dtype)
-    w_out = _rand(4, (heads * d, e), dtype, (heads * d) ** -0.5)
-    pos = jnp.array(pos, jnp.int32)
-    o_ref, k_ref, v_ref = attention_step_reference(finish(parts, ss, 64, 1e-5), kc, vc, pos, num_heads=heads)
-    want = jnp.dot(o_ref, w_out, preferred_element_type=jnp.float32, precision="highest")
-    out, k_new, v_new = attention_step(
-        parts,
-        ss,
-        kc.copy(),
-        vc.copy(),
-        pos,
-        num_heads=heads,
-        model_dim=64,
-        eps=1e-5,
-        w_out=w_out,
-        out_block_n=block_n,
-        interpret=interpret,
-    )
-    assert out.shape == (kv, m, e) and out.dtype == jnp.float32
-    _close(out.sum(0), want, tol)
-    np.testing.assert_allclose(np.asarray(k_new, np.float32), np.asarray(k_ref, np.float32), rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(v_new, np.float32), np.asarray(v_ref, np.float32), rtol=tol, atol=tol)
-    changed = np.any(np.asarray(k_new != kc), axis=(2, 3))
-    assert changed.sum() == m and all(changed[b, int(p)] for b, p in enumerate(pos))
-
-
-def test_attention_step_out_projection_rejects_bad_shapes():
-    parts = jnp.zeros((1, 1, 12 * 16), jnp.float32)
-    kc = jnp.zeros((1, 8, 2, 16), jnp.float32)
-    pos = jnp.zeros((1,), jnp.int32)
-    call = partial(attention_step, parts, None, kc, kc, pos, num_heads=8, model_dim=1, eps=0.0, interpret=True)
-    with pytest.raises(ValueError, match="multiple of out_block_n"):
-        call(w_out=jnp.zeros((8 * 16, 40), jnp.float32))
-    with pytest.raises(ValueError, match="multiple of out_block_n"):
-        call(w_out=jnp.zeros((8 * 16, 64), jnp.float32), out_block_n=24)
-    with pytest.raises(ValueError, match="num_splits must be 1"):
-        call(w_out=jnp.zeros((8 * 16, 64), jnp.float32), num_splits=2)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("heads,kv,d,s,pos", [(8, 2, 128, 32, [5, 0, 31]), (4, 2, 64, 300, [299, 17, 128])])
 def test_attention_step_without_norm(heads, kv, d, s, pos, interpret):
     """sumsq=None: one plain bf16 projection (the decode path past the fused step's rows)."""
@@ -280,15 +226,6 @@ def test_lowers_to_triton_at_csm_shapes(m):
             .lower(lowering_platforms=("cuda",))
             .as_text()
         )
-        if seq <= 256:  # the out-projection form, for short caches (the depth decoder's)
-            fn = jax.jit(
-                lambda q, ss, k, v, p, w: attention_step(
-                    q, ss, k, v, p, num_heads=heads, model_dim=d_model, eps=1e-5, w_out=w
-                )
-            )
-            args = (sds((8, m, qkv_n), jnp.float32), sds((8, m), jnp.float32), cache, cache, sds((m,), jnp.int32))
-            lowered = fn.trace(*args, sds((heads * hd, d_model), bf)).lower(lowering_platforms=("cuda",))
-            assert "triton" in lowered.as_text()
         fn = jax.jit(lambda q, k, v, p: attention_step(q, None, k, v, p, num_heads=heads, model_dim=d_model, eps=0.0))
         assert (
             "triton"

@@ -83,3 +83,18 @@ def test_default_options_on_cpu():
     assert jax.default_backend() == "cpu"
     assert opts.attention == "xla" and not opts.pallas and opts.matvec_tuned == ()
     assert default_options(attention="pallas_interpret").interpret
+
+
+def test_default_options_on_a_gpu():
+    """What a GPU gets (a stand-in device: only its platform and kind are read): the compiled
+    kernels, rank top-k, that GPU kind's tuned GEMV configs, five depth steps per loop iteration."""
+    from types import SimpleNamespace
+
+    from jaxtts.options import MATVEC_TUNED
+
+    h200 = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA H200"))
+    assert h200.attention == "pallas" and h200.top_k_method == "rank" and h200.depth_unroll == 5
+    assert dict(h200.matvec_tuned) == MATVEC_TUNED["NVIDIA H200"]
+    other = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA A100"))
+    assert other.matvec_tuned == () and other.depth_unroll == 5
+    assert default_options().depth_unroll == 1  # this CPU
