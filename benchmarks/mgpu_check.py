@@ -104,6 +104,10 @@ SWEEP = [  # (block_n, block_k, stages); k_splits: the default for the blocks
     (256, 64, 3),
     (256, 64, 4),
     (64, 64, 8),
+    # one program per SM, more bytes in flight (session 11)
+    (128, 128, 4),
+    (64, 256, 4),
+    (256, 128, 2),
 ]
 SWEEP_INT8 = [  # (block_n, block_k, stages) for int8 W: longer K blocks or deeper rings carry bf16's bytes
     (64, 64, 4),
@@ -339,7 +343,8 @@ def child(args) -> None:
         xs, ws = operands(m, k, n, jnp.bfloat16, copies(k, n, int8))
         ws = [weight(w, int8) for w in ws]
         fn = lambda x, w: matvec_mgpu(x, *w, block_n=bn, block_k=bk, stages=st, partials=True, interpret=SMOKE)
-        return dict(times=timed({"mgpu kernel": fn}, xs, ws, max(50, args.reps // 4))[0])
+        times, dev = timed({"mgpu kernel": fn}, xs, ws, max(50, args.reps // 4), profile=True)
+        return dict(times=times, gpu=dev)
 
     runners = dict(check=run_check, chain=run_chain, time=run_time, sweep=run_sweep)
     for cid, c in enumerate(case_list(args.sweep, args.int8)):
@@ -384,6 +389,9 @@ def main() -> int:
     ap.add_argument("--int8", action="store_true", help="int8 weights (correctness and timings) instead of bf16")
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument("--case-timeout-s", type=float, default=60.0, help="kill a case making no progress this long")
+    ap.add_argument("--kinds", default=None, help="only these case kinds (comma list of check, chain, time, sweep)")
+    ap.add_argument("--shapes", default=None, help="only these shapes (comma list of SHAPES names, e.g. 'depth down')")
+    ap.add_argument("--rows", default=None, help="only these row counts M (comma list)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="[]", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -396,6 +404,15 @@ def main() -> int:
     deadline = start + args.budget_s
     cases = case_list(args.sweep, args.int8)
     results: dict[int, dict] = {}
+    wanted = {
+        "kind": args.kinds and set(args.kinds.split(",")),
+        "name": args.shapes and set(args.shapes.split(",")),
+        "m": args.rows and {int(r) for r in args.rows.split(",")},
+    }
+    filtered = {  # left out by the filters: neither run nor reported
+        cid for cid, c in enumerate(cases) if any(keep and c.get(field) not in keep for field, keep in wanted.items())
+    }
+    results.update({cid: dict(kind="result", id=cid, skipped=True) for cid in filtered})
     device: dict = {}
     lines: list[str] = []
 
@@ -486,7 +503,7 @@ def main() -> int:
     log("|---|---|---|---|---|---|---|---|---|---|")
     failures = 0
     for cid, c in enumerate(cases):
-        if c["kind"] not in ("check", "chain"):
+        if c["kind"] not in ("check", "chain") or cid in filtered:
             continue
         r = results.get(cid, {})
         kn = f"{c['k']}×{c['n']}" if "k" in c else "2048×2048 → 2048×3072"
@@ -531,7 +548,7 @@ def main() -> int:
         log("|---|---|---|---|" + "---|" * len(variants) + "---|---|---|---|")
     errors = []
     for cid, c in enumerate(cases):
-        if c["kind"] != "time":
+        if c["kind"] != "time" or cid in filtered:
             continue
         r = results.get(cid, {})
         head = f"| {c['name']} | {c['k']}×{c['n']} | {c['m']} |"
@@ -586,10 +603,10 @@ def main() -> int:
     if args.sweep:
         log()
         log(f"## Sweep: the Mosaic kernel alone ({'int8 W, ' if args.int8 else ''}partials=True, PDL), µs per call")
-        log("| shape | M | block_n | block_k | stages | µs | TB/s |")
-        log("|---|---|---|---|---|---|---|")
+        log("| shape | M | block_n | block_k | stages | µs (wall) | TB/s (wall) | GPU busy / span µs (CUPTI) |")
+        log("|---|---|---|---|---|---|---|---|")
         for cid, c in enumerate(cases):
-            if c["kind"] != "sweep":
+            if c["kind"] != "sweep" or cid in filtered:
                 continue
             r = results.get(cid, {})
             bn, bk, st = c["cfg"]
@@ -600,16 +617,21 @@ def main() -> int:
                 cell = r["error"]
             elif isinstance(v, list):
                 w_bytes = c["k"] * c["n"] + 4 * c["n"] if args.int8 else 2 * c["k"] * c["n"]
-                cell = f"{_us(v)} | {w_bytes / v[0] / 1e12:.2f}"
+                g = (r.get("gpu") or {}).get("mgpu kernel")
+                gpu = f"{g['busy'][0] * 1e6:.1f} / {g['span'][0] * 1e6:.1f}" if g else "–"
+                cell = f"{_us(v)} | {w_bytes / v[0] / 1e12:.2f} | {gpu}"
             else:
                 cell = str(v)
             log(f"| {c['name']} | {c['m']} | {bn} | {bk} | {st} | {cell} |")
 
-    checked = sum(1 for c in cases if c["kind"] in ("check", "chain"))
+    checked = sum(1 for cid, c in enumerate(cases) if c["kind"] in ("check", "chain") and cid not in filtered)
     ran = sum(
         1
         for cid, c in enumerate(cases)
-        if c["kind"] in ("check", "chain") and results.get(cid) and not results[cid].get("skipped")
+        if c["kind"] in ("check", "chain")
+        and cid not in filtered
+        and results.get(cid)
+        and not results[cid].get("skipped")
     )
     log()
     log(
