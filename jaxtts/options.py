@@ -67,6 +67,9 @@ class DecodeOptions:
                           (pallas_kernels.block_tail_mgpu; Hopper, bfloat16 weights) instead of
                           five kernels (its three phases as three kernels in the interpreter);
                           off by default: slower on the H200 (docs/PERF.md, session 7)
+    mosaic                the device runs the Mosaic GPU kernels (`mosaic_gpu_capable`: Hopper);
+                          set by `default_options` from the device, required by every Mosaic
+                          GPU option above when compiled (the interpreter runs them anywhere)
     """
 
     attention: str = "xla"
@@ -84,6 +87,7 @@ class DecodeOptions:
     int8_kernels: bool = True
     int8_convert: str = "cvt"
     block_tail: bool = False
+    mosaic: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
@@ -130,16 +134,28 @@ class DecodeOptions:
         return self.pallas and self.fused_step and rows <= self.fused_step_max_rows
 
     def uses_block_tail(self, rows: int, weights) -> bool:
-        """Whether a fused step of `rows` rows takes the block-tail kernel: asked for, and the
-        block's weights (out, gate_up, down) are plain bfloat16 arrays it can stream."""
+        """Whether a fused step of `rows` rows takes the block-tail kernel: asked for, on a device
+        that runs Mosaic GPU kernels (or interpreted), and the block's weights (out, gate_up,
+        down) are plain bfloat16 arrays it can stream."""
         return (
             self.block_tail
+            and (self.mosaic or self.interpret)
             and self.uses_fused_step(rows)
             and all(getattr(w, "dtype", None) == jnp.bfloat16 for w in weights)
         )
 
     def uses_sample_kernel(self, rows: int) -> bool:
         return self.pallas and self.sample_kernel and rows >= self.sample_kernel_min_rows
+
+
+def mosaic_gpu_capable(device) -> bool:
+    """Whether `device` runs this package's Pallas Mosaic GPU kernels (pallas_kernels/*_mgpu.py):
+    an NVIDIA GPU of compute capability 9.x (Hopper). They use wgmma, which Blackwell (10.x)
+    replaced and older GPUs lack. The one place that decides which kernel family a device gets:
+    Mosaic GPU here, Triton on the other NVIDIA GPUs (while JAX ships that lowering), XLA
+    elsewhere (`default_options`)."""
+    cc = str(getattr(device, "compute_capability", "") or "")
+    return device.platform == "gpu" and cc.split(".")[0] == "9"
 
 
 def default_options(device: jax.Device | None = None, *, attention: str | None = None) -> DecodeOptions:
@@ -161,6 +177,7 @@ def default_options(device: jax.Device | None = None, *, attention: str | None =
         # compiled no slower (docs/PERF.md #52); ×10 and ×30 measured no faster, and on CPU the
         # interpreted kernels would compile five times over for nothing.
         depth_unroll=5 if gpu else 1,
+        mosaic=mosaic_gpu_capable(device),
         matvec_tuned=tuple(sorted(MATVEC_TUNED.get(device.device_kind, {}).items())) if gpu else (),
     )
 

@@ -8,6 +8,10 @@ past it) and the matrix-unit dot with its shape rules.
 
 Passing Triton's `CompilerParams` explicitly is what selects the Triton lowering: without it JAX
 picks the backend from the `jax_pallas_use_mosaic_gpu` flag, whose default may change.
+
+The Mosaic GPU kernels (`*_mgpu.py`) are written against Mosaic GPU directly. Which devices run
+them is decided in one place, `jaxtts.options.mosaic_gpu_capable` (Hopper), through
+`DecodeOptions.mosaic`.
 """
 
 from __future__ import annotations

@@ -92,9 +92,23 @@ def test_default_options_on_a_gpu():
 
     from jaxtts.options import MATVEC_TUNED
 
-    h200 = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA H200"))
+    h200 = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", compute_capability="9.0"))
     assert h200.attention == "pallas" and h200.top_k_method == "rank" and h200.depth_unroll == 5
-    assert dict(h200.matvec_tuned) == MATVEC_TUNED["NVIDIA H200"]
-    other = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA A100"))
-    assert other.matvec_tuned == () and other.depth_unroll == 5
-    assert default_options().depth_unroll == 1  # this CPU
+    assert dict(h200.matvec_tuned) == MATVEC_TUNED["NVIDIA H200"] and h200.mosaic
+    a100 = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA A100", compute_capability="8.0"))
+    assert a100.matvec_tuned == () and a100.depth_unroll == 5 and not a100.mosaic
+    b200 = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA B200", compute_capability="10.0"))
+    assert not b200.mosaic  # no wgmma
+    cpu = default_options()
+    assert cpu.depth_unroll == 1 and not cpu.mosaic
+
+
+def test_mosaic_options_need_a_mosaic_device():
+    """block_tail compiles only where `mosaic` says the device runs Mosaic GPU kernels; the
+    interpreter runs it anywhere (tests)."""
+    bf16 = [jnp.zeros((2, 2), jnp.bfloat16)] * 3
+    compiled = DecodeOptions(attention="pallas", block_tail=True)
+    assert not compiled.uses_block_tail(1, bf16)
+    assert compiled.replace(mosaic=True).uses_block_tail(1, bf16)
+    assert DecodeOptions(attention="pallas_interpret", block_tail=True).uses_block_tail(1, bf16)
+    assert not compiled.replace(mosaic=True).uses_block_tail(1, [jnp.zeros((2, 2), jnp.float32)] * 3)
