@@ -18,6 +18,9 @@ kernel boundary. This probe measures both on the GPU:
   output (one XLA program, the calls unrolled): time per boundary = (t(P=256) - t(P=64)) / 192.
   (A first run with the chain in a `lax.fori_loop` measured 13.9 µs per boundary: mostly the
   while loop's own per-iteration cost, docs/bench/2026-12-03-h200-barrier-probe.md.)
+- neighbour waits (session 11): the barrier kernel's exchange, but each block waits only for
+  the counters of the 1 (or 8) blocks after it, one counter per block: what a phase costs when
+  its consumers depend on a few producers rather than on the whole grid.
 
 Needs an sm_90 GPU and JAX >= 0.11 (Pallas' Mosaic GPU interpreter has no semaphores, so this
 does not run on a CPU). Timings: median of --reps runs of one jitted program each (wall clock,
@@ -85,6 +88,56 @@ def barrier_kernel(phases: int, blocks: int):
     return jax.jit(lambda: call()[0])
 
 
+def neighbour_kernel(phases: int, blocks: int, fan_in: int = 1):
+    """The barrier kernel's exchange with point-to-point waits instead of a grid barrier: one
+    counter per block (`SemaphoreType.REGULAR((blocks,))`); in each phase a block signals its own
+    after its TMA store and waits only for the `fan_in` blocks after it (b + 1 .. b + fan_in) to
+    have signalled this phase, then reads its next neighbour's tile. The dataflow a persistent
+    kernel would use between phases whose consumers need a few producers' tiles, not all."""
+
+    def body(err_gmem, buf_gmem, tile_smem, read_smem, acc_smem, bar):
+        b = lax.axis_index("b")
+        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((blocks,)))
+        acc_smem[...] = jnp.zeros(TILE, jnp.float32)
+        neighbour = lax.rem(b + 1, blocks)
+
+        @pl.loop(0, phases)
+        def _(p):
+            tile_smem[...] = jnp.full(TILE, (p * blocks + b).astype(jnp.float32), jnp.float32)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(tile_smem, buf_gmem.at[p, b])
+            plgpu.wait_smem_to_gmem(0)
+            pl.semaphore_signal(sems.at[b])
+            for j in range(1, fan_in + 1):
+                pl.semaphore_wait(sems.at[lax.rem(b + j, blocks)], value=p + 1, decrement=False)
+            plgpu.copy_gmem_to_smem(buf_gmem.at[p, neighbour], read_smem, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            expected = (p * blocks + neighbour).astype(jnp.float32)
+            acc_smem[...] = acc_smem[...] + jnp.abs(read_smem[...] - expected)
+
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(acc_smem, err_gmem.at[b])
+        plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((blocks, *TILE), jnp.float32),
+            jax.ShapeDtypeStruct((max(phases, 1), blocks, *TILE), jnp.float32),
+        ),
+        grid=(blocks,),
+        grid_names=("b",),
+        scratch_types=[
+            plgpu.SMEM(TILE, jnp.float32),
+            plgpu.SMEM(TILE, jnp.float32),
+            plgpu.SMEM(TILE, jnp.float32),
+            plgpu.Barrier(num_barriers=1),
+        ],
+        kernel_name=f"neighbour_probe_{fan_in}",
+    )
+    return jax.jit(lambda: call()[0])
+
+
 def chain_kernel(phases: int, blocks: int):
     """The same exchange as `phases` kernels, each reading the previous one's output."""
 
@@ -142,13 +195,19 @@ def main(argv=None) -> int:
     lines = [f"# Grid barrier vs kernel boundary ({dev.device_kind}, jax {jax.__version__}, {blocks} blocks)", ""]
     lines += ["| variant | phases | ms per program | check |", "|---|---|---|---|"]
     per = {}
-    for name, make in (("barrier kernel", barrier_kernel), ("kernel chain", chain_kernel)):
+    makers = (
+        ("barrier kernel", barrier_kernel),
+        ("neighbour waits, fan-in 1", neighbour_kernel),
+        ("neighbour waits, fan-in 8", lambda p, b: neighbour_kernel(p, b, fan_in=8)),
+        ("kernel chain", chain_kernel),
+    )
+    for name, make in makers:
         t = {}
         for phases in (64, 256):
             try:
                 fn = make(phases, blocks)
                 out = jax.block_until_ready(fn())
-                if name == "barrier kernel":
+                if name != "kernel chain":
                     check = "ok" if float(jnp.max(out)) == 0.0 else f"STALE READS (max err {float(jnp.max(out)):g})"
                 else:
                     check = "ok" if bool(jnp.all(out == phases)) else "WRONG"
@@ -162,7 +221,8 @@ def main(argv=None) -> int:
             per[name] = (t[256] - t[64]) / 192 * 1e6
     lines.append("")
     for name, us in per.items():
-        lines.append(f"- {name}: **{us:.2f} µs** per {'barrier' if 'barrier' in name else 'kernel boundary'}")
+        what = "kernel boundary" if name == "kernel chain" else "phase"
+        lines.append(f"- {name}: **{us:.2f} µs** per {what}")
     report = "\n".join(lines)
     print(report)
     if args.out:
