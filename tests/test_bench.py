@@ -233,3 +233,39 @@ def test_original_peer_runs_its_frame_loop_on_cpu():
     res = time_original(preset("tiny"), dtype="float32", prompt_tokens=8, frames=2, compile=False)
     assert res["original_device"] == "cpu" and res["original_dtype"] == "float32"
     assert res["original_eager_ms"] > 0 and "original_compiled_ms" not in res
+
+
+def test_mosaic_probes_lower_for_cuda():
+    """The GPU-only probes of docs/PERF.md #25, #50, #57 still trace and lower for CUDA here (the
+    Mosaic GPU lowering runs at trace time), so a JAX upgrade that breaks them shows on CPU."""
+    from benchmarks.mgpu_barrier_probe import barrier_kernel, neighbour_kernel
+
+    for fn, name in [
+        (barrier_kernel(4, 8), "barrier_probe"),
+        (neighbour_kernel(4, 8), "neighbour_probe_1"),
+        (neighbour_kernel(4, 16, fan_in=8), "neighbour_probe_8"),
+    ]:
+        assert name in fn.trace().lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_pdl_probe_summary_counts_runs_and_early_starts():
+    """benchmarks.mgpu_pdl_probe.summarize: runs cut after each `calls`-th GEMV (with the fusion
+    after it), span and busy per call, and a GEMV that starts before the kernel before it ends."""
+    from benchmarks.mgpu_pdl_probe import summarize
+
+    ns = 1000  # events in ns; results in µs
+    events = [  # two runs of two GEMVs, each followed by a fusion
+        (0, 10 * ns, "matvec_mgpu"),
+        (10 * ns, 2 * ns, "fusion"),
+        (11 * ns, 10 * ns, "matvec_mgpu"),  # starts before the fusion ends: early
+        (21 * ns, 1 * ns, "fusion"),
+        (100 * ns, 10 * ns, "matvec_mgpu"),
+        (112 * ns, 1 * ns, "fusion"),
+        (113 * ns, 10 * ns, "matvec_mgpu"),
+        (123 * ns, 1 * ns, "fusion"),
+    ]
+    r = summarize(events, calls=2)
+    assert r["runs"] == 2 and r["busy_us"] == 10.0
+    assert r["span_us"] == 11.5  # median of 22/2 and 24/2
+    assert r["early_share"] == 0.5
+    assert "error" in summarize(events[:2], calls=2)  # one GEMV: no whole run
