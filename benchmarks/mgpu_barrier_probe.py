@@ -45,47 +45,7 @@ TILE = (8, 128)
 def barrier_kernel(phases: int, blocks: int):
     """A jitted function of no arguments running the barrier kernel: returns [blocks, 8, 128]
     error sums (zeros when every exchange read what its neighbour wrote)."""
-
-    def body(err_gmem, buf_gmem, tile_smem, read_smem, acc_smem, bar):
-        b = lax.axis_index("b")
-        sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
-        acc_smem[...] = jnp.zeros(TILE, jnp.float32)
-        neighbour = lax.rem(b + 1, blocks)
-
-        @pl.loop(0, phases)
-        def _(p):
-            tile_smem[...] = jnp.full(TILE, (p * blocks + b).astype(jnp.float32), jnp.float32)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(tile_smem, buf_gmem.at[p, b])
-            plgpu.wait_smem_to_gmem(0)
-            pl.semaphore_signal(sem)
-            pl.semaphore_wait(sem, value=(p + 1) * blocks, decrement=False)
-            plgpu.copy_gmem_to_smem(buf_gmem.at[p, neighbour], read_smem, bar.at[0])
-            plgpu.barrier_wait(bar.at[0])
-            expected = (p * blocks + neighbour).astype(jnp.float32)
-            acc_smem[...] = acc_smem[...] + jnp.abs(read_smem[...] - expected)
-
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(acc_smem, err_gmem.at[b])
-        plgpu.wait_smem_to_gmem(0)
-
-    call = plgpu.kernel(
-        body,
-        out_type=(
-            jax.ShapeDtypeStruct((blocks, *TILE), jnp.float32),
-            jax.ShapeDtypeStruct((max(phases, 1), blocks, *TILE), jnp.float32),
-        ),
-        grid=(blocks,),
-        grid_names=("b",),
-        scratch_types=[
-            plgpu.SMEM(TILE, jnp.float32),
-            plgpu.SMEM(TILE, jnp.float32),
-            plgpu.SMEM(TILE, jnp.float32),
-            plgpu.Barrier(num_barriers=1),
-        ],
-        kernel_name="barrier_probe",
-    )
-    return jax.jit(lambda: call()[0])
+    return _exchange_kernel(phases, blocks, fan_in=None)
 
 
 def neighbour_kernel(phases: int, blocks: int, fan_in: int = 1):
@@ -94,10 +54,20 @@ def neighbour_kernel(phases: int, blocks: int, fan_in: int = 1):
     after its TMA store and waits only for the `fan_in` blocks after it (b + 1 .. b + fan_in) to
     have signalled this phase, then reads its next neighbour's tile. The dataflow a persistent
     kernel would use between phases whose consumers need a few producers' tiles, not all."""
+    return _exchange_kernel(phases, blocks, fan_in=fan_in)
+
+
+def _exchange_kernel(phases: int, blocks: int, fan_in: int | None):
+    """Both kernels above: in each phase every block writes its tile, synchronises (fan_in None:
+    one grid-wide counter; else its own counter and waits on the next `fan_in` blocks'), then
+    reads its neighbour's tile and accumulates the difference from what it should hold."""
 
     def body(err_gmem, buf_gmem, tile_smem, read_smem, acc_smem, bar):
         b = lax.axis_index("b")
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((blocks,)))
+        if fan_in is None:
+            sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+        else:
+            sems = pl.get_global(plgpu.SemaphoreType.REGULAR((blocks,)))
         acc_smem[...] = jnp.zeros(TILE, jnp.float32)
         neighbour = lax.rem(b + 1, blocks)
 
@@ -107,9 +77,13 @@ def neighbour_kernel(phases: int, blocks: int, fan_in: int = 1):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(tile_smem, buf_gmem.at[p, b])
             plgpu.wait_smem_to_gmem(0)
-            pl.semaphore_signal(sems.at[b])
-            for j in range(1, fan_in + 1):
-                pl.semaphore_wait(sems.at[lax.rem(b + j, blocks)], value=p + 1, decrement=False)
+            if fan_in is None:
+                pl.semaphore_signal(sem)
+                pl.semaphore_wait(sem, value=(p + 1) * blocks, decrement=False)
+            else:
+                pl.semaphore_signal(sems.at[b])
+                for j in range(1, fan_in + 1):
+                    pl.semaphore_wait(sems.at[lax.rem(b + j, blocks)], value=p + 1, decrement=False)
             plgpu.copy_gmem_to_smem(buf_gmem.at[p, neighbour], read_smem, bar.at[0])
             plgpu.barrier_wait(bar.at[0])
             expected = (p * blocks + neighbour).astype(jnp.float32)
@@ -133,7 +107,7 @@ def neighbour_kernel(phases: int, blocks: int, fan_in: int = 1):
             plgpu.SMEM(TILE, jnp.float32),
             plgpu.Barrier(num_barriers=1),
         ],
-        kernel_name=f"neighbour_probe_{fan_in}",
+        kernel_name="barrier_probe" if fan_in is None else f"neighbour_probe_{fan_in}",
     )
     return jax.jit(lambda: call()[0])
 
