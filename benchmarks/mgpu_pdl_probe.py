@@ -168,10 +168,12 @@ def main(argv=None) -> int:
         xs = [jnp.asarray(rng.standard_normal((1, k), np.float32), jnp.bfloat16) for _ in range(args.calls)]
         # --calls copies of W: at 32, even depth out streams 67 MB a run, beyond the 50 MB L2
         for cname, table in configs.items():
-            kw = table.get(shape, {}) if table else {}
+            kw = table.get(shape, {})
             cfg = default_config(1, k, n)._replace(**kw)
             programs = (n // cfg.block_n) * cfg.k_splits
-            smem = smem_bytes(1, 4, cfg.block_n, cfg.block_k, min(cfg.stages, k // cfg.block_k // cfg.k_splits))
+            out_bytes = 2 if args.direct else 4  # one split writes bf16; partials are float32
+            steps = k // cfg.block_k // cfg.k_splits
+            smem = smem_bytes(1, out_bytes, cfg.block_n, cfg.block_k, min(cfg.stages, steps))
             for pdl in (True, False):
                 fn = lambda x, w, pdl=pdl: matvec_mgpu(x, w, config=cfg, pdl=pdl, partials=not args.direct)  # noqa: E731
                 try:
