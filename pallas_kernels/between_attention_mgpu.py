@@ -1,0 +1,463 @@
+"""A decoder block's decode step between two attentions — out projection → residual → RMSNorm →
+gate/up → SwiGLU → down → residual → the next block's RMSNorm → qkv — as one persistent Pallas
+Mosaic GPU kernel for Hopper (sm_90). Issue #17, docs/KERNELS.md "the depth step as one
+persistent kernel", step 2 without the attention: per block, one launch of this and one of the
+attention, where today's fused step launches eight kernels.
+
+`blocks` programs (<= the SM count: they wait for each other, so all must be resident), four
+phases separated by grid barriers (a global counter, `pl.get_global`):
+
+    P1  h_out = h + o @ W_out           unit j < D/64: 64 columns, all of K
+        ---- barrier ----
+    P2  act = silu(g) * u               unit p < F/64: gate columns p and up columns p, all of K;
+        [g | u] = (bf16(h_out * s_mlp) @ W_gate_up) * rsqrt(mean(h_out²) + eps)
+        ---- barrier ----
+    P3  h_out += act @ W_down           unit (j, s): 64 columns, K split s of down_splits, added
+                                        into h_out with a TMA reduce-add (cp.reduce.async.bulk)
+        ---- barrier ----
+    P4  qkv = (bf16(h_out * s_attn) @ W_qkv) * rsqrt(mean(h_out²) + eps)   unit j < Nq/64
+                                        (left out for the last block: W_qkv None)
+
+Program b takes the units b, b + blocks, ... of each phase. Its weight tiles ([block_k, 64]
+bf16, 128-byte swizzle) stream through one `stages`-deep ring of TMA copies in the order the
+program consumes them, across the phases: a tile is refilled as soon as its products are done,
+with whatever tile comes `stages` later, even one of a later phase. Weights depend on nothing,
+so while a program waits at a barrier its ring holds the next phase's first tiles, in flight or
+landed (the Hazy-style overlap the plan asks for; block_tail_mgpu restarted a ring per phase).
+
+Activations: each phase reads its whole input row (K) once. P1 and P3 read bf16 rows (o, act)
+into a buffer that wgmma reads as A (block_tail_mgpu's 8-row slots). P2 and P4 read the float32
+residual h_out: each 64-column chunk is loaded into registers (WGMMA layout), its rows' sums of
+squares accumulated, scaled by the norm weights and rounded to bf16 there, and fed to wgmma as
+A from registers; the norm factor multiplies the accumulator after the last K step (as
+`fused_decode.norm_matvec` does). So no phase waits for a separate norm, and the residual
+stream stays float32 inside the kernel.
+
+Rows: always 8 (o and h padded with zeros, outputs sliced; block_tail_mgpu's finding). The
+reduce-add makes P3's sum order vary run to run (float32 rounding only).
+
+Interpret mode (CPU tests): Pallas' Mosaic GPU interpreter runs a grid's programs one after
+another and has no semaphores, no TMA reductions and no wgmma with A in registers. With
+`blocks=1` one program does every unit of every phase, so the ring's order across phases is
+exercised and no barrier is needed; the reduce-add becomes load + add + store and the register
+A goes through a shared-memory tile. Everything else is the GPU's code.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_tail_mgpu import _load_x, _tiles, _x_rows, _x_view
+from pallas_kernels.matvec_mgpu import SMEM_LIMIT, _interpret_params
+
+CHUNK = 64  # K elements per wgmma (one 128-byte swizzle row of bf16) and columns per unit
+ROWS = 8  # activation rows (M <= ROWS, padded)
+MMA_ROWS = 64
+MAX_STAGES = 8
+
+
+class SpanConfig(NamedTuple):
+    blocks: int = 128  # programs (<= SM count); 1 in the interpreter
+    stages: int = 8  # weight tiles in flight per program
+    block_k: int = 128  # K rows of a weight tile
+    down_splits: int = 8  # K splits of the down projection (its units: D/64 x down_splits)
+
+
+# --- reference ------------------------------------------------------------------------------------
+
+
+def _norm_dot(h, scale, w, eps):
+    """(bf16(h * scale) @ w) * rsqrt(mean(h²) + eps) in float32: RMSNorm folded into a GEMV."""
+    f32 = jnp.float32
+    r = lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    x = (h * scale.astype(f32)).astype(w.dtype)
+    return jnp.dot(x, w, preferred_element_type=f32) * r
+
+
+def between_attention_reference(o, h, w_out, mlp_scale, w_gate_up, w_down, attn_scale=None, w_qkv=None, *, eps):
+    """(h_out, qkv) in jnp, float32: h2 = h + o @ W_out; h_out = h2 + swiglu(rmsnorm(h2) @
+    W_gate_up) @ W_down; qkv = rmsnorm(h_out) @ W_qkv (None without W_qkv). The GEMVs take bf16
+    operands (o, the normed rows, act) and accumulate in float32."""
+    f32 = jnp.float32
+    h2 = h.astype(f32) + jnp.dot(o.astype(w_out.dtype), w_out, preferred_element_type=f32)
+    g, u = jnp.split(_norm_dot(h2, mlp_scale, w_gate_up, eps), 2, axis=-1)
+    act = (g / (1.0 + jnp.exp(-g)) * u).astype(w_down.dtype)
+    h_out = h2 + jnp.dot(act, w_down, preferred_element_type=f32)
+    qkv = None if w_qkv is None else _norm_dot(h_out, attn_scale, w_qkv, eps)
+    return h_out, qkv
+
+
+# --- shapes and config ----------------------------------------------------------------------------
+
+
+class _Dims(NamedTuple):
+    hd: int  # K of W_out
+    d: int  # model width
+    f: int  # MLP width
+    nq: int  # qkv width (0: no P4)
+    splits: int  # down K splits
+
+    @property
+    def units(self):  # per phase
+        return (self.d // CHUNK, self.f // CHUNK, self.d // CHUNK * self.splits, self.nq // CHUNK)
+
+    def tiles(self, block_k):  # weight tiles per unit, per phase
+        return (self.hd // block_k, 2 * self.d // block_k, self.f // self.splits // block_k, self.d // block_k)
+
+    @property
+    def chunks(self):  # K chunks of 64 each phase's unit reads
+        return (self.hd // CHUNK, self.d // CHUNK, self.f // self.splits // CHUNK, self.d // CHUNK)
+
+    @property
+    def phases(self):
+        return (0, 1, 2, 3) if self.nq else (0, 1, 2)
+
+
+def smem_bytes(dims: _Dims, cfg: SpanConfig) -> int:
+    """One program's shared memory: the weight ring, the larger of the bf16 row buffer (P1, P3)
+    and the float32 one with its norm weights (P2, P4), and the epilogue tiles."""
+    c = dims.chunks
+    ring = cfg.stages * cfg.block_k * CHUNK * 2
+    xb = _x_rows(max(c[0], c[2])) * CHUNK * 2
+    xf = _x_rows(c[1]) * CHUNK * 4 + dims.d * 4
+    return ring + max(xb, xf) + MMA_ROWS * CHUNK * (4 + 2)
+
+
+def config_for(hd: int, d: int, f: int, nq: int = 0, *, blocks: int = 128) -> SpanConfig | None:
+    """The config for these widths: `blocks` programs, down split so that its units number
+    `blocks` (or as near as divides), the deepest ring up to MAX_STAGES that fits; None when the
+    widths do not tile."""
+    cfg = SpanConfig(blocks=blocks)
+    if any(w % CHUNK for w in (hd, d, f, nq)) or hd % cfg.block_k or d % cfg.block_k:
+        return None
+    splits = max(1, blocks // (d // CHUNK))
+    while splits > 1 and (f % splits or (f // splits) % cfg.block_k):
+        splits //= 2
+    if f % splits or (f // splits) % cfg.block_k:
+        return None
+    cfg = cfg._replace(down_splits=splits)
+    dims = _Dims(hd, d, f, nq, splits)
+    for stages in range(MAX_STAGES, 1, -1):
+        cfg = cfg._replace(stages=stages)
+        if smem_bytes(dims, cfg) <= SMEM_LIMIT:
+            return cfg
+    return None
+
+
+# --- the kernel -----------------------------------------------------------------------------------
+
+
+def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
+    g_count, stages, bk = cfg.blocks, cfg.stages, cfg.block_k
+    units, tiles, chunks = dims.units, dims.tiles(bk), dims.chunks
+    phases = dims.phases
+    per_k = bk // CHUNK  # chunks per weight tile
+    f32, bf16 = jnp.float32, jnp.bfloat16
+
+    def load(ref, layout):
+        return ref[...] if interpreting else plgpu.load(ref, (), layout=layout, optimized=False)
+
+    def body(*refs):
+        (o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, h_out, act, qkv, ring, ring_bar) = refs
+        b = lax.axis_index("b")
+
+        # This program's units per phase, and where each phase's tiles start in its sequence.
+        counts = [jnp.maximum((units[p] - b + g_count - 1) // g_count, 0) for p in phases]
+        starts = [jnp.int32(0)]
+        for p in phases:
+            starts.append(starts[-1] + counts[p] * tiles[p])
+        total = starts[-1]
+
+        def tile_src(p, unit, t):
+            """The weight tile t of phase p's unit: a [block_k, 64] slice of a row-major weight."""
+            if p == 0:
+                return w_out.at[pl.ds(t * bk, bk), pl.ds(unit * CHUNK, CHUNK)]
+            if p == 1:  # gate tile and up tile alternate, one K step each
+                col = unit * CHUNK + lax.rem(t, 2) * dims.f
+                return w_gu.at[pl.ds((t // 2) * bk, bk), pl.ds(col, CHUNK)]
+            if p == 2:
+                j, s = lax.rem(unit, dims.d // CHUNK), unit // (dims.d // CHUNK)
+                return w_down.at[pl.ds(s * (dims.f // dims.splits) + t * bk, bk), pl.ds(j * CHUNK, CHUNK)]
+            return w_qkv.at[pl.ds(t * bk, bk), pl.ds(unit * CHUNK, CHUNK)]
+
+        def issue(g):
+            """Start the copy of this program's g-th weight tile into ring slot g % stages."""
+            slot = lax.rem(g, stages)
+            for p in phases:
+
+                @pl.when((g >= starts[p]) & (g < starts[p + 1]))
+                def _():
+                    local = g - starts[p]
+                    unit = b + (local // tiles[p]) * g_count
+                    plgpu.copy_gmem_to_smem(tile_src(p, unit, lax.rem(local, tiles[p])), ring.at[slot], ring_bar.at[slot])
+
+        def gemv(p, i, accs, operand, carry=None):
+            """accs[w] += A @ (tile w of each K step) over the unit's K steps, A's chunk c from
+            operand(c, carry) -> (A, carry); each slot is refilled as soon as its products are done."""
+            per_step = len(accs)
+            base = starts[p] + i * tiles[p]
+
+            def step(k, carry):
+                g0 = base + k * per_step
+                for w in range(per_step):
+                    plgpu.barrier_wait(ring_bar.at[lax.rem(g0 + w, stages)])
+                for c in range(per_k):
+                    a, carry = operand(k * per_k + c, carry)
+                    for w, acc in enumerate(accs):
+                        plgpu.wgmma(acc, a, ring.at[lax.rem(g0 + w, stages)].at[pl.ds(c * CHUNK, CHUNK)])
+                plgpu.wgmma_wait(0)
+                for w in range(per_step):
+
+                    @pl.when(g0 + w + stages < total)
+                    def _():
+                        issue(g0 + w + stages)
+
+                return carry
+
+            return lax.fori_loop(0, tiles[p] // per_step, step, carry)
+
+        # Weights depend on nothing: the ring fills before anything else.
+        for g in range(stages):
+
+            @pl.when(g < total)
+            def _():
+                issue(jnp.int32(g))
+
+        sem = None if g_count == 1 else pl.get_global(plgpu.SemaphoreType.REGULAR)
+
+        def barrier(done_phases):
+            if sem is not None:
+                pl.semaphore_signal(sem)
+                pl.semaphore_wait(sem, value=g_count * done_phases, decrement=False)
+
+        def a_from_smem(xb):
+            return lambda c, carry: (_x_view(xb, c), carry)
+
+        def a_from_f32(xf, scale_smem, a_stage):
+            """Chunk c of the float32 rows: its share of each row's sum of squares, and bf16(x * s)."""
+            def operand(c, ss):
+                x = load(xf.at[pl.ds(c * ROWS, MMA_ROWS)], plgpu.Layout.WGMMA)
+                ss = ss + jnp.sum(x * x, axis=1)
+                s = load(scale_smem.at[c], plgpu.Layout.WGMMA.reduce(0))
+                a = (x * lax.broadcast_in_dim(s, x.shape, [1])).astype(bf16)
+                if interpreting:  # no register A in the interpreter
+                    a_stage[...] = a
+                    plgpu.commit_smem()
+                    return a_stage, ss
+                return a, ss
+
+            return operand
+
+        def zeros_rows():
+            z = jnp.zeros((MMA_ROWS,), f32)
+            return z if interpreting else plgpu.layout_cast(z, plgpu.Layout.WGMMA.reduce(1))
+
+        def norm_factor(ss):
+            r = lax.rsqrt(ss * (1.0 / dims.d) + eps)
+            return lax.broadcast_in_dim(r, (MMA_ROWS, CHUNK), [0])
+
+        def store_rows(src, dst, **kw):
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(src.at[pl.ds(0, ROWS)], dst, **kw)
+            plgpu.wait_smem_to_gmem(0)
+
+        def units_of(p, fn):
+            """fn(i, unit) for each of this program's units of phase p."""
+
+            @pl.loop(0, counts[p])
+            def _(i):
+                fn(i, b + i * g_count)
+
+        def phase_bf16_rows(p, stage):
+            """P1 / P3: A from bf16 rows (o, or act's K split); the epilogue writes / adds h_out."""
+
+            def scoped(xb, xbar, ebar):
+                def unit_body(i, unit):
+                    if p == 0:
+                        cols = pl.ds(unit * CHUNK, CHUNK)
+                        plgpu.copy_gmem_to_smem(h.at[:, cols], stage.at[pl.ds(0, ROWS)], ebar)
+                    else:
+                        cols = pl.ds(lax.rem(unit, dims.d // CHUNK) * CHUNK, CHUNK)
+                        _load_x(act, (unit // (dims.d // CHUNK)) * chunks[2], chunks[2], xb, xbar)
+                        plgpu.barrier_wait(xbar)
+
+                    def with_acc(acc):
+                        gemv(p, i, [acc], lambda c, carry: (_x_view(xb, c), carry))
+                        if p == 0:
+                            plgpu.barrier_wait(ebar)
+                            stage[...] = load(stage, plgpu.Layout.WGMMA) + acc[...]
+                        else:
+                            stage[...] = acc[...]
+
+                    pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
+                    if p == 0:
+                        store_rows(stage, h_out.at[:, cols])
+                    elif interpreting:  # no TMA reduce-add there; one program at a time, so no race
+                        plgpu.copy_gmem_to_smem(h_out.at[:, cols], stage.at[pl.ds(ROWS, ROWS)], ebar)
+                        plgpu.barrier_wait(ebar)
+                        stage[pl.ds(0, ROWS)] = stage[pl.ds(0, ROWS)] + stage[pl.ds(ROWS, ROWS)]
+                        store_rows(stage, h_out.at[:, cols])
+                    else:
+                        store_rows(stage, h_out.at[:, cols], reduction_op="add")
+
+                if p == 0:
+
+                    @pl.when(counts[0] > 0)
+                    def _():
+                        _load_x(o, 0, chunks[0], xb, xbar)  # an input: no barrier before it
+                        plgpu.barrier_wait(xbar)
+
+                units_of(p, unit_body)
+
+            pl.run_scoped(
+                scoped,
+                plgpu.SMEM((_x_rows(max(chunks[0], chunks[2])), CHUNK), bf16, transforms=_tiles(CHUNK)),
+                plgpu.Barrier(num_arrivals=chunks[p]),
+                plgpu.Barrier(num_barriers=1),
+            )
+
+        def phase_f32_rows(p, stage, act_stage):
+            """P2 / P4: A from the float32 h_out, normed in registers; SwiGLU or the plain product."""
+            scale = s_mlp if p == 1 else s_attn
+
+            def scoped(xf, scale_smem, xbar, a_stage=None):
+                @pl.when(counts[p] > 0)
+                def _():
+                    for c in range(chunks[p]):
+                        plgpu.copy_gmem_to_smem(
+                            h_out.at[:, pl.ds(c * CHUNK, CHUNK)], xf.at[pl.ds(c * ROWS, ROWS)], xbar
+                        )
+                    plgpu.copy_gmem_to_smem(scale, scale_smem, xbar)
+                    plgpu.barrier_wait(xbar)
+
+                def unit_body(i, unit):
+                    cols = pl.ds(unit * CHUNK, CHUNK)
+                    n_acc = 2 if p == 1 else 1
+
+                    def with_acc(*accs):
+                        ss = gemv(p, i, list(accs), a_from_f32(xf, scale_smem, a_stage), zeros_rows())
+                        r = norm_factor(ss)
+                        if p == 1:
+                            gate, up = accs[0][...] * r, accs[1][...] * r
+                            act_stage[...] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(bf16)
+                        else:
+                            stage[...] = accs[0][...] * r
+
+                    pl.run_scoped(with_acc, *[plgpu.ACC((MMA_ROWS, CHUNK), f32)] * n_acc)
+                    if p == 1:
+                        store_rows(act_stage, act.at[:, cols])
+                    else:
+                        store_rows(stage, qkv.at[:, cols])
+
+                units_of(p, unit_body)
+
+            pl.run_scoped(
+                scoped,
+                plgpu.SMEM((_x_rows(chunks[p]), CHUNK), f32),
+                plgpu.SMEM((dims.d // CHUNK, CHUNK), f32),  # norm weights, a row per chunk (TMA: <= 256 a dim)
+                plgpu.Barrier(num_arrivals=chunks[p] + 1),
+                *([plgpu.SMEM((MMA_ROWS, CHUNK), bf16, transforms=_tiles(CHUNK))] if interpreting else []),
+            )
+
+        def epilogue_scoped(stage, act_stage):
+            phase_bf16_rows(0, stage)
+            barrier(1)
+            phase_f32_rows(1, stage, act_stage)
+            barrier(2)
+            phase_bf16_rows(2, stage)
+            if dims.nq:
+                barrier(3)
+                phase_f32_rows(3, stage, act_stage)
+
+        pl.run_scoped(epilogue_scoped, plgpu.SMEM((MMA_ROWS, CHUNK), f32), plgpu.SMEM((MMA_ROWS, CHUNK), bf16))
+
+    return body
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret"))
+def between_attention_mgpu(
+    o,
+    h,
+    w_out,
+    mlp_scale,
+    w_gate_up,
+    w_down,
+    attn_scale=None,
+    w_qkv=None,
+    *,
+    eps: float,
+    config: SpanConfig | None = None,
+    interpret=False,
+):
+    """(h_out [M, D] float32, qkv [M, Nq] float32 or None); `between_attention_reference` is the
+    definition. o [M, Hd] (bf16 for wgmma), h [M, D], W_out [Hd, D], W_gate_up [D, 2F] ([gate |
+    up]), W_down [F, D], W_qkv [D, Nq] or None (the last block), all bf16; M <= 8.
+
+    config: default `config_for(...)` with 128 programs on a GPU, 1 program when interpreted.
+    interpret=True runs it in Pallas' Mosaic GPU interpreter on CPU (needs config.blocks == 1)."""
+    params = _interpret_params(interpret)
+    m, hd = o.shape
+    d = w_out.shape[1]
+    f = w_down.shape[0]
+    nq = 0 if w_qkv is None else w_qkv.shape[1]
+    if h.shape != (m, d) or w_out.shape[0] != hd or w_gate_up.shape != (d, 2 * f) or w_down.shape != (f, d):
+        raise ValueError(
+            f"shapes do not chain: o {o.shape} h {h.shape} W_out {w_out.shape} "
+            f"W_gate_up {w_gate_up.shape} W_down {w_down.shape}"
+        )
+    if w_qkv is not None and (w_qkv.shape[0] != d or attn_scale is None):
+        raise ValueError(f"W_qkv {w_qkv.shape} needs {d} rows and attn_scale")
+    if not 1 <= m <= ROWS:
+        raise ValueError(f"between_attention_mgpu takes 1..{ROWS} rows, got {m}")
+    for name, w in (("W_out", w_out), ("W_gate_up", w_gate_up), ("W_down", w_down), ("W_qkv", w_qkv)):
+        if w is not None and w.dtype != jnp.bfloat16:
+            raise ValueError(f"{name} must be bfloat16, got {w.dtype}")
+    cfg = config or config_for(hd, d, f, nq, blocks=1 if params is not None else 128)
+    if cfg is None:
+        raise ValueError(f"widths hd={hd} d={d} f={f} nq={nq} do not tile by 64 and block_k")
+    if params is not None and cfg.blocks != 1:
+        raise ValueError("the interpreter runs programs one after another: pass a config with blocks=1")
+    dims = _Dims(hd, d, f, nq, cfg.down_splits)
+    if f % cfg.down_splits or any(t * cfg.block_k == 0 for t in dims.tiles(cfg.block_k)[: len(dims.phases)]):
+        raise ValueError(f"f={f} does not split {cfg.down_splits} ways in block_k={cfg.block_k} rows")
+    if smem_bytes(dims, cfg) > SMEM_LIMIT:
+        raise ValueError(f"{smem_bytes(dims, cfg)} bytes of shared memory > {SMEM_LIMIT}: lower stages")
+
+    f32 = jnp.float32
+    pad = lambda a: jnp.pad(a, ((0, ROWS - m), (0, 0)))  # noqa: E731
+    w_qkv_in = w_qkv if w_qkv is not None else jnp.zeros((d, CHUNK), jnp.bfloat16)  # never read
+    s_attn = (attn_scale if attn_scale is not None else jnp.zeros((d,))).astype(f32)
+    kernel = plgpu.kernel(
+        _kernel(dims, cfg, eps, params is not None),
+        out_type=(
+            jax.ShapeDtypeStruct((ROWS, d), f32),
+            jax.ShapeDtypeStruct((ROWS, f), jnp.bfloat16),
+            jax.ShapeDtypeStruct((ROWS, max(nq, CHUNK)), f32),
+        ),
+        grid=(cfg.blocks,),
+        grid_names=("b",),
+        scratch_types=[
+            plgpu.SMEM((cfg.stages, cfg.block_k, CHUNK), jnp.bfloat16, transforms=_tiles(CHUNK)),
+            plgpu.Barrier(num_barriers=cfg.stages),
+        ],
+        interpret=params,
+        kernel_name="between_attention_mgpu",
+    )
+    h_out, _, qkv = kernel(
+        pad(o.astype(jnp.bfloat16)),
+        pad(h.astype(f32)),
+        w_out,
+        mlp_scale.astype(f32).reshape(-1, CHUNK),
+        w_gate_up,
+        w_down,
+        s_attn.reshape(-1, CHUNK),
+        w_qkv_in,
+    )
+    return h_out[:m], (qkv[:m] if nq else None)
