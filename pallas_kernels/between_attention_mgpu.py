@@ -196,7 +196,9 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
                 def _():
                     local = g - starts[p]
                     unit = b + (local // tiles[p]) * g_count
-                    plgpu.copy_gmem_to_smem(tile_src(p, unit, lax.rem(local, tiles[p])), ring.at[slot], ring_bar.at[slot])
+                    plgpu.copy_gmem_to_smem(
+                        tile_src(p, unit, lax.rem(local, tiles[p])), ring.at[slot], ring_bar.at[slot]
+                    )
 
         def gemv(p, i, accs, operand, carry=None):
             """accs[w] += A @ (tile w of each K step) over the unit's K steps, A's chunk c from
@@ -242,6 +244,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
 
         def a_from_f32(xf, scale_smem, a_stage):
             """Chunk c of the float32 rows: its share of each row's sum of squares, and bf16(x * s)."""
+
             def operand(c, ss):
                 x = load(xf.at[pl.ds(c * ROWS, MMA_ROWS)], plgpu.Layout.WGMMA)
                 ss = ss + jnp.sum(x * x, axis=1)

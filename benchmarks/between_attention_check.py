@@ -1,0 +1,219 @@
+"""GPU check and A/B of `pallas_kernels.between_attention_mgpu` (issue #17), in one process.
+
+    python -m benchmarks.between_attention_check [--out FILE] [--budget-s 300] [--shapes depth,backbone]
+
+1. Correctness (bf16 weights, random operands, 1 and 8 rows): the kernel against
+   `between_attention_reference`: relative L2 error of h_out and qkv. Run twice: the two runs
+   may differ only by the reduce-add's summation order (max difference printed).
+2. Time per block span (out → … → next qkv) in a chain of calls through 8 layers' distinct
+   weights (so they do not sit in L2), each call's qkv feeding the next call's o, unrolled in one
+   XLA program: (t(40 calls) - t(8 calls)) / 32, median of 15 runs each. Variants: today's
+   kernels for the same span (`Llama.fused_step`: out GEMV, residual add, gate/up norm_matvec,
+   finish + SwiGLU, down GEMV, residual add, qkv norm_matvec + finish) and the persistent kernel
+   with several ring depths, tile heights and grid sizes. Beside them, the bytes of the span's
+   weights at 4.3 TB/s (a measured H200 copy). Then the GPU kernels of one chain (CUPTI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks._report import Budget, log, write_log
+
+BF = jnp.bfloat16
+EPS = 1e-5
+COPY_TBPS = 4.3  # device-to-device copy measured on the H200 (docs/PERF.md)
+SHAPES = {"depth": (1024, 1024, 8192, 1536), "backbone": (2048, 2048, 8192, 3072)}
+
+
+def _weights(layers, hd, d, f, nq, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    normal = lambda k, shape, fan_in: (jax.random.normal(k, shape, jnp.float32) * fan_in**-0.5).astype(BF)  # noqa: E731
+    return dict(
+        w_out=normal(ks[0], (layers, hd, d), hd),
+        mlp_scale=(1 + 0.1 * jax.random.normal(ks[1], (layers, d))).astype(BF),
+        w_gate_up=normal(ks[2], (layers, d, 2 * f), d),
+        w_down=normal(ks[3], (layers, f, d), f),
+        attn_scale=(1 + 0.1 * jax.random.normal(ks[4], (layers, d))).astype(BF),
+        w_qkv=normal(ks[5], (layers, d, nq), d),
+    )
+
+
+ORDER = ("w_out", "mlp_scale", "w_gate_up", "w_down", "attn_scale", "w_qkv")
+
+
+def today(o, h, w_out, mlp_scale, w_gate_up, w_down, attn_scale, w_qkv, *, opts):
+    """`Llama.fused_step`'s kernels for the same span: (h_out, qkv) in float32."""
+    from jaxtts.llama import gemv, norm_gemv, swiglu
+    from pallas_kernels.fused_decode import add_residual, finish
+
+    d = h.shape[-1]
+    h2 = add_residual(h, gemv(o, w_out, opts, partials=True))
+    gate_up = finish(*norm_gemv(h2, mlp_scale, w_gate_up, opts), d, EPS).astype(h2.dtype)
+    h3 = add_residual(h2, gemv(swiglu(gate_up), w_down, opts, partials=True))
+    return h3, finish(*norm_gemv(h3, attn_scale, w_qkv, opts), d, EPS)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(name, shape, rows) -> bool:
+    from pallas_kernels.between_attention_mgpu import between_attention_mgpu, between_attention_reference
+
+    hd, d, f, nq = shape
+    w = {k: v[0] for k, v in _weights(1, *shape).items()}
+    ks = jax.random.split(jax.random.key(7), 2)
+    o = jax.random.normal(ks[0], (rows, hd), BF)
+    h = jax.random.normal(ks[1], (rows, d), jnp.float32)
+    args = (o, h, *(w[k] for k in ORDER))
+    want_h, want_q = between_attention_reference(*args, eps=EPS)
+    fn = jax.jit(lambda *a: between_attention_mgpu(*a, eps=EPS))
+    ok = True
+    runs = []
+    for label in ("kernel", "kernel again"):
+        got_h, got_q = jax.block_until_ready(fn(*args))
+        runs.append((np.asarray(got_h), np.asarray(got_q)))
+        eh, eq = _rel(got_h, want_h), _rel(got_q, want_q)
+        good = bool(np.isfinite(runs[-1][0]).all() and np.isfinite(runs[-1][1]).all() and eh < 1e-2 and eq < 2e-2)
+        ok &= good
+        log(f"| {name} | {rows} | {label} | {eh:.2e} | {eq:.2e} | {'ok' if good else 'WRONG'} |")
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(runs[0], runs[1]))
+    log(f"| {name} | {rows} | run-to-run max difference | {diff:.2e} | | {'ok' if diff < 1e-3 else 'LARGE'} |")
+    # today's kernels on the same operands, for scale
+    from jaxtts.options import default_options
+
+    th, tq = jax.jit(lambda *a: today(*a, opts=default_options()))(*args)
+    log(f"| {name} | {rows} | today's kernels | {_rel(th, want_h):.2e} | {_rel(tq, want_q):.2e} | |")
+    return ok
+
+
+def _chain(span, weights, calls, layers):
+    @jax.jit
+    def run(o, h, w):
+        for i in range(calls):
+            li = i % layers
+            h, qkv = span(o, h, *(w[k][li] for k in ORDER))
+            o = qkv[:, : o.shape[1]].astype(BF)  # the next call waits for all of this one
+        return h
+
+    return run
+
+
+def _median_s(fn, *args, reps=15):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _kernels(fn, *args, calls: int) -> dict:
+    """{kernel name: µs per call of the chain} from one profiled run (CUPTI)."""
+    from benchmarks.profile import gpu_kernel_events
+
+    jax.block_until_ready(fn(*args))
+    events = gpu_kernel_events(lambda: jax.block_until_ready(fn(*args)))
+    per = {}
+    for _, dur, kname in events:
+        per[kname] = per.get(kname, 0.0) + dur / 1e3 / calls
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def variants(shape) -> dict:
+    from jaxtts.options import default_options
+    from pallas_kernels.between_attention_mgpu import between_attention_mgpu, config_for
+
+    hd, d, f, nq = shape
+    base = config_for(hd, d, f, nq)
+    opts = default_options()
+    out = {"today's kernels": lambda *a: today(*a, opts=opts)}
+    configs = {
+        f"persistent ({base.stages} stages)": base,
+        "persistent, 4 stages": base._replace(stages=4),
+        "persistent, 6 stages": base._replace(stages=6),
+        "persistent, block_k 64, 8 stages": base._replace(block_k=64, stages=8),
+        "persistent, 64 programs": config_for(hd, d, f, nq, blocks=64),
+        "persistent, 132 programs": base._replace(blocks=132),
+    }
+    for label, cfg in configs.items():
+        if cfg is not None:
+            out[label] = lambda *a, cfg=cfg: between_attention_mgpu(*a, eps=EPS, config=cfg)
+    return out
+
+
+def time_spans(name, shape, rows, budget, profile: bool) -> dict:
+    layers = 8
+    weights = _weights(layers, *shape, seed=1)
+    hd, d, f, nq = shape
+    o = jax.random.normal(jax.random.key(3), (rows, hd), BF)
+    h = jax.random.normal(jax.random.key(4), (rows, d), jnp.float32)
+    mb = sum(int(np.prod(weights[k].shape[1:])) * 2 for k in ("w_out", "w_gate_up", "w_down", "w_qkv")) / 1e6
+    log(f"| {name} | {rows} | weight bytes at {COPY_TBPS} TB/s ({mb:.1f} MB) | {mb / COPY_TBPS:.2f} |")
+    out = {}
+    for label, span in variants(shape).items():
+        if not budget.left():
+            log(f"| {name} | {rows} | {label} | skipped (budget) |")
+            continue
+        try:
+            short = _median_s(_chain(span, weights, 8, layers), o, h, weights)
+            long = _median_s(_chain(span, weights, 40, layers), o, h, weights)
+            us = (long - short) / 32 * 1e6
+            out[label] = us
+            log(f"| {name} | {rows} | {label} | {us:.2f} |")
+            if profile and (label == "today's kernels" or label.startswith("persistent (")):
+                out[label + " kernels"] = _kernels(_chain(span, weights, 8, layers), o, h, weights, calls=8)
+        except Exception as e:  # one failing variant must not hide the others
+            log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="also write the log (markdown) here")
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--shapes", default="depth,backbone")
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    log(f"# between_attention_mgpu on {dev.device_kind} (jax {jax.__version__})\n")
+    budget = Budget(args.budget_s)
+    rows = [int(r) for r in args.rows.split(",")]
+    shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
+    log("| shape | rows | variant | h_out rel err | qkv rel err | check |\n|---|---|---|---|---|---|")
+    ok = True
+    for name, shape in shapes.items():
+        for m in rows:
+            try:
+                ok &= check(name, shape, m)
+            except Exception as e:
+                ok = False
+                log(f"| {name} | {m} | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} | | | |")
+    log("\n| shape | rows | variant | µs per span |\n|---|---|---|---|")
+    profiles = {}
+    for name, shape in shapes.items():
+        for m in rows[:1]:
+            for key, value in time_spans(name, shape, m, budget, not args.no_profile).items():
+                if isinstance(value, dict):
+                    profiles[f"{name}, {m} rows, {key}"] = value
+    for key, per in profiles.items():
+        log(f"\n{key} (GPU µs per span, CUPTI):")
+        for kname, us in list(per.items())[:12]:
+            log(f"  {us:8.2f}  {kname[:90]}")
+    if args.out:
+        write_log(args.out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

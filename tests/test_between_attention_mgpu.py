@@ -1,0 +1,136 @@
+"""pallas_kernels.between_attention_mgpu (a block's step from one attention to the next as one
+persistent Mosaic GPU kernel).
+
+On CPU: the kernel with one program in Pallas' Mosaic GPU interpreter (every unit of every phase
+in one program: the weight ring's order across the phases is exercised) against the jnp
+reference, and the 128-program kernel lowered for CUDA at CSM-1B's shapes. With
+JAXTTS_TEST_DEVICE=gpu the gpu-marked tests run the compiled kernel at the depth decoder's shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.between_attention_mgpu import (
+    SMEM_LIMIT,
+    SpanConfig,
+    _Dims,
+    between_attention_mgpu,
+    between_attention_reference,
+    config_for,
+    smem_bytes,
+)
+
+BF = jnp.bfloat16
+
+
+def _operands(m, hd, d, f, nq, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 8)
+    normal = lambda k, shape, fan_in: (jax.random.normal(k, shape) * fan_in**-0.5).astype(BF)  # noqa: E731
+    return (
+        jax.random.normal(ks[0], (m, hd), BF),
+        jax.random.normal(ks[1], (m, d), jnp.float32),
+        normal(ks[2], (hd, d), hd),
+        (1 + 0.1 * jax.random.normal(ks[3], (d,))).astype(BF),
+        normal(ks[4], (d, 2 * f), d),
+        normal(ks[5], (f, d), f),
+        (1 + 0.1 * jax.random.normal(ks[6], (d,))).astype(BF) if nq else None,
+        normal(ks[7], (d, nq), d) if nq else None,
+    )
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize(
+    "m,nq,cfg",
+    [
+        (1, 384, SpanConfig(blocks=1, stages=3, block_k=128, down_splits=2)),
+        # a ring deeper than P1's and P4's tiles: it holds tiles of the next phases at each barrier
+        (3, 384, SpanConfig(blocks=1, stages=8, block_k=64, down_splits=4)),
+        (8, 0, SpanConfig(blocks=1, stages=2, block_k=128, down_splits=1)),  # the last block: no qkv
+    ],
+)
+def test_interpreted_matches_reference(m, nq, cfg):
+    args = _operands(m, 256, 256, 512, nq)
+    h_out, qkv = between_attention_mgpu(*args, eps=1e-5, config=cfg, interpret=True)
+    want_h, want_q = between_attention_reference(*args, eps=1e-5)
+    assert h_out.shape == (m, 256) and h_out.dtype == jnp.float32
+    # Same operands, float32 accumulation; only the summation order differs.
+    assert _rel(h_out, want_h) < 1e-5
+    if nq:
+        assert qkv.shape == (m, nq) and _rel(qkv, want_q) < 1e-5
+    else:
+        assert qkv is None and want_q is None
+
+
+def test_reference_is_the_block_math():
+    """The reference against the plain formulas: residual, RMSNorm, SwiGLU, residual, RMSNorm."""
+    o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv = _operands(2, 128, 128, 256, 192)
+    f32 = jnp.float32
+
+    def rms(x, s):
+        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5) * s.astype(f32)
+
+    h2 = h + o.astype(f32) @ w_out.astype(f32)
+    gate, up = jnp.split(rms(h2, s_mlp) @ w_gu.astype(f32), 2, -1)
+    h3 = h2 + (jax.nn.silu(gate) * up) @ w_down.astype(f32)
+    qkv = rms(h3, s_attn) @ w_qkv.astype(f32)
+    got_h, got_q = between_attention_reference(o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, eps=1e-5)
+    assert _rel(got_h, h3) < 1e-2 and _rel(got_q, qkv) < 2e-2  # bf16 GEMV operands
+
+
+@pytest.mark.parametrize(
+    "name,shape,rows",
+    [
+        ("depth decoder", (1024, 1024, 8192, 1536), 1),
+        ("depth decoder, last block", (1024, 1024, 8192, 0), 1),
+        ("backbone", (2048, 2048, 8192, 3072), 8),
+    ],
+)
+def test_lowers_for_cuda_at_csm_shapes(name, shape, rows):
+    """128 programs, grid barriers, TMA reduce-add and register A operands, lowered on the CPU."""
+    cfg = config_for(*shape)
+    assert cfg is not None and cfg.blocks == 128 and smem_bytes(_Dims(*shape, cfg.down_splits), cfg) <= SMEM_LIMIT
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) if a is not None else None for a in _operands(rows, *shape)]
+    fn = jax.jit(lambda *a: between_attention_mgpu(*a, eps=1e-5, config=cfg))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "between_attention_mgpu" in text
+
+
+def test_config_for():
+    cfg = config_for(1024, 1024, 8192, 1536)
+    assert cfg.down_splits == 8 and cfg.stages == 8  # 16 column tiles x 8 splits = 128 down units
+    back = config_for(2048, 2048, 8192, 3072)
+    assert back.down_splits == 4 and back.stages < 8  # the wider float32 rows leave less ring
+    assert config_for(1024, 1000, 8192) is None
+
+
+def test_bad_operands_are_refused():
+    args = list(_operands(1, 256, 256, 512, 384))
+    one = SpanConfig(blocks=1, stages=2, block_k=128, down_splits=2)
+    with pytest.raises(ValueError, match="1..8 rows"):
+        between_attention_mgpu(jnp.zeros((9, 256), BF), jnp.zeros((9, 256)), *args[2:], eps=1e-5, interpret=True)
+    bad = list(args)
+    bad[4] = bad[4].astype(jnp.float32)
+    with pytest.raises(ValueError, match="W_gate_up must be bfloat16"):
+        between_attention_mgpu(*bad, eps=1e-5, config=one, interpret=True)
+    with pytest.raises(ValueError, match="do not chain"):
+        between_attention_mgpu(*args[:5], args[5][:128], *args[6:], eps=1e-5, config=one, interpret=True)
+    with pytest.raises(ValueError, match="blocks=1"):
+        between_attention_mgpu(*args, eps=1e-5, config=one._replace(blocks=4), interpret=True)
+    with pytest.raises(ValueError, match="attn_scale"):
+        between_attention_mgpu(*args[:6], None, args[7], eps=1e-5, config=one, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_only(reason="full-size operands: the 128-program kernel needs the GPU")
+@pytest.mark.parametrize("m", [1, 8])
+def test_compiled_matches_reference(m):
+    args = _operands(m, 1024, 1024, 8192, 1536)
+    h_out, qkv = between_attention_mgpu(*args, eps=1e-5)
+    want_h, want_q = between_attention_reference(*args, eps=1e-5)
+    assert np.isfinite(np.asarray(h_out)).all() and np.isfinite(np.asarray(qkv)).all()
+    assert _rel(h_out, want_h) < 1e-3 and _rel(qkv, want_q) < 1e-2
