@@ -95,12 +95,25 @@ def check(name, shape, rows) -> bool:
     return ok
 
 
-def _chain(span, weights, calls, layers):
+def _per_layer(weights, tiled=False):
+    """A list of per-layer weight tuples in ORDER, each its own buffer (as the model's layers
+    are: slicing one stacked array inside the program made XLA copy today's weights first)."""
+    from pallas_kernels.between_attention_mgpu import tile_weights
+
+    layers = []
+    for li in range(weights["w_out"].shape[0]):
+        w = [jnp.array(weights[k][li]) for k in ORDER]
+        if tiled:
+            w[0], w[2], w[3], w[5] = tile_weights(w[0], w[2], w[3], w[5])
+        layers.append(tuple(w))
+    return layers
+
+
+def _chain(span, calls, layers):
     @jax.jit
     def run(o, h, w):
         for i in range(calls):
-            li = i % layers
-            h, qkv = span(o, h, *(w[k][li] for k in ORDER))
+            h, qkv = span(o, h, *w[i % layers])
             o = qkv[:, : o.shape[1]].astype(BF)  # the next call waits for all of this one
         return h
 
@@ -137,18 +150,71 @@ def variants(shape) -> dict:
     base = config_for(hd, d, f, nq)
     opts = default_options()
     out = {"today's kernels": lambda *a: today(*a, opts=opts)}
+    # label -> (config, tiled weights)
     configs = {
-        f"persistent ({base.stages} stages)": base,
-        "persistent, 4 stages": base._replace(stages=4),
-        "persistent, 6 stages": base._replace(stages=6),
-        "persistent, block_k 64, 8 stages": base._replace(block_k=64, stages=8),
-        "persistent, 64 programs": config_for(hd, d, f, nq, blocks=64),
-        "persistent, 132 programs": base._replace(blocks=132),
+        f"persistent ({base.stages} stages)": (base, False),
+        "persistent, overlapped refill": (base._replace(overlap=True), False),
+        "persistent, tiled weights": (base, True),
+        "persistent, tiled, overlapped": (base._replace(overlap=True), True),
+        "persistent, tiled, overlapped, 6 stages": (base._replace(overlap=True, stages=6), True),
+        "persistent, 132 programs": (base._replace(blocks=132), False),
     }
-    for label, cfg in configs.items():
-        if cfg is not None:
-            out[label] = lambda *a, cfg=cfg: between_attention_mgpu(*a, eps=EPS, config=cfg)
+    for label, (cfg, tiled) in configs.items():
+        out[label] = (lambda *a, cfg=cfg: between_attention_mgpu(*a, eps=EPS, config=cfg)), tiled
     return out
+
+
+def summarise_trace(path: str) -> list[str]:
+    """Mosaic GPU's profile of one call: per named scope, over the programs that ran it, the
+    median start (µs after the kernel's first event), median and max duration, last end."""
+    import json
+
+    with open(path) as fh:
+        events = json.load(fh)["traceEvents"]
+    t0 = min(e["ts"] for e in events)
+    spans: dict[str, list[tuple[float, float]]] = {}
+    open_by_tid: dict[int, list[dict]] = {}
+    for e in sorted(events, key=lambda e: (e["tid"], e["ts"])):
+        stack = open_by_tid.setdefault(e["tid"], [])
+        if e["ph"] == "B":
+            stack.append(e)
+        else:
+            begin = stack.pop()
+            name = " / ".join([x["name"] for x in stack] + [begin["name"]])
+            spans.setdefault(name, []).append((begin["ts"] - t0, e["ts"] - begin["ts"]))
+    lines = ["| scope | programs | median start µs | median µs | max µs | last end µs |", "|---|---|---|---|---|---|"]
+    for name, xs in sorted(spans.items(), key=lambda kv: statistics.median(x[0] for x in kv[1])):
+        starts, durs = [x[0] for x in xs], [x[1] for x in xs]
+        end = max(a + b for a, b in xs)
+        lines.append(
+            f"| {name} | {len(xs)} | {statistics.median(starts):.2f} | {statistics.median(durs):.2f} "
+            f"| {max(durs):.2f} | {end:.2f} |"
+        )
+    return lines
+
+
+def profile_span(name, shape, label, cfg, tiled, out_dir) -> None:
+    """One call of the kernel under Mosaic GPU's profiler; its scopes summarised."""
+    import os
+    import tempfile
+
+    from pallas_kernels.between_attention_mgpu import between_attention_mgpu
+
+    w = _per_layer(_weights(1, *shape, seed=1), tiled)[0]
+    hd, d = shape[:2]
+    o = jax.random.normal(jax.random.key(3), (1, hd), BF)
+    h = jax.random.normal(jax.random.key(4), (1, d), jnp.float32)
+    where = tempfile.mkdtemp(dir=out_dir)
+    fn = jax.jit(lambda *a: between_attention_mgpu(*a, eps=EPS, config=cfg, profile_dir=where))
+    for _ in range(2):  # the second call's trace is the one kept (warm)
+        for old in os.listdir(where):
+            os.remove(os.path.join(where, old))
+        jax.block_until_ready(fn(o, h, *w))
+        jax.effects_barrier()
+    [trace] = os.listdir(where)
+    log(f"\n{name}, {label}: Mosaic GPU profile of one call ({os.path.join(where, trace)})\n")
+    for line in summarise_trace(os.path.join(where, trace)):
+        log(line)
 
 
 def time_spans(name, shape, rows, budget, profile: bool) -> dict:
@@ -160,18 +226,21 @@ def time_spans(name, shape, rows, budget, profile: bool) -> dict:
     mb = sum(int(np.prod(weights[k].shape[1:])) * 2 for k in ("w_out", "w_gate_up", "w_down", "w_qkv")) / 1e6
     log(f"| {name} | {rows} | weight bytes at {COPY_TBPS} TB/s ({mb:.1f} MB) | {mb / COPY_TBPS:.2f} |")
     out = {}
-    for label, span in variants(shape).items():
+    per_layer = {False: _per_layer(weights), True: _per_layer(weights, tiled=True)}
+    for label, value in variants(shape).items():
+        span, tiled = value if isinstance(value, tuple) else (value, False)
+        ws = per_layer[tiled]
         if not budget.left():
             log(f"| {name} | {rows} | {label} | skipped (budget) |")
             continue
         try:
-            short = _median_s(_chain(span, weights, 8, layers), o, h, weights)
-            long = _median_s(_chain(span, weights, 40, layers), o, h, weights)
+            short = _median_s(_chain(span, 8, layers), o, h, ws)
+            long = _median_s(_chain(span, 40, layers), o, h, ws)
             us = (long - short) / 32 * 1e6
             out[label] = us
             log(f"| {name} | {rows} | {label} | {us:.2f} |")
             if profile and (label == "today's kernels" or label.startswith("persistent (")):
-                out[label + " kernels"] = _kernels(_chain(span, weights, 8, layers), o, h, weights, calls=8)
+                out[label + " kernels"] = _kernels(_chain(span, 8, layers), o, h, ws, calls=8)
         except Exception as e:  # one failing variant must not hide the others
             log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
     return out
@@ -183,7 +252,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--shapes", default="depth,backbone")
-    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-profile", action="store_true", help="skip the CUPTI kernel tables")
+    ap.add_argument(
+        "--trace-dir", default=None, help="also profile one call per shape inside the kernel (Mosaic GPU's profiler)"
+    )
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     log(f"# between_attention_mgpu on {dev.device_kind} (jax {jax.__version__})\n")
@@ -210,6 +282,19 @@ def main(argv=None) -> int:
         log(f"\n{key} (GPU µs per span, CUPTI):")
         for kname, us in list(per.items())[:12]:
             log(f"  {us:8.2f}  {kname[:90]}")
+    if args.trace_dir:
+        from pallas_kernels.between_attention_mgpu import config_for
+
+        for name, shape in shapes.items():
+            base = config_for(*shape)
+            for label, cfg, tiled in (
+                ("default", base, False),
+                ("tiled, overlapped", base._replace(overlap=True), True),
+            ):
+                try:
+                    profile_span(name, shape, label, cfg, tiled, args.trace_dir)
+                except Exception as e:
+                    log(f"{name}, {label}: profile failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
     if args.out:
         write_log(args.out)
     return 0 if ok else 1

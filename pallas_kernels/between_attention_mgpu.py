@@ -68,6 +68,7 @@ class SpanConfig(NamedTuple):
     stages: int = 8  # weight tiles in flight per program
     block_k: int = 128  # K rows of a weight tile
     down_splits: int = 8  # K splits of the down projection (its units: D/64 x down_splits)
+    overlap: bool = False  # refill a step's slots while the next step's products run
 
 
 # --- reference ------------------------------------------------------------------------------------
@@ -92,6 +93,17 @@ def between_attention_reference(o, h, w_out, mlp_scale, w_gate_up, w_down, attn_
     h_out = h2 + jnp.dot(act, w_down, preferred_element_type=f32)
     qkv = None if w_qkv is None else _norm_dot(h_out, attn_scale, w_qkv, eps)
     return h_out, qkv
+
+
+def tile_weights(*weights):
+    """Each [K, N] weight re-laid as [N/64, K, 64], so that a unit's 64 columns are one contiguous
+    slab (row-major, a weight tile is 128-byte pieces one matrix row apart). None stays None."""
+    return tuple(None if w is None else w.reshape(w.shape[0], -1, CHUNK).transpose(1, 0, 2) for w in weights)
+
+
+def _kn(w):
+    """(K, N) of a weight, row-major [K, N] or from tile_weights [N/64, K, 64]."""
+    return (w.shape[1], w.shape[0] * w.shape[2]) if w.ndim == 3 else tuple(w.shape)
 
 
 # --- shapes and config ----------------------------------------------------------------------------
@@ -154,7 +166,7 @@ def config_for(hd: int, d: int, f: int, nq: int = 0, *, blocks: int = 128) -> Sp
 # --- the kernel -----------------------------------------------------------------------------------
 
 
-def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
+def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled: bool):
     g_count, stages, bk = cfg.blocks, cfg.stages, cfg.block_k
     units, tiles, chunks = dims.units, dims.tiles(bk), dims.chunks
     phases = dims.phases
@@ -176,7 +188,17 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
         total = starts[-1]
 
         def tile_src(p, unit, t):
-            """The weight tile t of phase p's unit: a [block_k, 64] slice of a row-major weight."""
+            """The weight tile t of phase p's unit: a [block_k, 64] slice of a row-major weight,
+            or of a weight from `tile_weights` ([N/64, K, 64]: each unit's columns contiguous)."""
+            if tiled:
+                if p == 0:
+                    return w_out.at[unit, pl.ds(t * bk, bk)]
+                if p == 1:
+                    return w_gu.at[unit + lax.rem(t, 2) * (dims.f // CHUNK), pl.ds((t // 2) * bk, bk)]
+                if p == 2:
+                    j, s = lax.rem(unit, dims.d // CHUNK), unit // (dims.d // CHUNK)
+                    return w_down.at[j, pl.ds(s * (dims.f // dims.splits) + t * bk, bk)]
+                return w_qkv.at[unit, pl.ds(t * bk, bk)]
             if p == 0:
                 return w_out.at[pl.ds(t * bk, bk), pl.ds(unit * CHUNK, CHUNK)]
             if p == 1:  # gate tile and up tile alternate, one K step each
@@ -206,6 +228,15 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
             per_step = len(accs)
             base = starts[p] + i * tiles[p]
 
+            steps = tiles[p] // per_step
+
+            def refill(g0):
+                for w in range(per_step):
+
+                    @pl.when(g0 + w + stages < total)
+                    def _():
+                        issue(g0 + w + stages)
+
             def step(k, carry):
                 g0 = base + k * per_step
                 for w in range(per_step):
@@ -214,23 +245,31 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
                     a, carry = operand(k * per_k + c, carry)
                     for w, acc in enumerate(accs):
                         plgpu.wgmma(acc, a, ring.at[lax.rem(g0 + w, stages)].at[pl.ds(c * CHUNK, CHUNK)])
-                plgpu.wgmma_wait(0)
-                for w in range(per_step):
+                if cfg.overlap:  # only the previous step's products must be done to refill its slots
+                    plgpu.wgmma_wait(per_k * per_step)
 
-                    @pl.when(g0 + w + stages < total)
+                    @pl.when(k >= 1)
                     def _():
-                        issue(g0 + w + stages)
+                        refill(g0 - per_step)
 
+                else:
+                    plgpu.wgmma_wait(0)
+                    refill(g0)
                 return carry
 
-            return lax.fori_loop(0, tiles[p] // per_step, step, carry)
+            carry = lax.fori_loop(0, steps, step, carry)
+            if cfg.overlap:
+                plgpu.wgmma_wait(0)
+                refill(base + (steps - 1) * per_step)
+            return carry
 
         # Weights depend on nothing: the ring fills before anything else.
-        for g in range(stages):
+        with jax.named_scope("fill"):
+            for g in range(stages):
 
-            @pl.when(g < total)
-            def _():
-                issue(jnp.int32(g))
+                @pl.when(g < total)
+                def _():
+                    issue(jnp.int32(g))
 
         sem = None if g_count == 1 else pl.get_global(plgpu.SemaphoreType.REGULAR)
 
@@ -288,11 +327,13 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
                         plgpu.copy_gmem_to_smem(h.at[:, cols], stage.at[pl.ds(0, ROWS)], ebar)
                     else:
                         cols = pl.ds(lax.rem(unit, dims.d // CHUNK) * CHUNK, CHUNK)
-                        _load_x(act, (unit // (dims.d // CHUNK)) * chunks[2], chunks[2], xb, xbar)
-                        plgpu.barrier_wait(xbar)
+                        with jax.named_scope("rows"):
+                            _load_x(act, (unit // (dims.d // CHUNK)) * chunks[2], chunks[2], xb, xbar)
+                            plgpu.barrier_wait(xbar)
 
                     def with_acc(acc):
-                        gemv(p, i, [acc], lambda c, carry: (_x_view(xb, c), carry))
+                        with jax.named_scope("gemv"):
+                            gemv(p, i, [acc], lambda c, carry: (_x_view(xb, c), carry))
                         if p == 0:
                             plgpu.barrier_wait(ebar)
                             stage[...] = load(stage, plgpu.Layout.WGMMA) + acc[...]
@@ -313,6 +354,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
                 if p == 0:
 
                     @pl.when(counts[0] > 0)
+                    @jax.named_scope("rows")
                     def _():
                         _load_x(o, 0, chunks[0], xb, xbar)  # an input: no barrier before it
                         plgpu.barrier_wait(xbar)
@@ -332,6 +374,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
 
             def scoped(xf, scale_smem, xbar, a_stage=None):
                 @pl.when(counts[p] > 0)
+                @jax.named_scope("rows")
                 def _():
                     for c in range(chunks[p]):
                         plgpu.copy_gmem_to_smem(
@@ -345,7 +388,8 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
                     n_acc = 2 if p == 1 else 1
 
                     def with_acc(*accs):
-                        ss = gemv(p, i, list(accs), a_from_f32(xf, scale_smem, a_stage), zeros_rows())
+                        with jax.named_scope("gemv"):
+                            ss = gemv(p, i, list(accs), a_from_f32(xf, scale_smem, a_stage), zeros_rows())
                         r = norm_factor(ss)
                         if p == 1:
                             gate, up = accs[0][...] * r, accs[1][...] * r
@@ -370,21 +414,29 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool):
             )
 
         def epilogue_scoped(stage, act_stage):
-            phase_bf16_rows(0, stage)
-            barrier(1)
-            phase_f32_rows(1, stage, act_stage)
-            barrier(2)
-            phase_bf16_rows(2, stage)
+            # The named scopes are what Mosaic GPU's profiler records (`profile_dir=`).
+            with jax.named_scope("P1 out"):
+                phase_bf16_rows(0, stage)
+            with jax.named_scope("barrier 1"):
+                barrier(1)
+            with jax.named_scope("P2 gate_up"):
+                phase_f32_rows(1, stage, act_stage)
+            with jax.named_scope("barrier 2"):
+                barrier(2)
+            with jax.named_scope("P3 down"):
+                phase_bf16_rows(2, stage)
             if dims.nq:
-                barrier(3)
-                phase_f32_rows(3, stage, act_stage)
+                with jax.named_scope("barrier 3"):
+                    barrier(3)
+                with jax.named_scope("P4 qkv"):
+                    phase_f32_rows(3, stage, act_stage)
 
         pl.run_scoped(epilogue_scoped, plgpu.SMEM((MMA_ROWS, CHUNK), f32), plgpu.SMEM((MMA_ROWS, CHUNK), bf16))
 
     return body
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret", "profile_dir"))
 def between_attention_mgpu(
     o,
     h,
@@ -398,25 +450,32 @@ def between_attention_mgpu(
     eps: float,
     config: SpanConfig | None = None,
     interpret=False,
+    profile_dir: str | None = None,
 ):
     """(h_out [M, D] float32, qkv [M, Nq] float32 or None); `between_attention_reference` is the
     definition. o [M, Hd] (bf16 for wgmma), h [M, D], W_out [Hd, D], W_gate_up [D, 2F] ([gate |
     up]), W_down [F, D], W_qkv [D, Nq] or None (the last block), all bf16; M <= 8.
 
     config: default `config_for(...)` with 128 programs on a GPU, 1 program when interpreted.
-    interpret=True runs it in Pallas' Mosaic GPU interpreter on CPU (needs config.blocks == 1)."""
+    interpret=True runs it in Pallas' Mosaic GPU interpreter on CPU (needs config.blocks == 1).
+    Weights may also come from `tile_weights` (each unit's columns contiguous), all four or none.
+    profile_dir: write Mosaic GPU's profile of the named phases there (a Chrome trace per call)."""
     params = _interpret_params(interpret)
+    weights = (w_out, w_gate_up, w_down, w_qkv)
+    tiled = w_out.ndim == 3
+    if any(w is not None and w.ndim != w_out.ndim for w in weights):
+        raise ValueError("pass the weights all row-major ([K, N]) or all from tile_weights")
+    if tiled and any(w is not None and w.shape[2] != CHUNK for w in weights):
+        raise ValueError("tiled weights must come from tile_weights ([N/64, K, 64])")
+    s_out, s_gu, s_down, s_qkv = (None if w is None else _kn(w) for w in weights)
     m, hd = o.shape
-    d = w_out.shape[1]
-    f = w_down.shape[0]
-    nq = 0 if w_qkv is None else w_qkv.shape[1]
-    if h.shape != (m, d) or w_out.shape[0] != hd or w_gate_up.shape != (d, 2 * f) or w_down.shape != (f, d):
-        raise ValueError(
-            f"shapes do not chain: o {o.shape} h {h.shape} W_out {w_out.shape} "
-            f"W_gate_up {w_gate_up.shape} W_down {w_down.shape}"
-        )
-    if w_qkv is not None and (w_qkv.shape[0] != d or attn_scale is None):
-        raise ValueError(f"W_qkv {w_qkv.shape} needs {d} rows and attn_scale")
+    d = s_out[1]
+    f = s_down[0]
+    nq = 0 if w_qkv is None else s_qkv[1]
+    if h.shape != (m, d) or s_out[0] != hd or s_gu != (d, 2 * f) or s_down != (f, d):
+        raise ValueError(f"shapes do not chain: o {o.shape} h {h.shape} W_out {s_out} W_gate_up {s_gu} W_down {s_down}")
+    if w_qkv is not None and (s_qkv[0] != d or attn_scale is None):
+        raise ValueError(f"W_qkv {s_qkv} needs {d} rows and attn_scale")
     if not 1 <= m <= ROWS:
         raise ValueError(f"between_attention_mgpu takes 1..{ROWS} rows, got {m}")
     for name, w in (("W_out", w_out), ("W_gate_up", w_gate_up), ("W_down", w_down), ("W_qkv", w_qkv)):
@@ -435,10 +494,13 @@ def between_attention_mgpu(
 
     f32 = jnp.float32
     pad = lambda a: jnp.pad(a, ((0, ROWS - m), (0, 0)))  # noqa: E731
-    w_qkv_in = w_qkv if w_qkv is not None else jnp.zeros((d, CHUNK), jnp.bfloat16)  # never read
+    if w_qkv is not None:
+        w_qkv_in = w_qkv
+    else:  # never read
+        w_qkv_in = jnp.zeros((1, d, CHUNK) if tiled else (d, CHUNK), jnp.bfloat16)
     s_attn = (attn_scale if attn_scale is not None else jnp.zeros((d,))).astype(f32)
     kernel = plgpu.kernel(
-        _kernel(dims, cfg, eps, params is not None),
+        _kernel(dims, cfg, eps, params is not None, tiled),
         out_type=(
             jax.ShapeDtypeStruct((ROWS, d), f32),
             jax.ShapeDtypeStruct((ROWS, f), jnp.bfloat16),
@@ -451,6 +513,7 @@ def between_attention_mgpu(
             plgpu.Barrier(num_barriers=cfg.stages),
         ],
         interpret=params,
+        compiler_params=plgpu.CompilerParams(profile_space=64, profile_dir=profile_dir) if profile_dir else None,
         kernel_name="between_attention_mgpu",
     )
     h_out, _, qkv = kernel(

@@ -19,6 +19,7 @@ from pallas_kernels.between_attention_mgpu import (
     between_attention_reference,
     config_for,
     smem_bytes,
+    tile_weights,
 )
 
 BF = jnp.bfloat16
@@ -45,17 +46,24 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize(
-    "m,nq,cfg",
+    "m,nq,cfg,tiled",
     [
-        (1, 384, SpanConfig(blocks=1, stages=3, block_k=128, down_splits=2)),
+        (1, 384, SpanConfig(blocks=1, stages=3, block_k=128, down_splits=2), False),
         # a ring deeper than P1's and P4's tiles: it holds tiles of the next phases at each barrier
-        (3, 384, SpanConfig(blocks=1, stages=8, block_k=64, down_splits=4)),
-        (8, 0, SpanConfig(blocks=1, stages=2, block_k=128, down_splits=1)),  # the last block: no qkv
+        (3, 384, SpanConfig(blocks=1, stages=8, block_k=64, down_splits=4), False),
+        (8, 0, SpanConfig(blocks=1, stages=2, block_k=128, down_splits=1), False),  # the last block: no qkv
+        (2, 384, SpanConfig(blocks=1, stages=5, block_k=64, down_splits=2, overlap=True), False),
+        (1, 384, SpanConfig(blocks=1, stages=4, block_k=128, down_splits=2, overlap=True), True),
     ],
 )
-def test_interpreted_matches_reference(m, nq, cfg):
+def test_interpreted_matches_reference(m, nq, cfg, tiled):
     args = _operands(m, 256, 256, 512, nq)
-    h_out, qkv = between_attention_mgpu(*args, eps=1e-5, config=cfg, interpret=True)
+    o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv = args
+    if tiled:  # each unit's columns contiguous: the same products
+        w_out, w_gu, w_down, w_qkv = tile_weights(w_out, w_gu, w_down, w_qkv)
+    h_out, qkv = between_attention_mgpu(
+        o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, eps=1e-5, config=cfg, interpret=True
+    )
     want_h, want_q = between_attention_reference(*args, eps=1e-5)
     assert h_out.shape == (m, 256) and h_out.dtype == jnp.float32
     # Same operands, float32 accumulation; only the summation order differs.
@@ -98,6 +106,14 @@ def test_lowers_for_cuda_at_csm_shapes(name, shape, rows):
     fn = jax.jit(lambda *a: between_attention_mgpu(*a, eps=1e-5, config=cfg))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "between_attention_mgpu" in text
+
+
+def test_tile_weights_makes_each_units_columns_contiguous():
+    w = jnp.arange(256 * 192, dtype=jnp.float32).reshape(256, 192).astype(BF)
+    (t,) = tile_weights(w)
+    assert t.shape == (3, 256, 64)
+    np.testing.assert_array_equal(t[1], w[:, 64:128])
+    assert tile_weights(None) == (None,)
 
 
 def test_config_for():
