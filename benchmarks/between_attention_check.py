@@ -49,15 +49,16 @@ ORDER = ("w_out", "mlp_scale", "w_gate_up", "w_down", "attn_scale", "w_qkv")
 
 
 def today(o, h, w_out, mlp_scale, w_gate_up, w_down, attn_scale, w_qkv, *, opts):
-    """`Llama.fused_step`'s kernels for the same span: (h_out, qkv) in float32."""
+    """`Llama.fused_step`'s kernels for the same span, with the model's bf16 residual stream
+    (a float32 one sends today's norm_matvec down a slower path): (h_out, qkv) in float32."""
     from jaxtts.llama import gemv, norm_gemv, swiglu
     from pallas_kernels.fused_decode import add_residual, finish
 
     d = h.shape[-1]
-    h2 = add_residual(h, gemv(o, w_out, opts, partials=True))
+    h2 = add_residual(h.astype(BF), gemv(o, w_out, opts, partials=True))
     gate_up = finish(*norm_gemv(h2, mlp_scale, w_gate_up, opts), d, EPS).astype(h2.dtype)
     h3 = add_residual(h2, gemv(swiglu(gate_up), w_down, opts, partials=True))
-    return h3, finish(*norm_gemv(h3, attn_scale, w_qkv, opts), d, EPS)
+    return h3.astype(jnp.float32), finish(*norm_gemv(h3, attn_scale, w_qkv, opts), d, EPS)
 
 
 def _rel(a, b) -> float:
@@ -156,7 +157,8 @@ def variants(shape) -> dict:
         "persistent, overlapped refill": (base._replace(overlap=True), False),
         "persistent, tiled weights": (base, True),
         "persistent, tiled, overlapped": (base._replace(overlap=True), True),
-        "persistent, tiled, overlapped, 6 stages": (base._replace(overlap=True, stages=6), True),
+        "persistent, block_k 256, 4 stages": (base._replace(block_k=256, stages=4), False),
+        "persistent, block_k 256, 4 stages, overlapped": (base._replace(block_k=256, stages=4, overlap=True), False),
         "persistent, 132 programs": (base._replace(blocks=132), False),
     }
     for label, (cfg, tiled) in configs.items():

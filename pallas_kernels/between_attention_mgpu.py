@@ -101,6 +101,12 @@ def tile_weights(*weights):
     return tuple(None if w is None else w.reshape(w.shape[0], -1, CHUNK).transpose(1, 0, 2) for w in weights)
 
 
+def _f32_tiles():
+    """Tiling + swizzle of a float32 shared-memory buffer (32 elements: one 128-byte row) that the
+    WGMMA register layout reads without bank conflicts."""
+    return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+
 def _kn(w):
     """(K, N) of a weight, row-major [K, N] or from tile_weights [N/64, K, 64]."""
     return (w.shape[1], w.shape[0] * w.shape[2]) if w.ndim == 3 else tuple(w.shape)
@@ -133,13 +139,13 @@ class _Dims(NamedTuple):
 
 
 def smem_bytes(dims: _Dims, cfg: SpanConfig) -> int:
-    """One program's shared memory: the weight ring, the larger of the bf16 row buffer (P1, P3)
-    and the float32 one with its norm weights (P2, P4), and the epilogue tiles."""
+    """One program's shared memory: the weight ring, the larger of P1-P3's buffers (bf16 rows, the
+    sums of squares) and P4's (float32 rows, norm weights), and the epilogue tiles."""
     c = dims.chunks
     ring = cfg.stages * cfg.block_k * CHUNK * 2
-    xb = _x_rows(max(c[0], c[2])) * CHUNK * 2
-    xf = _x_rows(c[1]) * CHUNK * 4 + dims.d * 4
-    return ring + max(xb, xf) + MMA_ROWS * CHUNK * (4 + 2)
+    through_p3 = _x_rows(max(c[:3])) * CHUNK * 2 + dims.d // CHUNK * MMA_ROWS * 4 + (CHUNK + MMA_ROWS) * 4
+    p4 = _x_rows(c[3]) * CHUNK * 4 + dims.d * 4 if dims.nq else 0
+    return ring + max(through_p3, p4) + MMA_ROWS * CHUNK * (4 + 2)
 
 
 def config_for(hd: int, d: int, f: int, nq: int = 0, *, blocks: int = 128) -> SpanConfig | None:
@@ -173,11 +179,11 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
     per_k = bk // CHUNK  # chunks per weight tile
     f32, bf16 = jnp.float32, jnp.bfloat16
 
-    def load(ref, layout):
-        return ref[...] if interpreting else plgpu.load(ref, (), layout=layout, optimized=False)
+    def load(ref, layout, optimized=False):
+        return ref[...] if interpreting else plgpu.load(ref, (), layout=layout, optimized=optimized)
 
     def body(*refs):
-        (o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, h_out, act, qkv, ring, ring_bar) = refs
+        (o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, h_out, act, qkv, x2, ss, ring, ring_bar) = refs
         b = lax.axis_index("b")
 
         # This program's units per phase, and where each phase's tiles start in its sequence.
@@ -263,47 +269,12 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                 refill(base + (steps - 1) * per_step)
             return carry
 
-        # Weights depend on nothing: the ring fills before anything else.
-        with jax.named_scope("fill"):
-            for g in range(stages):
-
-                @pl.when(g < total)
-                def _():
-                    issue(jnp.int32(g))
-
         sem = None if g_count == 1 else pl.get_global(plgpu.SemaphoreType.REGULAR)
 
         def barrier(done_phases):
             if sem is not None:
                 pl.semaphore_signal(sem)
                 pl.semaphore_wait(sem, value=g_count * done_phases, decrement=False)
-
-        def a_from_smem(xb):
-            return lambda c, carry: (_x_view(xb, c), carry)
-
-        def a_from_f32(xf, scale_smem, a_stage):
-            """Chunk c of the float32 rows: its share of each row's sum of squares, and bf16(x * s)."""
-
-            def operand(c, ss):
-                x = load(xf.at[pl.ds(c * ROWS, MMA_ROWS)], plgpu.Layout.WGMMA)
-                ss = ss + jnp.sum(x * x, axis=1)
-                s = load(scale_smem.at[c], plgpu.Layout.WGMMA.reduce(0))
-                a = (x * lax.broadcast_in_dim(s, x.shape, [1])).astype(bf16)
-                if interpreting:  # no register A in the interpreter
-                    a_stage[...] = a
-                    plgpu.commit_smem()
-                    return a_stage, ss
-                return a, ss
-
-            return operand
-
-        def zeros_rows():
-            z = jnp.zeros((MMA_ROWS,), f32)
-            return z if interpreting else plgpu.layout_cast(z, plgpu.Layout.WGMMA.reduce(1))
-
-        def norm_factor(ss):
-            r = lax.rsqrt(ss * (1.0 / dims.d) + eps)
-            return lax.broadcast_in_dim(r, (MMA_ROWS, CHUNK), [0])
 
         def store_rows(src, dst, **kw):
             plgpu.commit_smem()
@@ -317,121 +288,189 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
             def _(i):
                 fn(i, b + i * g_count)
 
-        def phase_bf16_rows(p, stage):
-            """P1 / P3: A from bf16 rows (o, or act's K split); the epilogue writes / adds h_out."""
+        def norm_factor(ss):
+            r = lax.rsqrt(ss * (1.0 / dims.d) + eps)
+            return lax.broadcast_in_dim(r, (MMA_ROWS, CHUNK), [0])
 
-            def scoped(xb, xbar, ebar):
-                def unit_body(i, unit):
-                    if p == 0:
-                        cols = pl.ds(unit * CHUNK, CHUNK)
-                        plgpu.copy_gmem_to_smem(h.at[:, cols], stage.at[pl.ds(0, ROWS)], ebar)
-                    else:
-                        cols = pl.ds(lax.rem(unit, dims.d // CHUNK) * CHUNK, CHUNK)
-                        with jax.named_scope("rows"):
-                            _load_x(act, (unit // (dims.d // CHUNK)) * chunks[2], chunks[2], xb, xbar)
-                            plgpu.barrier_wait(xbar)
+        def from_smem(xb):
+            return lambda c, carry: (_x_view(xb, c), carry)
 
-                    def with_acc(acc):
-                        with jax.named_scope("gemv"):
-                            gemv(p, i, [acc], lambda c, carry: (_x_view(xb, c), carry))
-                        if p == 0:
-                            plgpu.barrier_wait(ebar)
-                            stage[...] = load(stage, plgpu.Layout.WGMMA) + acc[...]
-                        else:
-                            stage[...] = acc[...]
+        def p1_out(stage, act_stage, xb, x1bar, ebar, sbar, scale_cols, ss_stage):
+            """h_out = h + o @ W_out for 64 columns; also what P2 reads: those columns of
+            x2 = bf16(h_out * s_mlp) and of each row's sum of squares."""
 
-                    pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
-                    if p == 0:
-                        store_rows(stage, h_out.at[:, cols])
-                    elif interpreting:  # no TMA reduce-add there; one program at a time, so no race
-                        plgpu.copy_gmem_to_smem(h_out.at[:, cols], stage.at[pl.ds(ROWS, ROWS)], ebar)
-                        plgpu.barrier_wait(ebar)
-                        stage[pl.ds(0, ROWS)] = stage[pl.ds(0, ROWS)] + stage[pl.ds(ROWS, ROWS)]
-                        store_rows(stage, h_out.at[:, cols])
-                    else:
-                        store_rows(stage, h_out.at[:, cols], reduction_op="add")
+            def unit_body(i, unit):
+                cols = pl.ds(unit * CHUNK, CHUNK)
+                plgpu.copy_gmem_to_smem(h.at[:, cols], stage.at[pl.ds(0, ROWS)], ebar)
+                plgpu.copy_gmem_to_smem(s_mlp.at[unit], scale_cols, sbar)
 
-                if p == 0:
+                def with_acc(acc):
+                    with jax.named_scope("gemv"):
+                        gemv(0, i, [acc], from_smem(xb))
+                    plgpu.barrier_wait(ebar)
+                    plgpu.barrier_wait(sbar)
+                    h2 = load(stage, plgpu.Layout.WGMMA) + acc[...]
+                    stage[...] = h2
+                    s = load(scale_cols, plgpu.Layout.WGMMA.reduce(0))
+                    act_stage[...] = (h2 * lax.broadcast_in_dim(s, h2.shape, [1])).astype(bf16)
+                    ss_stage[...] = jnp.sum(h2 * h2, axis=1)
 
-                    @pl.when(counts[0] > 0)
-                    @jax.named_scope("rows")
-                    def _():
-                        _load_x(o, 0, chunks[0], xb, xbar)  # an input: no barrier before it
-                        plgpu.barrier_wait(xbar)
+                pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(stage.at[pl.ds(0, ROWS)], h_out.at[:, cols])
+                plgpu.copy_smem_to_gmem(act_stage.at[pl.ds(0, ROWS)], x2.at[:, cols])
+                plgpu.copy_smem_to_gmem(ss_stage, ss.at[unit])
+                plgpu.wait_smem_to_gmem(0)
 
-                units_of(p, unit_body)
+            @pl.when(counts[0] > 0)
+            @jax.named_scope("rows")
+            def _():
+                plgpu.barrier_wait(x1bar)  # o's rows, copied before the weights
 
-            pl.run_scoped(
-                scoped,
-                plgpu.SMEM((_x_rows(max(chunks[0], chunks[2])), CHUNK), bf16, transforms=_tiles(CHUNK)),
-                plgpu.Barrier(num_arrivals=chunks[p]),
-                plgpu.Barrier(num_barriers=1),
-            )
+            units_of(0, unit_body)
 
-        def phase_f32_rows(p, stage, act_stage):
-            """P2 / P4: A from the float32 h_out, normed in registers; SwiGLU or the plain product."""
-            scale = s_mlp if p == 1 else s_attn
+        def p2_gate_up(act_stage, xb, x2bar, ss_all):
+            """act = silu(g) * u for gate and up columns p: A from P1's x2, the norm factor from
+            P1's per-tile sums of squares."""
 
-            def scoped(xf, scale_smem, xbar, a_stage=None):
-                @pl.when(counts[p] > 0)
-                @jax.named_scope("rows")
-                def _():
-                    for c in range(chunks[p]):
-                        plgpu.copy_gmem_to_smem(
-                            h_out.at[:, pl.ds(c * CHUNK, CHUNK)], xf.at[pl.ds(c * ROWS, ROWS)], xbar
-                        )
-                    plgpu.copy_gmem_to_smem(scale, scale_smem, xbar)
-                    plgpu.barrier_wait(xbar)
+            @pl.when(counts[1] > 0)
+            @jax.named_scope("rows")
+            def _():
+                _load_x(x2, 0, chunks[1], xb, x2bar)
+                plgpu.copy_gmem_to_smem(ss, ss_all, x2bar)
+                plgpu.barrier_wait(x2bar)
 
-                def unit_body(i, unit):
-                    cols = pl.ds(unit * CHUNK, CHUNK)
-                    n_acc = 2 if p == 1 else 1
+            def unit_body(i, unit):
+                def with_acc(acc_g, acc_u):
+                    with jax.named_scope("gemv"):
+                        gemv(1, i, [acc_g, acc_u], from_smem(xb))
+                    row = plgpu.Layout.WGMMA.reduce(1)
+                    total_ss = load(ss_all.at[0], row)
+                    for t in range(1, dims.d // CHUNK):
+                        total_ss = total_ss + load(ss_all.at[t], row)
+                    r = norm_factor(total_ss)
+                    gate, up = acc_g[...] * r, acc_u[...] * r
+                    act_stage[...] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(bf16)
 
-                    def with_acc(*accs):
-                        with jax.named_scope("gemv"):
-                            ss = gemv(p, i, list(accs), a_from_f32(xf, scale_smem, a_stage), zeros_rows())
-                        r = norm_factor(ss)
-                        if p == 1:
-                            gate, up = accs[0][...] * r, accs[1][...] * r
-                            act_stage[...] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(bf16)
-                        else:
-                            stage[...] = accs[0][...] * r
+                acc = plgpu.ACC((MMA_ROWS, CHUNK), f32)
+                pl.run_scoped(with_acc, acc, acc)
+                store_rows(act_stage, act.at[:, pl.ds(unit * CHUNK, CHUNK)])
 
-                    pl.run_scoped(with_acc, *[plgpu.ACC((MMA_ROWS, CHUNK), f32)] * n_acc)
-                    if p == 1:
-                        store_rows(act_stage, act.at[:, cols])
-                    else:
-                        store_rows(stage, qkv.at[:, cols])
+            units_of(1, unit_body)
 
-                units_of(p, unit_body)
+        def p3_down(stage, xb, x3bar, ebar):
+            """h_out += act[:, K split s] @ W_down[K split s, 64 columns] (TMA reduce-add)."""
 
-            pl.run_scoped(
-                scoped,
-                plgpu.SMEM((_x_rows(chunks[p]), CHUNK), f32),
-                plgpu.SMEM((dims.d // CHUNK, CHUNK), f32),  # norm weights, a row per chunk (TMA: <= 256 a dim)
-                plgpu.Barrier(num_arrivals=chunks[p] + 1),
-                *([plgpu.SMEM((MMA_ROWS, CHUNK), bf16, transforms=_tiles(CHUNK))] if interpreting else []),
-            )
+            def unit_body(i, unit):
+                cols = pl.ds(lax.rem(unit, dims.d // CHUNK) * CHUNK, CHUNK)
+                with jax.named_scope("rows"):
+                    _load_x(act, (unit // (dims.d // CHUNK)) * chunks[2], chunks[2], xb, x3bar)
+                    plgpu.barrier_wait(x3bar)
 
-        def epilogue_scoped(stage, act_stage):
+                def with_acc(acc):
+                    with jax.named_scope("gemv"):
+                        gemv(2, i, [acc], from_smem(xb))
+                    stage[...] = acc[...]
+
+                pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
+                if interpreting:  # no TMA reduce-add there; one program at a time, so no race
+                    plgpu.copy_gmem_to_smem(h_out.at[:, cols], stage.at[pl.ds(ROWS, ROWS)], ebar)
+                    plgpu.barrier_wait(ebar)
+                    stage[pl.ds(0, ROWS)] = stage[pl.ds(0, ROWS)] + stage[pl.ds(ROWS, ROWS)]
+                    store_rows(stage, h_out.at[:, cols])
+                else:
+                    store_rows(stage, h_out.at[:, cols], reduction_op="add")
+
+            units_of(2, unit_body)
+
+        def p4_qkv(stage, xf, scale_smem, x4bar, a_stage=None):
+            """qkv = rmsnorm(h_out) @ W_qkv for 64 columns: h_out's float32 rows normed and
+            rounded to bf16 in registers, chunk by chunk, as wgmma's A (no one owns whole
+            columns of h_out after P3's reduce-adds, so no producer can do it)."""
+
+            @pl.when(counts[3] > 0)
+            @jax.named_scope("rows")
+            def _():
+                for c in range(chunks[3]):
+                    plgpu.copy_gmem_to_smem(h_out.at[:, pl.ds(c * CHUNK, CHUNK)], xf.at[pl.ds(c * ROWS, ROWS)], x4bar)
+                plgpu.copy_gmem_to_smem(s_attn, scale_smem, x4bar)
+                plgpu.barrier_wait(x4bar)
+
+            def operand(c, ss_rows):
+                x = load(xf.at[pl.ds(c * ROWS, MMA_ROWS)], plgpu.Layout.WGMMA, optimized=True)
+                ss_rows = ss_rows + jnp.sum(x * x, axis=1)
+                s = load(scale_smem.at[c], plgpu.Layout.WGMMA.reduce(0))
+                a = (x * lax.broadcast_in_dim(s, x.shape, [1])).astype(bf16)
+                if interpreting:  # no register A in the interpreter
+                    a_stage[...] = a
+                    plgpu.commit_smem()
+                    return a_stage, ss_rows
+                return a, ss_rows
+
+            def unit_body(i, unit):
+                def with_acc(acc):
+                    zeros = jnp.zeros((MMA_ROWS,), f32)
+                    if not interpreting:
+                        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA.reduce(1))
+                    with jax.named_scope("gemv"):
+                        ss_rows = gemv(3, i, [acc], operand, zeros)
+                    stage[...] = acc[...] * norm_factor(ss_rows)
+
+                pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
+                store_rows(stage, qkv.at[:, pl.ds(unit * CHUNK, CHUNK)])
+
+            units_of(3, unit_body)
+
+        def through_p3(stage, act_stage, xb, x1bar, x2bar, x3bar, ebar, sbar, scale_cols, ss_stage, ss_all):
             # The named scopes are what Mosaic GPU's profiler records (`profile_dir=`).
+            @pl.when(counts[0] > 0)
+            def _():
+                _load_x(o, 0, chunks[0], xb, x1bar)  # tiny, and needed first: ahead of the weights
+
+            with jax.named_scope("fill"):  # weights depend on nothing: the ring fills now
+                for g in range(stages):
+
+                    @pl.when(g < total)
+                    def _():
+                        issue(jnp.int32(g))
+
             with jax.named_scope("P1 out"):
-                phase_bf16_rows(0, stage)
+                p1_out(stage, act_stage, xb, x1bar, ebar, sbar, scale_cols, ss_stage)
             with jax.named_scope("barrier 1"):
                 barrier(1)
             with jax.named_scope("P2 gate_up"):
-                phase_f32_rows(1, stage, act_stage)
+                p2_gate_up(act_stage, xb, x2bar, ss_all)
             with jax.named_scope("barrier 2"):
                 barrier(2)
             with jax.named_scope("P3 down"):
-                phase_bf16_rows(2, stage)
+                p3_down(stage, xb, x3bar, ebar)
+
+        def all_phases(stage, act_stage):
+            pl.run_scoped(
+                lambda *refs: through_p3(stage, act_stage, *refs),
+                plgpu.SMEM((_x_rows(max(chunks[:3])), CHUNK), bf16, transforms=_tiles(CHUNK)),
+                plgpu.Barrier(num_arrivals=chunks[0]),
+                plgpu.Barrier(num_arrivals=chunks[1] + 1),
+                plgpu.Barrier(num_arrivals=chunks[2]),
+                plgpu.Barrier(num_barriers=1),
+                plgpu.Barrier(num_barriers=1),
+                plgpu.SMEM((CHUNK,), f32),
+                plgpu.SMEM((MMA_ROWS,), f32),
+                plgpu.SMEM((dims.d // CHUNK, MMA_ROWS), f32),
+            )
             if dims.nq:
                 with jax.named_scope("barrier 3"):
                     barrier(3)
                 with jax.named_scope("P4 qkv"):
-                    phase_f32_rows(3, stage, act_stage)
+                    pl.run_scoped(
+                        lambda *refs: p4_qkv(stage, *refs),
+                        plgpu.SMEM((_x_rows(chunks[3]), CHUNK), f32, transforms=_f32_tiles()),
+                        plgpu.SMEM((dims.d // CHUNK, CHUNK), f32),  # a row per chunk (TMA: <= 256 a dim)
+                        plgpu.Barrier(num_arrivals=chunks[3] + 1),
+                        *([plgpu.SMEM((MMA_ROWS, CHUNK), bf16, transforms=_tiles(CHUNK))] if interpreting else []),
+                    )
 
-        pl.run_scoped(epilogue_scoped, plgpu.SMEM((MMA_ROWS, CHUNK), f32), plgpu.SMEM((MMA_ROWS, CHUNK), bf16))
+        pl.run_scoped(all_phases, plgpu.SMEM((MMA_ROWS, CHUNK), f32), plgpu.SMEM((MMA_ROWS, CHUNK), bf16))
 
     return body
 
@@ -505,6 +544,8 @@ def between_attention_mgpu(
             jax.ShapeDtypeStruct((ROWS, d), f32),
             jax.ShapeDtypeStruct((ROWS, f), jnp.bfloat16),
             jax.ShapeDtypeStruct((ROWS, max(nq, CHUNK)), f32),
+            jax.ShapeDtypeStruct((ROWS, d), jnp.bfloat16),  # x2: P1 -> P2
+            jax.ShapeDtypeStruct((d // CHUNK, MMA_ROWS), f32),  # sums of squares: P1 -> P2
         ),
         grid=(cfg.blocks,),
         grid_names=("b",),
@@ -516,7 +557,7 @@ def between_attention_mgpu(
         compiler_params=plgpu.CompilerParams(profile_space=64, profile_dir=profile_dir) if profile_dir else None,
         kernel_name="between_attention_mgpu",
     )
-    h_out, _, qkv = kernel(
+    h_out, _, qkv, _, _ = kernel(
         pad(o.astype(jnp.bfloat16)),
         pad(h.astype(f32)),
         w_out,
