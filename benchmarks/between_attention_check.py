@@ -158,8 +158,7 @@ def variants(shape) -> dict:
         "persistent, tiled weights": (base, True),
         "persistent, tiled, overlapped": (base._replace(overlap=True), True),
         "persistent, block_k 256, 4 stages": (base._replace(block_k=256, stages=4), False),
-        "persistent, block_k 256, 4 stages, overlapped": (base._replace(block_k=256, stages=4, overlap=True), False),
-        "persistent, 132 programs": (base._replace(blocks=132), False),
+        "persistent, block_k 256, 4 stages, tiled": (base._replace(block_k=256, stages=4), True),
     }
     for label, (cfg, tiled) in configs.items():
         out[label] = (lambda *a, cfg=cfg: between_attention_mgpu(*a, eps=EPS, config=cfg)), tiled
@@ -219,7 +218,7 @@ def profile_span(name, shape, label, cfg, tiled, out_dir) -> None:
         log(line)
 
 
-def time_spans(name, shape, rows, budget, profile: bool) -> dict:
+def time_spans(name, shape, rows, budget, profile: bool, reps: int = 15) -> dict:
     layers = 8
     weights = _weights(layers, *shape, seed=1)
     hd, d, f, nq = shape
@@ -236,8 +235,8 @@ def time_spans(name, shape, rows, budget, profile: bool) -> dict:
             log(f"| {name} | {rows} | {label} | skipped (budget) |")
             continue
         try:
-            short = _median_s(_chain(span, 8, layers), o, h, ws)
-            long = _median_s(_chain(span, 40, layers), o, h, ws)
+            short = _median_s(_chain(span, 8, layers), o, h, ws, reps=reps)
+            long = _median_s(_chain(span, 40, layers), o, h, ws, reps=reps)
             us = (long - short) / 32 * 1e6
             out[label] = us
             log(f"| {name} | {rows} | {label} | {us:.2f} |")
@@ -258,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--trace-dir", default=None, help="also profile one call per shape inside the kernel (Mosaic GPU's profiler)"
     )
+    ap.add_argument("--reps", type=int, default=15, help="timed runs per chain (median)")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     log(f"# between_attention_mgpu on {dev.device_kind} (jax {jax.__version__})\n")
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     profiles = {}
     for name, shape in shapes.items():
         for m in rows[:1]:
-            for key, value in time_spans(name, shape, m, budget, not args.no_profile).items():
+            for key, value in time_spans(name, shape, m, budget, not args.no_profile, args.reps).items():
                 if isinstance(value, dict):
                     profiles[f"{name}, {m} rows, {key}"] = value
     for key, per in profiles.items():

@@ -4,19 +4,24 @@ Mosaic GPU kernel for Hopper (sm_90). Issue #17, docs/KERNELS.md "the depth step
 persistent kernel", step 2 without the attention: per block, one launch of this and one of the
 attention, where today's fused step launches eight kernels.
 
-`blocks` programs (<= the SM count: they wait for each other, so all must be resident), four
-phases separated by grid barriers (a global counter, `pl.get_global`):
+`blocks` programs (<= the SM count: they wait for each other, so all must be resident), phases
+separated by grid barriers (a global counter, `pl.get_global`):
 
-    P1  h_out = h + o @ W_out           unit j < D/64: 64 columns, all of K
+    P1  h_out = h + o @ W_out           unit j < D/64: 64 columns, all of K; the unit also writes
+                                        x = bf16(h_out * s_mlp) and each row's sum of squares
+                                        over its columns (what a normed GEMV reads)
         ---- barrier ----
     P2  act = silu(g) * u               unit p < F/64: gate columns p and up columns p, all of K;
-        [g | u] = (bf16(h_out * s_mlp) @ W_gate_up) * rsqrt(mean(h_out²) + eps)
+        [g | u] = (x @ W_gate_up) * rsqrt(sum of the sums of squares / D + eps)
         ---- barrier ----
     P3  h_out += act @ W_down           unit (j, s): 64 columns, K split s of down_splits, added
                                         into h_out with a TMA reduce-add (cp.reduce.async.bulk)
         ---- barrier ----
-    P4  qkv = (bf16(h_out * s_attn) @ W_qkv) * rsqrt(mean(h_out²) + eps)   unit j < Nq/64
-                                        (left out for the last block: W_qkv None)
+        norm                            unit j < D/64 reads h_out's finished columns back and
+                                        writes x = bf16(h_out * s_attn) and the sums of squares
+        ---- barrier ----
+    P4  qkv = (x @ W_qkv) * rsqrt(...)  unit j < Nq/64 (the last two left out for the last
+                                        block: W_qkv None)
 
 Program b takes the units b, b + blocks, ... of each phase. Its weight tiles ([block_k, 64]
 bf16, 128-byte swizzle) stream through one `stages`-deep ring of TMA copies in the order the
@@ -25,22 +30,20 @@ with whatever tile comes `stages` later, even one of a later phase. Weights depe
 so while a program waits at a barrier its ring holds the next phase's first tiles, in flight or
 landed (the Hazy-style overlap the plan asks for; block_tail_mgpu restarted a ring per phase).
 
-Activations: each phase reads its whole input row (K) once. P1 and P3 read bf16 rows (o, act)
-into a buffer that wgmma reads as A (block_tail_mgpu's 8-row slots). P2 and P4 read the float32
-residual h_out: each 64-column chunk is loaded into registers (WGMMA layout), its rows' sums of
-squares accumulated, scaled by the norm weights and rounded to bf16 there, and fed to wgmma as
-A from registers; the norm factor multiplies the accumulator after the last K step (as
-`fused_decode.norm_matvec` does). So no phase waits for a separate norm, and the residual
-stream stays float32 inside the kernel.
+Activations: each phase reads its whole input row (K) once, bf16, into 8-row slots that wgmma
+reads as A (block_tail_mgpu's layout); o's rows are copied before the weight ring fills. The
+norm factor multiplies the accumulator after the last K step (as `fused_decode.norm_matvec`
+does), and the residual stream stays float32 inside the kernel. (A first version normed P2's
+and P4's float32 rows in registers, chunk by chunk, as a register A operand: ~1 µs per K step
+on the H200, docs/PERF.md session 12.)
 
 Rows: always 8 (o and h padded with zeros, outputs sliced; block_tail_mgpu's finding). The
 reduce-add makes P3's sum order vary run to run (float32 rounding only).
 
 Interpret mode (CPU tests): Pallas' Mosaic GPU interpreter runs a grid's programs one after
-another and has no semaphores, no TMA reductions and no wgmma with A in registers. With
-`blocks=1` one program does every unit of every phase, so the ring's order across phases is
-exercised and no barrier is needed; the reduce-add becomes load + add + store and the register
-A goes through a shared-memory tile. Everything else is the GPU's code.
+another and has no semaphores and no TMA reductions. With `blocks=1` one program does every
+unit of every phase, so the ring's order across phases is exercised and no barrier is needed;
+the reduce-add becomes load + add + store. Everything else is the GPU's code.
 """
 
 from __future__ import annotations
@@ -101,12 +104,6 @@ def tile_weights(*weights):
     return tuple(None if w is None else w.reshape(w.shape[0], -1, CHUNK).transpose(1, 0, 2) for w in weights)
 
 
-def _f32_tiles():
-    """Tiling + swizzle of a float32 shared-memory buffer (32 elements: one 128-byte row) that the
-    WGMMA register layout reads without bank conflicts."""
-    return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-
-
 def _kn(w):
     """(K, N) of a weight, row-major [K, N] or from tile_weights [N/64, K, 64]."""
     return (w.shape[1], w.shape[0] * w.shape[2]) if w.ndim == 3 else tuple(w.shape)
@@ -139,13 +136,11 @@ class _Dims(NamedTuple):
 
 
 def smem_bytes(dims: _Dims, cfg: SpanConfig) -> int:
-    """One program's shared memory: the weight ring, the larger of P1-P3's buffers (bf16 rows, the
-    sums of squares) and P4's (float32 rows, norm weights), and the epilogue tiles."""
-    c = dims.chunks
+    """One program's shared memory: the weight ring, the bf16 rows wgmma reads as A, the sums of
+    squares, and the epilogue tiles."""
     ring = cfg.stages * cfg.block_k * CHUNK * 2
-    through_p3 = _x_rows(max(c[:3])) * CHUNK * 2 + dims.d // CHUNK * MMA_ROWS * 4 + (CHUNK + MMA_ROWS) * 4
-    p4 = _x_rows(c[3]) * CHUNK * 4 + dims.d * 4 if dims.nq else 0
-    return ring + max(through_p3, p4) + MMA_ROWS * CHUNK * (4 + 2)
+    rows = _x_rows(max(dims.chunks)) * CHUNK * 2
+    return ring + rows + dims.d // CHUNK * MMA_ROWS * 4 + (CHUNK + MMA_ROWS) * 4 + MMA_ROWS * CHUNK * (4 + 2)
 
 
 def config_for(hd: int, d: int, f: int, nq: int = 0, *, blocks: int = 128) -> SpanConfig | None:
@@ -172,6 +167,22 @@ def config_for(hd: int, d: int, f: int, nq: int = 0, *, blocks: int = 128) -> Sp
 # --- the kernel -----------------------------------------------------------------------------------
 
 
+class _Bufs(NamedTuple):
+    """The kernel's shared memory besides the weight ring (what each is for: `_kernel`)."""
+
+    stage: object
+    act_stage: object
+    xb: object
+    x1bar: object
+    x2bar: object
+    x3bar: object
+    ebar: object
+    sbar: object
+    scale_cols: object
+    ss_stage: object
+    ss_all: object
+
+
 def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled: bool):
     g_count, stages, bk = cfg.blocks, cfg.stages, cfg.block_k
     units, tiles, chunks = dims.units, dims.tiles(bk), dims.chunks
@@ -179,11 +190,11 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
     per_k = bk // CHUNK  # chunks per weight tile
     f32, bf16 = jnp.float32, jnp.bfloat16
 
-    def load(ref, layout, optimized=False):
-        return ref[...] if interpreting else plgpu.load(ref, (), layout=layout, optimized=optimized)
+    def load(ref, layout):
+        return ref[...] if interpreting else plgpu.load(ref, (), layout=layout, optimized=False)
 
     def body(*refs):
-        (o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, h_out, act, qkv, x2, ss, ring, ring_bar) = refs
+        (o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, h_out, act, qkv, x_rows, ss, ring, ring_bar) = refs
         b = lax.axis_index("b")
 
         # This program's units per phase, and where each phase's tiles start in its sequence.
@@ -295,138 +306,135 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
         def from_smem(xb):
             return lambda c, carry: (_x_view(xb, c), carry)
 
-        def p1_out(stage, act_stage, xb, x1bar, ebar, sbar, scale_cols, ss_stage):
-            """h_out = h + o @ W_out for 64 columns; also what P2 reads: those columns of
-            x2 = bf16(h_out * s_mlp) and of each row's sum of squares."""
+        def normed_rows(bufs, h_val, scale, unit):
+            """Write what a normed GEMV reads for columns `unit` of a complete float32 row block
+            h_val (WGMMA layout, rows past 8 unused): x = bf16(h * scale) and each row's sum of
+            squares over these columns."""
+            plgpu.copy_gmem_to_smem(scale.at[unit], bufs.scale_cols, bufs.sbar)
+            plgpu.barrier_wait(bufs.sbar)
+            s = load(bufs.scale_cols, plgpu.Layout.WGMMA.reduce(0))
+            bufs.act_stage[...] = (h_val * lax.broadcast_in_dim(s, h_val.shape, [1])).astype(bf16)
+            bufs.ss_stage[...] = jnp.sum(h_val * h_val, axis=1)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(bufs.act_stage.at[pl.ds(0, ROWS)], x_rows.at[:, pl.ds(unit * CHUNK, CHUNK)])
+            plgpu.copy_smem_to_gmem(bufs.ss_stage, ss.at[unit])
+
+        def p1_out(bufs):
+            """h_out = h + o @ W_out for 64 columns, and P2's normed rows of them."""
 
             def unit_body(i, unit):
                 cols = pl.ds(unit * CHUNK, CHUNK)
-                plgpu.copy_gmem_to_smem(h.at[:, cols], stage.at[pl.ds(0, ROWS)], ebar)
-                plgpu.copy_gmem_to_smem(s_mlp.at[unit], scale_cols, sbar)
+                plgpu.copy_gmem_to_smem(h.at[:, cols], bufs.stage.at[pl.ds(0, ROWS)], bufs.ebar)
 
                 def with_acc(acc):
                     with jax.named_scope("gemv"):
-                        gemv(0, i, [acc], from_smem(xb))
-                    plgpu.barrier_wait(ebar)
-                    plgpu.barrier_wait(sbar)
-                    h2 = load(stage, plgpu.Layout.WGMMA) + acc[...]
-                    stage[...] = h2
-                    s = load(scale_cols, plgpu.Layout.WGMMA.reduce(0))
-                    act_stage[...] = (h2 * lax.broadcast_in_dim(s, h2.shape, [1])).astype(bf16)
-                    ss_stage[...] = jnp.sum(h2 * h2, axis=1)
+                        gemv(0, i, [acc], from_smem(bufs.xb))
+                    plgpu.barrier_wait(bufs.ebar)
+                    h2 = load(bufs.stage, plgpu.Layout.WGMMA) + acc[...]
+                    bufs.stage[...] = h2
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(bufs.stage.at[pl.ds(0, ROWS)], h_out.at[:, cols])
+                    normed_rows(bufs, h2, s_mlp, unit)
+                    plgpu.wait_smem_to_gmem(0)
 
                 pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(stage.at[pl.ds(0, ROWS)], h_out.at[:, cols])
-                plgpu.copy_smem_to_gmem(act_stage.at[pl.ds(0, ROWS)], x2.at[:, cols])
-                plgpu.copy_smem_to_gmem(ss_stage, ss.at[unit])
-                plgpu.wait_smem_to_gmem(0)
 
             @pl.when(counts[0] > 0)
             @jax.named_scope("rows")
             def _():
-                plgpu.barrier_wait(x1bar)  # o's rows, copied before the weights
+                plgpu.barrier_wait(bufs.x1bar)  # o's rows, copied before the weights
 
             units_of(0, unit_body)
 
-        def p2_gate_up(act_stage, xb, x2bar, ss_all):
-            """act = silu(g) * u for gate and up columns p: A from P1's x2, the norm factor from
-            P1's per-tile sums of squares."""
+        def norm_rows_of_h_out(bufs):
+            """P4's normed rows: after P3's reduce-adds no unit owns whole columns of h_out, so the
+            column owners read the finished columns back and write x and the sums of squares."""
 
-            @pl.when(counts[1] > 0)
+            @pl.loop(b, dims.d // CHUNK, step=g_count)
+            def _(unit):
+                plgpu.copy_gmem_to_smem(
+                    h_out.at[:, pl.ds(unit * CHUNK, CHUNK)], bufs.stage.at[pl.ds(0, ROWS)], bufs.ebar
+                )
+                plgpu.barrier_wait(bufs.ebar)
+                normed_rows(bufs, load(bufs.stage, plgpu.Layout.WGMMA), s_attn, unit)
+                plgpu.wait_smem_to_gmem(0)
+
+        def normed_gemv(p, bufs, epilogue):
+            """P2 / P4: acc[w] = (x @ tile w) * rsqrt(mean(h²) + eps) for this program's units,
+            x and the sums of squares as the column owners wrote them; epilogue(i, unit, accs)."""
+
+            @pl.when(counts[p] > 0)
             @jax.named_scope("rows")
             def _():
-                _load_x(x2, 0, chunks[1], xb, x2bar)
-                plgpu.copy_gmem_to_smem(ss, ss_all, x2bar)
-                plgpu.barrier_wait(x2bar)
+                _load_x(x_rows, 0, chunks[p], bufs.xb, bufs.x2bar)
+                plgpu.copy_gmem_to_smem(ss, bufs.ss_all, bufs.x2bar)
+                plgpu.barrier_wait(bufs.x2bar)
+
+            n_acc = 2 if p == 1 else 1
 
             def unit_body(i, unit):
-                def with_acc(acc_g, acc_u):
+                def with_acc(*accs):
                     with jax.named_scope("gemv"):
-                        gemv(1, i, [acc_g, acc_u], from_smem(xb))
+                        gemv(p, i, list(accs), from_smem(bufs.xb))
                     row = plgpu.Layout.WGMMA.reduce(1)
-                    total_ss = load(ss_all.at[0], row)
+                    total_ss = load(bufs.ss_all.at[0], row)
                     for t in range(1, dims.d // CHUNK):
-                        total_ss = total_ss + load(ss_all.at[t], row)
+                        total_ss = total_ss + load(bufs.ss_all.at[t], row)
                     r = norm_factor(total_ss)
-                    gate, up = acc_g[...] * r, acc_u[...] * r
-                    act_stage[...] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(bf16)
+                    epilogue(unit, [acc[...] * r for acc in accs])
 
-                acc = plgpu.ACC((MMA_ROWS, CHUNK), f32)
-                pl.run_scoped(with_acc, acc, acc)
-                store_rows(act_stage, act.at[:, pl.ds(unit * CHUNK, CHUNK)])
+                pl.run_scoped(with_acc, *[plgpu.ACC((MMA_ROWS, CHUNK), f32)] * n_acc)
 
-            units_of(1, unit_body)
+            units_of(p, unit_body)
 
-        def p3_down(stage, xb, x3bar, ebar):
+        def swiglu_out(bufs):
+            def epilogue(unit, accs):
+                gate, up = accs
+                bufs.act_stage[...] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(bf16)
+                store_rows(bufs.act_stage, act.at[:, pl.ds(unit * CHUNK, CHUNK)])
+
+            return epilogue
+
+        def qkv_out(bufs):
+            def epilogue(unit, accs):
+                bufs.stage[...] = accs[0]
+                store_rows(bufs.stage, qkv.at[:, pl.ds(unit * CHUNK, CHUNK)])
+
+            return epilogue
+
+        def p3_down(bufs):
             """h_out += act[:, K split s] @ W_down[K split s, 64 columns] (TMA reduce-add)."""
 
             def unit_body(i, unit):
                 cols = pl.ds(lax.rem(unit, dims.d // CHUNK) * CHUNK, CHUNK)
                 with jax.named_scope("rows"):
-                    _load_x(act, (unit // (dims.d // CHUNK)) * chunks[2], chunks[2], xb, x3bar)
-                    plgpu.barrier_wait(x3bar)
+                    _load_x(act, (unit // (dims.d // CHUNK)) * chunks[2], chunks[2], bufs.xb, bufs.x3bar)
+                    plgpu.barrier_wait(bufs.x3bar)
 
                 def with_acc(acc):
                     with jax.named_scope("gemv"):
-                        gemv(2, i, [acc], from_smem(xb))
-                    stage[...] = acc[...]
+                        gemv(2, i, [acc], from_smem(bufs.xb))
+                    bufs.stage[...] = acc[...]
 
                 pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
                 if interpreting:  # no TMA reduce-add there; one program at a time, so no race
-                    plgpu.copy_gmem_to_smem(h_out.at[:, cols], stage.at[pl.ds(ROWS, ROWS)], ebar)
-                    plgpu.barrier_wait(ebar)
-                    stage[pl.ds(0, ROWS)] = stage[pl.ds(0, ROWS)] + stage[pl.ds(ROWS, ROWS)]
-                    store_rows(stage, h_out.at[:, cols])
+                    plgpu.copy_gmem_to_smem(h_out.at[:, cols], bufs.stage.at[pl.ds(ROWS, ROWS)], bufs.ebar)
+                    plgpu.barrier_wait(bufs.ebar)
+                    bufs.stage[pl.ds(0, ROWS)] = bufs.stage[pl.ds(0, ROWS)] + bufs.stage[pl.ds(ROWS, ROWS)]
+                    store_rows(bufs.stage, h_out.at[:, cols])
                 else:
-                    store_rows(stage, h_out.at[:, cols], reduction_op="add")
+                    store_rows(bufs.stage, h_out.at[:, cols], reduction_op="add")
 
             units_of(2, unit_body)
 
-        def p4_qkv(stage, xf, scale_smem, x4bar, a_stage=None):
-            """qkv = rmsnorm(h_out) @ W_qkv for 64 columns: h_out's float32 rows normed and
-            rounded to bf16 in registers, chunk by chunk, as wgmma's A (no one owns whole
-            columns of h_out after P3's reduce-adds, so no producer can do it)."""
+        def all_phases(*refs):
+            bufs = _Bufs(*refs)
 
-            @pl.when(counts[3] > 0)
-            @jax.named_scope("rows")
-            def _():
-                for c in range(chunks[3]):
-                    plgpu.copy_gmem_to_smem(h_out.at[:, pl.ds(c * CHUNK, CHUNK)], xf.at[pl.ds(c * ROWS, ROWS)], x4bar)
-                plgpu.copy_gmem_to_smem(s_attn, scale_smem, x4bar)
-                plgpu.barrier_wait(x4bar)
-
-            def operand(c, ss_rows):
-                x = load(xf.at[pl.ds(c * ROWS, MMA_ROWS)], plgpu.Layout.WGMMA, optimized=True)
-                ss_rows = ss_rows + jnp.sum(x * x, axis=1)
-                s = load(scale_smem.at[c], plgpu.Layout.WGMMA.reduce(0))
-                a = (x * lax.broadcast_in_dim(s, x.shape, [1])).astype(bf16)
-                if interpreting:  # no register A in the interpreter
-                    a_stage[...] = a
-                    plgpu.commit_smem()
-                    return a_stage, ss_rows
-                return a, ss_rows
-
-            def unit_body(i, unit):
-                def with_acc(acc):
-                    zeros = jnp.zeros((MMA_ROWS,), f32)
-                    if not interpreting:
-                        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA.reduce(1))
-                    with jax.named_scope("gemv"):
-                        ss_rows = gemv(3, i, [acc], operand, zeros)
-                    stage[...] = acc[...] * norm_factor(ss_rows)
-
-                pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
-                store_rows(stage, qkv.at[:, pl.ds(unit * CHUNK, CHUNK)])
-
-            units_of(3, unit_body)
-
-        def through_p3(stage, act_stage, xb, x1bar, x2bar, x3bar, ebar, sbar, scale_cols, ss_stage, ss_all):
-            # The named scopes are what Mosaic GPU's profiler records (`profile_dir=`).
             @pl.when(counts[0] > 0)
             def _():
-                _load_x(o, 0, chunks[0], xb, x1bar)  # tiny, and needed first: ahead of the weights
+                _load_x(o, 0, chunks[0], bufs.xb, bufs.x1bar)  # tiny, and needed first: ahead of the weights
 
+            # The named scopes are what Mosaic GPU's profiler records (`profile_dir=`).
             with jax.named_scope("fill"):  # weights depend on nothing: the ring fills now
                 for g in range(stages):
 
@@ -435,42 +443,39 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                         issue(jnp.int32(g))
 
             with jax.named_scope("P1 out"):
-                p1_out(stage, act_stage, xb, x1bar, ebar, sbar, scale_cols, ss_stage)
+                p1_out(bufs)
             with jax.named_scope("barrier 1"):
                 barrier(1)
             with jax.named_scope("P2 gate_up"):
-                p2_gate_up(act_stage, xb, x2bar, ss_all)
+                normed_gemv(1, bufs, swiglu_out(bufs))
             with jax.named_scope("barrier 2"):
                 barrier(2)
             with jax.named_scope("P3 down"):
-                p3_down(stage, xb, x3bar, ebar)
-
-        def all_phases(stage, act_stage):
-            pl.run_scoped(
-                lambda *refs: through_p3(stage, act_stage, *refs),
-                plgpu.SMEM((_x_rows(max(chunks[:3])), CHUNK), bf16, transforms=_tiles(CHUNK)),
-                plgpu.Barrier(num_arrivals=chunks[0]),
-                plgpu.Barrier(num_arrivals=chunks[1] + 1),
-                plgpu.Barrier(num_arrivals=chunks[2]),
-                plgpu.Barrier(num_barriers=1),
-                plgpu.Barrier(num_barriers=1),
-                plgpu.SMEM((CHUNK,), f32),
-                plgpu.SMEM((MMA_ROWS,), f32),
-                plgpu.SMEM((dims.d // CHUNK, MMA_ROWS), f32),
-            )
+                p3_down(bufs)
             if dims.nq:
                 with jax.named_scope("barrier 3"):
                     barrier(3)
+                with jax.named_scope("P3 norm"):
+                    norm_rows_of_h_out(bufs)
+                with jax.named_scope("barrier 4"):
+                    barrier(4)
                 with jax.named_scope("P4 qkv"):
-                    pl.run_scoped(
-                        lambda *refs: p4_qkv(stage, *refs),
-                        plgpu.SMEM((_x_rows(chunks[3]), CHUNK), f32, transforms=_f32_tiles()),
-                        plgpu.SMEM((dims.d // CHUNK, CHUNK), f32),  # a row per chunk (TMA: <= 256 a dim)
-                        plgpu.Barrier(num_arrivals=chunks[3] + 1),
-                        *([plgpu.SMEM((MMA_ROWS, CHUNK), bf16, transforms=_tiles(CHUNK))] if interpreting else []),
-                    )
+                    normed_gemv(3, bufs, qkv_out(bufs))
 
-        pl.run_scoped(all_phases, plgpu.SMEM((MMA_ROWS, CHUNK), f32), plgpu.SMEM((MMA_ROWS, CHUNK), bf16))
+        pl.run_scoped(
+            all_phases,
+            plgpu.SMEM((MMA_ROWS, CHUNK), f32),  # stage: float32 epilogue tile
+            plgpu.SMEM((MMA_ROWS, CHUNK), bf16),  # act_stage: bf16 epilogue tile
+            plgpu.SMEM((_x_rows(max(chunks)), CHUNK), bf16, transforms=_tiles(CHUNK)),  # xb: A rows
+            plgpu.Barrier(num_arrivals=chunks[0]),  # x1bar: o
+            plgpu.Barrier(num_arrivals=chunks[1] + 1),  # x2bar: normed rows + sums of squares
+            plgpu.Barrier(num_arrivals=chunks[2]),  # x3bar: act's K split
+            plgpu.Barrier(num_barriers=1),  # ebar: an h / h_out tile
+            plgpu.Barrier(num_barriers=1),  # sbar: norm weights of 64 columns
+            plgpu.SMEM((CHUNK,), f32),  # scale_cols
+            plgpu.SMEM((MMA_ROWS,), f32),  # ss_stage
+            plgpu.SMEM((dims.d // CHUNK, MMA_ROWS), f32),  # ss_all
+        )
 
     return body
 
@@ -544,8 +549,8 @@ def between_attention_mgpu(
             jax.ShapeDtypeStruct((ROWS, d), f32),
             jax.ShapeDtypeStruct((ROWS, f), jnp.bfloat16),
             jax.ShapeDtypeStruct((ROWS, max(nq, CHUNK)), f32),
-            jax.ShapeDtypeStruct((ROWS, d), jnp.bfloat16),  # x2: P1 -> P2
-            jax.ShapeDtypeStruct((d // CHUNK, MMA_ROWS), f32),  # sums of squares: P1 -> P2
+            jax.ShapeDtypeStruct((ROWS, d), jnp.bfloat16),  # normed rows: P1 -> P2, P3 -> P4
+            jax.ShapeDtypeStruct((d // CHUNK, MMA_ROWS), f32),  # their sums of squares
         ),
         grid=(cfg.blocks,),
         grid_names=("b",),

@@ -120,7 +120,8 @@ def test_config_for():
     cfg = config_for(1024, 1024, 8192, 1536)
     assert cfg.down_splits == 8 and cfg.stages == 8  # 16 column tiles x 8 splits = 128 down units
     back = config_for(2048, 2048, 8192, 3072)
-    assert back.down_splits == 4 and back.stages < 8  # the wider float32 rows leave less ring
+    assert back.down_splits == 4 and back.stages == 8  # 32 column tiles x 4 splits
+    assert config_for(1024, 1024, 8192, 1536, blocks=64).down_splits == 4
     assert config_for(1024, 1000, 8192) is None
 
 
