@@ -291,7 +291,7 @@ def main(argv=None) -> int:
             base = config_for(*shape)
             for label, cfg, tiled in (
                 ("default", base, False),
-                ("tiled, overlapped", base._replace(overlap=True), True),
+                ("block_k 256, 4 stages", base._replace(block_k=256, stages=4), False),
             ):
                 try:
                     profile_span(name, shape, label, cfg, tiled, args.trace_dir)
