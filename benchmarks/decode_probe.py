@@ -34,6 +34,8 @@ VARIANTS = {
     "no_step_attention": dict(step_attention=False),
     "untuned": dict(matvec_tuned=()),
     "block_tail": dict(block_tail=True),  # pallas_kernels.block_tail_mgpu in the fused step
+    # pallas_kernels.between_attention_mgpu: two kernels a block in the fused step
+    "between_attention": dict(between_attention=True),
     # the depth decoder's 30-step scan unrolled: fewer loop iterations, longer compile
     **{f"unroll{u}": dict(depth_unroll=u) for u in (2, 3, 5, 10, 15, 30)},
     # --tune-matvec adds matvec_tuned and fused64_tuned: the swept configs as DecodeOptions.matvec_tuned

@@ -311,30 +311,37 @@ class Llama(nnx.Module):
 
     def fused_step(self, x, start, cache: KVCache, opts: DecodeOptions, *, final_norm: bool = True):
         """`__call__` for one new position per row (x [B,1,D]) through the fused Pallas kernels
-        (pallas_kernels/fused_decode.py): the same computation in eight kernels per block.
+        (pallas_kernels/fused_decode.py): the same computation in eight kernels per block, or,
+        with `opts.between_attention`, two (the attention, and everything up to the next one).
         With final_norm=False, returns the last residual stream [B, D] before the final norm
         (for a caller that folds the norm into its output projection)."""
         from pallas_kernels.block_tail_mgpu import block_tail_mgpu
-        from pallas_kernels.fused_decode import add_residual, attention_step, finish
+        from pallas_kernels.fused_decode import add_residual, apply_rope, attention_step, finish
 
         cfg = self.cfg
         pos = jnp.minimum(start, cfg.max_seq_len - 1)
         rope = (self.rope_cos[...][pos], self.rope_sin[...][pos])
+        rope_heads = cfg.num_heads + cfg.num_kv_heads
         h, parts = x[:, 0], None
+        qkv_next = None  # the next block's normed qkv, when the span kernel made it
         ks, vs = [], []
+        n_layers = len(self.layers)
         for i, (layer, kc, vc) in enumerate(zip(self.layers, cache.k, cache.v)):
             attn, mlp = layer.attn, layer.mlp
             with jax.named_scope(f"layer{i}"):
-                h = add_residual(h, parts)  # the previous block's MLP output
-                qkv, ss = norm_gemv(
-                    h,
-                    layer.attn_norm.scale[...],
-                    weight(attn, "qkv"),
-                    opts,
-                    rope=rope,
-                    head_dim=cfg.head_dim,
-                    rope_heads=cfg.num_heads + cfg.num_kv_heads,
-                )
+                if qkv_next is None:
+                    h = add_residual(h, parts)  # the previous block's MLP output
+                    qkv, ss = norm_gemv(
+                        h,
+                        layer.attn_norm.scale[...],
+                        weight(attn, "qkv"),
+                        opts,
+                        rope=rope,
+                        head_dim=cfg.head_dim,
+                        rope_heads=rope_heads,
+                    )
+                else:  # normed already; RoPE is not in the span kernel
+                    qkv, ss = apply_rope(qkv_next, rope, head_dim=cfg.head_dim, rope_heads=rope_heads)[None], None
                 o, kc, vc = attention_step(
                     qkv,
                     ss,
@@ -346,9 +353,19 @@ class Llama(nnx.Module):
                     eps=cfg.norm_eps,
                     interpret=opts.interpret,
                 )
+                nxt = self.layers[i + 1] if i + 1 < n_layers else None
+                span = between_attention_args(layer, nxt, h.shape[0], opts)
                 tail = (weight(attn, "out"), weight(mlp, "gate_up"), weight(mlp, "down"))
-                tail_config = block_tail_config(h.shape[0], tail, opts)
-                if tail_config is not None:  # out → gate_up → down in one kernel
+                tail_config = None if span is not None else block_tail_config(h.shape[0], tail, opts)
+                if span is not None:  # out → … → the next qkv in one kernel; h stays float32
+                    from pallas_kernels.between_attention_mgpu import between_attention_mgpu
+
+                    weights, config = span
+                    h, qkv_next = between_attention_mgpu(
+                        o.astype(jnp.bfloat16), h, *weights, eps=cfg.norm_eps, config=config, interpret=opts.interpret
+                    )
+                    parts = None
+                elif tail_config is not None:  # out → gate_up → down in one kernel
                     h, parts = block_tail_mgpu(
                         o.astype(jnp.bfloat16),
                         h,
@@ -360,6 +377,7 @@ class Llama(nnx.Module):
                         fused=not opts.interpret,
                         interpret=opts.interpret,
                     )
+                    qkv_next = None
                 else:
                     h = add_residual(h, gemv(o, tail[0], opts, partials=True))
                     gate_up = finish(
@@ -368,10 +386,34 @@ class Llama(nnx.Module):
                         cfg.norm_eps,
                     ).astype(h.dtype)
                     parts = gemv(swiglu(gate_up), tail[2], opts, partials=True)
+                    qkv_next = None
             ks.append(kc)
             vs.append(vc)
-        h = add_residual(h, parts)
+        h = add_residual(h, parts).astype(x.dtype)
         return (self.norm(h)[:, None] if final_norm else h), KVCache(k=ks, v=vs)
+
+
+def between_attention_args(layer, nxt, rows: int, opts: DecodeOptions):
+    """((W_out, mlp norm, W_gate_up, W_down, next attn norm, next W_qkv), config) for
+    `pallas_kernels.between_attention_mgpu` over the span from `layer`'s attention to `nxt`'s
+    (None: the last block, whose span ends at its residual), or None when the options do not ask
+    for it or the weights do not fit it."""
+    weights = [
+        weight(layer.attn, "out"),
+        layer.mlp_norm.scale[...],
+        weight(layer.mlp, "gate_up"),
+        weight(layer.mlp, "down"),
+    ]
+    weights += [None, None] if nxt is None else [nxt.attn_norm.scale[...], weight(nxt.attn, "qkv")]
+    matrices = [weights[i] for i in (0, 2, 3, 5) if weights[i] is not None]
+    if not opts.uses_between_attention(rows, matrices):
+        return None
+    from pallas_kernels.between_attention_mgpu import config_for
+
+    (hd, d), f = weights[0].shape, weights[3].shape[0]
+    nq = 0 if nxt is None else weights[5].shape[1]
+    config = config_for(hd, d, f, nq, blocks=1 if opts.interpret else 128)
+    return None if config is None else (tuple(weights), config)
 
 
 def block_tail_config(rows: int, tail, opts: DecodeOptions):

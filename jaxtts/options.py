@@ -67,6 +67,12 @@ class DecodeOptions:
                           (pallas_kernels.block_tail_mgpu; Hopper, bfloat16 weights) instead of
                           five kernels (its three phases as three kernels in the interpreter);
                           off by default: slower on the H200 (docs/PERF.md, session 7)
+    between_attention     in the fused step, everything between two attentions (out projection,
+                          residual, norm, gate/up, SwiGLU, down, residual, the next block's norm
+                          and qkv) as one persistent Mosaic GPU kernel
+                          (pallas_kernels.between_attention_mgpu; Hopper, bfloat16 weights, at
+                          most 8 rows) instead of seven kernels; off by default (docs/PERF.md,
+                          session 12)
     mosaic                the device runs the Mosaic GPU kernels (`mosaic_gpu_capable`: Hopper);
                           set by `default_options` from the device, required by every Mosaic
                           GPU option above when compiled (the interpreter runs them anywhere)
@@ -87,6 +93,7 @@ class DecodeOptions:
     int8_kernels: bool = True
     int8_convert: str = "cvt"
     block_tail: bool = False
+    between_attention: bool = False
     mosaic: bool = False
 
     def __post_init__(self):
@@ -141,6 +148,18 @@ class DecodeOptions:
             self.block_tail
             and (self.mosaic or self.interpret)
             and self.uses_fused_step(rows)
+            and all(getattr(w, "dtype", None) == jnp.bfloat16 for w in weights)
+        )
+
+    def uses_between_attention(self, rows: int, weights) -> bool:
+        """Whether a fused step of `rows` rows runs its spans from one attention to the next
+        as `between_attention_mgpu`: asked for, on a device that runs Mosaic GPU kernels (or
+        interpreted), at most 8 rows, and the weights plain bfloat16 arrays it can stream."""
+        return (
+            self.between_attention
+            and (self.mosaic or self.interpret)
+            and self.uses_fused_step(rows)
+            and rows <= 8
             and all(getattr(w, "dtype", None) == jnp.bfloat16 for w in weights)
         )
 

@@ -72,15 +72,21 @@ def norm_matvec_reference(x, scale, w, *, eps, rope=None, head_dim=None, rope_he
     if w_scale is not None:
         y = y * w_scale.astype(jnp.float32)
     if rope is not None:
-        cos, sin = rope
-        m, n = y.shape
-        yh = y.reshape(m, n // head_dim, 2, head_dim // 2)
-        lo, hi = yh[:, :, 0], yh[:, :, 1]
-        c, s = cos[:, None], sin[:, None]
-        rot = jnp.stack([lo * c - hi * s, hi * c + lo * s], axis=2)
-        is_rope = (jnp.arange(n // head_dim) < rope_heads)[None, :, None, None]
-        y = jnp.where(is_rope, rot, yh).reshape(m, n)
+        y = apply_rope(y, rope, head_dim=head_dim, rope_heads=rope_heads)
     return y
+
+
+def apply_rope(y, rope, *, head_dim: int, rope_heads: int):
+    """RoPE on the first `rope_heads` heads of y [M, N] (heads of `head_dim` columns, halves
+    layout), cos/sin [M, head_dim/2]: what norm_matvec's `rope=` does in its epilogue."""
+    cos, sin = rope
+    m, n = y.shape
+    yh = y.reshape(m, n // head_dim, 2, head_dim // 2)
+    lo, hi = yh[:, :, 0], yh[:, :, 1]
+    c, s = cos[:, None], sin[:, None]
+    rot = jnp.stack([lo * c - hi * s, hi * c + lo * s], axis=2)
+    is_rope = (jnp.arange(n // head_dim) < rope_heads)[None, :, None, None]
+    return jnp.where(is_rope, rot, yh).reshape(m, n)
 
 
 def attention_step_reference(qkv, k_cache, v_cache, pos, *, num_heads):

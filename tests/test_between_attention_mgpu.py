@@ -10,7 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxtts.config import LlamaConfig
+from jaxtts.llama import KVCache, Llama, between_attention_args
+from jaxtts.options import DecodeOptions
 from pallas_kernels.between_attention_mgpu import (
     SMEM_LIMIT,
     SpanConfig,
@@ -151,3 +155,37 @@ def test_compiled_matches_reference(m):
     want_h, want_q = between_attention_reference(*args, eps=1e-5)
     assert np.isfinite(np.asarray(h_out)).all() and np.isfinite(np.asarray(qkv)).all()
     assert _rel(h_out, want_h) < 1e-3 and _rel(qkv, want_q) < 1e-2
+
+
+def test_fused_step_with_the_span_kernel_matches_without():
+    """A three-layer bfloat16 Llama step (interpreted kernels): the span kernel's path (two
+    kernels a block, the residual stream float32 inside) gives the eight-kernel path's hidden state
+    and caches to bf16 rounding; the last block's span has no qkv."""
+    cfg = LlamaConfig(num_layers=3, num_heads=2, num_kv_heads=1, embed_dim=256, intermediate_dim=256, max_seq_len=32)
+    model = Llama(cfg, dtype=BF, rngs=nnx.Rngs(0))
+    cache = KVCache.zeros(cfg, 2, 32, BF)
+    x = jax.random.normal(jax.random.key(1), (2, 1, 256), BF)
+    start = jnp.array([0, 5], jnp.int32)
+    opts = DecodeOptions(attention="pallas_interpret")
+    layers = model.layers
+    assert between_attention_args(layers[0], layers[1], 2, opts) is None  # off unless asked for
+    on = opts.replace(between_attention=True)
+    weights, config = between_attention_args(layers[0], layers[1], 2, on)
+    assert config.blocks == 1 and weights[5].shape == (256, 512)
+    assert between_attention_args(layers[2], None, 2, on)[0][4:] == (None, None)
+    assert between_attention_args(layers[0], layers[1], 9, on) is None  # more rows than the kernel takes
+    want, want_cache = model.fused_step(x, start, cache, opts)
+    got, got_cache = model.fused_step(x, start, cache, on)
+    assert got.dtype == want.dtype
+    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.linalg.norm(g - w) / np.linalg.norm(w) < 2e-2
+    for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_the_option_needs_a_mosaic_device():
+    w = [jnp.zeros((256, 256), BF)]
+    on = DecodeOptions(attention="pallas", between_attention=True)
+    assert not on.uses_between_attention(1, w)  # compiled, on a device without Mosaic GPU
+    assert on.replace(mosaic=True).uses_between_attention(1, w)
+    assert not on.replace(mosaic=True).uses_between_attention(1, [w[0].astype(jnp.float32)])
