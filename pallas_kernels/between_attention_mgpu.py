@@ -239,12 +239,11 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                         tile_src(p, unit, lax.rem(local, tiles[p])), ring.at[slot], ring_bar.at[slot]
                     )
 
-        def gemv(p, i, accs, operand, carry=None):
-            """accs[w] += A @ (tile w of each K step) over the unit's K steps, A's chunk c from
-            operand(c, carry) -> (A, carry); each slot is refilled as soon as its products are done."""
+        def gemv(p, i, accs, xb):
+            """accs[w] += x @ (tile w of each K step) over the i-th unit of phase p, x's rows in
+            xb's 8-row slots; each ring slot is refilled as soon as its products are done."""
             per_step = len(accs)
             base = starts[p] + i * tiles[p]
-
             steps = tiles[p] // per_step
 
             def refill(g0):
@@ -254,12 +253,12 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                     def _():
                         issue(g0 + w + stages)
 
-            def step(k, carry):
+            def step(k, _):
                 g0 = base + k * per_step
                 for w in range(per_step):
                     plgpu.barrier_wait(ring_bar.at[lax.rem(g0 + w, stages)])
                 for c in range(per_k):
-                    a, carry = operand(k * per_k + c, carry)
+                    a = _x_view(xb, k * per_k + c)
                     for w, acc in enumerate(accs):
                         plgpu.wgmma(acc, a, ring.at[lax.rem(g0 + w, stages)].at[pl.ds(c * CHUNK, CHUNK)])
                 if cfg.overlap:  # only the previous step's products must be done to refill its slots
@@ -272,13 +271,11 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                 else:
                     plgpu.wgmma_wait(0)
                     refill(g0)
-                return carry
 
-            carry = lax.fori_loop(0, steps, step, carry)
+            lax.fori_loop(0, steps, step, None)
             if cfg.overlap:
                 plgpu.wgmma_wait(0)
                 refill(base + (steps - 1) * per_step)
-            return carry
 
         sem = None if g_count == 1 else pl.get_global(plgpu.SemaphoreType.REGULAR)
 
@@ -303,9 +300,6 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
             r = lax.rsqrt(ss * (1.0 / dims.d) + eps)
             return lax.broadcast_in_dim(r, (MMA_ROWS, CHUNK), [0])
 
-        def from_smem(xb):
-            return lambda c, carry: (_x_view(xb, c), carry)
-
         def normed_rows(bufs, h_val, scale, unit):
             """Write what a normed GEMV reads for columns `unit` of a complete float32 row block
             h_val (WGMMA layout, rows past 8 unused): x = bf16(h * scale) and each row's sum of
@@ -328,7 +322,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
 
                 def with_acc(acc):
                     with jax.named_scope("gemv"):
-                        gemv(0, i, [acc], from_smem(bufs.xb))
+                        gemv(0, i, [acc], bufs.xb)
                     plgpu.barrier_wait(bufs.ebar)
                     h2 = load(bufs.stage, plgpu.Layout.WGMMA) + acc[...]
                     bufs.stage[...] = h2
@@ -375,7 +369,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
             def unit_body(i, unit):
                 def with_acc(*accs):
                     with jax.named_scope("gemv"):
-                        gemv(p, i, list(accs), from_smem(bufs.xb))
+                        gemv(p, i, list(accs), bufs.xb)
                     row = plgpu.Layout.WGMMA.reduce(1)
                     total_ss = load(bufs.ss_all.at[0], row)
                     for t in range(1, dims.d // CHUNK):
@@ -413,7 +407,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
 
                 def with_acc(acc):
                     with jax.named_scope("gemv"):
-                        gemv(2, i, [acc], from_smem(bufs.xb))
+                        gemv(2, i, [acc], bufs.xb)
                     bufs.stage[...] = acc[...]
 
                 pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
