@@ -30,3 +30,19 @@ class Budget:
 
     def left(self) -> bool:
         return elapsed() < self.seconds
+
+
+def median_seconds(fn, *args, reps: int = 15) -> float:
+    """Median wall-clock seconds of `fn(*args)` over `reps` runs, each waited for, after one
+    untimed run (compilation)."""
+    import statistics
+
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._report import Budget, log, write_log
+from benchmarks._report import Budget, log, median_seconds, write_log
+from benchmarks.profile import kernel_us_per_call
 
 BF = jnp.bfloat16
 EPS = 1e-5
@@ -121,28 +121,6 @@ def _chain(span, calls, layers):
     return run
 
 
-def _median_s(fn, *args, reps=15):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _kernels(fn, *args, calls: int) -> dict:
-    """{kernel name: µs per call of the chain} from one profiled run (CUPTI)."""
-    from benchmarks.profile import gpu_kernel_events
-
-    jax.block_until_ready(fn(*args))
-    events = gpu_kernel_events(lambda: jax.block_until_ready(fn(*args)))
-    per = {}
-    for _, dur, kname in events:
-        per[kname] = per.get(kname, 0.0) + dur / 1e3 / calls
-    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
-
-
 def variants(shape) -> dict:
     from jaxtts.options import default_options
     from pallas_kernels.between_attention_mgpu import between_attention_mgpu, config_for
@@ -235,13 +213,13 @@ def time_spans(name, shape, rows, budget, profile: bool, reps: int = 15) -> dict
             log(f"| {name} | {rows} | {label} | skipped (budget) |")
             continue
         try:
-            short = _median_s(_chain(span, 8, layers), o, h, ws, reps=reps)
-            long = _median_s(_chain(span, 40, layers), o, h, ws, reps=reps)
+            short = median_seconds(_chain(span, 8, layers), o, h, ws, reps=reps)
+            long = median_seconds(_chain(span, 40, layers), o, h, ws, reps=reps)
             us = (long - short) / 32 * 1e6
             out[label] = us
             log(f"| {name} | {rows} | {label} | {us:.2f} |")
             if profile and (label == "today's kernels" or label.startswith("persistent (")):
-                out[label + " kernels"] = _kernels(_chain(span, 8, layers), o, h, ws, calls=8)
+                out[label + " kernels"] = kernel_us_per_call(_chain(span, 8, layers), o, h, ws, calls=8)
         except Exception as e:  # one failing variant must not hide the others
             log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
     return out

@@ -18,14 +18,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._report import Budget, log, write_log
+from benchmarks._report import Budget, log, median_seconds, write_log
+from benchmarks.profile import kernel_us_per_call
 
 BF = jnp.bfloat16
 
@@ -149,29 +148,7 @@ def _chain(tail, weights, calls, layers):
     return run
 
 
-def _median_s(fn, *args, reps=15):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 PROFILED = ("five kernels (today)", "fused", "three kernels, tiled")
-
-
-def _kernels(fn, *args, calls: int) -> dict:
-    """{kernel name: µs per call of the chain} from one profiled run (CUPTI)."""
-    from benchmarks.profile import gpu_kernel_events
-
-    jax.block_until_ready(fn(*args))
-    events = gpu_kernel_events(lambda: jax.block_until_ready(fn(*args)))
-    per = {}
-    for _, dur, kname in events:
-        per[kname] = per.get(kname, 0.0) + dur / 1e3 / calls
-    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
 def time_tails(name, hd, d, f, rows, budget) -> dict:
@@ -219,13 +196,13 @@ def time_tails(name, hd, d, f, rows, budget) -> dict:
             log(f"| {name} | {rows} | {label} | skipped (budget) |")
             continue
         try:
-            short = _median_s(_chain(tail, ws, 8, layers), o, h, ws)
-            long = _median_s(_chain(tail, ws, 40, layers), o, h, ws)
+            short = median_seconds(_chain(tail, ws, 8, layers), o, h, ws)
+            long = median_seconds(_chain(tail, ws, 40, layers), o, h, ws)
             us = (long - short) / 32 * 1e6
             out[label] = us
             log(f"| {name} | {rows} | {label} | {us:.2f} |")
             if label in PROFILED:
-                out[label + " kernels"] = _kernels(_chain(tail, ws, 8, layers), o, h, ws, calls=8)
+                out[label + " kernels"] = kernel_us_per_call(_chain(tail, ws, 8, layers), o, h, ws, calls=8)
         except Exception as e:  # one failing variant must not hide the others
             log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
     return out

@@ -42,6 +42,18 @@ def gpu_kernel_events(run) -> list[tuple[int, int, str]]:
     return sorted(events)
 
 
+def kernel_us_per_call(fn, *args, calls: int) -> dict:
+    """{kernel name: GPU µs per call} of one profiled run of `fn(*args)`, a jitted chain of
+    `calls` calls, sorted by time (after one unprofiled run, so compilation is not in it)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    per = {}
+    for _, dur, kname in gpu_kernel_events(lambda: jax.block_until_ready(fn(*args))):
+        per[kname] = per.get(kname, 0.0) + dur / 1e3 / calls
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
 def kernel_profile(model, sampler, *, chunk: int, prompt_tokens: int, opts=None, top: int = 30, batch: int = 1) -> dict:
     """GPU kernels of one warm decode chunk of `batch` rows compiled with `opts` (a
     `jaxtts.DecodeOptions`; default: `default_options()`): count, busy time (sum of durations)

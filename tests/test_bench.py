@@ -269,3 +269,27 @@ def test_pdl_probe_summary_counts_runs_and_early_starts():
     assert r["span_us"] == 11.5  # median of 22/2 and 24/2
     assert r["early_share"] == 0.5
     assert "error" in summarize(events[:2], calls=2)  # one GEMV: no whole run
+
+
+def test_phase_profile_summary_nests_and_orders_scopes(tmp_path):
+    """benchmarks.between_attention_check.summarise_trace: Mosaic GPU's trace (begin / end events
+    per program) as one row per scope path, ordered by median start, with durations and the last
+    end, relative to the first event."""
+    from benchmarks.between_attention_check import summarise_trace
+
+    events = []
+    for tid, off, gemv_us in ((1, 0.0, 2.0), (2, 1.0, 4.0), (3, 2.0, 3.0)):
+        events += [
+            {"name": "P1", "ph": "B", "ts": 10 + off, "tid": tid},
+            {"name": "gemv", "ph": "B", "ts": 11 + off, "tid": tid},
+            {"name": "gemv", "ph": "E", "ts": 11 + off + gemv_us, "tid": tid},
+            {"name": "P1", "ph": "E", "ts": 16 + off, "tid": tid},
+        ]
+    events.insert(0, {"name": "fill", "ph": "B", "ts": 9.0, "tid": 1})
+    events.insert(1, {"name": "fill", "ph": "E", "ts": 9.5, "tid": 1})
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    rows = summarise_trace(str(path))[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| fill", "| P1", "| P1 / gemv"]
+    # P1 / gemv: 3 programs, median start 11+1-9 = 3, median 3 µs, max 4, last end 11+1+4-9 = 7
+    assert rows[2] == "| P1 / gemv | 3 | 3.00 | 3.00 | 4.00 | 7.00 |"
