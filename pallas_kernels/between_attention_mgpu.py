@@ -57,12 +57,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.block_tail_mgpu import _load_x, _tiles, _x_rows, _x_view
+# CHUNK (64: K elements per wgmma, and here also a unit's columns), ROWS (8 activation rows,
+# M <= ROWS padded) and the row-slot helpers are block_tail_mgpu's: the same activation layout.
+from pallas_kernels.block_tail_mgpu import CHUNK, MMA_ROWS, ROWS, _load_x, _tiles, _x_rows, _x_view
 from pallas_kernels.matvec_mgpu import SMEM_LIMIT, _interpret_params
 
-CHUNK = 64  # K elements per wgmma (one 128-byte swizzle row of bf16) and columns per unit
-ROWS = 8  # activation rows (M <= ROWS, padded)
-MMA_ROWS = 64
 MAX_STAGES = 8
 
 
@@ -355,7 +354,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
 
         def normed_gemv(p, bufs, epilogue):
             """P2 / P4: acc[w] = (x @ tile w) * rsqrt(mean(h²) + eps) for this program's units,
-            x and the sums of squares as the column owners wrote them; epilogue(i, unit, accs)."""
+            x and the sums of squares as the column owners wrote them; epilogue(unit, normed accs)."""
 
             @pl.when(counts[p] > 0)
             @jax.named_scope("rows")
@@ -525,8 +524,11 @@ def between_attention_mgpu(
     if params is not None and cfg.blocks != 1:
         raise ValueError("the interpreter runs programs one after another: pass a config with blocks=1")
     dims = _Dims(hd, d, f, nq, cfg.down_splits)
-    if f % cfg.down_splits or any(t * cfg.block_k == 0 for t in dims.tiles(cfg.block_k)[: len(dims.phases)]):
-        raise ValueError(f"f={f} does not split {cfg.down_splits} ways in block_k={cfg.block_k} rows")
+    bk = cfg.block_k
+    if bk % CHUNK or hd % bk or d % bk or f % cfg.down_splits or (f // cfg.down_splits) % bk:
+        raise ValueError(
+            f"hd={hd}, d={d} and f/down_splits={f}/{cfg.down_splits} must be multiples of block_k={bk} (itself of {CHUNK})"
+        )
     if smem_bytes(dims, cfg) > SMEM_LIMIT:
         raise ValueError(f"{smem_bytes(dims, cfg)} bytes of shared memory > {SMEM_LIMIT}: lower stages")
 

@@ -140,6 +140,8 @@ def test_bad_operands_are_refused():
         between_attention_mgpu(*bad, eps=1e-5, config=one, interpret=True)
     with pytest.raises(ValueError, match="do not chain"):
         between_attention_mgpu(*args[:5], args[5][:128], *args[6:], eps=1e-5, config=one, interpret=True)
+    with pytest.raises(ValueError, match="multiples of block_k"):  # 256-wide rows in 192-row tiles
+        between_attention_mgpu(*args, eps=1e-5, config=one._replace(block_k=192), interpret=True)
     with pytest.raises(ValueError, match="blocks=1"):
         between_attention_mgpu(*args, eps=1e-5, config=one._replace(blocks=4), interpret=True)
     with pytest.raises(ValueError, match="attn_scale"):
