@@ -342,6 +342,7 @@ class Llama(nnx.Module):
                     )
                 else:  # normed already; RoPE is not in the span kernel
                     qkv, ss = apply_rope(qkv_next, rope, head_dim=cfg.head_dim, rope_heads=rope_heads)[None], None
+                    qkv_next = None
                 o, kc, vc = attention_step(
                     qkv,
                     ss,
@@ -377,7 +378,6 @@ class Llama(nnx.Module):
                         fused=not opts.interpret,
                         interpret=opts.interpret,
                     )
-                    qkv_next = None
                 else:
                     h = add_residual(h, gemv(o, tail[0], opts, partials=True))
                     gate_up = finish(
@@ -386,7 +386,6 @@ class Llama(nnx.Module):
                         cfg.norm_eps,
                     ).astype(h.dtype)
                     parts = gemv(swiglu(gate_up), tail[2], opts, partials=True)
-                    qkv_next = None
             ks.append(kc)
             vs.append(vc)
         h = add_residual(h, parts).astype(x.dtype)

@@ -140,28 +140,24 @@ class DecodeOptions:
             return False
         return self.pallas and self.fused_step and rows <= self.fused_step_max_rows
 
-    def uses_block_tail(self, rows: int, weights) -> bool:
-        """Whether a fused step of `rows` rows takes the block-tail kernel: asked for, on a device
-        that runs Mosaic GPU kernels (or interpreted), and the block's weights (out, gate_up,
-        down) are plain bfloat16 arrays it can stream."""
+    def _streams_with_mosaic(self, rows: int, weights) -> bool:
+        """A fused step of `rows` rows on a device that runs Mosaic GPU kernels (or interpreted),
+        with plain bfloat16 weight arrays that a persistent Mosaic GPU kernel can stream."""
         return (
-            self.block_tail
-            and (self.mosaic or self.interpret)
+            (self.mosaic or self.interpret)
             and self.uses_fused_step(rows)
             and all(getattr(w, "dtype", None) == jnp.bfloat16 for w in weights)
         )
 
+    def uses_block_tail(self, rows: int, weights) -> bool:
+        """Whether a fused step of `rows` rows takes the block-tail kernel for the block's
+        weights (out, gate_up, down): asked for, and `_streams_with_mosaic`."""
+        return self.block_tail and self._streams_with_mosaic(rows, weights)
+
     def uses_between_attention(self, rows: int, weights) -> bool:
         """Whether a fused step of `rows` rows runs its spans from one attention to the next
-        as `between_attention_mgpu`: asked for, on a device that runs Mosaic GPU kernels (or
-        interpreted), at most 8 rows, and the weights plain bfloat16 arrays it can stream."""
-        return (
-            self.between_attention
-            and (self.mosaic or self.interpret)
-            and self.uses_fused_step(rows)
-            and rows <= 8
-            and all(getattr(w, "dtype", None) == jnp.bfloat16 for w in weights)
-        )
+        as `between_attention_mgpu`: asked for, at most 8 rows, and `_streams_with_mosaic`."""
+        return self.between_attention and rows <= 8 and self._streams_with_mosaic(rows, weights)
 
     def uses_sample_kernel(self, rows: int) -> bool:
         return self.pallas and self.sample_kernel and rows >= self.sample_kernel_min_rows
