@@ -32,6 +32,12 @@ class Budget:
         return elapsed() < self.seconds
 
 
+def failure(e: BaseException, limit: int = 300) -> str:
+    """An exception as one table-safe line: its type and its message with the whitespace
+    collapsed, cut at `limit` characters (a variant that failed is a row, not a traceback)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
+
+
 def median_seconds(fn, *args, reps: int = 15) -> float:
     """Median wall-clock seconds of `fn(*args)` over `reps` runs, each waited for, after one
     untimed run (compilation)."""

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._report import Budget, log, median_seconds, write_log
+from benchmarks._report import Budget, failure, log, median_seconds, write_log
 from benchmarks.profile import kernel_us_per_call
 
 BF = jnp.bfloat16
@@ -122,13 +122,14 @@ def _chain(span, calls, layers):
 
 
 def variants(shape) -> dict:
+    """label -> (span function, whether it takes the weights from `tile_weights`)."""
     from jaxtts.options import default_options
     from pallas_kernels.between_attention_mgpu import between_attention_mgpu, config_for
 
     hd, d, f, nq = shape
     base = config_for(hd, d, f, nq)
     opts = default_options()
-    out = {"today's kernels": lambda *a: today(*a, opts=opts)}
+    out = {"today's kernels": ((lambda *a: today(*a, opts=opts)), False)}
     # label -> (config, tiled weights)
     configs = {
         f"persistent ({base.stages} stages)": (base, False),
@@ -206,8 +207,7 @@ def time_spans(name, shape, rows, budget, profile: bool, reps: int = 15) -> dict
     log(f"| {name} | {rows} | weight bytes at {COPY_TBPS} TB/s ({mb:.1f} MB) | {mb / COPY_TBPS:.2f} |")
     out = {}
     per_layer = {False: _per_layer(weights), True: _per_layer(weights, tiled=True)}
-    for label, value in variants(shape).items():
-        span, tiled = value if isinstance(value, tuple) else (value, False)
+    for label, (span, tiled) in variants(shape).items():
         ws = per_layer[tiled]
         if not budget.left():
             log(f"| {name} | {rows} | {label} | skipped (budget) |")
@@ -221,7 +221,7 @@ def time_spans(name, shape, rows, budget, profile: bool, reps: int = 15) -> dict
             if profile and (label == "today's kernels" or label.startswith("persistent (")):
                 out[label + " kernels"] = kernel_us_per_call(_chain(span, 8, layers), o, h, ws, calls=8)
         except Exception as e:  # one failing variant must not hide the others
-            log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
+            log(f"| {name} | {rows} | {label} | failed: {failure(e, 240)} |")
     return out
 
 
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                 ok &= check(name, shape, m)
             except Exception as e:
                 ok = False
-                log(f"| {name} | {m} | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} | | | |")
+                log(f"| {name} | {m} | failed: {failure(e)} | | | |")
     log("\n| shape | rows | variant | µs per span |\n|---|---|---|---|")
     profiles = {}
     for name, shape in shapes.items():
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
                 try:
                     profile_span(name, shape, label, cfg, tiled, args.trace_dir)
                 except Exception as e:
-                    log(f"{name}, {label}: profile failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                    log(f"{name}, {label}: profile failed: {failure(e)}")
     if args.out:
         write_log(args.out)
     return 0 if ok else 1

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._report import Budget, log, median_seconds, write_log
+from benchmarks._report import Budget, failure, log, median_seconds, write_log
 from benchmarks.profile import kernel_us_per_call
 
 BF = jnp.bfloat16
@@ -128,9 +128,7 @@ def check_phases(name, hd, d, f, rows) -> None:
                 + " |"
             )
         except Exception as e:
-            log(
-                f"| {name} | {rows} | phase {phase} alone | failed: {type(e).__name__}: {' '.join(str(e).split())[:200]} |"
-            )
+            log(f"| {name} | {rows} | phase {phase} alone | failed: {failure(e, 200)} |")
 
 
 def _chain(tail, weights, calls, layers):
@@ -204,7 +202,7 @@ def time_tails(name, hd, d, f, rows, budget) -> dict:
             if label in PROFILED:
                 out[label + " kernels"] = kernel_us_per_call(_chain(tail, ws, 8, layers), o, h, ws, calls=8)
         except Exception as e:  # one failing variant must not hide the others
-            log(f"| {name} | {rows} | {label} | failed: {type(e).__name__}: {' '.join(str(e).split())[:240]} |")
+            log(f"| {name} | {rows} | {label} | failed: {failure(e, 240)} |")
     return out
 
 
@@ -232,7 +230,7 @@ def main(argv=None) -> int:
                 ok &= check(name, hd, d, f, m)
             except Exception as e:
                 ok = False
-                log(f"| {name} | {m} | failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} | | | |")
+                log(f"| {name} | {m} | failed: {failure(e)} | | | |")
     if args.phases:
         log("\n| shape | rows | phase | relative error vs the reference's intermediate values |\n|---|---|---|---|")
         for name, (hd, d, f) in shapes.items():
