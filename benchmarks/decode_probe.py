@@ -36,6 +36,9 @@ VARIANTS = {
     "block_tail": dict(block_tail=True),  # pallas_kernels.block_tail_mgpu in the fused step
     # pallas_kernels.between_attention_mgpu: two kernels a block in the fused step
     "between_attention": dict(between_attention=True),
+    # XLA's matmuls through cuBLAS (per program) from 1 row / never
+    "cublas": dict(cublas_min_rows=1),
+    "no_cublas": dict(cublas_min_rows=0),
     # the depth decoder's 30-step scan unrolled: fewer loop iterations, longer compile
     **{f"unroll{u}": dict(depth_unroll=u) for u in (2, 3, 5, 10, 15, 30)},
     # --tune-matvec adds matvec_tuned and fused64_tuned: the swept configs as DecodeOptions.matvec_tuned

@@ -16,7 +16,8 @@ PROGRESS = True  # progress bars for downloads, conversion and long generations
 # and a new process's first audio and first voice prompt wait for them; with cuBLAS 2.3 s and
 # 3.6 s (prefill 2.45 → 1.45 s), for a Mimi step 0.28 ms slower per 8 frames at batch 1 (1.48 →
 # 1.76 ms), an encoder 4 % and a prefill 7 % slower (`python -m benchmarks.startup --compile-ab`,
-# docs/PERF.md #38). The decode loop keeps XLA's default. Ignored off GPUs.
+# docs/PERF.md #38). The decode loop keeps XLA's default below `DecodeOptions.cublas_min_rows`
+# rows and takes these from there (PERF.md #64). Ignored off GPUs.
 CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
 
 
@@ -33,14 +34,21 @@ def allocate_on_demand() -> None:
 
 
 def jit_cublas(fn, **jit_kwargs):
-    """`jax.jit(fn, **jit_kwargs)` compiled with `CUBLAS_GEMMS` when called on its own. Called
-    inside another trace (a user's jit or eval_shape) it is a plain nested jit: JAX refuses
-    compiler options there, and the enclosing program's options apply."""
+    """`jax.jit(fn, **jit_kwargs)` compiled with `CUBLAS_GEMMS` (see `jit_with_options`)."""
+    return jit_with_options(fn, CUBLAS_GEMMS, **jit_kwargs)
+
+
+def jit_with_options(fn, compiler_options: dict, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled with these XLA `compiler_options` when called on its
+    own. Called inside another trace (a user's jit or eval_shape) it is a plain nested jit: JAX
+    refuses compiler options there, and the enclosing program's options apply."""
     import functools
 
     import jax
 
-    with_options = jax.jit(fn, compiler_options=CUBLAS_GEMMS, **jit_kwargs)
+    with_options = jax.jit(fn, compiler_options=compiler_options or None, **jit_kwargs)
+    if not compiler_options:
+        return with_options
     nested = jax.jit(fn, **jit_kwargs)
 
     @functools.wraps(fn)

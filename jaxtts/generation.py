@@ -9,6 +9,7 @@ the GPU sync with the host every frame.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -20,7 +21,7 @@ from flax import nnx
 
 from jaxtts import buckets, programs
 from jaxtts.csm import CSM
-from jaxtts.defaults import jit_cublas
+from jaxtts.defaults import jit_cublas, jit_with_options
 from jaxtts.errors import JaxttsError
 from jaxtts.llama import KVCache
 from jaxtts.options import DecodeOptions, resolve_options
@@ -161,8 +162,7 @@ def frame_rows(frames):
     return tokens, mask
 
 
-@partial(jax.jit, static_argnames=("graphdef", "num_frames", "opts", "mesh"), donate_argnames=("state",))
-def _decode_chunk(
+def _decode_chunk_impl(
     graphdef,
     weights,
     state: DecodeState,
@@ -176,6 +176,40 @@ def _decode_chunk(
     if mesh is not None:  # each device decodes its own rows with the single-device program
         run = mesh.per_row(run, in_axes=(None, 0, 0, None), out_axes=(0, 1, 1))
     return run(weights, state, sampler, audio_table)
+
+
+@functools.cache
+def _decode_chunk_jit(compiler_options: tuple):
+    """The jitted decode chunk compiled with these XLA options: one jit per choice, so each
+    options value is its own program (`DecodeOptions.compiler_options`)."""
+    return jit_with_options(
+        _decode_chunk_impl,
+        dict(compiler_options),
+        static_argnames=("graphdef", "num_frames", "opts", "mesh"),
+        donate_argnames=("state",),
+    )
+
+
+def _decode_chunk(graphdef, weights, state, sampler, num_frames, opts: DecodeOptions, audio_table, mesh=None):
+    """`_decode_chunk_impl`, jitted with the XLA options that `opts` gives this state's batch
+    (rows per device). `.lower` and `.eval_shape` take the same arguments."""
+    return _decode_chunk_for(state, opts, mesh)(graphdef, weights, state, sampler, num_frames, opts, audio_table, mesh)
+
+
+def _decode_chunk_for(state: DecodeState, opts: DecodeOptions, mesh: BatchMesh | None):
+    rows = state.position.shape[0] // (mesh.size if mesh is not None else 1)
+    return _decode_chunk_jit(opts.compiler_options(rows))
+
+
+def _dispatched(method: str):
+    def call(graphdef, weights, state, sampler, num_frames, opts, audio_table, mesh=None):
+        jitted = _decode_chunk_for(state, opts, mesh)
+        return getattr(jitted, method)(graphdef, weights, state, sampler, num_frames, opts, audio_table, mesh)
+
+    return call
+
+
+_decode_chunk.lower, _decode_chunk.eval_shape = _dispatched("lower"), _dispatched("eval_shape")
 
 
 def _decode_frames(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxtts.defaults import CUBLAS_GEMMS
 from jaxtts.errors import JaxttsError
 
 ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
@@ -38,6 +39,15 @@ MATVEC_TUNED: dict[str, dict[tuple[int, int, int], tuple]] = {
     },
 }
 MATVEC_TUNED_MAX_ROWS = 64  # the GEMV kernel's largest M
+
+# The smallest decode batch (rows per device) whose program compiles its XLA matmuls with cuBLAS
+# instead of XLA's Triton GEMM fusions, by device kind (`DecodeOptions.cublas_min_rows`). Measured
+# per decode program in one process (`python -m benchmarks.gemm_rows`): Triton's split-K GEMMs of
+# the narrow projections (qkv, out) plus their reduction fusions lose to cuBLAS from 256 rows on.
+CUBLAS_MIN_ROWS: dict[str, int] = {
+    # 2026-12-04 (docs/PERF.md #64): batch 256 10.16 vs 10.80 ms per step; 128 8.51 vs 8.31; 64 7.18 vs 6.57.
+    "NVIDIA H200": 256,
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,9 @@ class DecodeOptions:
                           (pallas_kernels.between_attention_mgpu; Hopper, bfloat16 weights, at
                           most 8 rows) instead of seven kernels; off by default (docs/PERF.md,
                           session 12)
+    cublas_min_rows       decode programs of at least this many rows (per device) compile their
+                          XLA matmuls with cuBLAS (`xla_gpu_enable_triton_gemm=False` for that
+                          program only); 0: never. Same results up to rounding, different speed
     mosaic                the device runs the Mosaic GPU kernels (`mosaic_gpu_capable`: Hopper);
                           set by `default_options` from the device, required by every Mosaic
                           GPU option above when compiled (the interpreter runs them anywhere)
@@ -94,6 +107,7 @@ class DecodeOptions:
     int8_convert: str = "cvt"
     block_tail: bool = False
     between_attention: bool = False
+    cublas_min_rows: int = 0
     mosaic: bool = False
 
     def __post_init__(self):
@@ -103,6 +117,8 @@ class DecodeOptions:
             raise JaxttsError(f"unknown top_k_method {self.top_k_method!r}; choose one of {TOP_K_METHODS}")
         if self.int8_convert not in INT8_CONVERTS:
             raise JaxttsError(f"unknown int8_convert {self.int8_convert!r}; choose one of {INT8_CONVERTS}")
+        if self.cublas_min_rows < 0:
+            raise JaxttsError(f"cublas_min_rows must be ≥ 0 (0: never), got {self.cublas_min_rows}")
         if self.depth_unroll < 1:
             raise JaxttsError(f"depth_unroll must be ≥ 1, got {self.depth_unroll}")
         hash(self.matvec_tuned)  # a dict or list here would make the options unusable as a jit key
@@ -159,6 +175,13 @@ class DecodeOptions:
         as `between_attention_mgpu`: asked for, at most 8 rows, and `_streams_with_mosaic`."""
         return self.between_attention and rows <= 8 and self._streams_with_mosaic(rows, weights)
 
+    def compiler_options(self, rows: int) -> tuple:
+        """XLA compiler options (sorted (name, value) pairs) of a decode program of `rows` rows
+        per device: a per-program choice, passed to that program's `jax.jit`."""
+        if self.cublas_min_rows and rows >= self.cublas_min_rows:
+            return tuple(sorted(CUBLAS_GEMMS.items()))
+        return ()
+
     def uses_sample_kernel(self, rows: int) -> bool:
         return self.pallas and self.sample_kernel and rows >= self.sample_kernel_min_rows
 
@@ -194,6 +217,7 @@ def default_options(device: jax.Device | None = None, *, attention: str | None =
         depth_unroll=5 if gpu else 1,
         mosaic=mosaic_gpu_capable(device),
         matvec_tuned=tuple(sorted(MATVEC_TUNED.get(device.device_kind, {}).items())) if gpu else (),
+        cublas_min_rows=CUBLAS_MIN_ROWS.get(device.device_kind, 0) if gpu else 0,
     )
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 from jaxtts.config import preset
 from jaxtts.csm import CSM
 from jaxtts.errors import JaxttsError
-from jaxtts.generation import _decode_chunk, generate_frames, split_model
+from jaxtts.generation import _decode_chunk, _decode_chunk_for, _decode_chunk_jit, generate_frames, split_model
 from jaxtts.options import DecodeOptions, default_options
 from jaxtts.sampling import Sampler
 from jaxtts.testing import prompt_state
@@ -90,17 +90,40 @@ def test_default_options_on_a_gpu():
     kernels, rank top-k, that GPU kind's tuned GEMV configs, five depth steps per loop iteration."""
     from types import SimpleNamespace
 
-    from jaxtts.options import MATVEC_TUNED
+    from jaxtts.options import CUBLAS_MIN_ROWS, MATVEC_TUNED
 
     h200 = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", compute_capability="9.0"))
     assert h200.attention == "pallas" and h200.top_k_method == "rank" and h200.depth_unroll == 5
     assert dict(h200.matvec_tuned) == MATVEC_TUNED["NVIDIA H200"] and h200.mosaic
+    assert h200.cublas_min_rows == CUBLAS_MIN_ROWS["NVIDIA H200"] > 0
     a100 = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA A100", compute_capability="8.0"))
     assert a100.matvec_tuned == () and a100.depth_unroll == 5 and not a100.mosaic
+    assert a100.cublas_min_rows == 0  # measured on the H200 only
     b200 = default_options(SimpleNamespace(platform="gpu", device_kind="NVIDIA B200", compute_capability="10.0"))
     assert not b200.mosaic  # no wgmma
     cpu = default_options()
-    assert cpu.depth_unroll == 1 and not cpu.mosaic
+    assert cpu.depth_unroll == 1 and not cpu.mosaic and cpu.cublas_min_rows == 0
+
+
+def test_cublas_from_a_batch_size_is_a_per_program_choice(model):
+    """`cublas_min_rows`: decode programs of that many rows per device get cuBLAS for XLA's
+    matmuls through their own jit's compiler options; smaller ones keep XLA's default program.
+    Same frames either way (on a CPU the GPU option changes nothing at all)."""
+    opts = DecodeOptions(cublas_min_rows=2)
+    assert opts.compiler_options(1) == () and DecodeOptions().compiler_options(4096) == ()
+    assert dict(opts.compiler_options(2)) == {"xla_gpu_enable_triton_gemm": False} == dict(opts.compiler_options(64))
+    one, two = (prompt_state(model, b, 8, 64, opts) for b in (1, 2))
+    assert _decode_chunk_for(one, opts, None) is _decode_chunk_jit(())
+    assert (
+        _decode_chunk_for(two, opts, None) is _decode_chunk_jit(opts.compiler_options(2)) is not _decode_chunk_jit(())
+    )
+    with pytest.raises(JaxttsError, match="cublas_min_rows"):
+        DecodeOptions(cublas_min_rows=-1)
+    golden = np.load(GOLDEN)
+    kw = dict(max_frames=4, temperature=0.9, top_k=50, seed=3, chunk_frames=2)
+    tokens, mask = (np.repeat(golden[name], 2, axis=0) for name in ("tokens", "mask"))
+    plain = generate_frames(model, tokens, mask, **kw, options=DecodeOptions())
+    np.testing.assert_array_equal(generate_frames(model, tokens, mask, **kw, options=opts), plain)
 
 
 def test_mosaic_options_need_a_mosaic_device():
