@@ -2,15 +2,16 @@
 
     python -m benchmarks.between_attention_check [--out FILE] [--budget-s 300] [--shapes depth,backbone]
 
-1. Correctness (bf16 weights, random operands, 1 and 8 rows): the kernel against
+1. Correctness (bf16 weights, random operands, 1 and 8 rows, both configs): the kernel against
    `between_attention_reference`: relative L2 error of h_out and qkv. Run twice: the two runs
    may differ only by the reduce-add's summation order (max difference printed).
 2. Time per block span (out → … → next qkv) in a chain of calls through 8 layers' distinct
    weights (so they do not sit in L2), each call's qkv feeding the next call's o, unrolled in one
    XLA program: (t(40 calls) - t(8 calls)) / 32, median of 15 runs each. Variants: today's
    kernels for the same span (`Llama.fused_step`: out GEMV, residual add, gate/up norm_matvec,
-   finish + SwiGLU, down GEMV, residual add, qkv norm_matvec + finish) and the persistent kernel
-   with several ring depths, tile heights and grid sizes. Beside them, the bytes of the span's
+   finish + SwiGLU, down GEMV, residual add, qkv norm_matvec + finish) and the persistent kernel,
+   its out projection and qkv by column owners or spread over K splits (`config_for(spread=)`),
+   with and without overlapped refill and tiled weights. Beside them, the bytes of the span's
    weights at 4.3 TB/s (a measured H200 copy). Then the GPU kernels of one chain (CUPTI).
 """
 
@@ -66,8 +67,8 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(name, shape, rows) -> bool:
-    from pallas_kernels.between_attention_mgpu import between_attention_mgpu, between_attention_reference
+def check(name, shape, rows, spread: bool = False) -> bool:
+    from pallas_kernels.between_attention_mgpu import between_attention_mgpu, between_attention_reference, config_for
 
     hd, d, f, nq = shape
     w = {k: v[0] for k, v in _weights(1, *shape).items()}
@@ -76,10 +77,12 @@ def check(name, shape, rows) -> bool:
     h = jax.random.normal(ks[1], (rows, d), jnp.float32)
     args = (o, h, *(w[k] for k in ORDER))
     want_h, want_q = between_attention_reference(*args, eps=EPS)
-    fn = jax.jit(lambda *a: between_attention_mgpu(*a, eps=EPS))
+    cfg = config_for(*shape, spread=spread)
+    fn = jax.jit(lambda *a: between_attention_mgpu(*a, eps=EPS, config=cfg))
+    kind = f"kernel, {'spread' if spread else 'column owners'}"
     ok = True
     runs = []
-    for label in ("kernel", "kernel again"):
+    for label in (kind, f"{kind} again"):
         got_h, got_q = jax.block_until_ready(fn(*args))
         runs.append((np.asarray(got_h), np.asarray(got_q)))
         eh, eq = _rel(got_h, want_h), _rel(got_q, want_q)
@@ -131,13 +134,14 @@ def variants(shape) -> dict:
     opts = default_options()
     out = {"today's kernels": ((lambda *a: today(*a, opts=opts)), False)}
     # label -> (config, tiled weights)
+    spread = config_for(hd, d, f, nq, spread=True)
     configs = {
         f"persistent ({base.stages} stages)": (base, False),
         "persistent, overlapped refill": (base._replace(overlap=True), False),
         "persistent, tiled weights": (base, True),
-        "persistent, tiled, overlapped": (base._replace(overlap=True), True),
-        "persistent, block_k 256, 4 stages": (base._replace(block_k=256, stages=4), False),
-        "persistent, block_k 256, 4 stages, tiled": (base._replace(block_k=256, stages=4), True),
+        f"spread (out / qkv split {spread.out_splits} / {spread.qkv_splits}, {spread.stages} stages)": (spread, False),
+        "spread, overlapped refill": (spread._replace(overlap=True), False),
+        "spread, tiled weights": (spread, True),
     }
     for label, (cfg, tiled) in configs.items():
         out[label] = (lambda *a, cfg=cfg: between_attention_mgpu(*a, eps=EPS, config=cfg)), tiled
@@ -184,6 +188,7 @@ def profile_span(name, shape, label, cfg, tiled, out_dir) -> None:
     hd, d = shape[:2]
     o = jax.random.normal(jax.random.key(3), (1, hd), BF)
     h = jax.random.normal(jax.random.key(4), (1, d), jnp.float32)
+    os.makedirs(out_dir, exist_ok=True)
     where = tempfile.mkdtemp(dir=out_dir)
     fn = jax.jit(lambda *a: between_attention_mgpu(*a, eps=EPS, config=cfg, profile_dir=where))
     for _ in range(2):  # the second call's trace is the one kept (warm)
@@ -218,7 +223,7 @@ def time_spans(name, shape, rows, budget, profile: bool, reps: int = 15) -> dict
             us = (long - short) / 32 * 1e6
             out[label] = us
             log(f"| {name} | {rows} | {label} | {us:.2f} |")
-            if profile and (label == "today's kernels" or label.startswith("persistent (")):
+            if profile and (label == "today's kernels" or label.startswith(("persistent (", "spread ("))):
                 out[label + " kernels"] = kernel_us_per_call(_chain(span, 8, layers), o, h, ws, calls=8)
         except Exception as e:  # one failing variant must not hide the others
             log(f"| {name} | {rows} | {label} | failed: {failure(e, 240)} |")
@@ -246,11 +251,12 @@ def main(argv=None) -> int:
     ok = True
     for name, shape in shapes.items():
         for m in rows:
-            try:
-                ok &= check(name, shape, m)
-            except Exception as e:
-                ok = False
-                log(f"| {name} | {m} | failed: {failure(e)} | | | |")
+            for spread in (False, True):
+                try:
+                    ok &= check(name, shape, m, spread)
+                except Exception as e:
+                    ok = False
+                    log(f"| {name} | {m} | failed: {failure(e)} | | | |")
     log("\n| shape | rows | variant | µs per span |\n|---|---|---|---|")
     profiles = {}
     for name, shape in shapes.items():
@@ -266,10 +272,9 @@ def main(argv=None) -> int:
         from pallas_kernels.between_attention_mgpu import config_for
 
         for name, shape in shapes.items():
-            base = config_for(*shape)
             for label, cfg, tiled in (
-                ("default", base, False),
-                ("block_k 256, 4 stages", base._replace(block_k=256, stages=4), False),
+                ("column owners", config_for(*shape), False),
+                ("spread", config_for(*shape, spread=True), False),
             ):
                 try:
                     profile_span(name, shape, label, cfg, tiled, args.trace_dir)

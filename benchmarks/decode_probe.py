@@ -36,6 +36,7 @@ VARIANTS = {
     "block_tail": dict(block_tail=True),  # pallas_kernels.block_tail_mgpu in the fused step
     # pallas_kernels.between_attention_mgpu: two kernels a block in the fused step
     "between_attention": dict(between_attention=True),
+    "between_attention_spread": dict(between_attention=True, span_spread=True),  # its out / qkv over K splits too
     # XLA's matmuls through cuBLAS (per program) from 1 row / never
     "cublas": dict(cublas_min_rows=1),
     "no_cublas": dict(cublas_min_rows=0),

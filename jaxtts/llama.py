@@ -411,7 +411,7 @@ def between_attention_args(layer, nxt, rows: int, opts: DecodeOptions):
 
     (hd, d), f = weights[0].shape, weights[3].shape[0]
     nq = 0 if nxt is None else weights[5].shape[1]
-    config = config_for(hd, d, f, nq, blocks=1 if opts.interpret else 128)
+    config = config_for(hd, d, f, nq, blocks=1 if opts.interpret else 128, spread=opts.span_spread)
     return None if config is None else (tuple(weights), config)
 
 

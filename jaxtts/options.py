@@ -83,6 +83,9 @@ class DecodeOptions:
                           (pallas_kernels.between_attention_mgpu; Hopper, bfloat16 weights, at
                           most 8 rows) instead of seven kernels; off by default (docs/PERF.md,
                           session 12)
+    span_spread           with between_attention: the span kernel's out projection and qkv split
+                          over K as well, so those phases run on (nearly) every program
+                          (`between_attention_mgpu.config_for(spread=True)`)
     cublas_min_rows       decode programs of at least this many rows (per device) compile their
                           XLA matmuls with cuBLAS (`xla_gpu_enable_triton_gemm=False` for that
                           program only); 0: never. Same results up to rounding, different speed
@@ -107,6 +110,7 @@ class DecodeOptions:
     int8_convert: str = "cvt"
     block_tail: bool = False
     between_attention: bool = False
+    span_spread: bool = False
     cublas_min_rows: int = 0
     mosaic: bool = False
 

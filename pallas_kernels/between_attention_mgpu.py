@@ -71,6 +71,8 @@ class SpanConfig(NamedTuple):
     block_k: int = 128  # K rows of a weight tile
     down_splits: int = 8  # K splits of the down projection (its units: D/64 x down_splits)
     overlap: bool = False  # refill a step's slots while the next step's products run
+    out_splits: int = 1  # K splits of the out projection (> 1: partials, summed by a norm phase)
+    qkv_splits: int = 1  # K splits of qkv (> 1: qkv comes back as partial sums)
 
 
 # --- reference ------------------------------------------------------------------------------------
@@ -117,17 +119,29 @@ class _Dims(NamedTuple):
     f: int  # MLP width
     nq: int  # qkv width (0: no P4)
     splits: int  # down K splits
+    out_splits: int = 1  # out projection K splits
+    qkv_splits: int = 1  # qkv K splits
 
     @property
     def units(self):  # per phase
-        return (self.d // CHUNK, self.f // CHUNK, self.d // CHUNK * self.splits, self.nq // CHUNK)
+        d, os, qs = self.d // CHUNK, self.out_splits, self.qkv_splits
+        return (d * os, self.f // CHUNK, d * self.splits, self.nq // CHUNK * qs)
 
     def tiles(self, block_k):  # weight tiles per unit, per phase
-        return (self.hd // block_k, 2 * self.d // block_k, self.f // self.splits // block_k, self.d // block_k)
+        return (
+            self.hd // self.out_splits // block_k,
+            2 * self.d // block_k,
+            self.f // self.splits // block_k,
+            self.d // self.qkv_splits // block_k,
+        )
 
     @property
-    def chunks(self):  # K chunks of 64 each phase's unit reads
+    def chunks(self):  # K chunks of 64 each phase reads into its rows (P1: all of o, P4: all of x)
         return (self.hd // CHUNK, self.d // CHUNK, self.f // self.splits // CHUNK, self.d // CHUNK)
+
+    @property
+    def unit_chunks(self):  # K chunks of 64 one unit of P1 / P4 multiplies (its K split)
+        return self.hd // self.out_splits // CHUNK, self.d // self.qkv_splits // CHUNK
 
     @property
     def phases(self):
@@ -139,13 +153,34 @@ def smem_bytes(dims: _Dims, cfg: SpanConfig) -> int:
     squares, and the epilogue tiles."""
     ring = cfg.stages * cfg.block_k * CHUNK * 2
     rows = _x_rows(max(dims.chunks)) * CHUNK * 2
-    return ring + rows + dims.d // CHUNK * MMA_ROWS * 4 + (CHUNK + MMA_ROWS) * 4 + MMA_ROWS * CHUNK * (4 + 2)
+    sums = _sum_rows(dims.out_splits) * CHUNK * 4 if dims.out_splits > 1 else 0
+    buffers = ring + rows + sums + dims.d // CHUNK * MMA_ROWS * 4 + (CHUNK + MMA_ROWS) * 4 + MMA_ROWS * CHUNK * (4 + 2)
+    return buffers + SMEM_RESERVE
 
 
-def config_for(hd: int, d: int, f: int, nq: int = 0, *, blocks: int = 128) -> SpanConfig | None:
+SMEM_RESERVE = 4096  # barriers and the allocator's alignment (measured: ~3.7 KB over the buffers' sum)
+
+
+def _sum_rows(out_splits: int) -> int:
+    # The out projection's sum: h and its K splits' partials in 8-row slots, each read through a
+    # 64-row window (as _x_rows' chunks are)
+    return out_splits * ROWS + MMA_ROWS
+
+
+def _splits_within(units: int, blocks: int, k: int, block_k: int) -> int:
+    """The most K splits (a power of two) of a phase of `units` column units that keep its units
+    within `blocks` programs and each split a whole number of block_k tiles."""
+    splits = 1
+    while units * splits * 2 <= blocks and k % (splits * 2 * block_k) == 0:
+        splits *= 2
+    return splits
+
+
+def config_for(hd: int, d: int, f: int, nq: int = 0, *, blocks: int = 128, spread: bool = False) -> SpanConfig | None:
     """The config for these widths: `blocks` programs, down split so that its units number
     `blocks` (or as near as divides), the deepest ring up to MAX_STAGES that fits; None when the
-    widths do not tile."""
+    widths do not tile. `spread`: the out projection and qkv split over K as well, so that their
+    phases too run on (nearly) every program."""
     cfg = SpanConfig(blocks=blocks)
     if any(w % CHUNK for w in (hd, d, f, nq)) or hd % cfg.block_k or d % cfg.block_k:
         return None
@@ -155,12 +190,22 @@ def config_for(hd: int, d: int, f: int, nq: int = 0, *, blocks: int = 128) -> Sp
     if f % splits or (f // splits) % cfg.block_k:
         return None
     cfg = cfg._replace(down_splits=splits)
-    dims = _Dims(hd, d, f, nq, splits)
+    if spread:  # one program (the interpreter) splits as 128 would: the same path runs
+        grid = blocks if blocks > 1 else 128
+        cfg = cfg._replace(
+            out_splits=_splits_within(d // CHUNK, grid, hd, cfg.block_k),
+            qkv_splits=_splits_within(nq // CHUNK, grid, d, cfg.block_k) if nq else 1,
+        )
+    dims = _dims_of(hd, d, f, nq, cfg)
     for stages in range(MAX_STAGES, 1, -1):
         cfg = cfg._replace(stages=stages)
         if smem_bytes(dims, cfg) <= SMEM_LIMIT:
             return cfg
     return None
+
+
+def _dims_of(hd, d, f, nq, cfg: SpanConfig) -> _Dims:
+    return _Dims(hd, d, f, nq, cfg.down_splits, cfg.out_splits, cfg.qkv_splits)
 
 
 # --- the kernel -----------------------------------------------------------------------------------
@@ -170,6 +215,8 @@ class _Bufs(NamedTuple):
     """The kernel's shared memory besides the weight ring (what each is for: `_kernel`)."""
 
     stage: object
+    sums: object  # h and the out projection's partials (out_splits > 1)
+    nbar: object
     act_stage: object
     xb: object
     x1bar: object
@@ -193,7 +240,10 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
         return ref[...] if interpreting else plgpu.load(ref, (), layout=layout, optimized=False)
 
     def body(*refs):
-        (o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, h_out, act, qkv, x_rows, ss, ring, ring_bar) = refs
+        (o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv, h_out, act, qkv, x_rows, ss, out_parts, ring, ring_bar) = refs
+        d_units, q_units = dims.d // CHUNK, dims.nq // CHUNK
+        os_, qs_ = dims.out_splits, dims.qkv_splits
+        k1, k4 = dims.unit_chunks
         b = lax.axis_index("b")
 
         # This program's units per phase, and where each phase's tiles start in its sequence.
@@ -206,24 +256,28 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
         def tile_src(p, unit, t):
             """The weight tile t of phase p's unit: a [block_k, 64] slice of a row-major weight,
             or of a weight from `tile_weights` ([N/64, K, 64]: each unit's columns contiguous)."""
+            if p == 0:
+                j, t = lax.rem(unit, d_units), (unit // d_units) * (dims.hd // os_ // bk) + t
+            if p == 3:
+                j, t = lax.rem(unit, q_units), (unit // q_units) * (dims.d // qs_ // bk) + t
             if tiled:
                 if p == 0:
-                    return w_out.at[unit, pl.ds(t * bk, bk)]
+                    return w_out.at[j, pl.ds(t * bk, bk)]
                 if p == 1:
                     return w_gu.at[unit + lax.rem(t, 2) * (dims.f // CHUNK), pl.ds((t // 2) * bk, bk)]
                 if p == 2:
                     j, s = lax.rem(unit, dims.d // CHUNK), unit // (dims.d // CHUNK)
                     return w_down.at[j, pl.ds(s * (dims.f // dims.splits) + t * bk, bk)]
-                return w_qkv.at[unit, pl.ds(t * bk, bk)]
+                return w_qkv.at[j, pl.ds(t * bk, bk)]
             if p == 0:
-                return w_out.at[pl.ds(t * bk, bk), pl.ds(unit * CHUNK, CHUNK)]
+                return w_out.at[pl.ds(t * bk, bk), pl.ds(j * CHUNK, CHUNK)]
             if p == 1:  # gate tile and up tile alternate, one K step each
                 col = unit * CHUNK + lax.rem(t, 2) * dims.f
                 return w_gu.at[pl.ds((t // 2) * bk, bk), pl.ds(col, CHUNK)]
             if p == 2:
                 j, s = lax.rem(unit, dims.d // CHUNK), unit // (dims.d // CHUNK)
                 return w_down.at[pl.ds(s * (dims.f // dims.splits) + t * bk, bk), pl.ds(j * CHUNK, CHUNK)]
-            return w_qkv.at[pl.ds(t * bk, bk), pl.ds(unit * CHUNK, CHUNK)]
+            return w_qkv.at[pl.ds(t * bk, bk), pl.ds(j * CHUNK, CHUNK)]
 
         def issue(g):
             """Start the copy of this program's g-th weight tile into ring slot g % stages."""
@@ -238,9 +292,10 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                         tile_src(p, unit, lax.rem(local, tiles[p])), ring.at[slot], ring_bar.at[slot]
                     )
 
-        def gemv(p, i, accs, xb):
+        def gemv(p, i, accs, xb, x0=0):
             """accs[w] += x @ (tile w of each K step) over the i-th unit of phase p, x's rows in
-            xb's 8-row slots; each ring slot is refilled as soon as its products are done."""
+            xb's 8-row slots from chunk x0 on; each ring slot is refilled as soon as its products
+            are done."""
             per_step = len(accs)
             base = starts[p] + i * tiles[p]
             steps = tiles[p] // per_step
@@ -257,7 +312,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                 for w in range(per_step):
                     plgpu.barrier_wait(ring_bar.at[lax.rem(g0 + w, stages)])
                 for c in range(per_k):
-                    a = _x_view(xb, k * per_k + c)
+                    a = _x_view(xb, x0 + k * per_k + c)
                     for w, acc in enumerate(accs):
                         plgpu.wgmma(acc, a, ring.at[lax.rem(g0 + w, stages)].at[pl.ds(c * CHUNK, CHUNK)])
                 if cfg.overlap:  # only the previous step's products must be done to refill its slots
@@ -332,12 +387,45 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
 
                 pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
 
+            def split_body(i, unit):  # out_splits > 1: this K split's partial sum, stored
+                j, s = lax.rem(unit, d_units), unit // d_units
+
+                def with_acc(acc):
+                    with jax.named_scope("gemv"):
+                        gemv(0, i, [acc], bufs.xb, x0=s * k1)
+                    bufs.stage[...] = acc[...]
+                    store_rows(bufs.stage, out_parts.at[s, :, pl.ds(j * CHUNK, CHUNK)])
+
+                pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
+
             @pl.when(counts[0] > 0)
             @jax.named_scope("rows")
             def _():
                 plgpu.barrier_wait(bufs.x1bar)  # o's rows, copied before the weights
 
-            units_of(0, unit_body)
+            units_of(0, unit_body if os_ == 1 else split_body)
+
+        def sum_out(bufs):
+            """out_splits > 1: the column owners add h and the out projection's partials, write
+            h_out and P2's normed rows of their columns."""
+
+            @pl.loop(b, d_units, step=g_count)
+            def _(unit):
+                cols = pl.ds(unit * CHUNK, CHUNK)
+                plgpu.copy_gmem_to_smem(h.at[:, cols], bufs.sums.at[pl.ds(0, ROWS)], bufs.nbar)
+                for s_ in range(os_):
+                    plgpu.copy_gmem_to_smem(
+                        out_parts.at[s_, :, cols], bufs.sums.at[pl.ds((s_ + 1) * ROWS, ROWS)], bufs.nbar
+                    )
+                plgpu.barrier_wait(bufs.nbar)
+                h2 = load(bufs.sums.at[pl.ds(0, MMA_ROWS)], plgpu.Layout.WGMMA)
+                for s_ in range(1, os_ + 1):
+                    h2 = h2 + load(bufs.sums.at[pl.ds(s_ * ROWS, MMA_ROWS)], plgpu.Layout.WGMMA)
+                bufs.stage[...] = h2
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(bufs.stage.at[pl.ds(0, ROWS)], h_out.at[:, cols])
+                normed_rows(bufs, h2, s_mlp, unit)
+                plgpu.wait_smem_to_gmem(0)
 
         def norm_rows_of_h_out(bufs):
             """P4's normed rows: after P3's reduce-adds no unit owns whole columns of h_out, so the
@@ -366,9 +454,11 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
             n_acc = 2 if p == 1 else 1
 
             def unit_body(i, unit):
+                x0 = (unit // q_units) * k4 if p == 3 else 0
+
                 def with_acc(*accs):
                     with jax.named_scope("gemv"):
-                        gemv(p, i, list(accs), bufs.xb)
+                        gemv(p, i, list(accs), bufs.xb, x0=x0)
                     row = plgpu.Layout.WGMMA.reduce(1)
                     total_ss = load(bufs.ss_all.at[0], row)
                     for t in range(1, dims.d // CHUNK):
@@ -389,9 +479,10 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
             return epilogue
 
         def qkv_out(bufs):
-            def epilogue(unit, accs):
+            def epilogue(unit, accs):  # K split s of columns j (the norm factor is linear)
+                j, s_ = lax.rem(unit, q_units), unit // q_units
                 bufs.stage[...] = accs[0]
-                store_rows(bufs.stage, qkv.at[:, pl.ds(unit * CHUNK, CHUNK)])
+                store_rows(bufs.stage, qkv.at[s_, :, pl.ds(j * CHUNK, CHUNK)])
 
             return epilogue
 
@@ -435,29 +526,39 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                     def _():
                         issue(jnp.int32(g))
 
+            done = 0
+
+            def next_barrier():
+                nonlocal done
+                done += 1
+                with jax.named_scope(f"barrier {done}"):
+                    barrier(done)
+
             with jax.named_scope("P1 out"):
                 p1_out(bufs)
-            with jax.named_scope("barrier 1"):
-                barrier(1)
+            next_barrier()
+            if os_ > 1:
+                with jax.named_scope("P1 sum"):
+                    sum_out(bufs)
+                next_barrier()
             with jax.named_scope("P2 gate_up"):
                 normed_gemv(1, bufs, swiglu_out(bufs))
-            with jax.named_scope("barrier 2"):
-                barrier(2)
+            next_barrier()
             with jax.named_scope("P3 down"):
                 p3_down(bufs)
             if dims.nq:
-                with jax.named_scope("barrier 3"):
-                    barrier(3)
+                next_barrier()
                 with jax.named_scope("P3 norm"):
                     norm_rows_of_h_out(bufs)
-                with jax.named_scope("barrier 4"):
-                    barrier(4)
+                next_barrier()
                 with jax.named_scope("P4 qkv"):
                     normed_gemv(3, bufs, qkv_out(bufs))
 
         pl.run_scoped(
             all_phases,
             plgpu.SMEM((MMA_ROWS, CHUNK), f32),  # stage: float32 epilogue tile
+            plgpu.SMEM((_sum_rows(os_) if os_ > 1 else ROWS, CHUNK), f32),  # sums: h + out partials
+            plgpu.Barrier(num_arrivals=os_ + 1),  # nbar: those
             plgpu.SMEM((MMA_ROWS, CHUNK), bf16),  # act_stage: bf16 epilogue tile
             plgpu.SMEM((_x_rows(max(chunks)), CHUNK), bf16, transforms=_tiles(CHUNK)),  # xb: A rows
             plgpu.Barrier(num_arrivals=chunks[0]),  # x1bar: o
@@ -473,7 +574,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
     return body
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret", "profile_dir"))
+@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret", "profile_dir", "qkv_parts"))
 def between_attention_mgpu(
     o,
     h,
@@ -488,9 +589,11 @@ def between_attention_mgpu(
     config: SpanConfig | None = None,
     interpret=False,
     profile_dir: str | None = None,
+    qkv_parts: bool = False,
 ):
     """(h_out [M, D] float32, qkv [M, Nq] float32 or None); `between_attention_reference` is the
-    definition. o [M, Hd] (bf16 for wgmma), h [M, D], W_out [Hd, D], W_gate_up [D, 2F] ([gate |
+    definition. `qkv_parts`: qkv as its K splits' partial sums [qkv_splits, M, Nq] instead (what
+    `fused_decode.attention_step` takes), not summed here. o [M, Hd] (bf16 for wgmma), h [M, D], W_out [Hd, D], W_gate_up [D, 2F] ([gate |
     up]), W_down [F, D], W_qkv [D, Nq] or None (the last block), all bf16; M <= 8.
 
     config: default `config_for(...)` with 128 programs on a GPU, 1 program when interpreted.
@@ -523,11 +626,15 @@ def between_attention_mgpu(
         raise ValueError(f"widths hd={hd} d={d} f={f} nq={nq} do not tile by 64 and block_k")
     if params is not None and cfg.blocks != 1:
         raise ValueError("the interpreter runs programs one after another: pass a config with blocks=1")
-    dims = _Dims(hd, d, f, nq, cfg.down_splits)
+    dims = _dims_of(hd, d, f, nq, cfg)
     bk = cfg.block_k
     if bk % CHUNK or hd % bk or d % bk or f % cfg.down_splits or (f // cfg.down_splits) % bk:
         raise ValueError(
             f"hd={hd}, d={d} and f/down_splits={f}/{cfg.down_splits} must be multiples of block_k={bk} (itself of {CHUNK})"
+        )
+    if hd % (cfg.out_splits * bk) or d % (cfg.qkv_splits * bk):
+        raise ValueError(
+            f"hd={hd} / out_splits={cfg.out_splits} and d={d} / qkv_splits={cfg.qkv_splits} must be multiples of block_k={bk}"
         )
     if smem_bytes(dims, cfg) > SMEM_LIMIT:
         raise ValueError(f"{smem_bytes(dims, cfg)} bytes of shared memory > {SMEM_LIMIT}: lower stages")
@@ -544,9 +651,10 @@ def between_attention_mgpu(
         out_type=(
             jax.ShapeDtypeStruct((ROWS, d), f32),
             jax.ShapeDtypeStruct((ROWS, f), jnp.bfloat16),
-            jax.ShapeDtypeStruct((ROWS, max(nq, CHUNK)), f32),
+            jax.ShapeDtypeStruct((cfg.qkv_splits, ROWS, max(nq, CHUNK)), f32),  # qkv's partial sums
             jax.ShapeDtypeStruct((ROWS, d), jnp.bfloat16),  # normed rows: P1 -> P2, P3 -> P4
             jax.ShapeDtypeStruct((d // CHUNK, MMA_ROWS), f32),  # their sums of squares
+            jax.ShapeDtypeStruct((cfg.out_splits, ROWS, d), f32),  # the out projection's partials
         ),
         grid=(cfg.blocks,),
         grid_names=("b",),
@@ -558,7 +666,7 @@ def between_attention_mgpu(
         compiler_params=plgpu.CompilerParams(profile_space=64, profile_dir=profile_dir) if profile_dir else None,
         kernel_name="between_attention_mgpu",
     )
-    h_out, _, qkv, _, _ = kernel(
+    h_out, _, qkv, _, _, _ = kernel(
         pad(o.astype(jnp.bfloat16)),
         pad(h.astype(f32)),
         w_out,
@@ -568,4 +676,6 @@ def between_attention_mgpu(
         s_attn.reshape(-1, CHUNK),
         w_qkv_in,
     )
-    return h_out[:m], (qkv[:m] if nq else None)
+    if not nq:
+        return h_out[:m], None
+    return h_out[:m], (qkv[:, :m] if qkv_parts else jnp.sum(qkv[:, :m], axis=0))

@@ -58,6 +58,10 @@ def _rel(a, b):
         (8, 0, SpanConfig(blocks=1, stages=2, block_k=128, down_splits=1), False),  # the last block: no qkv
         (2, 384, SpanConfig(blocks=1, stages=5, block_k=64, down_splits=2, overlap=True), False),
         (1, 384, SpanConfig(blocks=1, stages=4, block_k=128, down_splits=2, overlap=True), True),
+        # out projection and qkv split over K too: partials, a sum phase, qkv summed here
+        (1, 384, SpanConfig(blocks=1, stages=6, block_k=64, down_splits=2, out_splits=4, qkv_splits=2), False),
+        (5, 384, SpanConfig(blocks=1, stages=3, block_k=64, down_splits=1, out_splits=2, qkv_splits=4), True),
+        (2, 0, SpanConfig(blocks=1, stages=4, block_k=128, down_splits=2, out_splits=2), False),
     ],
 )
 def test_interpreted_matches_reference(m, nq, cfg, tiled):
@@ -78,6 +82,16 @@ def test_interpreted_matches_reference(m, nq, cfg, tiled):
         assert qkv is None and want_q is None
 
 
+def test_qkv_parts_sum_to_qkv():
+    """qkv_parts=True: qkv's K splits unsummed, [qkv_splits, M, Nq], for attention_step to add."""
+    args = _operands(2, 256, 256, 512, 384)
+    cfg = SpanConfig(blocks=1, stages=4, block_k=64, down_splits=2, out_splits=2, qkv_splits=4)
+    _, parts = between_attention_mgpu(*args, eps=1e-5, config=cfg, interpret=True, qkv_parts=True)
+    _, want_q = between_attention_reference(*args, eps=1e-5)
+    assert parts.shape == (4, 2, 384) and _rel(parts.sum(0), want_q) < 1e-5
+    assert _rel(parts[0], want_q) > 0.1  # each part is a split, not the whole
+
+
 def test_reference_is_the_block_math():
     """The reference against the plain formulas: residual, RMSNorm, SwiGLU, residual, RMSNorm."""
     o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv = _operands(2, 128, 128, 256, 192)
@@ -95,17 +109,20 @@ def test_reference_is_the_block_math():
 
 
 @pytest.mark.parametrize(
-    "name,shape,rows",
+    "name,shape,rows,spread",
     [
-        ("depth decoder", (1024, 1024, 8192, 1536), 1),
-        ("depth decoder, last block", (1024, 1024, 8192, 0), 1),
-        ("backbone", (2048, 2048, 8192, 3072), 8),
+        ("depth decoder", (1024, 1024, 8192, 1536), 1, False),
+        ("depth decoder, last block", (1024, 1024, 8192, 0), 1, False),
+        ("backbone", (2048, 2048, 8192, 3072), 8, False),
+        ("depth decoder, spread", (1024, 1024, 8192, 1536), 1, True),
+        ("backbone, spread", (2048, 2048, 8192, 3072), 1, True),
     ],
 )
-def test_lowers_for_cuda_at_csm_shapes(name, shape, rows):
+def test_lowers_for_cuda_at_csm_shapes(name, shape, rows, spread):
     """128 programs, grid barriers, TMA reduce-add and register A operands, lowered on the CPU."""
-    cfg = config_for(*shape)
-    assert cfg is not None and cfg.blocks == 128 and smem_bytes(_Dims(*shape, cfg.down_splits), cfg) <= SMEM_LIMIT
+    cfg = config_for(*shape, spread=spread)
+    dims = _Dims(*shape, cfg.down_splits, cfg.out_splits, cfg.qkv_splits)
+    assert cfg is not None and cfg.blocks == 128 and smem_bytes(dims, cfg) <= SMEM_LIMIT
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype) if a is not None else None for a in _operands(rows, *shape)]
     fn = jax.jit(lambda *a: between_attention_mgpu(*a, eps=1e-5, config=cfg))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -127,6 +144,12 @@ def test_config_for():
     assert back.down_splits == 4 and back.stages == 8  # 32 column tiles x 4 splits
     assert config_for(1024, 1024, 8192, 1536, blocks=64).down_splits == 4
     assert config_for(1024, 1000, 8192) is None
+    assert (cfg.out_splits, cfg.qkv_splits) == (1, 1)
+    # spread: 16 out columns x 8 splits, 24 qkv columns x 4 splits (of 256 rows: 2 tiles)
+    spread = config_for(1024, 1024, 8192, 1536, spread=True)
+    assert (spread.out_splits, spread.qkv_splits, spread.down_splits) == (8, 4, 8)
+    back = config_for(2048, 2048, 8192, 3072, spread=True)
+    assert (back.out_splits, back.qkv_splits) == (4, 2) and back.stages >= 6
 
 
 def test_bad_operands_are_refused():
@@ -150,10 +173,10 @@ def test_bad_operands_are_refused():
 
 @pytest.mark.gpu
 @pytest.mark.gpu_only(reason="full-size operands: the 128-program kernel needs the GPU")
-@pytest.mark.parametrize("m", [1, 8])
-def test_compiled_matches_reference(m):
+@pytest.mark.parametrize("m,spread", [(1, False), (8, False), (1, True), (8, True)])
+def test_compiled_matches_reference(m, spread):
     args = _operands(m, 1024, 1024, 8192, 1536)
-    h_out, qkv = between_attention_mgpu(*args, eps=1e-5)
+    h_out, qkv = between_attention_mgpu(*args, eps=1e-5, config=config_for(1024, 1024, 8192, 1536, spread=spread))
     want_h, want_q = between_attention_reference(*args, eps=1e-5)
     assert np.isfinite(np.asarray(h_out)).all() and np.isfinite(np.asarray(qkv)).all()
     assert _rel(h_out, want_h) < 1e-3 and _rel(qkv, want_q) < 1e-2
@@ -183,6 +206,14 @@ def test_fused_step_with_the_span_kernel_matches_without():
     assert np.linalg.norm(g - w) / np.linalg.norm(w) < 2e-2
     for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+    # span_spread: the out projection and qkv over K splits too; the same step to float32 rounding
+    spread = on.replace(span_spread=True)
+    config = between_attention_args(layers[0], layers[1], 2, spread)[1]
+    assert config.out_splits > 1 and config.qkv_splits > 1
+    alt, alt_cache = model.fused_step(x, start, cache, spread)
+    assert _rel(alt, got) < 1e-2
+    for a, b in zip(alt_cache.k + alt_cache.v, got_cache.k + got_cache.v):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_the_option_needs_a_mosaic_device():
