@@ -248,6 +248,31 @@ def test_mosaic_probes_lower_for_cuda():
         assert name in fn.trace().lower(lowering_platforms=("cuda",)).as_text()
 
 
+def test_stream_probe_modes_lower_for_cuda_and_add_up_interpreted():
+    """benchmarks.mgpu_stream_probe: every mode lowers for CUDA at a full-size W (one program per
+    SM, uneven runs for the ring modes); the ring modes' sums match the reference in the
+    interpreter (three programs over 16 tiles: uneven runs), and the copy mode computes nothing."""
+    import functools
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.mgpu_stream_probe import MODES, stream, stream_reference
+
+    w = jax.ShapeDtypeStruct((8192, 4224), jnp.bfloat16)
+    for mode in MODES:
+        fn = jax.jit(functools.partial(stream, blocks=132, stages=8, block_k=128, mode=mode))
+        assert f"stream_{mode}" in fn.trace(w).lower(lowering_platforms=("cuda",)).as_text()
+    with pytest.raises(ValueError, match="evenly"):
+        stream(w, blocks=130, stages=4, block_k=128, mode="pipeline")
+    small = jax.random.normal(jax.random.key(0), (512, 256), jnp.bfloat16)
+    want = np.asarray(stream_reference(small, 3, 128))
+    for mode in ("wgmma", "wgmma_overlap"):
+        got = np.asarray(stream(small, blocks=3, stages=3, block_k=128, mode=mode, interpret=True))
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-2)
+    assert not np.asarray(stream(small, blocks=3, stages=3, block_k=128, mode="copy", interpret=True)).any()
+
+
 def test_pdl_probe_summary_counts_runs_and_early_starts():
     """benchmarks.mgpu_pdl_probe.summarize: runs cut after each `calls`-th GEMV (with the fusion
     after it), span and busy per call, and a GEMV that starts before the kernel before it ends."""
