@@ -11,7 +11,7 @@
    kernels for the same span (`Llama.fused_step`: out GEMV, residual add, gate/up norm_matvec,
    finish + SwiGLU, down GEMV, residual add, qkv norm_matvec + finish) and the persistent kernel,
    its out projection and qkv by column owners or spread over K splits (`config_for(spread=)`),
-   with and without overlapped refill and tiled weights. Beside them, the bytes of the span's
+   with and without overlapped refill, P1's tiles first (`critical_first`) and tiled weights. Beside them, the bytes of the span's
    weights at 4.3 TB/s (a measured H200 copy). Then the GPU kernels of one chain (CUPTI).
 """
 
@@ -140,6 +140,7 @@ def variants(shape) -> dict:
         "persistent, overlapped refill": (base._replace(overlap=True), False),
         "persistent, tiled weights": (base, True),
         f"spread (out / qkv split {spread.out_splits} / {spread.qkv_splits}, {spread.stages} stages)": (spread, False),
+        "spread, P1's tiles first": (spread._replace(critical_first=True), False),
         "spread, overlapped refill": (spread._replace(overlap=True), False),
         "spread, tiled weights": (spread, True),
     }
@@ -275,6 +276,7 @@ def main(argv=None) -> int:
             for label, cfg, tiled in (
                 ("column owners", config_for(*shape), False),
                 ("spread", config_for(*shape, spread=True), False),
+                ("spread, P1's tiles first", config_for(*shape, spread=True)._replace(critical_first=True), False),
             ):
                 try:
                     profile_span(name, shape, label, cfg, tiled, args.trace_dir)

@@ -29,6 +29,8 @@ program consumes them, across the phases: a tile is refilled as soon as its prod
 with whatever tile comes `stages` later, even one of a later phase. Weights depend on nothing,
 so while a program waits at a barrier its ring holds the next phase's first tiles, in flight or
 landed (the Hazy-style overlap the plan asks for; block_tail_mgpu restarted a ring per phase).
+`critical_first` issues only P1's tiles at the start and the rest of the first fill once P1's
+products are done, so that the critical path's tiles do not wait behind 16 MB of prefetch.
 
 Activations: each phase reads its whole input row (K) once, bf16, into 8-row slots that wgmma
 reads as A (block_tail_mgpu's layout); o's rows are copied before the weight ring fills. The
@@ -73,6 +75,7 @@ class SpanConfig(NamedTuple):
     overlap: bool = False  # refill a step's slots while the next step's products run
     out_splits: int = 1  # K splits of the out projection (> 1: partials, summed by a norm phase)
     qkv_splits: int = 1  # K splits of qkv (> 1: qkv comes back as partial sums)
+    critical_first: bool = False  # fill the ring with P1's tiles first, the rest once P1's are in
 
 
 # --- reference ------------------------------------------------------------------------------------
@@ -519,10 +522,14 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                 _load_x(o, 0, chunks[0], bufs.xb, bufs.x1bar)  # tiny, and needed first: ahead of the weights
 
             # The named scopes are what Mosaic GPU's profiler records (`profile_dir=`).
-            with jax.named_scope("fill"):  # weights depend on nothing: the ring fills now
+            # Weights depend on nothing: the ring fills now. critical_first: only P1's tiles (every
+            # later phase waits for P1), the rest once P1's products are done, so that P1's tiles
+            # do not queue behind the later phases' prefetch.
+            first = jnp.minimum(starts[1], total) if cfg.critical_first else total
+            with jax.named_scope("fill"):
                 for g in range(stages):
 
-                    @pl.when(g < total)
+                    @pl.when(g < first)
                     def _():
                         issue(jnp.int32(g))
 
@@ -536,6 +543,14 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
 
             with jax.named_scope("P1 out"):
                 p1_out(bufs)
+            if cfg.critical_first:
+                with jax.named_scope("fill rest"):
+                    for g in range(stages):
+
+                        @pl.when((g >= first) & (g < total))
+                        def _():
+                            issue(jnp.int32(g))
+
             next_barrier()
             if os_ > 1:
                 with jax.named_scope("P1 sum"):

@@ -62,10 +62,12 @@ def _rel(a, b):
         (1, 384, SpanConfig(blocks=1, stages=6, block_k=64, down_splits=2, out_splits=4, qkv_splits=2), False),
         (5, 384, SpanConfig(blocks=1, stages=3, block_k=64, down_splits=1, out_splits=2, qkv_splits=4), True),
         (2, 0, SpanConfig(blocks=1, stages=4, block_k=128, down_splits=2, out_splits=2), False),
+        # P1's 8 tiles issued first, the ring's other 4 slots once they are in
+        (2, 384, SpanConfig(blocks=1, stages=12, block_k=64, down_splits=2, out_splits=2, critical_first=True), False),
     ],
 )
 def test_interpreted_matches_reference(m, nq, cfg, tiled):
-    args = _operands(m, 256, 256, 512, nq)
+    args = _operands(m, 128, 256, 512, nq) if cfg.critical_first else _operands(m, 256, 256, 512, nq)
     o, h, w_out, s_mlp, w_gu, w_down, s_attn, w_qkv = args
     if tiled:  # each unit's columns contiguous: the same products
         w_out, w_gu, w_down, w_qkv = tile_weights(w_out, w_gu, w_down, w_qkv)
@@ -116,11 +118,13 @@ def test_reference_is_the_block_math():
         ("backbone", (2048, 2048, 8192, 3072), 8, False),
         ("depth decoder, spread", (1024, 1024, 8192, 1536), 1, True),
         ("backbone, spread", (2048, 2048, 8192, 3072), 1, True),
+        ("depth decoder, spread, P1's tiles first", (1024, 1024, 8192, 1536), 1, "critical_first"),
     ],
 )
 def test_lowers_for_cuda_at_csm_shapes(name, shape, rows, spread):
     """128 programs, grid barriers, TMA reduce-add and register A operands, lowered on the CPU."""
-    cfg = config_for(*shape, spread=spread)
+    cfg = config_for(*shape, spread=bool(spread))
+    cfg = cfg._replace(critical_first=spread == "critical_first")
     dims = _Dims(*shape, cfg.down_splits, cfg.out_splits, cfg.qkv_splits)
     assert cfg is not None and cfg.blocks == 128 and smem_bytes(dims, cfg) <= SMEM_LIMIT
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype) if a is not None else None for a in _operands(rows, *shape)]
