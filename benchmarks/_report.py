@@ -32,6 +32,15 @@ class Budget:
         return elapsed() < self.seconds
 
 
+def chosen(text: str, known, what: str) -> list[str]:
+    """The names of a comma list argument, each one of `known`; else exit with one line."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    return names
+
+
 def failure(e: BaseException, limit: int = 300) -> str:
     """An exception as one table-safe line: its type and its message with the whitespace
     collapsed, cut at `limit` characters (a variant that failed is a row, not a traceback)."""

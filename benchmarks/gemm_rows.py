@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._report import Budget, failure, log, write_log
+from benchmarks._report import Budget, chosen, failure, log, write_log
 
 SHAPES = {  # name: (K, N)
     "depth qkv": (1024, 1536),
@@ -158,10 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="csm-1b", help="model of part 2 (tiny: a quick run on any device)")
     ap.add_argument("--out", help="also write the tables (markdown) here")
     args = ap.parse_args(argv)
-    shapes = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown:
-        raise SystemExit(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+    shapes = chosen(args.shapes, SHAPES, "shape")
     budget = Budget(args.budget)
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind}, jax {jax.__version__}")

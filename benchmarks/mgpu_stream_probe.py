@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks._report import Budget, failure, log, write_log
+from benchmarks._report import Budget, chosen, failure, log, write_log
 
 TILE_N = 64  # columns of a weight tile: one 128-byte swizzle row of bf16
 ROWS = 64  # accumulator rows (wgmma's M)
@@ -244,10 +244,7 @@ def main(argv=None) -> int:
     ap.add_argument("--interpret", action="store_true", help="check the ring modes in the CPU interpreter (small W)")
     ap.add_argument("--out", help="also write the table (markdown) here")
     args = ap.parse_args(argv)
-    modes = args.modes.split(",")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise SystemExit(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    modes = chosen(args.modes, MODES, "mode")
     budget = Budget(args.budget_s)
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind}, jax {jax.__version__}")
