@@ -95,7 +95,7 @@ def survey(shapes, rows, budget: Budget) -> None:
                     cells.append("–")
                     continue
                 try:
-                    got = np.asarray(fns[name](xs[:1] * 1, ws[:1] * 1)[0].astype(jnp.float32))
+                    got = np.asarray(fns[name](xs[:1], ws[:1])[0].astype(jnp.float32))
                     rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
                     if not rel < 1e-2:
                         cells.append(f"wrong (rel {rel:.1e})")

@@ -190,18 +190,16 @@ def _decode_chunk_jit(compiler_options: tuple):
     )
 
 
-def _decode_chunk(graphdef, weights, state, sampler, num_frames, opts: DecodeOptions, audio_table, mesh=None):
-    """`_decode_chunk_impl`, jitted with the XLA options that `opts` gives this state's batch
-    (rows per device). `.lower` and `.eval_shape` take the same arguments."""
-    return _decode_chunk_for(state, opts, mesh)(graphdef, weights, state, sampler, num_frames, opts, audio_table, mesh)
-
-
 def _decode_chunk_for(state: DecodeState, opts: DecodeOptions, mesh: BatchMesh | None):
+    """The jitted decode chunk for this state's batch: compiled with the XLA options that `opts`
+    gives its rows per device."""
     rows = state.position.shape[0] // (mesh.size if mesh is not None else 1)
     return _decode_chunk_jit(opts.compiler_options(rows))
 
 
-def _dispatched(method: str):
+def _per_batch(method: str):
+    """`method` of the jit `_decode_chunk_for` picks for the call's state ("__call__", "lower", ...)."""
+
     def call(graphdef, weights, state, sampler, num_frames, opts, audio_table, mesh=None):
         jitted = _decode_chunk_for(state, opts, mesh)
         return getattr(jitted, method)(graphdef, weights, state, sampler, num_frames, opts, audio_table, mesh)
@@ -209,7 +207,9 @@ def _dispatched(method: str):
     return call
 
 
-_decode_chunk.lower, _decode_chunk.eval_shape = _dispatched("lower"), _dispatched("eval_shape")
+# `_decode_chunk_impl` jitted per batch; `.lower` and `.eval_shape` take the same arguments.
+_decode_chunk = _per_batch("__call__")
+_decode_chunk.lower, _decode_chunk.eval_shape = _per_batch("lower"), _per_batch("eval_shape")
 
 
 def _decode_frames(

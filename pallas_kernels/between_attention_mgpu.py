@@ -370,6 +370,15 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
             plgpu.copy_smem_to_gmem(bufs.act_stage.at[pl.ds(0, ROWS)], x_rows.at[:, pl.ds(unit * CHUNK, CHUNK)])
             plgpu.copy_smem_to_gmem(bufs.ss_stage, ss.at[unit])
 
+        def finish_columns(bufs, h2, unit):
+            """Write h2, the complete float32 residual of 64 columns (WGMMA layout), to h_out and
+            P2's normed rows of those columns."""
+            bufs.stage[...] = h2
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(bufs.stage.at[pl.ds(0, ROWS)], h_out.at[:, pl.ds(unit * CHUNK, CHUNK)])
+            normed_rows(bufs, h2, s_mlp, unit)
+            plgpu.wait_smem_to_gmem(0)
+
         def p1_out(bufs):
             """h_out = h + o @ W_out for 64 columns, and P2's normed rows of them."""
 
@@ -381,12 +390,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                     with jax.named_scope("gemv"):
                         gemv(0, i, [acc], bufs.xb)
                     plgpu.barrier_wait(bufs.ebar)
-                    h2 = load(bufs.stage, plgpu.Layout.WGMMA) + acc[...]
-                    bufs.stage[...] = h2
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(bufs.stage.at[pl.ds(0, ROWS)], h_out.at[:, cols])
-                    normed_rows(bufs, h2, s_mlp, unit)
-                    plgpu.wait_smem_to_gmem(0)
+                    finish_columns(bufs, load(bufs.stage, plgpu.Layout.WGMMA) + acc[...], unit)
 
                 pl.run_scoped(with_acc, plgpu.ACC((MMA_ROWS, CHUNK), f32))
 
@@ -424,11 +428,7 @@ def _kernel(dims: _Dims, cfg: SpanConfig, eps: float, interpreting: bool, tiled:
                 h2 = load(bufs.sums.at[pl.ds(0, MMA_ROWS)], plgpu.Layout.WGMMA)
                 for s_ in range(1, os_ + 1):
                     h2 = h2 + load(bufs.sums.at[pl.ds(s_ * ROWS, MMA_ROWS)], plgpu.Layout.WGMMA)
-                bufs.stage[...] = h2
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(bufs.stage.at[pl.ds(0, ROWS)], h_out.at[:, cols])
-                normed_rows(bufs, h2, s_mlp, unit)
-                plgpu.wait_smem_to_gmem(0)
+                finish_columns(bufs, h2, unit)
 
         def norm_rows_of_h_out(bufs):
             """P4's normed rows: after P3's reduce-adds no unit owns whole columns of h_out, so the
