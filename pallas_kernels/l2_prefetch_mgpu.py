@@ -12,11 +12,12 @@ into L2 while the following latency-bound kernels run, so the GEMV that reads th
 them there (the H200's L2 is 50 MB: a depth block's gate/up, 33.5 MB, fits; the backbone's,
 67 MB, does not, hence `max_bytes`).
 
-The kernel's own output (8 int32, never written) and x go through one `lax.optimization_barrier`,
-and x comes back out of it: XLA keeps the kernel (its output is used) and runs it before anything
-that reads the returned x, with no copy of x. (A `pallas_call` with x aliased to its output would
-say the same, but JAX 0.11.2 has no lowering for Mosaic GPU `pallas_call`s unless another module
-imported it, and deprecates them.)
+x is the kernel's only output, aliased to its input (`input_output_aliases` of a `pallas_call`,
+which JAX deprecates for Mosaic GPU but `plgpu.kernel` does not offer): the kernel never touches
+it. Passing a value through gives XLA a data dependence to order the kernel by, and costs no copy
+as long as the caller uses the returned x instead of the original from then on. (A kernel whose
+only output is tied to x by a `lax.optimization_barrier` is not enough: XLA expands the barrier
+and removes the kernel as dead code — measured on the H200, session 14.)
 
 Each weight [K, N] (any dtype; a 3-D stack is not accepted) is cut into boxes of at most 256 x 256
 elements (TMA's box limit), rows first: box j covers rows (j // cols_boxes) * box_rows and columns
@@ -37,8 +38,6 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, gpu
 from jax.experimental import pallas as pl
@@ -148,14 +147,18 @@ def l2_prefetch(x, *weights, max_bytes: int | None = None, blocks: int = BLOCKS,
         # drops (JAX 0.10–0.11): inline Mosaic GPU code is kept (it has a memory effect).
         plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(weights))(issue)(*refs[:-1])
 
-    done = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((8,), jnp.int32),  # never written: only a dependence
+    # JAX 0.11.2 registers the Mosaic GPU lowering of `pallas_call` only when this module is
+    # imported (plgpu.kernel does not need it; but only pallas_call aliases an input to an output)
+    import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401
+
+    return pl.pallas_call(
+        lambda x_ref, *refs: body(*refs),  # x in and out: one buffer, never read or written here
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         grid=(blocks,),
-        grid_names=("b",),
+        in_specs=[pl.BlockSpec(memory_space=plgpu.GMEM)] * (1 + len(weights)),
+        out_specs=pl.BlockSpec(memory_space=plgpu.GMEM),
+        input_output_aliases={0: 0},
+        compiler_params=plgpu.CompilerParams(),
         interpret=_interpret_params(interpret),
-        kernel_name="l2_prefetch",
-    )(*weights)
-    # x comes out of the barrier only once `done` exists: XLA keeps the kernel (its output is
-    # used) and runs it before whatever reads the returned x.
-    return lax.optimization_barrier((x, done))[0]
+        name="l2_prefetch",
+    )(x, *weights)
