@@ -12,13 +12,14 @@ into L2 while the following latency-bound kernels run, so the GEMV that reads th
 them there (the H200's L2 is 50 MB: a depth block's gate/up, 33.5 MB, fits; the backbone's,
 67 MB, does not, hence `max_bytes`).
 
-x is the kernel's only output, aliased to its input (`input_output_aliases` of a `pallas_call`,
-which JAX deprecates for Mosaic GPU but `plgpu.kernel` does not offer): the kernel never touches
-it. Passing a value through gives XLA a data dependence to order the kernel by, and costs no copy
-as long as the caller uses the returned x instead of the original from then on. (A kernel whose
-only output is tied to x by a `lax.optimization_barrier` is not enough: XLA expands the barrier
-and removes the kernel as dead code — measured on the H200, session 14.)
-
+The kernel's only output is a token of 8 int32 that it never writes; the caller gets back
+x + 0 * float(token). Any int32 converts to a finite float, so that is x, and it is a data
+dependence XLA keeps: the kernel runs before anything that reads the returned x. Where x comes
+from an XLA fusion (the residual add before a block's qkv GEMV) the add folds into it and costs
+no kernel; after a Pallas kernel it is a small fusion of its own. Two ways that do not work in
+JAX 0.11.2: a `pallas_call` with x aliased to its output (no Mosaic GPU lowering of `pallas_call`
+there any more), and a kernel tied to x by `lax.optimization_barrier` (XLA expanded the barrier
+and removed the kernel as dead code on the H200, session 14).
 Each weight [K, N] (any dtype; a 3-D stack is not accepted) is cut into boxes of at most 256 x 256
 elements (TMA's box limit), rows first: box j covers rows (j // cols_boxes) * box_rows and columns
 (j % cols_boxes) * box_cols. With `max_bytes`, only the first rows of each weight (in order, until
@@ -38,6 +39,7 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, gpu
 from jax.experimental import pallas as pl
@@ -147,18 +149,16 @@ def l2_prefetch(x, *weights, max_bytes: int | None = None, blocks: int = BLOCKS,
         # drops (JAX 0.10–0.11): inline Mosaic GPU code is kept (it has a memory effect).
         plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(weights))(issue)(*refs[:-1])
 
-    # JAX 0.11.2 registers the Mosaic GPU lowering of `pallas_call` only when this module is
-    # imported (plgpu.kernel does not need it; but only pallas_call aliases an input to an output)
-    import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401
-
-    return pl.pallas_call(
-        lambda x_ref, *refs: body(*refs),  # x in and out: one buffer, never read or written here
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    token = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((8,), jnp.int32),  # never written: only a dependence
         grid=(blocks,),
-        in_specs=[pl.BlockSpec(memory_space=plgpu.GMEM)] * (1 + len(weights)),
-        out_specs=pl.BlockSpec(memory_space=plgpu.GMEM),
-        input_output_aliases={0: 0},
-        compiler_params=plgpu.CompilerParams(),
+        grid_names=("b",),
         interpret=_interpret_params(interpret),
-        name="l2_prefetch",
-    )(x, *weights)
+        kernel_name="l2_prefetch",
+    )(*weights)
+    # x + 0 * float(token): any int converts to a finite float, so this is x (up to the sign of
+    # a zero), and XLA cannot drop the kernel or order x's readers before it. Folded into the
+    # fusion that makes x when that is an XLA fusion (the residual add before a block's qkv).
+    zero = token[0].astype(jnp.float32) * 0
+    return (x.astype(jnp.promote_types(x.dtype, jnp.float32)) + zero).astype(x.dtype)
