@@ -40,15 +40,6 @@ VARIANTS = {
     # XLA's matmuls through cuBLAS (per program) from 1 row / never
     "cublas": dict(cublas_min_rows=1),
     "no_cublas": dict(cublas_min_rows=0),
-    # pallas_kernels.l2_prefetch_mgpu: a kernel per block that asks L2 for the block's MLP weights
-    # (at most l2_prefetch_mb MB: the backbone's gate/up alone is 67 MB) before its latency-bound
-    # kernels, at the block's start (default), before its attention or before its out projection
-    "l2_gate_up": dict(l2_prefetch=("gate_up",), l2_prefetch_mb=40.0),
-    "l2_gate_up_qkv": dict(l2_prefetch=("gate_up",), l2_prefetch_mb=40.0, l2_prefetch_at="qkv"),
-    "l2_gate_up_attention": dict(l2_prefetch=("gate_up",), l2_prefetch_mb=40.0, l2_prefetch_at="attention"),
-    "l2_gate_up_down": dict(l2_prefetch=("gate_up", "down"), l2_prefetch_mb=48.0),
-    "l2_all": dict(l2_prefetch=("out", "gate_up", "down", "next_qkv"), l2_prefetch_mb=48.0),
-    "l2_gate_up_24": dict(l2_prefetch=("gate_up",), l2_prefetch_mb=24.0),
     # the depth decoder's 30-step scan unrolled: fewer loop iterations, longer compile
     **{f"unroll{u}": dict(depth_unroll=u) for u in (2, 3, 5, 10, 15, 30)},
     # --tune-matvec adds matvec_tuned and fused64_tuned: the swept configs as DecodeOptions.matvec_tuned

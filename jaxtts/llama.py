@@ -328,12 +328,9 @@ class Llama(nnx.Module):
         n_layers = len(self.layers)
         for i, (layer, kc, vc) in enumerate(zip(self.layers, cache.k, cache.v)):
             attn, mlp = layer.attn, layer.mlp
-            nxt = self.layers[i + 1] if i + 1 < n_layers else None
-            prefetch = l2_prefetch_args(layer, nxt, h.shape[0], opts)
             with jax.named_scope(f"layer{i}"):
                 if qkv_next is None:
                     h = add_residual(h, parts)  # the previous block's MLP output
-                    h = prefetch(h, "start")
                     qkv, ss = norm_gemv(
                         h,
                         layer.attn_norm.scale[...],
@@ -347,7 +344,7 @@ class Llama(nnx.Module):
                     qkv, ss = apply_rope(qkv_next, rope, head_dim=cfg.head_dim, rope_heads=rope_heads)[None], None
                     qkv_next = None
                 o, kc, vc = attention_step(
-                    prefetch(qkv, "qkv"),
+                    qkv,
                     ss,
                     kc,
                     vc,
@@ -357,7 +354,7 @@ class Llama(nnx.Module):
                     eps=cfg.norm_eps,
                     interpret=opts.interpret,
                 )
-                o = prefetch(o, "attention")
+                nxt = self.layers[i + 1] if i + 1 < n_layers else None
                 span = between_attention_args(layer, nxt, h.shape[0], opts)
                 tail = (weight(attn, "out"), weight(mlp, "gate_up"), weight(mlp, "down"))
                 tail_config = None if span is not None else block_tail_config(h.shape[0], tail, opts)
@@ -393,34 +390,6 @@ class Llama(nnx.Module):
             vs.append(vc)
         h = add_residual(h, parts).astype(x.dtype)
         return (self.norm(h)[:, None] if final_norm else h), KVCache(k=ks, v=vs)
-
-
-def l2_prefetch_args(layer, nxt, rows: int, opts: DecodeOptions):
-    """`prefetch(value, point)`: value, passed through `pallas_kernels.l2_prefetch_mgpu` at the
-    point `opts.l2_prefetch_at` names (the kernel then asks L2 for the block's weights that
-    `opts.l2_prefetch` names), unchanged at the other points or when the options do not ask."""
-    if not opts.uses_l2_prefetch(rows):
-        return lambda value, point: value
-    named = {
-        "out": weight(layer.attn, "out"),
-        "gate_up": weight(layer.mlp, "gate_up"),
-        "down": weight(layer.mlp, "down"),
-        "next_qkv": None if nxt is None else weight(nxt.attn, "qkv"),
-    }
-    weights = [named[n] for n in opts.l2_prefetch if named[n] is not None]
-    weights = [w.q if isinstance(w, QuantizedWeight) else w for w in weights]
-    max_bytes = int(opts.l2_prefetch_mb * 2**20) or None
-
-    def prefetch(value, point):
-        if point != opts.l2_prefetch_at or not weights:
-            return value
-        from pallas_kernels.l2_prefetch_mgpu import l2_prefetch, l2_prefetch_reference
-
-        if opts.interpret:  # no cache to fill, and the interpreter's callbacks can stall an eager caller
-            return l2_prefetch_reference(value, *weights)
-        return l2_prefetch(value, *weights, max_bytes=max_bytes)
-
-    return prefetch
 
 
 def between_attention_args(layer, nxt, rows: int, opts: DecodeOptions):

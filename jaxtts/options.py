@@ -23,8 +23,6 @@ from jaxtts.errors import JaxttsError
 ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
 INT8_CONVERTS = ("cvt", "magic", "asm")  # = pallas_kernels._backend.INT8_CONVERTS (no Pallas import here)
 TOP_K_METHODS = ("sort", "rank")
-L2_PREFETCH_WEIGHTS = ("out", "gate_up", "down", "next_qkv")
-L2_PREFETCH_AT = ("start", "qkv", "attention")
 
 # GEMV configs (block_n, block_k, k_splits, num_warps, num_stages, method) for more rows than
 # `pallas_kernels.matvec.default_config` was tuned for, by device kind, then by (rows rounded up
@@ -91,14 +89,6 @@ class DecodeOptions:
     cublas_min_rows       decode programs of at least this many rows (per device) compile their
                           XLA matmuls with cuBLAS (`xla_gpu_enable_triton_gemm=False` for that
                           program only); 0: never. Same results up to rounding, different speed
-    l2_prefetch           in the fused step, a kernel at `l2_prefetch_at` that asks the L2 cache
-                          to fetch the named weights of the block ("out", "gate_up", "down",
-                          "next_qkv": the next block's qkv), in that order, at most
-                          `l2_prefetch_mb` MB of them (0: all), so the latency-bound kernels
-                          before their GEMVs overlap HBM reads (pallas_kernels.l2_prefetch_mgpu;
-                          Hopper); () (off) by default
-    l2_prefetch_at        where that kernel runs: "start" (before the block's qkv GEMV), "qkv"
-                          (before its attention) or "attention" (before its out projection)
     mosaic                the device runs the Mosaic GPU kernels (`mosaic_gpu_capable`: Hopper);
                           set by `default_options` from the device, required by every Mosaic
                           GPU option above when compiled (the interpreter runs them anywhere)
@@ -122,9 +112,6 @@ class DecodeOptions:
     between_attention: bool = False
     span_spread: bool = False
     cublas_min_rows: int = 0
-    l2_prefetch: tuple = ()
-    l2_prefetch_at: str = "start"
-    l2_prefetch_mb: float = 0.0
     mosaic: bool = False
 
     def __post_init__(self):
@@ -136,14 +123,6 @@ class DecodeOptions:
             raise JaxttsError(f"unknown int8_convert {self.int8_convert!r}; choose one of {INT8_CONVERTS}")
         if self.cublas_min_rows < 0:
             raise JaxttsError(f"cublas_min_rows must be ≥ 0 (0: never), got {self.cublas_min_rows}")
-        if isinstance(self.l2_prefetch, str):  # "gate_up,down" from a command line
-            object.__setattr__(self, "l2_prefetch", tuple(n for n in self.l2_prefetch.split(",") if n))
-        if unknown := set(self.l2_prefetch) - set(L2_PREFETCH_WEIGHTS):
-            raise JaxttsError(f"unknown l2_prefetch weights {sorted(unknown)}; choose from {L2_PREFETCH_WEIGHTS}")
-        if self.l2_prefetch_at not in L2_PREFETCH_AT:
-            raise JaxttsError(f"unknown l2_prefetch_at {self.l2_prefetch_at!r}; choose one of {L2_PREFETCH_AT}")
-        if self.l2_prefetch_mb < 0:
-            raise JaxttsError(f"l2_prefetch_mb must be ≥ 0 (0: no cap), got {self.l2_prefetch_mb}")
         if self.depth_unroll < 1:
             raise JaxttsError(f"depth_unroll must be ≥ 1, got {self.depth_unroll}")
         hash(self.matvec_tuned)  # a dict or list here would make the options unusable as a jit key
@@ -199,11 +178,6 @@ class DecodeOptions:
         """Whether a fused step of `rows` rows runs its spans from one attention to the next
         as `between_attention_mgpu`: asked for, at most 8 rows, and `_streams_with_mosaic`."""
         return self.between_attention and rows <= 8 and self._streams_with_mosaic(rows, weights)
-
-    def uses_l2_prefetch(self, rows: int) -> bool:
-        """Whether a fused step of `rows` rows issues the L2 prefetch kernels: asked for, on a
-        device that runs Mosaic GPU kernels (or interpreted)."""
-        return bool(self.l2_prefetch) and (self.mosaic or self.interpret) and self.uses_fused_step(rows)
 
     def compiler_options(self, rows: int) -> tuple:
         """XLA compiler options (sorted (name, value) pairs) of a decode program of `rows` rows

@@ -7,22 +7,22 @@ session 14). Inside XLA's command buffers kernels do not overlap (PDL does not a
 but a kernel can leave work to the memory system: `cp.async.bulk.prefetch.tensor.L2` (TMA's L2
 prefetch, `plgpu.async_prefetch`) asks for a box of a tensor to be brought into L2 and completes
 nothing the issuing thread waits for. `l2_prefetch(x, weights)` is a kernel that issues those
-prefetches for the given weights and returns x: it costs a launch, and the weights' bytes stream
-into L2 while the following latency-bound kernels run, so the GEMV that reads them later finds
-them there (the H200's L2 is 50 MB: a depth block's gate/up, 33.5 MB, fits; the backbone's,
-67 MB, does not, hence `max_bytes`).
+prefetches for the given weights and returns x. The hope was that it costs a launch, that the
+weights' bytes stream into L2 while the following latency-bound kernels run, and that the GEMV
+that reads them later finds them there (the H200's L2 is 50 MB: a depth block's gate/up,
+33.5 MB, fits; the backbone's, 67 MB, does not, hence `max_bytes`).
 
 The kernel's only output is a token of 8 int32 that it never writes; the caller gets back
 x + 0 * float(token). Any int32 converts to a finite float, so that is x, and it is a data
 dependence XLA keeps: the kernel runs before anything that reads the returned x. x is also an
 input of the kernel (never read): a kernel of weights alone is loop-invariant, and XLA hoisted it
 out of the decode loop and merged the copies (40 kernels a frame instead of 136 on the H200,
-session 14). Where x comes
-from an XLA fusion (the residual add before a block's qkv GEMV) the add folds into it and costs
-no kernel; after a Pallas kernel it is a small fusion of its own. Two ways that do not work in
-JAX 0.11.2: a `pallas_call` with x aliased to its output (no Mosaic GPU lowering of `pallas_call`
-there any more), and a kernel tied to x by `lax.optimization_barrier` (XLA expanded the barrier
-and removed the kernel as dead code on the H200, session 14).
+session 14). Where x comes from an XLA fusion the add folds into it; after a Pallas kernel it
+is a small fusion of its own. Two ways that do not work in JAX 0.11.2: a `pallas_call` with x
+aliased to its output (no Mosaic GPU lowering of `pallas_call` there any more), and a kernel tied
+to x by `lax.optimization_barrier` (XLA expanded the barrier and removed the kernel as dead code
+on the H200, session 14).
+
 Each weight [K, N] (any dtype; a 3-D stack is not accepted) is cut into boxes of at most 256 x 256
 elements (TMA's box limit), rows first: box j covers rows (j // cols_boxes) * box_rows and columns
 (j % cols_boxes) * box_cols. With `max_bytes`, only the first rows of each weight (in order, until
@@ -32,8 +32,16 @@ issues boxes b, b + blocks, ... of the concatenated list; one thread per program
 The reference is the identity (`l2_prefetch_reference`): a prefetch changes no value. In Pallas'
 Mosaic GPU interpreter (CPU, tests) the prefetch is a no-op; the tests there check that x comes
 back unchanged and that the box plan covers exactly the bytes asked for, and lower the kernel for
-CUDA to catch API misuse. What it buys is measured on the GPU (`benchmarks/decode_probe.py`'s
-`l2_prefetch*` variants).
+CUDA to catch API misuse.
+
+Measured on the H200 (session 14, docs/PERF.md #69–#70): it does not pay, and nothing in the
+model calls it. The kernel is not fire-and-forget: with 64–528 programs it lasts 5.1–6.2 µs for
+the depth gate/up's 33.5 MB (about the time the bytes take to arrive: its programs apparently end only once their
+prefetches have landed), and the
+GEMV that then reads the weight from L2 takes 9.0 µs instead of 9.7 (the Triton GEMV is limited
+by its own loads, not by HBM). In the decode loop, prefetching each block's gate/up at its start
+cost 5.98 ms per frame against 4.96. Kept, with `benchmarks/l2_prefetch_probe.py`, as the
+experiment that shows it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxtts import bench
@@ -319,3 +320,17 @@ def test_phase_profile_summary_nests_and_orders_scopes(tmp_path):
     assert [r.split(" | ")[0] for r in rows] == ["| fill", "| P1", "| P1 / gemv"]
     # P1 / gemv: 3 programs, median start 11+1-9 = 3, median 3 µs, max 4, last end 11+1+4-9 = 7
     assert rows[2] == "| P1 / gemv | 3 | 3.00 | 3.00 | 4.00 | 7.00 |"
+
+
+def test_l2_prefetch_probe_chain_traces():
+    """benchmarks.l2_prefetch_probe: each layer of the chain is [prefetch], fillers, the big GEMV
+    (traced at full size on CPU: one l2_prefetch per layer with prefetching, none without)."""
+    from benchmarks.l2_prefetch_probe import N_SMALL, K, N, chain
+
+    spec = jax.ShapeDtypeStruct
+    args = (spec((1, K), jnp.bfloat16), [spec((K, N), jnp.bfloat16)] * 3, [spec((K, N_SMALL), jnp.bfloat16)] * 3)
+    for blocks, fillers in ((64, 2), (None, 0)):
+        jaxpr = jax.make_jaxpr(lambda x, ws, ss: chain(x, ws, ss, prefetch_blocks=blocks, fillers=fillers))(*args)
+        names = [eqn.params.get("name") for eqn in jaxpr.eqns]
+        assert names.count("l2_prefetch") == (3 if blocks else 0)
+        assert names.count("matvec") == 3 * (1 + fillers)

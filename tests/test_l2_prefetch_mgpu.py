@@ -2,18 +2,13 @@
 
 On CPU: the box plan against the bytes asked for, the kernel in Pallas' Mosaic GPU interpreter
 (where a prefetch is a no-op: x must come back unchanged), the kernel
-lowered for CUDA at CSM-1B's shapes, and `Llama.fused_step` with the prefetch at each point."""
+lowered for CUDA at CSM-1B's shapes. With JAXTTS_TEST_DEVICE=gpu, the compiled kernel."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from jaxtts.config import LlamaConfig
-from jaxtts.errors import JaxttsError
-from jaxtts.llama import KVCache, Llama
-from jaxtts.options import DecodeOptions
 from pallas_kernels.l2_prefetch_mgpu import Boxes, l2_prefetch, plan, planned_bytes
 
 BF = jnp.bfloat16
@@ -96,65 +91,6 @@ def test_lowers_for_cuda_at_csm_shapes():
 def test_rejects_a_stacked_weight():
     with pytest.raises(ValueError, match="2-D"):
         l2_prefetch(jnp.zeros((1, 8)), jnp.zeros((2, 64, 64), BF), interpret=True)
-
-
-def _count_prefetches(fn, *args) -> int:
-    """Calls of `l2_prefetch` (jit equations of that name) in fn's jaxpr, nested jaxprs included."""
-
-    def count(jaxpr) -> int:
-        n = 0
-        for eqn in jaxpr.eqns:
-            if eqn.params.get("name") == "l2_prefetch":
-                n += 1
-                continue
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, (tuple, list)) else (v,):
-                    if hasattr(sub, "eqns"):
-                        n += count(sub)
-                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                        n += count(sub.jaxpr)
-        return n
-
-    return count(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
-def test_fused_step_with_prefetch_matches_without():
-    """A three-layer bfloat16 Llama step with the prefetch at each point: interpreted, the same
-    hidden state and caches bit for bit (the prefetch is the identity there: the Mosaic GPU
-    interpreter's callbacks can stall an eager caller); traced for the GPU, one prefetch kernel
-    per block."""
-    cfg = LlamaConfig(num_layers=3, num_heads=2, num_kv_heads=1, embed_dim=256, intermediate_dim=256, max_seq_len=32)
-    model = Llama(cfg, dtype=BF, rngs=nnx.Rngs(0))
-    cache = KVCache.zeros(cfg, 2, 32, BF)
-    x = jax.random.normal(jax.random.key(1), (2, 1, 256), BF)
-    start = jnp.array([0, 5], jnp.int32)
-    opts = DecodeOptions(attention="pallas_interpret")
-    want, want_cache = model.fused_step(x, start, cache, opts)
-    compiled = DecodeOptions(attention="pallas", mosaic=True)
-    assert _count_prefetches(lambda x: model.fused_step(x, start, cache, compiled)[0], x) == 0
-    for at in ("start", "qkv", "attention"):
-        asked = dict(l2_prefetch=("gate_up", "down", "next_qkv"), l2_prefetch_at=at, l2_prefetch_mb=0.25)
-        got, got_cache = model.fused_step(x, start, cache, opts.replace(**asked))
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-        for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
-            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-        on = compiled.replace(**asked)
-        assert _count_prefetches(lambda x, on=on: model.fused_step(x, start, cache, on)[0], x) == cfg.num_layers
-
-
-def test_options():
-    on = DecodeOptions(attention="pallas", l2_prefetch="gate_up,down")
-    assert on.l2_prefetch == ("gate_up", "down")
-    assert not on.uses_l2_prefetch(1)  # compiled, on a device without Mosaic GPU
-    assert on.replace(mosaic=True).uses_l2_prefetch(1)
-    assert not on.replace(mosaic=True).uses_l2_prefetch(64)  # no fused step at 64 rows
-    assert not DecodeOptions(attention="pallas", mosaic=True).uses_l2_prefetch(1)  # not asked for
-    with pytest.raises(JaxttsError, match="unknown l2_prefetch weights"):
-        DecodeOptions(l2_prefetch=("gate",))
-    with pytest.raises(JaxttsError, match="l2_prefetch_at"):
-        DecodeOptions(l2_prefetch_at="end")
-    with pytest.raises(JaxttsError, match="l2_prefetch_mb"):
-        DecodeOptions(l2_prefetch_mb=-1)
 
 
 @pytest.mark.gpu
