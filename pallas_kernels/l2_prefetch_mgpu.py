@@ -57,7 +57,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-MAX_BOX = 256  # TMA: at most 256 elements along each dimension of a box
 BLOCKS = 64  # programs issuing prefetches: enough that no single thread issues hundreds
 
 
@@ -71,7 +70,7 @@ class Boxes(NamedTuple):
 
 
 def _box_side(n: int) -> int:
-    """The largest of 256, 128, ..., 8 that divides n (or n itself when it is smaller)."""
+    """The largest of 256 (TMA's box limit per dimension), 128, ..., 8 that divides n."""
     for side in (256, 128, 64, 32, 16, 8):
         if n % side == 0:
             return side
