@@ -2,9 +2,9 @@
 
     python -m benchmarks.int8_fusion_check [--rows 1,64,512] [--dtype bfloat16] [--out DIR]
 
-For each row count, compiles `dense(x [rows, K], QuantizedWeight(q [K, N], scale [N]))` at CSM-1B's
+For each row count, compiles `dense(x [rows, K], QuantizedWeight(q [N, K], scale [N]))` at CSM-1B's
 largest projection (K=2048, N=16384: backbone gate_up) and looks at the optimized HLO's entry
-computation: if an instruction there produces the whole converted weight (`bf16[2048,16384]` for
+computation: if an instruction there produces the whole converted weight (`bf16[16384,2048]` for
 bf16 activations), the convert is a separate kernel that writes the dequantized weight to memory
 and the dot reads it back (no bandwidth saved at run time); otherwise the convert is inside the
 dot's fusion. Also checks the result against x @ dequantized W. `--out` keeps each HLO text.
@@ -38,9 +38,9 @@ def check(rows: int, dtype, out: Path | None = None) -> dict:
         (out / f"int8_dense_rows{rows}_{jnp.dtype(dtype).name}.hlo.txt").write_text(hlo)
     entry = hlo[hlo.rfind("ENTRY") :]
     short = {"bfloat16": "bf16", "float32": "f32"}[jnp.dtype(dtype).name]
-    materialized = f"{short}[{K},{N}]" in entry
+    materialized = f"{short}[{N},{K}]" in entry or f"{short}[{K},{N}]" in entry  # q is stored [N, K]
     got = f(x, q, s).astype(jnp.float32)
-    ref = x.astype(jnp.float32) @ (q.astype(jnp.float32) * s)
+    ref = x.astype(jnp.float32) @ (q.T.astype(jnp.float32) * s)
     err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
     return dict(rows=rows, convert_materialized=materialized, rel_err=err, entry=entry)
 

@@ -294,7 +294,8 @@ def time_table(budget: Budget):
 
 
 def _int8_operands(key, m, k, n, copies):
-    """xs [m, k] bf16 and, per copy, (W bf16, q int8, column scales) of the same weight."""
+    """xs [m, k] bf16 and, per copy, (W bf16, q int8 [N, K] as the model stores it, column scales)
+    of the same weight."""
     from jaxtts.quantize import quantize_array
 
     xs, ws = _operands(key, m, k, n, copies)
@@ -308,7 +309,10 @@ def _int8_fns(configs=()):
 
     fns = {
         "bf16 pallas": lambda x, w: matvec(x, w[0]),
-        **{f"int8 {how}": lambda x, w, how=how: matvec(x, w[1], w[2], int8_convert=how) for how in INT8_CONVERTS},
+        **{
+            f"int8 {how}": lambda x, w, how=how: matvec(x, w[1], w[2], int8_convert=how, w_transposed=True)
+            for how in INT8_CONVERTS
+        },
         "int8 xla": lambda x, w: dot_f32(x, QuantizedWeight(w[1], w[2])).astype(x.dtype),
     }
     for cfg in configs:
@@ -323,6 +327,7 @@ def _int8_fns(configs=()):
             num_warps=c[4],
             num_stages=c[5],
             int8_convert=c[6],
+            w_transposed=True,
         )
     return fns
 
@@ -331,8 +336,10 @@ def _int8_errors(xs, ws):
     """Each int8 GEMV's largest relative error against `matvec_reference` (first copy), and
     whether the ways of converting agree bit for bit (they convert to the same floats)."""
     x, (_, q, scale) = xs[0], ws[0]
-    want = np.asarray(matvec_reference(x, q, scale), np.float32)
-    outs = {how: np.asarray(matvec(x, q, scale, int8_convert=how), np.float32) for how in INT8_CONVERTS}
+    want = np.asarray(matvec_reference(x, q.T, scale), np.float32)
+    outs = {
+        how: np.asarray(matvec(x, q, scale, int8_convert=how, w_transposed=True), np.float32) for how in INT8_CONVERTS
+    }
     errs = {how: float(np.abs(o - want).max() / np.abs(want).max()) for how, o in outs.items()}
     same = all(np.array_equal(o, outs["cvt"]) for o in outs.values())
     return errs, same

@@ -223,9 +223,14 @@ def child(args) -> None:
         tol = 1e-5 if dtype == jnp.float32 else 1e-2
         return dict(err=err, rel=rel, ok=bool(finite and rel <= tol))
 
+    def kn_int8(w):
+        """(q [K, N], scale): the layout `matvec_mgpu` reads (`quantize_array` gives [N, K])."""
+        q, scale = quantize_array(w)
+        return jnp.swapaxes(q, -1, -2), scale
+
     def weight(w, int8):
         """(w,) for bf16 W, or (q, scale) of w for int8 W: the weight arguments of both kernels."""
-        return tuple(quantize_array(w)) if int8 else (w,)
+        return kn_int8(w) if int8 else (w,)
 
     def run_check(c):
         dtype = jnp.dtype(c["dtype"])
@@ -305,13 +310,14 @@ def child(args) -> None:
     def run_time_int8(c):
         k, n, m = c["k"], c["n"], c["m"]
         xs, ws = operands(m, k, n, jnp.bfloat16, copies(k, n, int8=True))
-        ws = [(w, *quantize_array(w)) for w in ws]  # (bf16 W, q, scale): the same weight both ways
+        # (bf16 W, q [K, N], scale, q [N, K]): the same weight every way
+        ws = [(w, *kn_int8(w), quantize_array(w)[0]) for w in ws]
         fns = {
             "xla int8": lambda x, w: (
                 jnp.dot(x, w[1].astype(x.dtype), preferred_element_type=jnp.float32) * w[2]
             ).astype(x.dtype),
             "triton bf16": lambda x, w: matvec(x, w[0], interpret=SMOKE),
-            "triton int8": lambda x, w: matvec(x, w[1], w[2], interpret=SMOKE),
+            "triton int8": lambda x, w: matvec(x, w[3], w[2], w_transposed=True, interpret=SMOKE),
             "mgpu bf16": lambda x, w: matvec_mgpu(x, w[0], interpret=SMOKE),
             "mgpu int8": lambda x, w: matvec_mgpu(x, w[1], w[2], interpret=SMOKE),
             "mgpu int8 kernel": lambda x, w: matvec_mgpu(x, w[1], w[2], partials=True, interpret=SMOKE),

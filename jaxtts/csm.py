@@ -254,7 +254,12 @@ class CSM(nnx.Module):
             dtypes = dict(_flat(read_param_dtypes(path)))
             quant.check_layout(dtypes, stored, str(path), "config.json", embeddings=tables)
             abstract = param_dict(cls.abstract(cfg, dtype, quantization=stored, embeddings=tables))
-            model = cls.from_params(cfg, read_params(path, abstract), dtype)
+            # int8 checkpoints written before the [out, in] layout: restored as stored, then transposed
+            legacy = scheme is not None and scheme.layout == quant.LEGACY_LAYOUT
+            if legacy:
+                abstract = quant.transpose_projections(abstract)
+            params = read_params(path, abstract)
+            model = cls.from_params(cfg, quant.transpose_projections(params) if legacy else params, dtype)
         else:
             from convert.csm import read_csm_checkpoint
 

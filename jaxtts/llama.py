@@ -139,8 +139,10 @@ def dot_f32(x, w):
     """x @ w accumulated and returned in float32; for a `QuantizedWeight`,
     (x @ q.astype(x.dtype)) * scale: the column scale applied after the sum over K (exact up to
     rounding), so the int8 → x.dtype convert is the only thing in front of the dot."""
-    if isinstance(w, QuantizedWeight):
-        return jnp.dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32) * w.scale.astype(jnp.float32)
+    if isinstance(w, QuantizedWeight):  # q [N, K]: contract x's last axis with q's last
+        dims = (((x.ndim - 1,), (1,)), ((), ()))
+        y = jax.lax.dot_general(x, w.q.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+        return y * w.scale.astype(jnp.float32)
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
@@ -150,10 +152,17 @@ def gemv(x, w, opts: DecodeOptions, *, partials: bool = False):
     from pallas_kernels import matvec
 
     rows = math.prod(x.shape[:-1])
-    q, scale = (w.q, w.scale) if isinstance(w, QuantizedWeight) else (w, None)
-    config = matvec_config(opts, rows, q)
+    quantized = isinstance(w, QuantizedWeight)
+    q, scale = (w.q, w.scale) if quantized else (w, None)
     return matvec(
-        x, q, w_scale=scale, partials=partials, config=config, int8_convert=opts.int8_convert, interpret=opts.interpret
+        x,
+        q,
+        w_scale=scale,
+        partials=partials,
+        config=matvec_config(opts, rows, w),
+        int8_convert=opts.int8_convert,
+        w_transposed=quantized,  # int8 weights are stored [N, K]
+        interpret=opts.interpret,
     )
 
 
@@ -166,7 +175,8 @@ def fused_step_applies(x, lengths, opts: DecodeOptions, quantized: bool = False)
 
 
 def matvec_config(opts: DecodeOptions, rows: int, w):
-    """The measured GEMV config of this device for x [rows, K] @ w (None: the kernel's default)."""
+    """The measured GEMV config of this device for x [rows, K] @ w (an array or a
+    `QuantizedWeight`: its [K, N] shape) (None: the kernel's default)."""
     tuned = opts.tuned_matvec(rows, *w.shape[-2:])
     if tuned is None:
         return None
@@ -431,15 +441,16 @@ def norm_gemv(x, norm_scale, w, opts: DecodeOptions, **kwargs):
     `QuantizedWeight`, [K, N] or a stack [L, K, N] with w_index=) with the tuned config."""
     from pallas_kernels.fused_decode import norm_matvec
 
-    q, scale = (w.q, w.scale) if isinstance(w, QuantizedWeight) else (w, None)
-    config = matvec_config(opts, x.shape[0], q)
+    quantized = isinstance(w, QuantizedWeight)
+    q, scale = (w.q, w.scale) if quantized else (w, None)
     return norm_matvec(
         x,
         norm_scale,
         q,
         w_scale=scale,
-        config=config,
+        config=matvec_config(opts, x.shape[0], w),
         int8_convert=opts.int8_convert,
+        w_transposed=quantized,  # int8 weights are stored [N, K]
         interpret=opts.interpret,
         **kwargs,
     )

@@ -3,9 +3,12 @@ projection and per row of each embedding table.
 
 A linear weight W [..., K, N] (stored [in, out]) becomes
 
-    q = clip(round(W / s), -127, 127)  int8 [..., K, N],    s = max_k |W[..., k, n]| / 127  float32 [..., N]
+    q = clip(round(W / s), -127, 127)  int8,    s = max_k |W[..., k, n]| / 127  float32 [..., N]
 
-(s = 1 for an all-zero column)
+(s = 1 for an all-zero column), with q stored transposed, [..., N, K] ([out, in], as PyTorch
+stores a Linear): each output column's K weights are contiguous, the layout the int8 GEMV
+kernels read fastest (20-35 % faster than [K, N] at CSM-1B's big projections on an H200,
+docs/PERF.md #73); `QuantizedWeight.shape` still says [..., K, N], the matmul's shape
 
 so every element is within s/2 of its original value, and a matmul computes
 `(x @ q.astype(x.dtype)) * s` with float32 accumulation: the column scale commutes with the sum
@@ -26,8 +29,10 @@ holds s (so `param_dict` and the Orbax checkpoint hold plain arrays: `attn.qkv` 
 `QuantizedTable(q, scale)`. A model's projections are quantized as a whole or not at all. A
 checkpoint's config.json says how each tensor is stored:
 `"quantization": {"method": "int8", "granularity": "per_channel", "embeddings": "per_row",
-"scale_dtype": "float32"}` (absent: not quantized; no "embeddings": the tables are stored in the
-model dtype, as int8 checkpoints written before the tables were quantized).
+"scale_dtype": "float32", "layout": "out_in"}` (absent: not quantized; no "embeddings": the tables
+are stored in the model dtype, as int8 checkpoints written before the tables were quantized; no
+"layout": the weights are stored [in, out], as int8 checkpoints written before 2026-12-04, and
+`CSM.load` transposes them).
 
 This module imports nothing from the model code (the converter uses it too).
 """
@@ -57,14 +62,16 @@ EMBEDDING_GRANULARITY = "per_row"
 
 
 class QuantizedWeight(NamedTuple):
-    """An int8 weight q [..., K, N] and its float32 column scales [..., N]: W ≈ q * scale."""
+    """An int8 weight stored transposed, q [..., N, K], and its float32 column scales [..., N]:
+    W [..., K, N] ≈ swapaxes(q) * scale. `shape` is W's."""
 
     q: jax.Array
     scale: jax.Array
 
     @property
     def shape(self) -> tuple:
-        return self.q.shape
+        *lead, n, k = self.q.shape
+        return (*lead, k, n)
 
     @property
     def ndim(self) -> int:
@@ -124,13 +131,16 @@ def _quantize_numpy(w, axis: int):
 
 @jax.jit
 def quantize_array(w):
-    """(q int8 [..., K, N], scale float32 [..., N]) of w, computed in float32."""
-    return _quantize_jnp(w, -2)
+    """(q int8 [..., N, K], scale float32 [..., N]) of w [..., K, N], computed in float32 (q
+    transposed: `QuantizedWeight`'s layout)."""
+    q, scale = _quantize_jnp(w, -2)
+    return jnp.swapaxes(q, -1, -2), scale
 
 
 def quantize_numpy(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`quantize_array` in NumPy (the converter's; the same float32 arithmetic, the same result)."""
-    return _quantize_numpy(w, -2)
+    q, scale = _quantize_numpy(w, -2)
+    return np.ascontiguousarray(np.swapaxes(q, -1, -2)), scale
 
 
 @jax.jit
@@ -150,8 +160,8 @@ def quantize_rows_numpy(t: np.ndarray, block: int = 8192) -> tuple[np.ndarray, n
 
 
 def dequantize(q, scale, dtype=jnp.float32):
-    """q * scale (per column) in `dtype`."""
-    return (q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None, :]).astype(dtype)
+    """W [..., K, N] in `dtype` from q [..., N, K] (stored transposed) and its column scales."""
+    return jnp.swapaxes(q.astype(jnp.float32) * scale.astype(jnp.float32)[..., :, None], -1, -2).astype(dtype)
 
 
 def dequantize_rows(q, scale, dtype=jnp.float32):
@@ -171,13 +181,20 @@ def lookup(table, ids, dtype):
 # --- checkpoint metadata ----------------------------------------------------------------------------
 
 
+# How int8 projections are stored: "out_in" = [..., N, K] (`QuantizedWeight`'s layout, written
+# since 2026-12-04), "in_out" = [..., K, N] (earlier int8 checkpoints: no "layout" entry).
+LAYOUT = "out_in"
+LEGACY_LAYOUT = "in_out"
+
+
 class Scheme(NamedTuple):
     """How a checkpoint's tensors are stored (config.json's "quantization" entry, parsed):
-    `method` for the projections and heads (one scale per output column), and whether the
-    embedding tables are int8 too (one scale per row)."""
+    `method` for the projections and heads (one scale per output column), whether the
+    embedding tables are int8 too (one scale per row), and the projections' `layout`."""
 
     method: str
     embeddings: bool
+    layout: str = LAYOUT
 
 
 def meta(method: str, embeddings: bool = True) -> dict:
@@ -188,6 +205,7 @@ def meta(method: str, embeddings: bool = True) -> dict:
     if embeddings:
         out["embeddings"] = EMBEDDING_GRANULARITY
     out["scale_dtype"] = "float32"
+    out["layout"] = LAYOUT
     return out
 
 
@@ -212,7 +230,12 @@ def scheme_from_meta(entry, where: str = "config.json") -> Scheme | None:
     scale_dtype = entry.get("scale_dtype", "float32")
     if scale_dtype != "float32":
         raise JaxttsError(f"{where}: unsupported quantization scale_dtype {scale_dtype!r}; expected 'float32'")
-    return Scheme(method, embeddings is not None)
+    layout = entry.get("layout", LEGACY_LAYOUT)
+    if layout not in (LAYOUT, LEGACY_LAYOUT):
+        raise JaxttsError(
+            f"{where}: unsupported int8 weight layout {layout!r}; expected {LAYOUT!r} (or {LEGACY_LAYOUT!r})"
+        )
+    return Scheme(method, embeddings is not None, layout)
 
 
 def method_from_meta(entry, where: str = "config.json") -> str | None:
@@ -297,6 +320,24 @@ def quantize_params(params: dict, method: str = "int8", *, embeddings: bool = Tr
             out[key], out[f"{key}{SCALE_SUFFIX}"] = quantize_numpy(value)
         elif embeddings and key in EMBEDDINGS and np.ndim(value) == 2:
             out[key], out[f"{key}{SCALE_SUFFIX}"] = quantize_rows_numpy(value)
+        else:
+            out[key] = value
+    return out
+
+
+def transpose_projections(tree: dict) -> dict:
+    """The nested parameter dict with the last two axes of each int8 projection and head swapped
+    (arrays or ShapeDtypeStructs): between the "in_out" layout of older int8 checkpoints and
+    `LAYOUT`."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = transpose_projections(value)
+        elif key in QUANTIZED and np.dtype(value.dtype) == np.int8 and len(value.shape) >= 2:
+            if isinstance(value, jax.ShapeDtypeStruct):
+                out[key] = jax.ShapeDtypeStruct((*value.shape[:-2], value.shape[-1], value.shape[-2]), value.dtype)
+            else:
+                out[key] = jnp.swapaxes(value, -1, -2)
         else:
             out[key] = value
     return out

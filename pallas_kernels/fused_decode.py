@@ -137,6 +137,7 @@ def _norm_matvec_kernel(
     norm_rows,
     norm_chunk,
     convert,
+    transposed,
 ):
     it = iter(refs)
     x_ref = next(it)
@@ -182,9 +183,14 @@ def _norm_matvec_kernel(
         xs = be.load(xs_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=row_ok[:, None] & k_ok[None, :], other=0)
         out = []
         for (c0, width), acc in zip(tiles, accs):
-            wmask = k_ok[:, None] & (c0 + jnp.arange(width) < n)[None, :]
-            wt = be.load(w_ref.at[(*w_lead, pl.ds(start, block_k), pl.ds(c0, width))], mask=wmask, other=0)
-            out.append(acc + be.dot(xs, convert(wt, dtype) if scaled else wt.astype(dtype)))
+            if transposed:  # W [.., N, K]: the tile [width, block_k], K-contiguous
+                wmask = (c0 + jnp.arange(width) < n)[:, None] & k_ok[None, :]
+                w_at = w_ref.at[(*w_lead, pl.ds(c0, width), pl.ds(start, block_k))]
+            else:
+                wmask = k_ok[:, None] & (c0 + jnp.arange(width) < n)[None, :]
+                w_at = w_ref.at[(*w_lead, pl.ds(start, block_k), pl.ds(c0, width))]
+            wt = be.load(w_at, mask=wmask, other=0)
+            out.append(acc + be.dot(xs, convert(wt, dtype) if scaled else wt.astype(dtype), trans_b=transposed))
         return tuple(out)
 
     accs = jax.lax.fori_loop(lo, hi, body, tuple(jnp.zeros((rows, w), jnp.float32) for _, w in tiles))
@@ -229,6 +235,7 @@ def _norm_matvec_kernel(
         "num_warps",
         "num_stages",
         "int8_convert",
+        "w_transposed",
         "interpret",
     ),
 )
@@ -249,6 +256,7 @@ def norm_matvec(
     num_warps: int | None = None,
     num_stages: int | None = None,
     int8_convert: str = "cvt",
+    w_transposed: bool = False,
     interpret: bool = False,
 ):
     """The matmul of rmsnorm(x) * scale @ w, leaving the norm's row factor to the consumer.
@@ -259,14 +267,16 @@ def norm_matvec(
     `_backend.INT8_CONVERTS`) and the partials come back scaled.
     rope=(cos, sin) ([M, head_dim/2] float32) rotates the halves of each of the first
     `rope_heads` heads of the result (heads of `head_dim` columns).
+    w_transposed=True: w is given as [N, K] (or [L, N, K]), each output column's weights
+    contiguous (`matvec`'s w_transposed; what int8 weights are stored as).
     Returns (y, sumsq): float32 partial sums y [splits, M, N] of (x * scale) @ w and sumsq
     [splits, M] of x². `finish(y, sumsq, K, eps)` (or the next kernel) gives the result.
     """
     m, k = x.shape
-    n = w.shape[-1]
+    w_k, n = (w.shape[-1], w.shape[-2]) if w_transposed else (w.shape[-2], w.shape[-1])
     if not 1 <= m <= 64:
         raise ValueError(f"norm_matvec takes 1..64 rows, got {m}")
-    if w.shape[-2] != k or scale.shape != (k,):
+    if w_k != k or scale.shape != (k,):
         raise ValueError(f"x {x.shape}, scale {scale.shape} and w {w.shape} do not match")
     if (w.ndim == 3) != (w_index is not None):
         raise ValueError("pass w_index exactly when w is a stack [L, K, N]")
@@ -328,6 +338,7 @@ def norm_matvec(
         norm_rows=be.pow2_at_least(m, 1),
         norm_chunk=min(NORM_CHUNK, be.pow2_at_least(per_split * block_k, 1)),
         convert=functools.partial(be.int8_to, how=int8_convert, interpret=interpret),
+        transposed=w_transposed,
     )
     y, sumsq = be.pallas_call(
         kernel,

@@ -100,7 +100,9 @@ def default_config(m: int, k: int, n: int) -> MatvecConfig:
     return MatvecConfig(block_n, block_k, splits, num_warps=4, num_stages=3, method="dot")
 
 
-def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, compute_dtype, scaled, convert):
+def _matvec_kernel(
+    *refs, m, k, n, rows, block_n, block_k, per_split, method, compute_dtype, scaled, convert, transposed
+):
     if scaled:
         x_ref, w_ref, s_ref, o_ref = refs
     else:
@@ -120,6 +122,7 @@ def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, co
     # Static flags: a mask is only built where the shape does not divide evenly.
     row_ok = (jnp.arange(rows) < m)[:, None] if rows != m else None
     col_ok = (n0 + jnp.arange(block_n) < n)[None, :] if n % block_n else None
+    col_ok_t = (n0 + jnp.arange(block_n) < n)[:, None] if n % block_n else None
 
     def both(a, b):
         if a is None:
@@ -130,15 +133,20 @@ def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, co
         start = pl.multiple_of((first + i) * block_k, block_k)
         k_ok = start + jnp.arange(block_k) < k if k % block_k else None
         x_mask = both(row_ok, None if k_ok is None else k_ok[None, :])
-        w_mask = both(None if k_ok is None else k_ok[:, None], col_ok)
         xt = be.load(x_ref.at[pl.ds(0, rows), pl.ds(start, block_k)], mask=x_mask, other=None if x_mask is None else 0)
-        wt = be.load(
-            w_ref.at[pl.ds(start, block_k), pl.ds(n0, block_n)], mask=w_mask, other=None if w_mask is None else 0
-        )
+        if transposed:  # W [N, K]: the tile [block_n, block_k], each row one output column's K run
+            w_mask = both(col_ok_t, None if k_ok is None else k_ok[None, :])
+            w_at = w_ref.at[pl.ds(n0, block_n), pl.ds(start, block_k)]
+        else:
+            w_mask = both(None if k_ok is None else k_ok[:, None], col_ok)
+            w_at = w_ref.at[pl.ds(start, block_k), pl.ds(n0, block_n)]
+        wt = be.load(w_at, mask=w_mask, other=None if w_mask is None else 0)
         float_dtype = compute_dtype if method == "dot" else jnp.float32
         wt = convert(wt, float_dtype) if scaled else wt.astype(float_dtype)
         if method == "dot":
-            return acc + be.dot(xt.astype(compute_dtype), wt)
+            return acc + be.dot(xt.astype(compute_dtype), wt, trans_b=transposed)
+        if transposed:
+            return acc + jnp.sum(xt.astype(jnp.float32)[:, None, :] * wt[None, :, :], axis=2)
         prod = xt.astype(jnp.float32)[:, :, None] * wt[None, :, :]
         return acc + jnp.sum(prod, axis=1)
 
@@ -161,6 +169,7 @@ def _matvec_kernel(*refs, m, k, n, rows, block_n, block_k, per_split, method, co
         "method",
         "int8_convert",
         "partials",
+        "w_transposed",
         "interpret",
     ),
 )
@@ -178,6 +187,7 @@ def matvec(
     method: str | None = None,
     int8_convert: str = "cvt",
     partials: bool = False,
+    w_transposed: bool = False,
     interpret: bool = False,
 ):
     """`x @ w` for x [..., K] with at most 64 rows in all, w [K, N]; returns [..., N] in x's dtype.
@@ -195,11 +205,14 @@ def matvec(
     computed in x's dtype, then scaled in float32; the partials come back scaled).
     int8_convert: how the int8 tiles become floats in registers (`_backend.INT8_CONVERTS`;
     the same values every way).
+    w_transposed=True: w is given as [N, K] (each output column's weights contiguous, PyTorch's
+    [out, in]); the result is still `x @ w.T`-as-[K, N]. int8 weights stream ~20-35 % faster so
+    (docs/PERF.md #73: the tile is K-contiguous, as the matrix units take B); bf16 the same.
     """
     *lead, k = x.shape
-    if w.ndim != 2 or w.shape[0] != k:
-        raise ValueError(f"x {x.shape} and w {w.shape} do not multiply")
-    n = w.shape[1]
+    if w.ndim != 2 or w.shape[1 if w_transposed else 0] != k:
+        raise ValueError(f"x {x.shape} and w {w.shape}{' (given [N, K])' if w_transposed else ''} do not multiply")
+    n = w.shape[0 if w_transposed else 1]
     if w_scale is not None and w_scale.shape != (n,):
         raise ValueError(f"w_scale {w_scale.shape} does not match w {w.shape}: one scale per column")
     x2 = x.reshape(-1, k)
@@ -244,8 +257,9 @@ def matvec(
         compute_dtype=compute_dtype,
         scaled=w_scale is not None,
         convert=functools.partial(be.int8_to, how=int8_convert, interpret=interpret),
+        transposed=w_transposed,
     )
-    in_specs = [pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec((k, n), lambda j, s: (0, 0))]
+    in_specs = [pl.BlockSpec((m, k), lambda j, s: (0, 0)), pl.BlockSpec(w.shape, lambda j, s: (0, 0))]
     args = [x2, w]
     if w_scale is not None:
         in_specs.append(pl.BlockSpec((n,), lambda j, s: (0,)))

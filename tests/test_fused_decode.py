@@ -49,6 +49,9 @@ def test_norm_matvec_plain(m, k, n, splits, dtype, tol, interpret):
     y_ref = norm_matvec_reference(x, scale, w, eps=1e-5)
     assert y.shape == (splits, m, n) and y.dtype == jnp.float32 and ss.shape == (splits, m)
     _close(finish(y, ss, k, 1e-5), y_ref, tol)
+    # W given as [N, K]: the same result
+    y, ss = norm_matvec(x, scale, jnp.asarray(w.T), k_splits=splits, w_transposed=True, interpret=interpret)
+    _close(finish(y, ss, k, 1e-5), y_ref, tol)
 
 
 def test_add_residual_rounds_like_the_model():

@@ -67,6 +67,8 @@ def _close(out, x, w):
 def test_matvec_matches_reference(m, k, n, dtype, kw, interpret):
     x, w = _operands(m, k, n, dtype)
     _close(matvec(x, w, interpret=interpret, **kw), x, w)
+    # W given as [N, K] (each output column's weights contiguous): the same product
+    _close(matvec(x, jnp.asarray(w.T), w_transposed=True, interpret=interpret, **kw), x, w)
 
 
 @pytest.mark.gpu

@@ -195,7 +195,7 @@ def test_full_size(m, k, n, interpret):
 def _int8_operands(m, k, n, dtype, seed=0):
     x, w = _operands(m, k, n, dtype, seed)
     q, scale = quantize_array(w.astype(jnp.float32))
-    return x, q, scale
+    return x, jnp.swapaxes(q, -1, -2), scale  # this kernel reads int8 W [K, N] (the model stores [N, K])
 
 
 def _close_int8(out, x, q, scale):

@@ -59,15 +59,18 @@ def test_quantize_dequantize_error_is_at_most_half_a_step_per_channel():
     w = rng.standard_normal((3, 96, 40)).astype(np.float32) * rng.uniform(0.01, 5, (3, 1, 40)).astype(np.float32)
     w[0, :, 3] = 0  # an all-zero column
     w[1, 7, 5] = 60.0  # an outlier: its column's scale grows, the other columns' do not
-    q, s = quantize_numpy(w)
-    assert q.dtype == np.int8 and s.dtype == np.float32 and q.shape == w.shape and s.shape == (3, 40)
-    assert q.min() >= -127 and q.max() <= 127 and np.all(s > 0)
+    q, s = quantize_numpy(w)  # q stored transposed: [..., N, K], each column's weights contiguous
+    assert q.dtype == np.int8 and s.dtype == np.float32 and q.shape == (3, 40, 96) and s.shape == (3, 40)
+    assert q.flags.c_contiguous and q.min() >= -127 and q.max() <= 127 and np.all(s > 0)
     amax = np.abs(w).max(1)
     np.testing.assert_allclose(s, np.where(amax > 0, amax / 127, 1), rtol=1e-7)
-    err = np.abs(w - np.asarray(dequantize(q, s)))
+    deq = np.asarray(dequantize(q, s))
+    assert deq.shape == w.shape and QuantizedWeight(q, s).shape == w.shape  # W's [K, N]
+    err = np.abs(w - deq)
     assert np.all(err <= s[:, None, :] / 2 * (1 + 1e-5)), (err / s[:, None, :]).max()
-    assert np.all(q[0, :, 3] == 0) and np.abs(q).max(axis=1).min() == 0  # only the zero column is all zero
-    assert np.all(np.abs(q).max(axis=1)[np.abs(w).max(1) > 0] == 127)  # each column's extreme hits ±127
+    assert np.all(q[0, 3] == 0) and np.abs(q).max(axis=2).min() == 0  # only the zero column is all zero
+    assert np.all(np.abs(q).max(axis=2)[np.abs(w).max(1) > 0] == 127)  # each column's extreme hits ±127
+    np.testing.assert_array_equal(q[1, 5, 7], 127)  # the outlier, at [column, row]
     # The converter's NumPy and the model's jitted quantizer give the same bytes.
     qj, sj = quantize_array(jnp.asarray(w))
     np.testing.assert_array_equal(np.asarray(qj), q)
@@ -113,7 +116,9 @@ def test_dense_applies_the_scale_after_the_dot(dtype):
     q, s = quantize_array(jnp.asarray(w))
     got = dense(x, QuantizedWeight(q, s))
     assert got.dtype == x.dtype and got.shape == (2, 5, 48)
-    want = (jnp.dot(x, q.astype(x.dtype), preferred_element_type=jnp.float32) * s).astype(x.dtype)
+    # q [N, K]: the dot contracts x's last axis with q's last, then the scale
+    dims = (((2,), (1,)), ((), ()))
+    want = (jax.lax.dot_general(x, q.astype(x.dtype), dims, preferred_element_type=jnp.float32) * s).astype(x.dtype)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     # ... which is x @ dequantized W up to rounding.
     ref = np.asarray(x, np.float32) @ np.asarray(dequantize(q, s))
@@ -144,8 +149,10 @@ def test_quantize_model_layout_and_the_original_untouched(random_csm):
         "audio_embeddings",
     }
     for k in int8:  # a scale per output column of a weight, per row of a table
-        lead = params[k].shape[:-1] if is_embedding_name(k) else (*params[k].shape[:-2], params[k].shape[-1])
-        assert params[k + "_scale"].dtype == np.float32 and params[k + "_scale"].shape == lead, k
+        # (weights are stored [..., N, K], tables [V, D]: the scales' shape is the rest)
+        assert params[k + "_scale"].dtype == np.float32 and params[k + "_scale"].shape == params[k].shape[:-1], k
+    d, v = model.cfg.decoder.embed_dim, model.cfg.audio_vocab_size
+    assert params["audio_head"].shape == (model.cfg.audio_num_codebooks - 1, v, d)
     assert q.quantized_embeddings and q.dtype == jnp.float32  # the model dtype: norms, activations
     # Norms stay in the model dtype, untouched.
     for k in ("backbone.norm.scale", "decoder.layers.0.mlp_norm.scale"):
@@ -270,6 +277,7 @@ def test_int8_checkpoint_loads_as_the_load_time_quantization(converted):
         "granularity": "per_channel",
         "embeddings": "per_row",
         "scale_dtype": "float32",
+        "layout": "out_in",
     }
     assert meta["dtype"] == "bfloat16"
     stored = CSM.load(converted / "int8", dtype="float32")
@@ -301,6 +309,27 @@ def test_save_and_load_round_trip(random_csm, tmp_path):
     assert new.keys() == a.keys() and all(np.array_equal(a[k], new[k]) for k in a)
 
 
+def test_an_int8_checkpoint_in_the_old_layout_loads_as_the_same_model(random_csm, tmp_path):
+    """int8 checkpoints written before 2026-12-04 store the projections [in, out] and name no
+    "layout": `CSM.load` transposes them into `QuantizedWeight`'s [out, in]."""
+    from jaxtts.checkpoint import write_checkpoint
+    from jaxtts.quantize import meta, transpose_projections
+
+    model = quantize_model(random_csm("tiny", seed=2))
+    params = jax.tree.map(np.asarray, param_dict(model))
+    old = jax.tree.map(np.asarray, transpose_projections(params))
+    d, v = model.cfg.decoder.embed_dim, model.cfg.audio_vocab_size
+    assert old["audio_head"].shape[1:] == (d, v) and old["audio_embeddings"].shape == params["audio_embeddings"].shape
+    entry = {k: x for k, x in meta("int8").items() if k != "layout"}
+    (tmp_path / "old").mkdir()
+    write_checkpoint(
+        tmp_path / "old", model="csm", config=model.cfg.to_dict(), dtype="float32", params=old, quantization=entry
+    )
+    back = CSM.load(tmp_path / "old", dtype="float32")
+    a, b = flat(param_dict(model)), flat(param_dict(back))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def _edit_config(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     meta = json.loads((dst / "config.json").read_text())
@@ -330,6 +359,11 @@ def test_mismatched_config_is_one_line(converted, tmp_path):
     _one_line_error(lambda: CSM.load(unknown), r"unknown quantization method 'int4'")
     grouped = _edit_config(converted / "int8", tmp_path / "d", lambda m: m["quantization"].update(granularity="g128"))
     _one_line_error(lambda: CSM.load(grouped), r"granularity 'g128'")
+    layout = _edit_config(converted / "int8", tmp_path / "h", lambda m: m["quantization"].update(layout="k_n"))
+    _one_line_error(lambda: CSM.load(layout), r"unsupported int8 weight layout 'k_n'")
+    # Stored [out, in] but said to be the old [in, out]: the shapes do not match.
+    swapped = _edit_config(converted / "int8", tmp_path / "i", lambda m: m["quantization"].update(layout="in_out"))
+    _one_line_error(lambda: CSM.load(swapped), r"parameter \S+ has shape \(.*\), expected")
     bad = _edit_config(converted / "int8", tmp_path / "e", lambda m: m.update(quantization="int8"))
     _one_line_error(lambda: CSM.load(bad), r'"quantization" must be an object')
     _one_line_error(lambda: CSM.load(converted / "bf16", quantize="int3"), r"unknown quantization 'int3'")
@@ -520,10 +554,15 @@ def test_int8_to_refuses_an_unknown_way():
     ],
 )
 def test_int8_matvec_matches_reference(m, k, n, dtype, kw, how, interpret):
-    x, q, s = _int8_operands(m, k, n, dtype)
-    kw = dict(kw, int8_convert=how)
+    x, q, s = _int8_operands(m, k, n, dtype)  # q [N, K], as int8 weights are stored
+    kw = dict(kw, int8_convert=how, w_transposed=True)
     got = matvec(x, q, s, interpret=interpret, **kw)
-    want = matvec_reference(x, q, s)
+    want = matvec_reference(x, q.T, s)
+    # ... and given [K, N]: the same products (the other tile layout)
+    got_kn = matvec(x, jnp.asarray(q.T), s, interpret=interpret, **dict(kw, w_transposed=False))
+    np.testing.assert_allclose(
+        np.asarray(got_kn, np.float32), np.asarray(got, np.float32), rtol=TOL[dtype], atol=TOL[dtype]
+    )
     assert got.dtype == x.dtype and got.shape == (m, n)
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all()  # the interpreter fills unwritten outputs with NaN
@@ -540,7 +579,9 @@ def test_int8_matvec_matches_reference(m, k, n, dtype, kw, how, interpret):
 def test_int8_matvec_rejects_a_wrong_scale(interpret):
     x, q, s = _int8_operands(1, 64, 32, jnp.float32)
     with pytest.raises(ValueError, match="one scale per column"):
-        matvec(x, q, s[:16], interpret=interpret)
+        matvec(x, q, s[:16], w_transposed=True, interpret=interpret)
+    with pytest.raises(ValueError, match="do not multiply"):
+        matvec(x, q, s, interpret=interpret)  # [N, K] given as [K, N]
 
 
 @pytest.mark.gpu
@@ -564,16 +605,25 @@ def test_int8_norm_matvec_rope_and_stack(dtype, how, interpret):
         rope_heads=heads + kv,
         k_splits=2,
         int8_convert=how,
+        w_transposed=True,
         interpret=interpret,
     )
-    want = norm_matvec_reference(x, norm, q, eps=1e-5, w_scale=s, rope=rope, head_dim=d, rope_heads=heads + kv)
+    want = norm_matvec_reference(x, norm, q.T, eps=1e-5, w_scale=s, rope=rope, head_dim=d, rope_heads=heads + kv)
     _rel_close(finish(y, ss, k, 1e-5), want, tol)
     # A stack [L, K, N] with scales [L, N] (the audio head), ragged N.
     x, q, s = _int8_operands(3, 192, 70, dtype, seed=2, lead=(3,))
     y, ss = norm_matvec(
-        x, norm[:192], q, w_index=jnp.array([1]), w_scale=s, k_splits=2, int8_convert=how, interpret=interpret
+        x,
+        norm[:192],
+        q,
+        w_index=jnp.array([1]),
+        w_scale=s,
+        k_splits=2,
+        int8_convert=how,
+        w_transposed=True,
+        interpret=interpret,
     )
-    want = norm_matvec_reference(x, norm[:192], q, eps=1e-6, w_index=1, w_scale=s)
+    want = norm_matvec_reference(x, norm[:192], jnp.swapaxes(q, 1, 2), eps=1e-6, w_index=1, w_scale=s)
     _rel_close(finish(y, ss, 192, 1e-6), want, tol)
     deq = norm_matvec_reference(x, norm[:192], dequantize(q, s)[1].astype(dtype), eps=1e-6)
     _rel_close(want, deq, tol)
@@ -595,37 +645,41 @@ def test_int8_kernels_lower_to_triton_at_csm_shapes(m):
         rope = (sds((m, hd // 2), f32), sds((m, hd // 2), f32))
         for k, n in [(d, qkv_n), (d, d), (d, 2 * ffn), (ffn, d)]:
             for method, how in itertools.product(("dot", "reduce") if m <= 8 else ("dot",), INT8_CONVERTS):
-                assert lowers(
-                    lambda x, w, s, method=method, how=how: matvec(x, w, s, method=method, int8_convert=how),
+                assert lowers(  # int8 weights stored [N, K] (the model's), and given [K, N]
+                    lambda x, w, s, method=method, how=how: matvec(
+                        x, w, s, method=method, int8_convert=how, w_transposed=True
+                    ),
                     sds((m, k), bf),
-                    sds((k, n), i8),
+                    sds((n, k), i8),
                     sds((n,), f32),
                 )
+            assert lowers(lambda x, w, s: matvec(x, w, s), sds((m, k), bf), sds((k, n), i8), sds((n,), f32))
         assert lowers(
             lambda x, s, w, ws, r: norm_matvec(
-                x, s, w, w_scale=ws, rope=r, head_dim=hd, rope_heads=heads + kv, int8_convert="asm"
+                x, s, w, w_scale=ws, rope=r, head_dim=hd, rope_heads=heads + kv, int8_convert="asm", w_transposed=True
             ),
             x,
             norm,
-            sds((d, qkv_n), i8),
+            sds((qkv_n, d), i8),
             sds((qkv_n,), f32),
             rope,
         )
         assert lowers(
-            lambda x, s, w, ws, i: norm_matvec(x, s, w, w_index=i, w_scale=ws),
+            lambda x, s, w, ws, i: norm_matvec(x, s, w, w_index=i, w_scale=ws, w_transposed=True),
             x,
             norm,
-            sds((31, d, 2051), i8),
+            sds((31, 2051, d), i8),
             sds((31, 2051), f32),
             sds((1,), jnp.int32),
         )
-    # Ragged K and N: masked int8 loads and a masked scale load.
-    assert lowers(
-        lambda x, w, s: matvec(x, w, s, block_n=64, block_k=64, k_splits=3),
-        sds((3, 1000), bf),
-        sds((1000, 1500), i8),
-        sds((1500,), f32),
-    )
+    # Ragged K and N: masked int8 loads and a masked scale load, both layouts.
+    for transposed, shape in ((True, (1500, 1000)), (False, (1000, 1500))):
+        assert lowers(
+            lambda x, w, s, t=transposed: matvec(x, w, s, block_n=64, block_k=64, k_splits=3, w_transposed=t),
+            sds((3, 1000), bf),
+            sds(shape, i8),
+            sds((1500,), f32),
+        )
 
 
 def _rel_close(got, want, tol):
@@ -683,7 +737,7 @@ def test_int8_frame_takes_the_bf16_kernels_reading_int8():
     d, v = cfg.decoder.embed_dim, cfg.audio_vocab_size
     b = cfg.backbone.embed_dim
     assert bf16["xla_dots_on_weights"] == {f"({d}, {v}) bfloat16": 1, f"({b}, {v}) bfloat16": 1}
-    assert int8["xla_dots_on_weights"] == {f"({d}, {v}) int8": 1, f"({b}, {v}) int8": 1}
+    assert int8["xla_dots_on_weights"] == {f"({v}, {d}) int8": 1, f"({v}, {b}) int8": 1}  # stored [N, K]
     assert not int8["whole_int8_converts_not_into_a_dot"]
     # Without the int8 kernels (the A/B lever) every projection is an XLA dot on the int8 weight.
     off = compare(cfg, DecodeOptions(attention="pallas_interpret", int8_kernels=False), batch=1)["int8"]
