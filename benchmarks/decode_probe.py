@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode_probe [--out DIR] [--variants a,b,...] [--batches 1,64]
 
-Random full-size CSM-1B in bf16, prompt of 100 text rows, chunks of 16 frames. For each variant
+Random full-size CSM-1B in bf16 (`--quantize int8`: its int8 form), prompt of 100 text rows, chunks of 16 frames. For each variant
 and batch: ms per frame step (median of 4 warm chunks) and, with --profile, the GPU kernels of
 one chunk (CUPTI): count, busy time and the costliest kernels. Each variant is a set of
 `DecodeOptions` fields (see VARIANTS) applied to this device's `default_options()` with
@@ -44,6 +44,10 @@ VARIANTS = {
     **{f"unroll{u}": dict(depth_unroll=u) for u in (2, 3, 5, 10, 15, 30)},
     # --tune-matvec adds matvec_tuned and fused64_tuned: the swept configs as DecodeOptions.matvec_tuned
     "before": dict(sample_kernel=False, audio_table=False),
+    # with --quantize int8: how the kernels turn int8 tiles into floats; all projections in XLA
+    "int8_magic": dict(int8_convert="magic"),
+    "int8_asm": dict(int8_convert="asm"),
+    "int8_xla": dict(int8_kernels=False),
 }
 # Variants of the host loop rather than of the compiled program: the same options, timed with the
 # model split afresh before every chunk (`split_model(reuse=False)`), i.e. without the split cache.
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
         f"choose from {', '.join([*VARIANTS, *HOST_VARIANTS])}",
     )
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8"], help="the model's weights")
     ap.add_argument(
         "--attention",
         default="pallas",
@@ -270,7 +275,8 @@ def main(argv=None) -> int:
     def options_of(name):
         return variant_options(base, name, variants)
 
-    model = CSM.random(preset("csm-1b"), dtype="bfloat16")
+    model = CSM.random(preset("csm-1b"), dtype="bfloat16", quantize=None if args.quantize == "none" else args.quantize)
+    log(f"model: random csm-1b, bfloat16, weights {args.quantize}")
     sampler = Sampler.create(0.9, 50)
     batches = [int(b) for b in args.batches.split(",") if b]
     profiled = set(args.profile.split(","))

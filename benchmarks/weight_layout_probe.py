@@ -17,7 +17,9 @@ each over several copies of W (>= 192 MB of bf16, so W streams from HBM), GPU ti
   load path alone;
 - work `fma`: x times the tile added into a tile-shaped float32 accumulator, summed over K once at
   the end (CUDA cores, no cross-thread reduction in the loop);
-- work `dot`: the matrix-unit dot, as `matvec` does (x padded to 16 rows).
+- work `dot`: the matrix-unit dot, as `matvec` does (x padded to 16 rows);
+- work `dot8` (int8 W only): x rounded to int8 too and an int8 × int8 dot accumulated in int32,
+  no conversion of W at all: if it streams much faster than `dot`, the conversion path is the limit.
 
 If `read` on int8 runs at bf16's bytes per second while `dot` does not, the work per element is
 the limit; if `read` is already slow, the loads are (layout, request size, bytes in flight). The
@@ -45,7 +47,7 @@ SHAPES = {  # name -> (K, N)
     "backbone_down": (8192, 2048),
 }
 LAYOUTS = ("kn", "nk")
-WORKS = ("read", "fma", "dot")
+WORKS = ("read", "fma", "dot", "dot8")
 TARGET_PROGRAMS = 256
 
 
@@ -64,6 +66,9 @@ def _kernel(x_ref, w_ref, o_ref, *, layout, work, block_n, block_k, per_split, i
         if work == "read":
             return acc + wt.astype(acc.dtype)
         xt = be.load(x_ref.at[pl.ds(0, 16), pl.ds(start, block_k)])  # [16, bk], row 0 is x
+        if work == "dot8":
+            dims = (((1,), (1 if layout == "nk" else 0,)), ((), ()))
+            return acc + jax.lax.dot_general(xt, wt, dims, preferred_element_type=jnp.int32)
         wf = be.int8_to(wt, jnp.bfloat16, "cvt") if int8 else wt
         if work == "dot":
             return acc + be.dot(xt, wf, trans_b=layout == "nk")
@@ -71,13 +76,13 @@ def _kernel(x_ref, w_ref, o_ref, *, layout, work, block_n, block_k, per_split, i
         xb = xk[:, None] if layout == "kn" else xk[None, :]
         return acc + xb * wf.astype(jnp.float32)
 
-    if work == "dot":
-        init = jnp.zeros((16, block_n), jnp.float32)
+    if work in ("dot", "dot8"):
+        init = jnp.zeros((16, block_n), jnp.int32 if work == "dot8" else jnp.float32)
     else:
         init = jnp.zeros(tile, jnp.int32 if (int8 and work == "read") else jnp.float32)
     acc = jax.lax.fori_loop(0, per_split, body, init)
-    if work == "dot":  # all 16 rows (Triton cannot slice a tensor); the caller keeps row 0
-        be.store(o_ref.at[pl.ds(0, 16), pl.ds(n0, block_n)], acc)
+    if work in ("dot", "dot8"):  # all 16 rows (Triton cannot slice a tensor); the caller keeps row 0
+        be.store(o_ref.at[pl.ds(0, 16), pl.ds(n0, block_n)], acc.astype(jnp.float32))
     else:
         be.store(o_ref.at[pl.ds(0, 1), pl.ds(n0, block_n)], jnp.sum(acc.astype(jnp.float32), axis=k_axis)[None, :])
 
@@ -98,8 +103,9 @@ def probe_matvec(
         while (n // block_n) * splits < TARGET_PROGRAMS and splits * 2 <= k_blocks:
             splits *= 2
     per_split = k_blocks // splits
-    rows = 16 if work == "dot" else 1
-    x16 = jnp.zeros((16, k), jnp.bfloat16).at[0].set(x[0].astype(jnp.bfloat16))
+    rows = 16 if work in ("dot", "dot8") else 1
+    xdt = jnp.int8 if work == "dot8" else jnp.bfloat16
+    x16 = jnp.zeros((16, k), xdt).at[0].set(as_x(x, work)[0])
     kernel = functools.partial(
         _kernel,
         layout=layout,
@@ -123,13 +129,21 @@ def probe_matvec(
     return jnp.sum(out[:, 0], axis=0)
 
 
+def as_x(x, work):
+    """x as the kernel takes it: bf16, or for "dot8" int8 (x * 32 rounded, clipped: a probe's
+    stand-in for activation quantization, not a scheme)."""
+    if work == "dot8":
+        return jnp.clip(jnp.round(x.astype(jnp.float32) * 32), -127, 127).astype(jnp.int8)
+    return x.astype(jnp.bfloat16)
+
+
 def probe_reference(x, w, *, layout, work):
-    """What `probe_matvec` computes, in float32 numpy terms."""
+    """What `probe_matvec` computes, in float32 terms."""
     wf = jnp.asarray(w, jnp.float32)
     wkn = wf if layout == "kn" else wf.T
     if work == "read":
         return jnp.sum(wkn, axis=0)
-    return jnp.asarray(x, jnp.float32)[0] @ wkn
+    return as_x(x, work).astype(jnp.float32)[0] @ wkn
 
 
 def _variants(k, n):
@@ -142,7 +156,9 @@ def _variants(k, n):
         for layout in LAYOUTS:
             for work in WORKS:
                 configs = ((64, 128, 3), (64, 256, 3), (64, 512, 3), (128, 128, 3), (64, 128, 4), (128, 256, 3))
-                for bn, bk, stages in configs if work == "dot" else ((64, 256, 3),):
+                if work == "dot8" and dtype != jnp.int8:
+                    continue
+                for bn, bk, stages in configs if work in ("dot", "dot8") else ((64, 256, 3),):
                     if bk > k:
                         continue
                     name = f"{dn} {layout} {work} {bn}x{bk}x{stages}"

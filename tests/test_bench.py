@@ -1,11 +1,13 @@
 """`jaxtts bench` on the tiny preset (CPU), and the benchmark package's variants as options values."""
 
 import ast
+import functools
 import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxtts import bench
@@ -334,3 +336,28 @@ def test_l2_prefetch_probe_chain_traces():
         names = [eqn.params.get("name") for eqn in jaxpr.eqns]
         assert names.count("l2_prefetch") == (3 if blocks else 0)
         assert names.count("matvec") == 3 * (1 + fillers)
+
+
+def test_weight_layout_probe_kernels_match_their_reference():
+    """benchmarks.weight_layout_probe (docs/PERF.md #73, #75): every layout × work × dtype computes
+    what `probe_reference` says (interpreted, small W, K split so the partial sums add up), and
+    the int8 kernels lower for CUDA at a full-size W."""
+    from benchmarks.weight_layout_probe import LAYOUTS, WORKS, _weights, probe_matvec, probe_reference
+
+    k, n = 512, 256
+    x = jax.random.normal(jax.random.key(1), (1, k)).astype(jnp.bfloat16)
+    for dtype in (jnp.bfloat16, jnp.int8):
+        for layout in LAYOUTS:
+            w = _weights(jax.random.key(0), k, n, dtype, layout, 1)[0]
+            for work in WORKS:
+                if work == "dot8" and dtype != jnp.int8:
+                    continue
+                got = np.asarray(probe_matvec(x, w, layout=layout, work=work, splits=2, interpret=True))
+                want = np.asarray(probe_reference(x, w, layout=layout, work=work))
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    spec = jax.ShapeDtypeStruct
+    for layout, shape in (("nk", (16384, 1024)), ("kn", (1024, 16384))):
+        for work in ("dot", "dot8"):
+            fn = functools.partial(probe_matvec, layout=layout, work=work)
+            lowered = jax.jit(fn).trace(spec((1, 1024), jnp.bfloat16), spec(shape, jnp.int8))
+            assert "triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
