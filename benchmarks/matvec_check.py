@@ -345,23 +345,33 @@ def _int8_errors(xs, ws):
     return errs, same
 
 
-# int8 configs at M = 1: K tiles of 2x the bf16 default carry the same bytes per tile
+# int8 configs at M = 1 (W [N, K]): K tiles of 2x the bf16 default carry the same bytes per tile;
+# 32-column tiles give twice the programs
 _INT8_1 = [
     ("dot", 64, 128, None, 4, 3),
     ("dot", 64, 256, None, 4, 3),
+    ("dot", 64, 128, None, 4, 4),
     ("dot", 64, 256, None, 4, 4),
     ("dot", 64, 512, None, 4, 3),
     ("dot", 64, 256, None, 8, 3),
-    ("dot", 128, 256, None, 4, 3),
     ("dot", 128, 128, None, 4, 3),
+    ("dot", 128, 256, None, 4, 3),
+    ("dot", 32, 128, None, 4, 3),
     ("dot", 32, 256, None, 4, 3),
+    ("dot", 32, 256, None, 4, 4),
+    ("dot", 32, 512, None, 4, 3),
+    ("dot", 64, 128, None, 2, 3),
     ("reduce", 64, 128, None, 4, 2),
-    ("reduce", 64, 256, None, 4, 2),
-    ("reduce", 128, 128, None, 4, 2),
 ]
 
 
-def int8_table(budget: Budget, sweep_shapes=("depth gate_up", "depth down", "backbone gate_up", "backbone down")):
+def int8_table(
+    budget: Budget,
+    sweep_shapes=("depth gate_up", "depth down", "backbone gate_up", "backbone down"),
+    sweep_only: bool = False,
+):
+    if sweep_only:
+        return int8_sweep(budget, sweep_shapes, converts=("cvt",))
     log(
         "## int8 weights vs bf16: GPU kernel µs per call (median ±IQR/2) and TB/s (each variant's own weight "
         "bytes: int8 + scales, or bf16)"
@@ -400,7 +410,13 @@ def int8_table(budget: Budget, sweep_shapes=("depth gate_up", "depth down", "bac
                 log(f"| {name} | {k}×{n} | {m} | ERROR {type(e).__name__}: {str(e)[:200]} |")
                 traceback.print_exc(limit=4)
             del xs, ws
+    int8_sweep(budget, sweep_shapes, converts=("magic", "asm"))
+
+
+def int8_sweep(budget: Budget, sweep_shapes, converts):
+    """int8 GEMV configs (`_INT8_1` and split variants) × `converts` at M = 1, fastest first."""
     log("\n## int8 sweep at M = 1: GPU kernel µs per call and TB/s, fastest first")
+    key = jax.random.key(5)
     for name in sweep_shapes:
         k, n = SHAPES[name]
         title = f"{name} {k}×{n} M=1"
@@ -409,7 +425,7 @@ def int8_table(budget: Budget, sweep_shapes=("depth gate_up", "depth down", "bac
             continue
         key, sub = jax.random.split(key)
         xs, ws = _int8_operands(sub, 1, k, n, _copies(k, n, min_bytes=160e6))
-        configs = [(*c, how) for how in ("magic", "asm") for c in _split_variants(1, k, n, _INT8_1)]
+        configs = [(*c, how) for how in converts for c in _split_variants(1, k, n, _INT8_1)]
         good = _compiling(_int8_fns(configs), xs[:1], ws[:1], title)
         try:
             wall, dev = _measure(good, xs, ws, wall_reps=0, dev_reps=10)
@@ -640,6 +656,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=215.0, help="start no new case after this")
     p.add_argument("--out", help="also write the tables (markdown) here")
     p.add_argument("--int8", action="store_true", help="int8 weights vs bf16 and an int8 config sweep (only)")
+    p.add_argument("--int8-sweep", action="store_true", help="the int8 config sweep alone (convert: cvt)")
     args = p.parse_args(argv)
 
     dev = jax.devices()[0]
@@ -652,8 +669,8 @@ def main(argv=None) -> int:
         log("not a GPU: nothing to check here (tests/test_matvec.py runs the kernel in interpret mode)")
         return 1
     budget = Budget(args.budget_s)
-    if args.int8:
-        int8_table(budget)
+    if args.int8 or args.int8_sweep:
+        int8_table(budget, sweep_only=args.int8_sweep)
         log(f"\ntotal {elapsed():.0f} s")
         if args.out:
             write_log(args.out)

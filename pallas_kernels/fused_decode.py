@@ -282,7 +282,7 @@ def norm_matvec(
         raise ValueError("pass w_index exactly when w is a stack [L, K, N]")
     if w_scale is not None and w_scale.shape != (*w.shape[:-2], n):
         raise ValueError(f"w_scale {w_scale.shape} does not match w {w.shape}: one scale per column")
-    cfg = config or default_config(m, k, n)
+    cfg = config or default_config(m, k, n, int8_nk=w_scale is not None and w_transposed)
     block_k = block_k or cfg.block_k
     half = 0
     if rope is not None:

@@ -101,6 +101,11 @@ def test_default_config_spreads_work():
             at_cap = 2 * cfg.k_splits * cfg.block_k > k or 2 * cfg.k_splits > k // (8 * m)
             assert programs >= 256 or at_cap, (m, k, n, cfg)
             assert 8 * cfg.k_splits * m * n <= k * n, (m, k, n, cfg)
+            # int8 stored [N, K]: K tiles of 256 for the wide (gate_up) shapes up to 8 rows, else bf16's
+            nk = default_config(m, k, n, int8_nk=True)
+            wide = n >= 8192 and m <= 8
+            assert nk == (cfg if not wide else cfg._replace(block_k=256, k_splits=nk.k_splits)), (m, k, n, nk)
+            assert not wide or (nk.k_splits == 1 and -(-n // nk.block_n) >= 256)
 
 
 # ------------------------------------- CSM-1B shapes: the correctness checks of benchmarks/matvec_check.py
