@@ -38,6 +38,9 @@ VARIANTS = {
     "between_attention": dict(between_attention=True),
     "between_attention_spread": dict(between_attention=True, span_spread=True),  # its out / qkv over K splits too
     # XLA's matmuls through cuBLAS (per program) from 1 row / never
+    # the norm + SwiGLU in the gate/up kernel's epilogue (the GPU default since session 15), or in XLA
+    "swiglu_epilogue": dict(swiglu_epilogue=True),
+    "no_swiglu_epilogue": dict(swiglu_epilogue=False),
     "cublas": dict(cublas_min_rows=1),
     "no_cublas": dict(cublas_min_rows=0),
     # the depth decoder's 30-step scan unrolled: fewer loop iterations, longer compile

@@ -390,12 +390,16 @@ class Llama(nnx.Module):
                     )
                 else:
                     h = add_residual(h, gemv(o, tail[0], opts, partials=True))
-                    gate_up = finish(
-                        *norm_gemv(h, layer.mlp_norm.scale[...], tail[1], opts),
-                        cfg.embed_dim,
-                        cfg.norm_eps,
-                    ).astype(h.dtype)
-                    parts = gemv(swiglu(gate_up), tail[2], opts, partials=True)
+                    if opts.swiglu_epilogue:  # the norm and SwiGLU in the gate/up kernel
+                        act = norm_gemv(h, layer.mlp_norm.scale[...], tail[1], opts, swiglu=True, eps=cfg.norm_eps)
+                    else:
+                        gate_up = finish(
+                            *norm_gemv(h, layer.mlp_norm.scale[...], tail[1], opts),
+                            cfg.embed_dim,
+                            cfg.norm_eps,
+                        ).astype(h.dtype)
+                        act = swiglu(gate_up)
+                    parts = gemv(act, tail[2], opts, partials=True)
             ks.append(kc)
             vs.append(vc)
         h = add_residual(h, parts).astype(x.dtype)

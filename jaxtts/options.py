@@ -72,6 +72,10 @@ class DecodeOptions:
     int8_convert          how those kernels turn int8 tiles into floats: "cvt" (the conversion
                           instruction), "magic" (integer add, float subtract) or "asm" (the
                           same in PTX, four bytes at a time); same values, different speed
+    swiglu_epilogue       in the fused step, the MLP's gate/up projection finishes its norm and
+                          applies SwiGLU in its epilogue (`norm_matvec(swiglu=True)`: one K
+                          split, gate and up tiles in one program), saving the XLA fusion
+                          between the two MLP projections (on by default on GPUs)
     block_tail            in the fused step, the tail of each block (out projection, residual,
                           norm, gate/up, SwiGLU, down) as one persistent Mosaic GPU kernel
                           (pallas_kernels.block_tail_mgpu; Hopper, bfloat16 weights) instead of
@@ -108,6 +112,7 @@ class DecodeOptions:
     matvec_tuned: tuple = ()
     int8_kernels: bool = True
     int8_convert: str = "cvt"
+    swiglu_epilogue: bool = False
     block_tail: bool = False
     between_attention: bool = False
     span_spread: bool = False
@@ -219,6 +224,9 @@ def default_options(device: jax.Device | None = None, *, attention: str | None =
         # compiled no slower (docs/PERF.md #52); ×10 and ×30 measured no faster, and on CPU the
         # interpreted kernels would compile five times over for nothing.
         depth_unroll=5 if gpu else 1,
+        # The norm and SwiGLU in the gate/up kernel: int8 4.30 vs 4.44 ms per frame, bf16 5.00 vs
+        # 5.02 (a tie), 136 kernels a frame fewer (docs/PERF.md #78)
+        swiglu_epilogue=gpu,
         mosaic=mosaic_gpu_capable(device),
         matvec_tuned=tuple(sorted(MATVEC_TUNED.get(device.device_kind, {}).items())) if gpu else (),
         cublas_min_rows=CUBLAS_MIN_ROWS.get(device.device_kind, 0) if gpu else 0,

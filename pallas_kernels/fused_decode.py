@@ -12,6 +12,9 @@ block step is eight kernels, three of them small XLA fusions:
     act        = swiglu(finish(*norm_matvec(h, mlp_norm, W_gate_up)))   # (XLA)
     down_parts = matvec(act, W_down, partials=True)
 
+or, with `DecodeOptions.swiglu_epilogue` (the GPU default), seven: the gate/up kernel finishes the
+norm and applies SwiGLU itself, `act = norm_matvec(h, mlp_norm, W_gate_up, swiglu=True)`.
+
 The RMSNorm's row factor rsqrt(mean(h²) + eps) is a scalar per row, so it commutes with the
 matmul (and with RoPE): norm_matvec multiplies h * scale (an XLA multiply fused into h's
 producer) by W, sums the squares of its own part of h, and leaves the factor (with the partial
@@ -20,8 +23,9 @@ Values are rounded to the model dtype where the unfused path (jaxtts.llama) roun
 that the norm's row factor is applied after the matmul, so the two agree to rounding.
 
 Measured slower and dropped (docs/PERF.md): adding the residual's split partials in the
-consumer's prologue instead of an XLA fusion, and a SwiGLU epilogue (gate and up tiles in one
-program) instead of an XLA fusion after a plain gate_up projection.
+consumer's prologue instead of an XLA fusion. A SwiGLU epilogue (gate and up tiles in one
+program) measured slower in session 2 (#11), before the loads were fixed to pipeline (#12);
+measured again in session 15 (#78) it ties bf16 and saves 0.14 ms per frame with int8 weights.
 
 int8 weights: norm_matvec and matvec take `w_scale` (one float32 scale per output column, per
 matrix of a stack) and scale each split's float32 partial in their epilogue, before RoPE (which
@@ -138,6 +142,8 @@ def _norm_matvec_kernel(
     norm_chunk,
     convert,
     transposed,
+    swiglu,
+    eps,
 ):
     it = iter(refs)
     x_ref = next(it)
@@ -146,8 +152,9 @@ def _norm_matvec_kernel(
     w_ref = next(it)
     s_ref = next(it) if scaled else None
     cos_ref, sin_ref = (next(it), next(it)) if rope else (None, None)
-    out_ref, ss_ref = next(it), next(it)
-    n = out_ref.shape[-1]
+    out_ref = next(it)
+    ss_ref = None if swiglu else next(it)
+    n = 2 * out_ref.shape[-1] if swiglu else out_ref.shape[-1]  # W's columns
     w_lead = (idx_ref[0],) if has_index else ()  # one indexer per load: Triton takes no chains
     dtype = x_ref.dtype
     row_ok = jnp.arange(rows) < m
@@ -159,8 +166,13 @@ def _norm_matvec_kernel(
     column_zero = pl.program_id(0) == 0  # these programs also write the sums of squares
 
     # Column tiles of W this program reads, as (first column, width): the two halves of a head
-    # for RoPE, else one tile.
-    tiles = [(n0, half), (n0 + half, half)] if rope else [(n0, block_n)]
+    # for RoPE, a gate tile and the matching up tile (W's second half) for swiglu, else one tile.
+    if rope:
+        tiles = [(n0, half), (n0 + half, half)]
+    elif swiglu:
+        tiles = [(n0, block_n), (n // 2 + n0, block_n)]
+    else:
+        tiles = [(n0, block_n)]
 
     # Sum of squares of this program's part of x, in a few wide loads before the main loop (in
     # the loop, loads that do not feed the dot directly stall its pipelining: measured).
@@ -200,6 +212,14 @@ def _norm_matvec_kernel(
             for (c0, width), acc in zip(tiles, accs)
         )
 
+    if swiglu:  # one split: this program summed all of x², so it applies the norm itself
+        inv = jax.lax.rsqrt(ss / k + eps)[:, None]  # [rows, 1] (norm_rows == rows here)
+        gate, up = ((acc * inv).astype(dtype).astype(jnp.float32) for acc in accs)  # rounded as finish()'s
+        act = gate / (1 + jnp.exp(-gate)) * up
+        mask = row_ok[:, None] & (n0 + jnp.arange(block_n) < n // 2)[None, :]
+        be.store(out_ref.at[pl.ds(0, rows), pl.ds(n0, block_n)], act.astype(out_ref.dtype), mask=mask)
+        return
+
     @pl.when(column_zero)  # the consumer normalises: it gets this split's sum of squares
     def _():
         be.store(ss_ref.at[pl.ds(0, norm_rows)], ss, mask=nrow_ok)
@@ -236,6 +256,8 @@ def _norm_matvec_kernel(
         "num_stages",
         "int8_convert",
         "w_transposed",
+        "swiglu",
+        "eps",
         "interpret",
     ),
 )
@@ -257,6 +279,8 @@ def norm_matvec(
     num_stages: int | None = None,
     int8_convert: str = "cvt",
     w_transposed: bool = False,
+    swiglu: bool = False,
+    eps: float | None = None,
     interpret: bool = False,
 ):
     """The matmul of rmsnorm(x) * scale @ w, leaving the norm's row factor to the consumer.
@@ -271,6 +295,12 @@ def norm_matvec(
     contiguous (`matvec`'s w_transposed; what int8 weights are stored as).
     Returns (y, sumsq): float32 partial sums y [splits, M, N] of (x * scale) @ w and sumsq
     [splits, M] of x². `finish(y, sumsq, K, eps)` (or the next kernel) gives the result.
+
+    swiglu=True (with `eps`; no rope, no stack): w is a fused gate/up [K, 2F] and the result is
+    the activation silu(gate) * up [M, F] in x's dtype, finished in the kernel: one K split, so
+    each program sums all of x² and applies the norm; a program reads a gate tile and the
+    matching up tile (`block_n` / 2 columns each, the programs and bytes of a plain call).
+    Equal to `swiglu(finish(...).astype(x.dtype))` up to rounding.
     """
     m, k = x.shape
     w_k, n = (w.shape[-1], w.shape[-2]) if w_transposed else (w.shape[-2], w.shape[-1])
@@ -285,6 +315,13 @@ def norm_matvec(
     cfg = config or default_config(m, k, n, int8_nk=w_scale is not None and w_transposed)
     block_k = block_k or cfg.block_k
     half = 0
+    if swiglu:
+        if rope is not None or w_index is not None or eps is None:
+            raise ValueError("swiglu takes eps, and no rope or weight stack")
+        block_n = block_n or max(be.MIN_DOT_DIM, cfg.block_n // 2)
+        if n % 2:
+            raise ValueError(f"swiglu needs gate and up halves: N={n} is odd")
+        k_splits = 1
     if rope is not None:
         if not head_dim or n % head_dim:
             raise ValueError(f"rope needs head_dim dividing N={n}, got {head_dim}")
@@ -302,6 +339,8 @@ def norm_matvec(
     k_splits = pl.cdiv(k_blocks, per_split)
     rows = be.pow2_at_least(m)
     num_warps, num_stages = num_warps or cfg.num_warps, num_stages or cfg.num_stages
+    if swiglu:
+        n_blocks = pl.cdiv(n // 2, block_n)  # a ragged last gate tile reads into up: never stored
 
     full = lambda shape: pl.BlockSpec(shape, lambda j, s, nd=len(shape): (0,) * nd)  # noqa: E731, B008
     # x * scale, rounded as the norm's output is: under jit XLA fuses it into x's producer.
@@ -322,6 +361,8 @@ def norm_matvec(
 
     out_shape = [jax.ShapeDtypeStruct((k_splits, m, n), jnp.float32), jax.ShapeDtypeStruct((k_splits, m), jnp.float32)]
     out_specs = [pl.BlockSpec((None, m, n), lambda j, s: (s, 0, 0)), pl.BlockSpec((None, m), lambda j, s: (s, 0))]
+    if swiglu:
+        out_shape, out_specs = [jax.ShapeDtypeStruct((m, n // 2), x.dtype)], [full((m, n // 2))]
     kernel = functools.partial(
         _norm_matvec_kernel,
         m=m,
@@ -335,12 +376,14 @@ def norm_matvec(
         rope_heads=rope_heads,
         has_index=w_index is not None,
         scaled=w_scale is not None,
-        norm_rows=be.pow2_at_least(m, 1),
+        norm_rows=rows if swiglu else be.pow2_at_least(m, 1),
         norm_chunk=min(NORM_CHUNK, be.pow2_at_least(per_split * block_k, 1)),
         convert=functools.partial(be.int8_to, how=int8_convert, interpret=interpret),
         transposed=w_transposed,
+        swiglu=swiglu,
+        eps=eps,
     )
-    y, sumsq = be.pallas_call(
+    outs = be.pallas_call(
         kernel,
         grid=(n_blocks, k_splits),
         in_specs=in_specs,
@@ -349,9 +392,9 @@ def norm_matvec(
         interpret=interpret,
         num_warps=num_warps,
         num_stages=num_stages,
-        name="norm_matvec",
+        name="norm_matvec_swiglu" if swiglu else "norm_matvec",
     )(*args)
-    return y, sumsq
+    return outs[0] if swiglu else tuple(outs)
 
 
 def finish(parts, sumsq, k: int, eps: float):

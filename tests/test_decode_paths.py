@@ -36,14 +36,22 @@ def _frames(model, opts, batch, sampler, num_frames=3, prompt_tokens=10, cache_l
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 3, 12])  # 12 rows: past the fused step (attention_step, no norm)
-def test_pallas_loop_matches_xla_loop(random_csm, check_preset, batch, kernel_options, xla_options):
+@pytest.mark.parametrize(
+    "batch, variant",
+    [
+        (1, {}),
+        (3, {}),
+        (12, {}),  # 12 rows: past the fused step (attention_step, no norm)
+        (1, {"swiglu_epilogue": True}),  # the fused step's gate/up kernel applies the norm and SwiGLU
+    ],
+)
+def test_pallas_loop_matches_xla_loop(random_csm, check_preset, batch, variant, kernel_options, xla_options):
     """Sampled frames (top-k 50) equal, hidden states and caches within 1e-4, in float32: the tiny
     model on CPU (the `model` fixture), full-size CSM-1B on a GPU."""
     model = random_csm(check_preset, seed=3)
     sampler = Sampler.create(0.9, 50)
     want = _frames(model, xla_options, batch, sampler)
-    got = _frames(model, kernel_options, batch, sampler)
+    got = _frames(model, kernel_options.replace(**variant), batch, sampler)
     assert want[0].std() > 0
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
@@ -90,7 +98,9 @@ def _codebook0_logits(graphdef, weights, tokens, mask, opts):
     [
         1,  # the fused step
         # past it: attention_step without the norm
-        pytest.param(12, marks=pytest.mark.gpu_only(reason="test_pallas_loop_matches_xla_loop[12] covers it on CPU")),
+        pytest.param(
+            12, marks=pytest.mark.gpu_only(reason="test_pallas_loop_matches_xla_loop[12-variant2] covers it on CPU")
+        ),
         pytest.param(64, marks=pytest.mark.gpu_only(reason="the tuned GEMV configs apply on a GPU only")),
     ],
 )

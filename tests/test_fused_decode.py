@@ -194,6 +194,34 @@ def test_fused_step_matches_unfused_kernels_in_csm(random_csm, check_preset, ker
     assert kernel_options.uses_fused_step(1)
     for name in fused:
         _close(fused[name], unfused[name], 3e-2)
+    # The SwiGLU in the gate/up kernel's epilogue: the same step
+    epilogue = _one_step(*args, kernel_options.replace(swiglu_epilogue=True))
+    for name in fused:
+        _close(epilogue[name], unfused[name], 3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,f,block_n", [(1, 256, 128, None), (3, 200, 96, 16), (2, 128, 40, 16)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_norm_matvec_swiglu_epilogue(m, k, f, block_n, dtype, tol, interpret):
+    """swiglu=True: the finished norm, then silu(gate) * up, in the kernel (ragged F included),
+    equal to the plain kernel's output finished and passed through `jaxtts.llama.swiglu`; also
+    for int8 weights stored [N, K]."""
+    from jaxtts.llama import swiglu
+    from jaxtts.quantize import quantize_array
+
+    x, scale = _rand(0, (m, k), dtype), _rand(2, (k,), dtype)
+    w = _rand(3, (k, 2 * f), dtype, k**-0.5)
+    want = swiglu(finish(*norm_matvec(x, scale, w, interpret=interpret), k, 1e-5).astype(dtype))
+    got = norm_matvec(x, scale, w, swiglu=True, eps=1e-5, block_n=block_n, interpret=interpret)
+    assert got.shape == (m, f) and got.dtype == dtype
+    _close(got, want, tol)
+    q, s = quantize_array(w.astype(jnp.float32))
+    kw = dict(w_scale=s, w_transposed=True, interpret=interpret)
+    want = swiglu(finish(*norm_matvec(x, scale, q, **kw), k, 1e-5).astype(dtype))
+    _close(norm_matvec(x, scale, q, swiglu=True, eps=1e-5, block_n=block_n, **kw), want, tol)
+    with pytest.raises(ValueError, match="swiglu takes eps"):
+        norm_matvec(x, scale, w, swiglu=True, interpret=interpret)
 
 
 @pytest.mark.parametrize("m", [1, 8, 64])
