@@ -1,7 +1,7 @@
 """Llama-3 blocks in Flax NNX: RMSNorm, grouped-query attention over an explicit KV cache,
 SwiGLU MLP and Llama-3-scaled rotary embeddings.
 
-Weights are stored [in, out]. q/k/v are one fused matrix and gate/up another, so that a decode
+Weights are stored [in, out] (int8 weights [out, in]: `jaxtts.quantize.QuantizedWeight`). q/k/v are one fused matrix and gate/up another, so that a decode
 step at batch 1 issues one matmul for each instead of three and two (latency, not bandwidth, is
 what a small matmul costs on a GPU). RoPE rotates *halves* of each head (the Hugging Face layout);
 the converter permutes q/k rows of torchtune checkpoints, which rotate interleaved pairs.
