@@ -2,9 +2,10 @@
 
     python -m benchmarks.decode_probe [--out DIR] [--variants a,b,...] [--batches 1,64]
 
-Random full-size CSM-1B in bf16 (`--quantize int8`: its int8 form), prompt of 100 text rows, chunks of 16 frames. For each variant
-and batch: ms per frame step (median of 4 warm chunks) and, with --profile, the GPU kernels of
-one chunk (CUPTI): count, busy time and the costliest kernels. Each variant is a set of
+Random full-size CSM-1B in bf16 (`--quantize int8`: its int8 form), prompt of 100 text rows,
+chunks of 16 frames. For each variant and batch: ms per frame step (median of 4 warm chunks)
+and, with --profile, the GPU kernels of one chunk (CUPTI): count, busy time and the costliest
+kernels. Each variant is a set of
 `DecodeOptions` fields (see VARIANTS) applied to this device's `default_options()` with
 `.replace(...)`: a different options value, so a different compiled program, with nothing global
 changed in between.
@@ -37,10 +38,10 @@ VARIANTS = {
     # pallas_kernels.between_attention_mgpu: two kernels a block in the fused step
     "between_attention": dict(between_attention=True),
     "between_attention_spread": dict(between_attention=True, span_spread=True),  # its out / qkv over K splits too
-    # XLA's matmuls through cuBLAS (per program) from 1 row / never
     # the norm + SwiGLU in the gate/up kernel's epilogue (the GPU default since session 15), or in XLA
     "swiglu_epilogue": dict(swiglu_epilogue=True),
     "no_swiglu_epilogue": dict(swiglu_epilogue=False),
+    # XLA's matmuls through cuBLAS (per program) from 1 row / never
     "cublas": dict(cublas_min_rows=1),
     "no_cublas": dict(cublas_min_rows=0),
     # the depth decoder's 30-step scan unrolled: fewer loop iterations, longer compile

@@ -1,9 +1,9 @@
 """Llama-3 blocks in Flax NNX: RMSNorm, grouped-query attention over an explicit KV cache,
 SwiGLU MLP and Llama-3-scaled rotary embeddings.
 
-Weights are stored [in, out] (int8 weights [out, in]: `jaxtts.quantize.QuantizedWeight`). q/k/v are one fused matrix and gate/up another, so that a decode
-step at batch 1 issues one matmul for each instead of three and two (latency, not bandwidth, is
-what a small matmul costs on a GPU). RoPE rotates *halves* of each head (the Hugging Face layout);
+Weights are stored [in, out] (int8 weights [out, in]: `jaxtts.quantize.QuantizedWeight`). q/k/v
+are one fused matrix and gate/up another, so that a decode step at batch 1 issues one matmul for
+each instead of three and two (latency, not bandwidth, is what a small matmul costs on a GPU). RoPE rotates *halves* of each head (the Hugging Face layout);
 the converter permutes q/k rows of torchtune checkpoints, which rotate interleaved pairs.
 """
 
@@ -152,8 +152,7 @@ def gemv(x, w, opts: DecodeOptions, *, partials: bool = False):
     from pallas_kernels import matvec
 
     rows = math.prod(x.shape[:-1])
-    quantized = isinstance(w, QuantizedWeight)
-    q, scale = (w.q, w.scale) if quantized else (w, None)
+    q, scale, transposed = _kernel_weight(w)
     return matvec(
         x,
         q,
@@ -161,9 +160,17 @@ def gemv(x, w, opts: DecodeOptions, *, partials: bool = False):
         partials=partials,
         config=matvec_config(opts, rows, w),
         int8_convert=opts.int8_convert,
-        w_transposed=quantized,  # int8 weights are stored [N, K]
+        w_transposed=transposed,
         interpret=opts.interpret,
     )
+
+
+def _kernel_weight(w):
+    """(array, column scales or None, whether the array is [N, K]) of an array or a
+    `QuantizedWeight`, as the Pallas GEMV kernels take them: int8 weights are stored [N, K]."""
+    if isinstance(w, QuantizedWeight):
+        return w.q, w.scale, True
+    return w, None, False
 
 
 def fused_step_applies(x, lengths, opts: DecodeOptions, quantized: bool = False) -> bool:
@@ -445,8 +452,7 @@ def norm_gemv(x, norm_scale, w, opts: DecodeOptions, **kwargs):
     `QuantizedWeight`, [K, N] or a stack [L, K, N] with w_index=) with the tuned config."""
     from pallas_kernels.fused_decode import norm_matvec
 
-    quantized = isinstance(w, QuantizedWeight)
-    q, scale = (w.q, w.scale) if quantized else (w, None)
+    q, scale, transposed = _kernel_weight(w)
     return norm_matvec(
         x,
         norm_scale,
@@ -454,7 +460,7 @@ def norm_gemv(x, norm_scale, w, opts: DecodeOptions, **kwargs):
         w_scale=scale,
         config=matvec_config(opts, x.shape[0], w),
         int8_convert=opts.int8_convert,
-        w_transposed=quantized,  # int8 weights are stored [N, K]
+        w_transposed=transposed,
         interpret=opts.interpret,
         **kwargs,
     )

@@ -11,7 +11,7 @@ kernels read fastest (20-35 % faster than [K, N] at CSM-1B's big projections on 
 docs/PERF.md #73); `QuantizedWeight.shape` still says [..., K, N], the matmul's shape
 
 so every element is within s/2 of its original value, and a matmul computes
-`(x @ q.astype(x.dtype)) * s` with float32 accumulation: the column scale commutes with the sum
+`(x @ qᵀ.astype(x.dtype)) * s` with float32 accumulation: the column scale commutes with the sum
 over K, so applying it after the dot is exact up to rounding (`jaxtts.llama.dot_f32`; the Pallas
 GEMV dequantizes in registers and scales in its epilogue).
 

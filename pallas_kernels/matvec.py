@@ -130,7 +130,7 @@ def _matvec_kernel(
     # Static flags: a mask is only built where the shape does not divide evenly.
     row_ok = (jnp.arange(rows) < m)[:, None] if rows != m else None
     col_ok = (n0 + jnp.arange(block_n) < n)[None, :] if n % block_n else None
-    col_ok_t = (n0 + jnp.arange(block_n) < n)[:, None] if n % block_n else None
+    col_ok_t = (n0 + jnp.arange(block_n) < n)[:, None] if transposed and n % block_n else None
 
     def both(a, b):
         if a is None:
